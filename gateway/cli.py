@@ -1,0 +1,265 @@
+"""The `gateway` command. The only module that prints for humans and exits.
+
+Exit codes: 0 success; 1 the thing checked is bad (invalid policies, refused token);
+2 usage or configuration errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError, GatewayError, PolicyLoadError, TokenError
+from gateway.policy.engine import compile_policy_set, decide
+from gateway.policy.loader import load_policy_dir, policy_files
+from gateway.settings import Settings, default_config_path, load_settings
+
+EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(GatewayError):
+    """A usage problem: printed as one line, exit 2."""
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise CliError(f"--at: {text!r} is not an ISO 8601 date-time such as 2020-07-11T10:00:00-07:00") from exc
+    if moment.tzinfo is None:
+        raise CliError(f"--at: {text!r} has no UTC offset; add Z or e.g. -07:00")
+    return moment
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = Path(args.config) if args.config else default_config_path()
+    if not path.exists():
+        raise CliError(f"configuration file {path} does not exist (use --config or GATEWAY_CONFIG)")
+    return load_settings(path)
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, sort_keys=False, default=str))
+
+
+# --- check -------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config_path = Path(args.config) if args.config else default_config_path()
+    groups: dict[str, frozenset[str]] = {}
+    directory: Path | None = Path(args.policy_dir) if args.policy_dir else None
+    if config_path.exists():
+        settings = load_settings(config_path)
+        groups = dict(settings.groups)
+        directory = directory or settings.policy_dir
+    elif directory is None:
+        raise CliError(f"no policy directory given and no configuration at {config_path}")
+    assert directory is not None
+    try:
+        policy_set = load_policy_dir(directory, groups)
+    except PolicyLoadError as exc:
+        if args.json:
+            _print_json({"ok": False, "directory": str(directory), "problems": [
+                {"file": p.file, "line": p.line, "key": p.key, "message": p.message} for p in exc.problems
+            ]})
+        else:
+            for problem in exc.problems:
+                print(problem)
+            print(f"{len(exc.problems)} problem(s) in {directory}; nothing was changed", file=sys.stderr)
+        return EXIT_BAD
+    files = policy_files(directory)
+    states: dict[str, int] = {}
+    for policy in policy_set.policies:
+        states[policy.state.value] = states.get(policy.state.value, 0) + 1
+    if args.json:
+        _print_json({"ok": True, "directory": str(directory), "version": policy_set.version,
+                     "files": len(files), "policies": len(policy_set.policies), "states": states})
+    else:
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no policies"
+        print(f"{directory}: OK, {len(policy_set.policies)} policies in {len(files)} file(s) "
+              f"({summary}), version {policy_set.version}")
+    return EXIT_OK
+
+
+# --- explain -----------------------------------------------------------------------------
+
+
+def _read_token(source: str) -> str:
+    text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    return text.strip()
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from gateway.tokens.verify import TokenVerifier
+
+    settings = _settings(args)
+    now = _parse_time(args.at) if args.at else datetime.now(UTC)
+    try:
+        raw = _read_token(args.token)
+    except OSError as exc:
+        raise CliError(f"--token: cannot read {args.token}: {exc.strerror or exc}") from exc
+    try:
+        claims = TokenVerifier(settings.tokens).verify(raw, now)
+    except TokenError as exc:
+        if args.json:
+            _print_json({"at": now.isoformat(), "token": {"valid": False, "reason": exc.reason, "error": str(exc)}})
+        else:
+            print(f"token refused ({exc.reason}): {exc}")
+            print("SMTP: AUTH fails with 535 5.7.8")
+        return EXIT_BAD
+    policy_set = load_policy_dir(settings.policy_dir, settings.groups)
+    decision = decide(compile_policy_set(policy_set), claims, now)
+    sources = {p.id: str(p.source) for p in policy_set.policies}
+    if args.json:
+        _print_json({"at": now.isoformat(), "token": {"valid": True, "claims": claims.summary()},
+                     "decision": decision.as_dict()})
+        return EXIT_OK
+    device = claims.device
+    print(f"at:        {now.isoformat()}")
+    print(f"token:     valid; {claims.subject}, device {device.id} ({device.platform.value} "
+          f"{device.device_class.value}, model {device.model or '?'}, OS {device.os_version or '?'}), "
+          f"{len(claims.apps)} app(s)")
+    print(f"policies:  version {decision.policy_version}")
+    phase = f" ({decision.phase.value} phase)" if decision.phase else ""
+    print(f"decision:  {decision.action.label.upper()}{phase}" + (f": {decision.message}" if decision.message else ""))
+    for title, matches in (("matched", decision.matches), ("audit (would have)", decision.audit)):
+        for match in matches:
+            print(f"  {title:<20} {match.policy_id:<24} {match.action.label:<7} {match.phase.value:<9} "
+                  f"{sources.get(match.policy_id, '')}")
+    for policy_id in decision.exempted:
+        print(f"  {'exempted':<20} {policy_id:<24} {'':<7} {'':<9} {sources.get(policy_id, '')}")
+    return EXIT_OK
+
+
+# --- token -------------------------------------------------------------------------------
+
+
+def cmd_token_keygen(args: argparse.Namespace) -> int:
+    from gateway.tokens.mint import write_dev_key_pair
+
+    private_path, public_path = write_dev_key_pair(Path(args.out), kid=args.kid)
+    print(f"wrote {private_path} (DEVELOPMENT private key: NOT FOR PRODUCTION)")
+    print(f"wrote {public_path} (public JWKS: list it under [[tokens.issuers]] keys)")
+    return EXIT_OK
+
+
+def _posture(items: Sequence[str]) -> dict[str, bool]:
+    posture = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if value.lower() not in ("true", "false") or not name:
+            raise CliError(f"--posture: {item!r} is not FLAG=true or FLAG=false")
+        posture[name] = value.lower() == "true"
+    return posture
+
+
+def cmd_token_mint(args: argparse.Namespace) -> int:
+    from gateway.tokens.mint import device_payload, load_dev_key, mint
+
+    config_path = Path(args.config) if args.config else default_config_path()
+    settings = load_settings(config_path) if config_path.exists() else None
+    issuer = args.issuer or (next(iter(settings.tokens.issuers)) if settings else None)
+    audience = args.audience or (settings.tokens.audience if settings else None)
+    if not issuer or not audience:
+        raise CliError("give --issuer and --audience, or a configuration that names them")
+    key_path = Path(args.key) if args.key else config_path.parent / "keys" / "dev-issuer.private.jwk.json"
+    try:
+        key = load_dev_key(key_path)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--key: cannot load a private key from {key_path}: {exc}") from exc
+    apps = [a for group in args.app for a in group.split(",") if a]
+    payload = device_payload(
+        issuer=issuer, audience=audience, subject=args.sub, device_id=args.device_id,
+        platform=args.platform, device_class=args.device_class, model=args.model,
+        os_version=args.os_version, managed=args.managed, apps=apps, posture=_posture(args.posture),
+        issued_at=_parse_time(args.at) if args.at else datetime.now(UTC),
+        lifetime=timedelta(seconds=args.lifetime),
+    )
+    print(mint(payload, key))
+    return EXIT_OK
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="gateway.toml (default: $GATEWAY_CONFIG or config/gateway.toml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Compliance Gateway: SMTP submission gated on device compliance.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = sub.add_parser("check", help="validate a policy directory (exit 1 listing every problem)")
+    check.add_argument("policy_dir", nargs="?", help="default: policy_dir from the configuration")
+    check.add_argument("--json", action="store_true")
+    _add_config(check)
+    check.set_defaults(func=cmd_check)
+
+    explain = sub.add_parser("explain", help="verify a token and explain the decision for it")
+    explain.add_argument("--token", required=True, help="token file, or - for standard input")
+    explain.add_argument("--at", help="evaluate as if now were this ISO 8601 time (token checks too)")
+    explain.add_argument("--json", action="store_true")
+    _add_config(explain)
+    explain.set_defaults(func=cmd_explain)
+
+    token = sub.add_parser("token", help="development tokens (never for production)")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    keygen = token_sub.add_parser("keygen", help="write a development Ed25519 key pair")
+    keygen.add_argument("--out", default="config/keys", help="directory (default: config/keys)")
+    keygen.add_argument("--kid", default="dev-1")
+    _add_config(keygen)
+    keygen.set_defaults(func=cmd_token_keygen)
+
+    mint = token_sub.add_parser("mint", help="mint a device token with the development key")
+    mint.add_argument("--sub", required=True, help="the user's mail address")
+    mint.add_argument("--device-id", required=True)
+    mint.add_argument("--platform", default="ios")
+    mint.add_argument("--class", dest="device_class", default="mobile")
+    mint.add_argument("--model")
+    mint.add_argument("--os-version")
+    mint.add_argument("--managed", action=argparse.BooleanOptionalAction, default=None)
+    mint.add_argument("--app", action="append", default=[], help="installed app id (repeat, or comma-separate)")
+    mint.add_argument("--posture", action="append", default=[], help="FLAG=true|false (repeat)")
+    mint.add_argument("--lifetime", type=int, default=900, help="seconds (default 900)")
+    mint.add_argument("--at", help="issue time, ISO 8601 (default: now)")
+    mint.add_argument("--key", help="private JWK (default: keys/dev-issuer.private.jwk.json beside the config)")
+    mint.add_argument("--issuer", help="default: the first configured issuer")
+    mint.add_argument("--audience", help="default: the configured audience")
+    _add_config(mint)
+    mint.set_defaults(func=cmd_token_mint)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Subcommands that live with the layers they drive (serve, demo, hold, impact) register here.
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"gateway: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except GatewayError as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Value types shared by every layer: verified device claims and decisions.
+
+Nothing here does I/O or reads the clock; everything is immutable.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+
+
+class Action(enum.IntEnum):
+    """What happens to a message; the integer order is severity (most severe wins)."""
+
+    ALLOW = 0
+    WARN = 1
+    DEFER = 2
+    HOLD = 3
+    REJECT = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str) -> Action:
+        return cls[text.upper()]
+
+
+class Phase(enum.Enum):
+    """Where a policy is in its life at a given instant."""
+
+    ANNOUNCE = "announce"  # between announce_at and enforce_at: warn only
+    ENFORCE = "enforce"  # from enforce_at: the policy's action
+
+
+class PolicyState(enum.Enum):
+    DRAFT = "draft"  # never evaluated by the gateway (only by `gateway check`)
+    AUDIT = "audit"  # evaluated and logged, never changes a decision
+    ENFORCE = "enforce"  # in force
+    RETRACTED = "retracted"  # ended: never evaluated, held mail is released
+
+
+class Platform(enum.Enum):
+    IOS = "ios"
+    ANDROID = "android"
+    IPADOS = "ipados"
+    WINDOWS = "windows"
+    MACOS = "macos"
+    LINUX = "linux"
+    CHROMEOS = "chromeos"
+
+
+class DeviceClass(enum.Enum):
+    MOBILE = "mobile"
+    TABLET = "tablet"
+    DESKTOP = "desktop"
+    BROWSER = "browser"
+
+
+def _frozen_mapping(value: Mapping[str, bool]) -> Mapping[str, bool]:
+    return MappingProxyType(dict(value))
+
+
+@dataclass(frozen=True)
+class Device:
+    """The device part of a token, as reported by the MDM."""
+
+    id: str
+    platform: Platform
+    device_class: DeviceClass
+    model: str | None = None
+    os_version: str | None = None
+    managed: bool | None = None
+
+
+@dataclass(frozen=True, eq=True)
+class DeviceClaims:
+    """The verified claims of one device-compliance token."""
+
+    issuer: str
+    subject: str  # the user's mail address, as signed
+    audience: tuple[str, ...]
+    issued_at: datetime
+    expires_at: datetime
+    device: Device
+    apps: frozenset[str] = frozenset()
+    posture: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))
+    not_before: datetime | None = None
+    token_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.posture, MappingProxyType):
+            object.__setattr__(self, "posture", _frozen_mapping(self.posture))
+
+    __hash__ = None  # type: ignore[assignment]  # posture is a mapping: claims are not hashable
+
+    @property
+    def user(self) -> str:
+        """The subject normalised for comparisons (mail addresses compare case-blind here)."""
+        return self.subject.casefold()
+
+    def summary(self) -> dict[str, object]:
+        """What logs, the hold store and the device inventory keep: no signature, no token."""
+        return {
+            "user": self.subject,
+            "device_id": self.device.id,
+            "platform": self.device.platform.value,
+            "class": self.device.device_class.value,
+            "model": self.device.model,
+            "os_version": self.device.os_version,
+            "managed": self.device.managed,
+            "apps": sorted(self.apps),
+            "posture": dict(self.posture),
+            "issuer": self.issuer,
+            "expires_at": self.expires_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class PolicyMatch:
+    """One policy that applied to a device, with what it contributed."""
+
+    policy_id: str
+    action: Action  # what this policy asks for now (WARN during its announce phase)
+    phase: Phase
+    message: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The one decision for one message, with its reasons."""
+
+    action: Action
+    phase: Phase | None
+    message: str
+    policy_version: str
+    matches: tuple[PolicyMatch, ...] = ()  # policies in force that matched
+    audit: tuple[PolicyMatch, ...] = ()  # audit-state policies: what would have happened
+    exempted: tuple[str, ...] = ()  # policies that matched but exempt this user/device
+
+    @property
+    def policy_ids(self) -> tuple[str, ...]:
+        """Ids of the policies whose action is the decision's action."""
+        return tuple(m.policy_id for m in self.matches if m.action == self.action)
+
+    def as_dict(self) -> dict[str, object]:
+        def match_dict(m: PolicyMatch) -> dict[str, object]:
+            return {
+                "policy_id": m.policy_id,
+                "action": m.action.label,
+                "phase": m.phase.value,
+                "message": m.message,
+            }
+
+        return {
+            "action": self.action.label,
+            "phase": self.phase.value if self.phase else None,
+            "message": self.message,
+            "policy_ids": list(self.policy_ids),
+            "policy_version": self.policy_version,
+            "matches": [match_dict(m) for m in self.matches],
+            "audit": [match_dict(m) for m in self.audit],
+            "exempted": list(self.exempted),
+        }

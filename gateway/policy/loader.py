@@ -1,0 +1,243 @@
+"""Read a policy directory into a validated PolicySet, reporting every problem at once.
+
+Which files count: regular files (or symlinks to them) named ``*.toml`` directly in the
+directory, skipping dot-files. That covers editor temporaries (``.ban.toml.swp``,
+``.#ban.toml``, ``ban.toml~``) and a Kubernetes ConfigMap mount, whose real files live in
+``..data/`` behind per-file symlinks at the top level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from gateway.domain import Action, DeviceClass, Platform, PolicyState
+from gateway.errors import PolicyLoadError, Problem
+from gateway.policy.model import (
+    Conditions,
+    Exemptions,
+    ModelPattern,
+    Policy,
+    PolicySet,
+    SourceRef,
+)
+from gateway.policy.versions import parse_range
+from gateway.toml_source import Table, TomlFile, read_toml
+
+POLICY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+_SCOPE_KEYS = {"platform", "device_class", "model", "os_version", "managed", "users", "groups", "device_ids"}
+_MATCH_KEYS = _SCOPE_KEYS | {"apps_any", "apps_all", "posture", "all_devices"}
+
+
+def policy_files(directory: Path) -> list[Path]:
+    """The files that make up a policy directory, in a stable order."""
+    if not directory.is_dir():
+        raise PolicyLoadError([Problem(str(directory), None, "", "policy directory does not exist")])
+    return sorted(
+        p for p in directory.iterdir() if p.name.endswith(".toml") and not p.name.startswith(".") and p.is_file()
+    )
+
+
+def policy_version(contents: Iterable[tuple[str, bytes]], groups: Mapping[str, frozenset[str]]) -> str:
+    """A content hash: identical directories (and group tables) give identical versions."""
+    digest = hashlib.sha256()
+    for name, data in sorted(contents):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    for group in sorted(groups):
+        digest.update(b"group\0" + group.encode() + b"\0" + "\0".join(sorted(groups[group])).encode())
+    return digest.hexdigest()[:12]
+
+
+def load_policy_dir(directory: Path, groups: Mapping[str, frozenset[str]] | None = None) -> PolicySet:
+    """Load and validate a policy directory; raises PolicyLoadError listing every problem."""
+    groups = {name: frozenset(m.casefold() for m in members) for name, members in (groups or {}).items()}
+    problems: list[Problem] = []
+    policies: list[Policy] = []
+    contents: list[tuple[str, bytes]] = []
+    first_seen: dict[str, SourceRef] = {}
+    for path in policy_files(directory):
+        parsed = read_toml(path, display_name=_display(directory, path))
+        if isinstance(parsed, Problem):
+            problems.append(parsed)
+            continue
+        contents.append((path.name, parsed.text.encode()))
+        for policy in _policies_in(parsed, groups, problems):
+            earlier = first_seen.get(policy.id)
+            if earlier is not None:
+                problems.append(
+                    Problem(
+                        policy.source.file if policy.source else path.name,
+                        policy.source.line if policy.source else None,
+                        "id",
+                        f"duplicate policy id '{policy.id}' (first defined at {earlier})",
+                    )
+                )
+                continue
+            if policy.source:
+                first_seen[policy.id] = policy.source
+            policies.append(policy)
+    if problems:
+        raise PolicyLoadError(sorted(problems, key=lambda p: (p.file, p.line or 0)))
+    return PolicySet(tuple(policies), policy_version(contents, groups), groups)
+
+
+def _display(directory: Path, path: Path) -> str:
+    return str(directory / path.name)
+
+
+def _policies_in(source: TomlFile, groups: Mapping[str, frozenset[str]], problems: list[Problem]) -> list[Policy]:
+    root = Table(source, source.data, (), problems)
+    tables = root.tables("policy")
+    root.finish()
+    if not tables and "policy" not in source.data:
+        problems.append(Problem(source.display_name, None, "", "no [[policy]] tables in this file"))
+    result = []
+    for table in tables:
+        before = len(problems)
+        policy = _read_policy(table, groups)
+        if policy is not None and len(problems) == before:
+            result.append(policy)
+    return result
+
+
+def _read_policy(table: Table, groups: Mapping[str, frozenset[str]]) -> Policy | None:
+    policy_id = table.text("id", required=True)
+    if policy_id is not None and not POLICY_ID_RE.match(policy_id):
+        table.problem("id", f"'{policy_id}' is not a valid id: use lowercase letters, digits, '.', '_' and '-'")
+        policy_id = None
+    title = table.text("title")
+    action_text = table.choice("action", [a.label for a in Action], required=True)
+    state_text = table.choice("state", [s.value for s in PolicyState])
+    message = table.text("message")
+    announce_at = table.moment("announce_at")
+    enforce_at = table.moment("enforce_at")
+    retracted_reason = table.text("retracted_reason")
+    confirm_impact = table.integer("confirm_impact", minimum=0)
+    match_table = table.table("match", required=True)
+    scope_table = table.table("scope")
+    exempt_table = table.table("exempt")
+
+    problems_before_match = len(table.problems)
+    match = _read_conditions(match_table, _MATCH_KEYS, groups) if match_table else None
+    match_had_problems = len(table.problems) > problems_before_match
+    scope = _read_conditions(scope_table, _SCOPE_KEYS, groups) if scope_table else Conditions()
+    exempt = _read_exemptions(exempt_table, groups) if exempt_table else Exemptions()
+    table.finish()
+
+    if announce_at and enforce_at and enforce_at < announce_at:
+        table.problem("enforce_at", f"enforce_at ({enforce_at.isoformat()}) is before announce_at ({announce_at.isoformat()})")
+    if announce_at and not enforce_at:
+        table.problem("announce_at", "announce_at needs an enforce_at: the announcement warns until that deadline")
+    if retracted_reason is not None and state_text != PolicyState.RETRACTED.value:
+        table.problem("retracted_reason", "retracted_reason is only meaningful with state = \"retracted\"")
+    if match is not None:
+        if match.is_empty() and not match_had_problems:
+            table.problem(
+                "match",
+                "policy matches nothing: give at least one condition, or all_devices = true "
+                "to match every device in scope",
+            )
+        for name in ("platforms", "device_classes"):
+            left, right = getattr(match, name), getattr(scope, name)
+            if left is not None and right is not None and left.isdisjoint(right):
+                table.problem("match", f"match.{name} and scope.{name} share no value: the policy matches nothing")
+
+    if policy_id is None or action_text is None or match is None:
+        return None
+    action = Action.parse(action_text)
+    state = PolicyState(state_text) if state_text else PolicyState.ENFORCE
+    return Policy(
+        id=policy_id,
+        action=action,
+        state=state,
+        message=message or title or f"Mail from this device is restricted by policy {policy_id}.",
+        match=match,
+        scope=scope,
+        exempt=exempt,
+        title=title,
+        announce_at=announce_at,
+        enforce_at=enforce_at,
+        retracted_reason=retracted_reason,
+        confirm_impact=confirm_impact,
+        source=SourceRef(table.source.display_name, table.source.line_of(table.path)),
+    )
+
+
+def _enum_set(table: Table, key: str, kind: type[Platform] | type[DeviceClass]) -> frozenset[object] | None:
+    values = table.texts(key)
+    if values is None:
+        return None
+    allowed = [member.value for member in kind]
+    result = set()
+    for value in values:
+        if value not in allowed:
+            table.problem(key, f"'{value}' is not one of: {', '.join(allowed)}")
+            return None
+        result.add(kind(value))
+    return frozenset(result)
+
+
+def _check_groups(table: Table, key: str, names: list[str] | None, groups: Mapping[str, frozenset[str]]) -> frozenset[str] | None:
+    if names is None:
+        return None
+    unknown = [n for n in names if n not in groups]
+    if unknown:
+        known = ", ".join(sorted(groups)) or "none are defined"
+        table.problem(key, f"unknown group(s) {', '.join(unknown)} (groups come from [groups] in gateway.toml: {known})")
+        return None
+    return frozenset(names)
+
+
+def _folded(values: list[str] | None) -> frozenset[str] | None:
+    return None if values is None else frozenset(v.casefold() for v in values)
+
+
+def _read_conditions(table: Table, allowed: set[str], groups: Mapping[str, frozenset[str]]) -> Conditions:
+    os_version = None
+    os_text = table.text("os_version")
+    if os_text is not None:
+        try:
+            os_version = parse_range(os_text)
+        except ValueError as exc:
+            table.problem("os_version", str(exc))
+        else:
+            if os_version.is_empty():
+                table.problem("os_version", f"no version satisfies '{os_text}': the policy matches nothing")
+    models = table.texts("model")
+    posture = table.mapping("posture", lambda v: isinstance(v, bool), "true or false") if "posture" in allowed else None
+    if posture is not None and not posture:
+        table.problem("posture", "empty posture table matches nothing")
+    all_devices = table.flag("all_devices") if "all_devices" in allowed else None
+    if all_devices is False:
+        table.problem("all_devices", "all_devices = false means nothing; remove it")
+    apps_any = table.texts("apps_any") if "apps_any" in allowed else None
+    apps_all = table.texts("apps_all") if "apps_all" in allowed else None
+    conditions = Conditions(
+        apps_any=frozenset(apps_any) if apps_any is not None else None,
+        apps_all=frozenset(apps_all) if apps_all is not None else None,
+        platforms=_enum_set(table, "platform", Platform),  # type: ignore[arg-type]
+        device_classes=_enum_set(table, "device_class", DeviceClass),  # type: ignore[arg-type]
+        models=tuple(ModelPattern.compile(m) for m in models) if models is not None else None,
+        os_version=os_version,
+        posture=tuple(sorted(posture.items())) if posture else None,
+        managed=table.flag("managed"),
+        users=_folded(table.texts("users")),
+        groups=_check_groups(table, "groups", table.texts("groups"), groups),
+        device_ids=frozenset(ids) if (ids := table.texts("device_ids")) is not None else None,
+        all_devices=bool(all_devices),
+    )
+    table.finish()
+    return conditions
+
+
+def _read_exemptions(table: Table, groups: Mapping[str, frozenset[str]]) -> Exemptions:
+    exempt = Exemptions(
+        users=_folded(table.texts("users", allow_empty=True)) or frozenset(),
+        groups=_check_groups(table, "groups", table.texts("groups", allow_empty=True), groups) or frozenset(),
+        device_ids=frozenset(table.texts("device_ids", allow_empty=True) or ()),
+    )
+    table.finish()
+    return exempt

@@ -1,0 +1,1 @@
+"""Reusable fakes for integration tests: devices, an upstream, and a gateway on free ports."""

@@ -1,0 +1,1 @@
+"""Device-compliance tokens: key loading, verification (pure: time is passed in), dev minting."""
