@@ -30,7 +30,9 @@ def _parse_time(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:
-        raise CliError(f"--at: {text!r} is not an ISO 8601 date-time such as 2020-07-11T10:00:00-07:00") from exc
+        raise CliError(
+            f"--at: {text!r} is not an ISO 8601 date-time such as 2020-07-11T10:00:00-07:00"
+        ) from exc
     if moment.tzinfo is None:
         raise CliError(f"--at: {text!r} has no UTC offset; add Z or e.g. -07:00")
     return moment
@@ -65,25 +67,45 @@ def cmd_check(args: argparse.Namespace) -> int:
         policy_set = load_policy_dir(directory, groups)
     except PolicyLoadError as exc:
         if args.json:
-            _print_json({"ok": False, "directory": str(directory), "problems": [
-                {"file": p.file, "line": p.line, "key": p.key, "message": p.message} for p in exc.problems
-            ]})
+            _print_json(
+                {
+                    "ok": False,
+                    "directory": str(directory),
+                    "problems": [
+                        {"file": p.file, "line": p.line, "key": p.key, "message": p.message}
+                        for p in exc.problems
+                    ],
+                }
+            )
         else:
             for problem in exc.problems:
                 print(problem)
-            print(f"{len(exc.problems)} problem(s) in {directory}; nothing was changed", file=sys.stderr)
+            print(
+                f"{len(exc.problems)} problem(s) in {directory}; nothing was changed",
+                file=sys.stderr,
+            )
         return EXIT_BAD
     files = policy_files(directory)
     states: dict[str, int] = {}
     for policy in policy_set.policies:
         states[policy.state.value] = states.get(policy.state.value, 0) + 1
     if args.json:
-        _print_json({"ok": True, "directory": str(directory), "version": policy_set.version,
-                     "files": len(files), "policies": len(policy_set.policies), "states": states})
+        _print_json(
+            {
+                "ok": True,
+                "directory": str(directory),
+                "version": policy_set.version,
+                "files": len(files),
+                "policies": len(policy_set.policies),
+                "states": states,
+            }
+        )
     else:
         summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no policies"
-        print(f"{directory}: OK, {len(policy_set.policies)} policies in {len(files)} file(s) "
-              f"({summary}), version {policy_set.version}")
+        print(
+            f"{directory}: OK, {len(policy_set.policies)} policies in {len(files)} file(s) "
+            f"({summary}), version {policy_set.version}"
+        )
     return EXIT_OK
 
 
@@ -108,7 +130,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         claims = TokenVerifier(settings.tokens).verify(raw, now)
     except TokenError as exc:
         if args.json:
-            _print_json({"at": now.isoformat(), "token": {"valid": False, "reason": exc.reason, "error": str(exc)}})
+            _print_json(
+                {
+                    "at": now.isoformat(),
+                    "token": {"valid": False, "reason": exc.reason, "error": str(exc)},
+                }
+            )
         else:
             print(f"token refused ({exc.reason}): {exc}")
             print("SMTP: AUTH fails with 535 5.7.8")
@@ -117,21 +144,33 @@ def cmd_explain(args: argparse.Namespace) -> int:
     decision = decide(compile_policy_set(policy_set), claims, now)
     sources = {p.id: str(p.source) for p in policy_set.policies}
     if args.json:
-        _print_json({"at": now.isoformat(), "token": {"valid": True, "claims": claims.summary()},
-                     "decision": decision.as_dict()})
+        _print_json(
+            {
+                "at": now.isoformat(),
+                "token": {"valid": True, "claims": claims.summary()},
+                "decision": decision.as_dict(),
+            }
+        )
         return EXIT_OK
     device = claims.device
     print(f"at:        {now.isoformat()}")
-    print(f"token:     valid; {claims.subject}, device {device.id} ({device.platform.value} "
-          f"{device.device_class.value}, model {device.model or '?'}, OS {device.os_version or '?'}), "
-          f"{len(claims.apps)} app(s)")
+    print(
+        f"token:     valid; {claims.subject}, device {device.id} ({device.platform.value} "
+        f"{device.device_class.value}, model {device.model or '?'}, OS {device.os_version or '?'}), "
+        f"{len(claims.apps)} app(s)"
+    )
     print(f"policies:  version {decision.policy_version}")
     phase = f" ({decision.phase.value} phase)" if decision.phase else ""
-    print(f"decision:  {decision.action.label.upper()}{phase}" + (f": {decision.message}" if decision.message else ""))
+    print(
+        f"decision:  {decision.action.label.upper()}{phase}"
+        + (f": {decision.message}" if decision.message else "")
+    )
     for title, matches in (("matched", decision.matches), ("audit (would have)", decision.audit)):
         for match in matches:
-            print(f"  {title:<20} {match.policy_id:<24} {match.action.label:<7} {match.phase.value:<9} "
-                  f"{sources.get(match.policy_id, '')}")
+            print(
+                f"  {title:<20} {match.policy_id:<24} {match.action.label:<7} {match.phase.value:<9} "
+                f"{sources.get(match.policy_id, '')}"
+            )
     for policy_id in decision.exempted:
         print(f"  {'exempted':<20} {policy_id:<24} {'':<7} {'':<9} {sources.get(policy_id, '')}")
     return EXIT_OK
@@ -168,16 +207,26 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
     audience = args.audience or (settings.tokens.audience if settings else None)
     if not issuer or not audience:
         raise CliError("give --issuer and --audience, or a configuration that names them")
-    key_path = Path(args.key) if args.key else config_path.parent / "keys" / "dev-issuer.private.jwk.json"
+    key_path = (
+        Path(args.key) if args.key else config_path.parent / "keys" / "dev-issuer.private.jwk.json"
+    )
     try:
         key = load_dev_key(key_path)
     except (OSError, ValueError) as exc:
         raise CliError(f"--key: cannot load a private key from {key_path}: {exc}") from exc
     apps = [a for group in args.app for a in group.split(",") if a]
     payload = device_payload(
-        issuer=issuer, audience=audience, subject=args.sub, device_id=args.device_id,
-        platform=args.platform, device_class=args.device_class, model=args.model,
-        os_version=args.os_version, managed=args.managed, apps=apps, posture=_posture(args.posture),
+        issuer=issuer,
+        audience=audience,
+        subject=args.sub,
+        device_id=args.device_id,
+        platform=args.platform,
+        device_class=args.device_class,
+        model=args.model,
+        os_version=args.os_version,
+        managed=args.managed,
+        apps=apps,
+        posture=_posture(args.posture),
         issued_at=_parse_time(args.at) if args.at else datetime.now(UTC),
         lifetime=timedelta(seconds=args.lifetime),
     )
@@ -189,14 +238,21 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="gateway.toml (default: $GATEWAY_CONFIG or config/gateway.toml)")
+    parser.add_argument(
+        "--config", help="gateway.toml (default: $GATEWAY_CONFIG or config/gateway.toml)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="Compliance Gateway: SMTP submission gated on device compliance.")
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="Compliance Gateway: SMTP submission gated on device compliance.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    check = sub.add_parser("check", help="validate a policy directory (exit 1 listing every problem)")
+    check = sub.add_parser(
+        "check", help="validate a policy directory (exit 1 listing every problem)"
+    )
     check.add_argument("policy_dir", nargs="?", help="default: policy_dir from the configuration")
     check.add_argument("--json", action="store_true")
     _add_config(check)
@@ -204,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = sub.add_parser("explain", help="verify a token and explain the decision for it")
     explain.add_argument("--token", required=True, help="token file, or - for standard input")
-    explain.add_argument("--at", help="evaluate as if now were this ISO 8601 time (token checks too)")
+    explain.add_argument(
+        "--at", help="evaluate as if now were this ISO 8601 time (token checks too)"
+    )
     explain.add_argument("--json", action="store_true")
     _add_config(explain)
     explain.set_defaults(func=cmd_explain)
@@ -225,11 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--model")
     mint.add_argument("--os-version")
     mint.add_argument("--managed", action=argparse.BooleanOptionalAction, default=None)
-    mint.add_argument("--app", action="append", default=[], help="installed app id (repeat, or comma-separate)")
+    mint.add_argument(
+        "--app", action="append", default=[], help="installed app id (repeat, or comma-separate)"
+    )
     mint.add_argument("--posture", action="append", default=[], help="FLAG=true|false (repeat)")
     mint.add_argument("--lifetime", type=int, default=900, help="seconds (default 900)")
     mint.add_argument("--at", help="issue time, ISO 8601 (default: now)")
-    mint.add_argument("--key", help="private JWK (default: keys/dev-issuer.private.jwk.json beside the config)")
+    mint.add_argument(
+        "--key", help="private JWK (default: keys/dev-issuer.private.jwk.json beside the config)"
+    )
     mint.add_argument("--issuer", help="default: the first configured issuer")
     mint.add_argument("--audience", help="default: the configured audience")
     _add_config(mint)

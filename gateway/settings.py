@@ -25,7 +25,9 @@ from gateway.toml_source import Table, read_toml
 
 CONFIG_ENV = "GATEWAY_CONFIG"
 DEFAULT_CONFIG = Path("config/gateway.toml")
-_HOSTPORT_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d{1,5})$")
+_HOSTPORT_RE = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d{1,5})$"
+)
 
 
 def default_config_path() -> Path:
@@ -200,7 +202,7 @@ def _read_upstream(table: Table | None, base: Path) -> UpstreamSettings:
         helo_name=table.text("helo_name"),
     )
     if mode == "smarthost" and not hosts:
-        table.problem("smarthosts", "mode = \"smarthost\" needs at least one [[upstream.smarthosts]]")
+        table.problem("smarthosts", 'mode = "smarthost" needs at least one [[upstream.smarthosts]]')
     table.finish()
     return settings
 
@@ -227,7 +229,10 @@ def _read_tokens(table: Table | None, base: Path) -> VerifierSettings | None:
                 continue
             for kid in loaded:
                 if kid in keys:
-                    issuer_table.problem("keys", f"kid {kid!r} appears in more than one key file ({key_files[index]})")
+                    issuer_table.problem(
+                        "keys",
+                        f"kid {kid!r} appears in more than one key file ({key_files[index]})",
+                    )
             keys.update(loaded)
         if algorithms is not None:
             bad = sorted(set(algorithms) - ALLOWED_ALGORITHMS)
@@ -264,10 +269,14 @@ def _read_tokens(table: Table | None, base: Path) -> VerifierSettings | None:
 
 def _string_lists(table: Table, key: str) -> dict[str, frozenset[str]]:
     raw = table.mapping(
-        key, lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v), "a list of mail addresses"
+        key,
+        lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+        "a list of mail addresses",
     )
-    return {name.casefold() if key == "aliases" else name: frozenset(m.casefold() for m in members)
-            for name, members in (raw or {}).items()}
+    return {
+        name.casefold() if key == "aliases" else name: frozenset(m.casefold() for m in members)
+        for name, members in (raw or {}).items()
+    }
 
 
 def load_settings(path: Path) -> Settings:

@@ -67,7 +67,7 @@ def line_index(text: str) -> dict[KeyPath, int]:
         if header:
             parts = _split_dotted(header.group(2))
             if header.group(1) == "[[":
-                base = resolve(parts[:-1]) + (parts[-1],)
+                base = (*resolve(parts[:-1]), parts[-1])
                 index = array_counts.get(base, -1) + 1
                 array_counts[base] = index
                 current = (*base, index)
@@ -156,7 +156,9 @@ def read_toml(path: Path, display_name: str | None = None) -> TomlFile | Problem
     if len(raw) > MAX_FILE_BYTES:
         return Problem(name, None, "", f"file is larger than {MAX_FILE_BYTES} bytes")
     if raw.startswith(b"\xef\xbb\xbf"):
-        return Problem(name, 1, "", "file starts with a byte-order mark; save it as UTF-8 without BOM")
+        return Problem(
+            name, 1, "", "file starts with a byte-order mark; save it as UTF-8 without BOM"
+        )
     if b"\x00" in raw:
         line = raw[: raw.index(b"\x00")].count(b"\n") + 1
         return Problem(name, line, "", "file contains a NUL byte")
@@ -170,10 +172,15 @@ def read_toml(path: Path, display_name: str | None = None) -> TomlFile | Problem
     except tomllib.TOMLDecodeError as exc:
         message = str(exc)
         found = _TOML_LINE_RE.search(message)
-        line = int(found.group(1)) if found else None
-        return Problem(name, line, "", f"TOML syntax: {_TOML_LINE_RE.sub('', message).strip()}")
+        error_line = int(found.group(1)) if found else None
+        return Problem(
+            name, error_line, "", f"TOML syntax: {_TOML_LINE_RE.sub('', message).strip()}"
+        )
     except RecursionError:
         return Problem(name, None, "", f"nesting deeper than {MAX_NESTING} levels")
+    except ValueError as exc:
+        # tomllib lets int() errors through (e.g. a 5,000-digit integer).
+        return Problem(name, None, "", f"a value cannot be read: {str(exc).split(';')[0]}")
     shape = _check_shape(data)
     if shape:
         return Problem(name, None, "", shape)
@@ -214,9 +221,7 @@ class Table:
             return _MISSING
         return self.data[key]
 
-    def _typed(
-        self, key: str, required: bool, check: Callable[[Any], bool], expected: str
-    ) -> Any:
+    def _typed(self, key: str, required: bool, check: Callable[[Any], bool], expected: str) -> Any:
         value = self._get(key, required)
         if value is _MISSING:
             return None
@@ -229,7 +234,9 @@ class Table:
         value: str | None = self._typed(key, required, lambda v: isinstance(v, str), "a string")
         return value
 
-    def choice(self, key: str, choices: Iterator[str] | list[str], *, required: bool = False) -> str | None:
+    def choice(
+        self, key: str, choices: Iterator[str] | list[str], *, required: bool = False
+    ) -> str | None:
         allowed = list(choices)
         value = self.text(key, required=required)
         if value is not None and value not in allowed:
@@ -238,7 +245,9 @@ class Table:
         return value
 
     def flag(self, key: str, *, required: bool = False) -> bool | None:
-        value: bool | None = self._typed(key, required, lambda v: isinstance(v, bool), "true or false")
+        value: bool | None = self._typed(
+            key, required, lambda v: isinstance(v, bool), "true or false"
+        )
         return value
 
     def integer(
@@ -272,7 +281,8 @@ class Table:
             return None
         if not isinstance(value, datetime):
             self.problem(
-                key, f"expected a date-time with an offset (2020-07-10T09:00:00-07:00), got {_describe(value)}"
+                key,
+                f"expected a date-time with an offset (2020-07-10T09:00:00-07:00), got {_describe(value)}",
             )
             return None
         if value.tzinfo is None:
@@ -284,7 +294,9 @@ class Table:
             return None
         return value
 
-    def texts(self, key: str, *, required: bool = False, allow_empty: bool = False) -> list[str] | None:
+    def texts(
+        self, key: str, *, required: bool = False, allow_empty: bool = False
+    ) -> list[str] | None:
         value = self._get(key, required)
         if value is _MISSING:
             return None
@@ -301,7 +313,9 @@ class Table:
         if bad:
             return None
         if not value and not allow_empty:
-            self.problem(key, "empty list matches nothing; remove the key or list at least one value")
+            self.problem(
+                key, "empty list matches nothing; remove the key or list at least one value"
+            )
             return None
         return list(value)
 
@@ -321,9 +335,13 @@ class Table:
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             self.problem(key, f"expected [[{key}]] tables, got {_describe(value)}")
             return []
-        return [Table(self.source, v, (*self.path, key, i), self.problems) for i, v in enumerate(value)]
+        return [
+            Table(self.source, v, (*self.path, key, i), self.problems) for i, v in enumerate(value)
+        ]
 
-    def mapping(self, key: str, check: Callable[[Any], bool], expected: str) -> dict[str, Any] | None:
+    def mapping(
+        self, key: str, check: Callable[[Any], bool], expected: str
+    ) -> dict[str, Any] | None:
         """A table whose keys are free-form names (groups, aliases, posture flags)."""
         sub = self.table(key)
         if sub is None:

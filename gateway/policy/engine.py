@@ -10,20 +10,22 @@ Precedence (documented in docs/policies.md):
    broken by policy id so the same input always gives the same decision and message.
 
 Cost: every policy is filed under one "anchor" that a device must have for the policy to
-apply (a device id, a user, a group, or one of its apps). A decision looks up only the
+apply (a device id, a user, an app, a group, or a platform). A decision looks up only the
 device's own keys, so a 200-app token against 10,000 app bans costs a set intersection
-and a handful of full checks, not 2,000,000 comparisons.
+and a handful of full checks, not 2,000,000 comparisons. Policies with no anchor at all
+(say, "posture.jailbroken = true" on every platform) are checked for every device:
+their cost is linear, which is fine for the dozens an organisation writes.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from gateway.domain import Action, Decision, DeviceClaims, Phase, PolicyMatch, PolicyState
-from gateway.policy.model import Conditions, Policy, PolicySet
+from gateway.policy.model import Conditions, DeviceFacts, Policy, PolicySet
 
 
 def _anchor(policy: Policy) -> tuple[str, tuple[str, ...]]:
@@ -40,10 +42,31 @@ def _anchor(policy: Policy) -> tuple[str, tuple[str, ...]]:
             candidates.append((3, "app", conditions.apps_any))
         if conditions.groups is not None:
             candidates.append((4, "group", conditions.groups))
+        if conditions.platforms is not None:
+            candidates.append((5, "platform", frozenset(p.value for p in conditions.platforms)))
     if not candidates:
         return "any", ()
     _, kind, keys = min(candidates, key=lambda c: (c[0], len(c[2])))
     return kind, tuple(sorted(keys))
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    """A policy ready for evaluation: its checks flattened, its messages rendered."""
+
+    policy: Policy
+    checks: tuple[Callable[[DeviceFacts], bool], ...]
+    announce_message: str
+    is_audit: bool
+
+    @classmethod
+    def of(cls, policy: Policy) -> CompiledPolicy:
+        return cls(
+            policy=policy,
+            checks=policy.scope.checks + policy.match.checks,
+            announce_message=policy.message_for(Phase.ANNOUNCE),
+            is_audit=policy.state is PolicyState.AUDIT,
+        )
 
 
 @dataclass(frozen=True)
@@ -55,9 +78,10 @@ class CompiledPolicySet:
     by_user: dict[str, tuple[int, ...]]
     by_app: dict[str, tuple[int, ...]]
     by_group: dict[str, tuple[int, ...]]
+    by_platform: dict[str, tuple[int, ...]]
     unanchored: tuple[int, ...]
     app_keys: frozenset[str]
-    active: tuple[Policy, ...]
+    active: tuple[CompiledPolicy, ...]
     groups_by_user: dict[str, frozenset[str]]
 
     @property
@@ -66,6 +90,9 @@ class CompiledPolicySet:
 
     def candidates(self, claims: DeviceClaims, user_groups: frozenset[str]) -> list[int]:
         found: set[int] = set(self.unanchored)
+        hit = self.by_platform.get(claims.device.platform.value)
+        if hit:
+            found.update(hit)
         hit = self.by_device.get(claims.device.id)
         if hit:
             found.update(hit)
@@ -83,7 +110,7 @@ class CompiledPolicySet:
 
 def compile_policy_set(policy_set: PolicySet) -> CompiledPolicySet:
     tables: dict[str, defaultdict[str, list[int]]] = {
-        kind: defaultdict(list) for kind in ("device", "user", "app", "group")
+        kind: defaultdict(list) for kind in ("device", "user", "app", "group", "platform")
     }
     unanchored = []
     active = tuple(p for p in policy_set.policies if p.is_active)
@@ -108,9 +135,10 @@ def compile_policy_set(policy_set: PolicySet) -> CompiledPolicySet:
         by_user=freeze(tables["user"]),
         by_app=by_app,
         by_group=freeze(tables["group"]),
+        by_platform=freeze(tables["platform"]),
         unanchored=tuple(unanchored),
         app_keys=frozenset(by_app),
-        active=active,
+        active=tuple(CompiledPolicy.of(p) for p in active),
         groups_by_user={u: frozenset(g) for u, g in groups_by_user.items()},
     )
 
@@ -121,52 +149,69 @@ def _contribution(policy: Policy, phase: Phase) -> Action:
     return policy.action
 
 
-def _strongest(matches: Iterable[PolicyMatch]) -> PolicyMatch | None:
-    best: PolicyMatch | None = None
-    for match in matches:
-        if best is None or match.action > best.action or (
-            match.action == best.action and match.policy_id < best.policy_id
-        ):
-            best = match
-    return best
-
-
 def decide(compiled: CompiledPolicySet, claims: DeviceClaims, now: datetime) -> Decision:
     """The one decision for a message from this device at ``now``."""
     user_groups = compiled.groups_by_user.get(claims.user, frozenset())
+    facts = DeviceFacts(claims, user_groups)
     in_force: list[PolicyMatch] = []
     audit: list[PolicyMatch] = []
     exempted: list[str] = []
     for position in compiled.candidates(claims, user_groups):
-        policy = compiled.active[position]
+        entry = compiled.active[position]
+        policy = entry.policy
         phase = policy.phase_at(now)
-        if phase is None or not policy.applies_to(claims, user_groups):
+        if phase is None:
             continue
-        if policy.exempt.covers(claims, user_groups):
-            exempted.append(policy.id)
-            continue
-        action = _contribution(policy, phase)
-        if action is Action.ALLOW:
-            continue
-        match = PolicyMatch(policy.id, action, phase, policy.message_for(phase))
-        (audit if policy.state is PolicyState.AUDIT else in_force).append(match)
+        for check in entry.checks:
+            if not check(facts):
+                break
+        else:
+            _record(entry, phase, facts, in_force, audit, exempted)
+    return _conclude(compiled.version, in_force, audit, exempted)
+
+
+def _record(
+    entry: CompiledPolicy,
+    phase: Phase,
+    facts: DeviceFacts,
+    in_force: list[PolicyMatch],
+    audit: list[PolicyMatch],
+    exempted: list[str],
+) -> None:
+    """A policy applies: note what it contributes (or that it exempts this device)."""
+    policy = entry.policy
+    if policy.exempt.covers(facts):
+        exempted.append(policy.id)
+        return
+    action = _contribution(policy, phase)
+    if action is Action.ALLOW:
+        return
+    message = entry.announce_message if phase is Phase.ANNOUNCE else policy.message
+    match = PolicyMatch(policy.id, action, phase, message)
+    (audit if entry.is_audit else in_force).append(match)
+
+
+def _conclude(
+    version: str, in_force: list[PolicyMatch], audit: list[PolicyMatch], exempted: list[str]
+) -> Decision:
+    # Most severe first; ties by policy id, so the winner and its message are deterministic.
     in_force.sort(key=lambda m: (-m.action, m.policy_id))
     audit.sort(key=lambda m: (-m.action, m.policy_id))
-    winner = _strongest(in_force)
-    if winner is None:
+    if not in_force:
         return Decision(
             action=Action.ALLOW,
             phase=None,
             message="",
-            policy_version=compiled.version,
+            policy_version=version,
             audit=tuple(audit),
             exempted=tuple(sorted(exempted)),
         )
+    winner = in_force[0]
     return Decision(
         action=winner.action,
         phase=winner.phase,
         message=winner.message,
-        policy_version=compiled.version,
+        policy_version=version,
         matches=tuple(in_force),
         audit=tuple(audit),
         exempted=tuple(sorted(exempted)),

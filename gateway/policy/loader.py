@@ -28,32 +28,53 @@ from gateway.toml_source import Table, TomlFile, read_toml
 
 POLICY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
-_SCOPE_KEYS = {"platform", "device_class", "model", "os_version", "managed", "users", "groups", "device_ids"}
+_SCOPE_KEYS = {
+    "platform",
+    "device_class",
+    "model",
+    "os_version",
+    "managed",
+    "users",
+    "groups",
+    "device_ids",
+}
 _MATCH_KEYS = _SCOPE_KEYS | {"apps_any", "apps_all", "posture", "all_devices"}
 
 
 def policy_files(directory: Path) -> list[Path]:
     """The files that make up a policy directory, in a stable order."""
     if not directory.is_dir():
-        raise PolicyLoadError([Problem(str(directory), None, "", "policy directory does not exist")])
+        raise PolicyLoadError(
+            [Problem(str(directory), None, "", "policy directory does not exist")]
+        )
     return sorted(
-        p for p in directory.iterdir() if p.name.endswith(".toml") and not p.name.startswith(".") and p.is_file()
+        p
+        for p in directory.iterdir()
+        if p.name.endswith(".toml") and not p.name.startswith(".") and p.is_file()
     )
 
 
-def policy_version(contents: Iterable[tuple[str, bytes]], groups: Mapping[str, frozenset[str]]) -> str:
+def policy_version(
+    contents: Iterable[tuple[str, bytes]], groups: Mapping[str, frozenset[str]]
+) -> str:
     """A content hash: identical directories (and group tables) give identical versions."""
     digest = hashlib.sha256()
     for name, data in sorted(contents):
         digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
     for group in sorted(groups):
-        digest.update(b"group\0" + group.encode() + b"\0" + "\0".join(sorted(groups[group])).encode())
+        digest.update(
+            b"group\0" + group.encode() + b"\0" + "\0".join(sorted(groups[group])).encode()
+        )
     return digest.hexdigest()[:12]
 
 
-def load_policy_dir(directory: Path, groups: Mapping[str, frozenset[str]] | None = None) -> PolicySet:
+def load_policy_dir(
+    directory: Path, groups: Mapping[str, frozenset[str]] | None = None
+) -> PolicySet:
     """Load and validate a policy directory; raises PolicyLoadError listing every problem."""
-    groups = {name: frozenset(m.casefold() for m in members) for name, members in (groups or {}).items()}
+    groups = {
+        name: frozenset(m.casefold() for m in members) for name, members in (groups or {}).items()
+    }
     problems: list[Problem] = []
     policies: list[Policy] = []
     contents: list[tuple[str, bytes]] = []
@@ -88,7 +109,9 @@ def _display(directory: Path, path: Path) -> str:
     return str(directory / path.name)
 
 
-def _policies_in(source: TomlFile, groups: Mapping[str, frozenset[str]], problems: list[Problem]) -> list[Policy]:
+def _policies_in(
+    source: TomlFile, groups: Mapping[str, frozenset[str]], problems: list[Problem]
+) -> list[Policy]:
     root = Table(source, source.data, (), problems)
     tables = root.tables("policy")
     root.finish()
@@ -106,7 +129,10 @@ def _policies_in(source: TomlFile, groups: Mapping[str, frozenset[str]], problem
 def _read_policy(table: Table, groups: Mapping[str, frozenset[str]]) -> Policy | None:
     policy_id = table.text("id", required=True)
     if policy_id is not None and not POLICY_ID_RE.match(policy_id):
-        table.problem("id", f"'{policy_id}' is not a valid id: use lowercase letters, digits, '.', '_' and '-'")
+        table.problem(
+            "id",
+            f"'{policy_id}' is not a valid id: use lowercase letters, digits, '.', '_' and '-'",
+        )
         policy_id = None
     title = table.text("title")
     action_text = table.choice("action", [a.label for a in Action], required=True)
@@ -128,11 +154,19 @@ def _read_policy(table: Table, groups: Mapping[str, frozenset[str]]) -> Policy |
     table.finish()
 
     if announce_at and enforce_at and enforce_at < announce_at:
-        table.problem("enforce_at", f"enforce_at ({enforce_at.isoformat()}) is before announce_at ({announce_at.isoformat()})")
+        table.problem(
+            "enforce_at",
+            f"enforce_at ({enforce_at.isoformat()}) is before announce_at ({announce_at.isoformat()})",
+        )
     if announce_at and not enforce_at:
-        table.problem("announce_at", "announce_at needs an enforce_at: the announcement warns until that deadline")
+        table.problem(
+            "announce_at",
+            "announce_at needs an enforce_at: the announcement warns until that deadline",
+        )
     if retracted_reason is not None and state_text != PolicyState.RETRACTED.value:
-        table.problem("retracted_reason", "retracted_reason is only meaningful with state = \"retracted\"")
+        table.problem(
+            "retracted_reason", 'retracted_reason is only meaningful with state = "retracted"'
+        )
     if match is not None:
         if match.is_empty() and not match_had_problems:
             table.problem(
@@ -143,7 +177,10 @@ def _read_policy(table: Table, groups: Mapping[str, frozenset[str]]) -> Policy |
         for name in ("platforms", "device_classes"):
             left, right = getattr(match, name), getattr(scope, name)
             if left is not None and right is not None and left.isdisjoint(right):
-                table.problem("match", f"match.{name} and scope.{name} share no value: the policy matches nothing")
+                table.problem(
+                    "match",
+                    f"match.{name} and scope.{name} share no value: the policy matches nothing",
+                )
 
     if policy_id is None or action_text is None or match is None:
         return None
@@ -166,7 +203,9 @@ def _read_policy(table: Table, groups: Mapping[str, frozenset[str]]) -> Policy |
     )
 
 
-def _enum_set(table: Table, key: str, kind: type[Platform] | type[DeviceClass]) -> frozenset[object] | None:
+def _enum_set(
+    table: Table, key: str, kind: type[Platform] | type[DeviceClass]
+) -> frozenset[object] | None:
     values = table.texts(key)
     if values is None:
         return None
@@ -180,13 +219,18 @@ def _enum_set(table: Table, key: str, kind: type[Platform] | type[DeviceClass]) 
     return frozenset(result)
 
 
-def _check_groups(table: Table, key: str, names: list[str] | None, groups: Mapping[str, frozenset[str]]) -> frozenset[str] | None:
+def _check_groups(
+    table: Table, key: str, names: list[str] | None, groups: Mapping[str, frozenset[str]]
+) -> frozenset[str] | None:
     if names is None:
         return None
     unknown = [n for n in names if n not in groups]
     if unknown:
         known = ", ".join(sorted(groups)) or "none are defined"
-        table.problem(key, f"unknown group(s) {', '.join(unknown)} (groups come from [groups] in gateway.toml: {known})")
+        table.problem(
+            key,
+            f"unknown group(s) {', '.join(unknown)} (groups come from [groups] in gateway.toml: {known})",
+        )
         return None
     return frozenset(names)
 
@@ -195,7 +239,9 @@ def _folded(values: list[str] | None) -> frozenset[str] | None:
     return None if values is None else frozenset(v.casefold() for v in values)
 
 
-def _read_conditions(table: Table, allowed: set[str], groups: Mapping[str, frozenset[str]]) -> Conditions:
+def _read_conditions(
+    table: Table, allowed: set[str], groups: Mapping[str, frozenset[str]]
+) -> Conditions:
     os_version = None
     os_text = table.text("os_version")
     if os_text is not None:
@@ -205,9 +251,15 @@ def _read_conditions(table: Table, allowed: set[str], groups: Mapping[str, froze
             table.problem("os_version", str(exc))
         else:
             if os_version.is_empty():
-                table.problem("os_version", f"no version satisfies '{os_text}': the policy matches nothing")
+                table.problem(
+                    "os_version", f"no version satisfies '{os_text}': the policy matches nothing"
+                )
     models = table.texts("model")
-    posture = table.mapping("posture", lambda v: isinstance(v, bool), "true or false") if "posture" in allowed else None
+    posture = (
+        table.mapping("posture", lambda v: isinstance(v, bool), "true or false")
+        if "posture" in allowed
+        else None
+    )
     if posture is not None and not posture:
         table.problem("posture", "empty posture table matches nothing")
     all_devices = table.flag("all_devices") if "all_devices" in allowed else None
@@ -236,7 +288,8 @@ def _read_conditions(table: Table, allowed: set[str], groups: Mapping[str, froze
 def _read_exemptions(table: Table, groups: Mapping[str, frozenset[str]]) -> Exemptions:
     exempt = Exemptions(
         users=_folded(table.texts("users", allow_empty=True)) or frozenset(),
-        groups=_check_groups(table, "groups", table.texts("groups", allow_empty=True), groups) or frozenset(),
+        groups=_check_groups(table, "groups", table.texts("groups", allow_empty=True), groups)
+        or frozenset(),
         device_ids=frozenset(table.texts("device_ids", allow_empty=True) or ()),
     )
     table.finish()

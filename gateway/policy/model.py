@@ -4,12 +4,32 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 
 from gateway.domain import Action, DeviceClaims, DeviceClass, Phase, Platform, PolicyState
-from gateway.policy.versions import VersionRange, parse_version
+from gateway.policy.versions import Version, VersionRange, parse_version
+
+
+class DeviceFacts:
+    """What conditions test, derived once per decision: groups resolved, OS version parsed
+    only if some condition asks for it."""
+
+    __slots__ = ("_os_version", "claims", "groups")
+
+    def __init__(self, claims: DeviceClaims, groups: frozenset[str]) -> None:
+        self.claims = claims
+        self.groups = groups
+        self._os_version: Version | bool | None = False  # False: not parsed yet
+
+    @property
+    def os_version(self) -> Version | None:
+        if self._os_version is False:
+            text = self.claims.device.os_version
+            self._os_version = parse_version(text) if text else None
+        return self._os_version  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -47,38 +67,51 @@ class Conditions:
     def is_empty(self) -> bool:
         return self == Conditions()
 
-    def holds(self, claims: DeviceClaims, user_groups: frozenset[str]) -> bool:
-        device = claims.device
-        if self.device_ids is not None and device.id not in self.device_ids:
-            return False
-        if self.users is not None and claims.user not in self.users:
-            return False
-        if self.groups is not None and self.groups.isdisjoint(user_groups):
-            return False
-        if self.platforms is not None and device.platform not in self.platforms:
-            return False
-        if self.device_classes is not None and device.device_class not in self.device_classes:
-            return False
-        if self.apps_any is not None and self.apps_any.isdisjoint(claims.apps):
-            return False
-        if self.apps_all is not None and not self.apps_all <= claims.apps:
-            return False
-        if self.managed is not None and device.managed is not self.managed:
-            return False
-        if self.posture is not None:
-            for flag, wanted in self.posture:
-                # A flag the MDM did not report never matches: unknown is not a violation.
-                if claims.posture.get(flag) is not wanted:
-                    return False
-        if self.models is not None:
-            if device.model is None or not any(p.matches(device.model) for p in self.models):
-                return False
-        if self.os_version is not None:
-            version = parse_version(device.os_version) if device.os_version else None
+    @cached_property
+    def checks(self) -> tuple[Callable[[DeviceFacts], bool], ...]:
+        """One predicate per condition that is set, cheapest and most selective first.
+
+        Built once per Conditions value, so a decision runs only the tests a policy uses.
+        """
+        checks: list[Callable[[DeviceFacts], bool]] = []
+        if (device_ids := self.device_ids) is not None:
+            checks.append(lambda f: f.claims.device.id in device_ids)
+        if (users := self.users) is not None:
+            checks.append(lambda f: f.claims.user in users)
+        if (groups := self.groups) is not None:
+            checks.append(lambda f: not groups.isdisjoint(f.groups))
+        # Enum sets become tuples: membership by identity, without Enum's Python-level hash.
+        if self.platforms is not None:
+            platforms = tuple(self.platforms)
+            checks.append(lambda f: f.claims.device.platform in platforms)
+        if self.device_classes is not None:
+            classes = tuple(self.device_classes)
+            checks.append(lambda f: f.claims.device.device_class in classes)
+        if (apps_any := self.apps_any) is not None:
+            checks.append(lambda f: not apps_any.isdisjoint(f.claims.apps))
+        if (apps_all := self.apps_all) is not None:
+            checks.append(lambda f: apps_all <= f.claims.apps)
+        if (managed := self.managed) is not None:
+            checks.append(lambda f: f.claims.device.managed is managed)
+        if (posture := self.posture) is not None:
+            # A flag the MDM did not report never matches: unknown is not a violation.
+            checks.append(
+                lambda f: all(f.claims.posture.get(flag) is wanted for flag, wanted in posture)
+            )
+        if (models := self.models) is not None:
+            checks.append(
+                lambda f: (
+                    f.claims.device.model is not None
+                    and any(p.matches(f.claims.device.model) for p in models)
+                )
+            )
+        if (versions := self.os_version) is not None:
             # An unparsable or missing version never satisfies a version condition.
-            if version is None or not self.os_version.contains(version):
-                return False
-        return True
+            checks.append(lambda f: (v := f.os_version) is not None and versions.contains(v))
+        return tuple(checks)
+
+    def holds(self, facts: DeviceFacts) -> bool:
+        return all(check(facts) for check in self.checks)
 
 
 @dataclass(frozen=True)
@@ -87,11 +120,11 @@ class Exemptions:
     groups: frozenset[str] = frozenset()
     device_ids: frozenset[str] = frozenset()
 
-    def covers(self, claims: DeviceClaims, user_groups: frozenset[str]) -> bool:
+    def covers(self, facts: DeviceFacts) -> bool:
         return (
-            claims.user in self.users
-            or claims.device.id in self.device_ids
-            or not self.groups.isdisjoint(user_groups)
+            facts.claims.user in self.users
+            or facts.claims.device.id in self.device_ids
+            or not self.groups.isdisjoint(facts.groups)
         )
 
 
@@ -135,8 +168,8 @@ class Policy:
             return Phase.ANNOUNCE
         return None
 
-    def applies_to(self, claims: DeviceClaims, user_groups: frozenset[str]) -> bool:
-        return self.scope.holds(claims, user_groups) and self.match.holds(claims, user_groups)
+    def applies_to(self, facts: DeviceFacts) -> bool:
+        return self.scope.holds(facts) and self.match.holds(facts)
 
     def message_for(self, phase: Phase) -> str:
         if phase is Phase.ANNOUNCE and self.enforce_at is not None:

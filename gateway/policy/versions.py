@@ -6,6 +6,7 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 Version = tuple[int, ...]
 
@@ -43,7 +44,11 @@ class VersionRange:
     text: str
 
     def contains(self, version: Version) -> bool:
-        return all(_OPERATORS[op](version, bound) for op, bound in self.clauses)
+        return all(compare(version, bound) for compare, bound in self.compiled)
+
+    @cached_property
+    def compiled(self) -> tuple[tuple[Callable[[Version, Version], bool], Version], ...]:
+        return tuple((_OPERATORS[op], bound) for op, bound in self.clauses)
 
     def is_empty(self) -> bool:
         """True when no version can satisfy every clause (">=15, <14")."""
@@ -53,14 +58,18 @@ class VersionRange:
         for op, bound in self.clauses:
             if op in (">", ">="):
                 candidate = (bound, op == ">=")
-                if lower is None or candidate[0] > lower[0] or (
-                    candidate[0] == lower[0] and not candidate[1]
+                if (
+                    lower is None
+                    or candidate[0] > lower[0]
+                    or (candidate[0] == lower[0] and not candidate[1])
                 ):
                     lower = candidate
             elif op in ("<", "<="):
                 candidate = (bound, op == "<=")
-                if upper is None or candidate[0] < upper[0] or (
-                    candidate[0] == upper[0] and not candidate[1]
+                if (
+                    upper is None
+                    or candidate[0] < upper[0]
+                    or (candidate[0] == upper[0] and not candidate[1])
                 ):
                     upper = candidate
             elif op == "==":
@@ -81,9 +90,7 @@ def parse_range(text: str) -> VersionRange:
     for raw in text.split(","):
         found = _CLAUSE_RE.match(raw)
         if not found:
-            raise ValueError(
-                f"'{raw.strip()}' is not a comparison; write e.g. \">=13.0, <17.2\""
-            )
+            raise ValueError(f"'{raw.strip()}' is not a comparison; write e.g. \">=13.0, <17.2\"")
         version = parse_version(found.group(2))
         if version is None or not re.fullmatch(r"\d+(\.\d+)*", found.group(2)):
             raise ValueError(f"'{found.group(2)}' is not a version such as 17.2.1")

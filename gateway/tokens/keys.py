@@ -53,7 +53,9 @@ def load_key_file(path: Path) -> dict[str, PublicKey]:
             try:
                 key = ECKey.import_key(raw)
             except (JoseError, ValueError, TypeError) as exc:
-                raise KeyFileError(f"{path}: not an Ed25519 or P-256 public key in PEM form") from exc
+                raise KeyFileError(
+                    f"{path}: not an Ed25519 or P-256 public key in PEM form"
+                ) from exc
         return {path.stem: _check_supported(key, str(path))}
     try:
         document = json.loads(raw)

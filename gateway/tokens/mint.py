@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from joserfc import jws
-from joserfc.jwk import OKPKey
+from joserfc.jwk import ECKey, OKPKey
 
 from gateway.tokens.verify import GatewayRegistry
 
@@ -25,7 +25,9 @@ def generate_dev_key(kid: str) -> OKPKey:
     return OKPKey.generate_key("Ed25519", parameters={"kid": kid, "use": "sig"}, private=True)
 
 
-def write_dev_key_pair(directory: Path, kid: str = "dev-1", stem: str = "dev-issuer") -> tuple[Path, Path]:
+def write_dev_key_pair(
+    directory: Path, kid: str = "dev-1", stem: str = "dev-issuer"
+) -> tuple[Path, Path]:
     """Write ``<stem>.private.jwk.json`` (0600) and ``<stem>.jwks.json``; returns both paths."""
     key = generate_dev_key(kid)
     directory.mkdir(parents=True, exist_ok=True)
@@ -34,8 +36,10 @@ def write_dev_key_pair(directory: Path, kid: str = "dev-1", stem: str = "dev-iss
     private_doc = {"comment": DEV_KEY_COMMENT, **key.as_dict(private=True)}
     private_path.write_text(json.dumps(private_doc, indent=2) + "\n")
     private_path.chmod(0o600)
-    public_doc = {"comment": "Public half of the development key: trust it only in test setups.",
-                  "keys": [key.as_dict(private=False)]}
+    public_doc = {
+        "comment": "Public half of the development key: trust it only in test setups.",
+        "keys": [key.as_dict(private=False)],
+    }
     public_path.write_text(json.dumps(public_doc, indent=2) + "\n")
     return private_path, public_path
 
@@ -89,12 +93,21 @@ def device_payload(
     return payload
 
 
-def mint(payload: Mapping[str, Any], key: OKPKey, *, alg: str = "EdDSA", header: Mapping[str, Any] | None = None) -> str:
+def mint(
+    payload: Mapping[str, Any],
+    key: OKPKey | ECKey,
+    *,
+    alg: str = "EdDSA",
+    header: Mapping[str, Any] | None = None,
+) -> str:
     """Sign claims as a compact JWS."""
     protected: dict[str, Any] = {"alg": alg, "typ": "JWT"}
     if key.kid:
         protected["kid"] = key.kid
     protected.update(header or {})
     return jws.serialize_compact(
-        protected, json.dumps(payload, separators=(",", ":")).encode(), key, registry=GatewayRegistry()
+        protected,
+        json.dumps(payload, separators=(",", ":")).encode(),
+        key,
+        registry=GatewayRegistry(),
     )

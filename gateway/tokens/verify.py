@@ -162,33 +162,45 @@ def _numeric_date(claims: Mapping[str, Any], name: str, required: bool) -> datet
         return None
     value = claims[name]
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidClaim(f"claim '{name}' must be a number of seconds since the epoch, got {_printable(value)}")
+        raise InvalidClaim(
+            f"claim '{name}' must be a number of seconds since the epoch, got {_printable(value)}"
+        )
     try:
         return datetime.fromtimestamp(value, UTC)
     except (OverflowError, OSError, ValueError) as exc:
         raise InvalidClaim(f"claim '{name}' is out of range: {_printable(value)}") from exc
 
 
-def _text(obj: Mapping[str, Any], name: str, label: str, *, required: bool, limit: int = 256) -> str | None:
+def _text(
+    obj: Mapping[str, Any], name: str, label: str, *, required: bool, limit: int = 256
+) -> str | None:
     if name not in obj or obj[name] is None:
         if required:
             raise MissingClaim(f"token has no '{label}' claim")
         return None
     value = obj[name]
     if not isinstance(value, str) or not value or len(value) > limit:
-        raise InvalidClaim(f"claim '{label}' must be a non-empty string of at most {limit} characters")
+        raise InvalidClaim(
+            f"claim '{label}' must be a non-empty string of at most {limit} characters"
+        )
     return value
 
 
-def _enum(obj: Mapping[str, Any], name: str, label: str, kind: type[Platform] | type[DeviceClass]) -> Any:
+def _enum(
+    obj: Mapping[str, Any], name: str, label: str, kind: type[Platform] | type[DeviceClass]
+) -> Any:
     value = _text(obj, name, label, required=True)
     allowed = [m.value for m in kind]
     if value not in allowed:
-        raise InvalidClaim(f"claim '{label}' is {_printable(value)}; expected one of {', '.join(allowed)}")
+        raise InvalidClaim(
+            f"claim '{label}' is {_printable(value)}; expected one of {', '.join(allowed)}"
+        )
     return kind(value)
 
 
-def claims_from_payload(payload: Mapping[str, Any]) -> tuple[str, Device, frozenset[str], dict[str, bool], str | None]:
+def claims_from_payload(
+    payload: Mapping[str, Any],
+) -> tuple[str, Device, frozenset[str], dict[str, bool], str | None]:
     """Validate the gateway-specific claims (sub, device, apps, posture, jti)."""
     subject = _text(payload, "sub", "sub", required=True, limit=320)
     assert subject is not None
@@ -213,12 +225,16 @@ def claims_from_payload(payload: Mapping[str, Any]) -> tuple[str, Device, frozen
         managed=managed,
     )
     apps_raw = payload.get("apps", [])
-    if not isinstance(apps_raw, list) or not all(isinstance(a, str) and 0 < len(a) <= 256 for a in apps_raw):
+    if not isinstance(apps_raw, list) or not all(
+        isinstance(a, str) and 0 < len(a) <= 256 for a in apps_raw
+    ):
         raise InvalidClaim("claim 'apps' must be a list of app identifiers (strings)")
     if len(apps_raw) > MAX_APPS:
         raise InvalidClaim(f"claim 'apps' lists more than {MAX_APPS} apps")
     posture_raw = payload.get("posture", {})
-    if not isinstance(posture_raw, dict) or not all(isinstance(v, bool) for v in posture_raw.values()):
+    if not isinstance(posture_raw, dict) or not all(
+        isinstance(v, bool) for v in posture_raw.values()
+    ):
         raise InvalidClaim("claim 'posture' must be an object of true/false flags")
     token_id = _text(payload, "jti", "jti", required=False)
     return subject, device, frozenset(apps_raw), dict(posture_raw), token_id
@@ -235,17 +251,23 @@ class TokenVerifier:
         settings = self.settings
         raw = token.encode("ascii", "replace") if isinstance(token, str) else token
         if len(raw) > settings.max_token_bytes:
-            raise TokenTooLarge(f"token is {len(raw)} bytes; the limit is {settings.max_token_bytes}")
+            raise TokenTooLarge(
+                f"token is {len(raw)} bytes; the limit is {settings.max_token_bytes}"
+            )
         raw = raw.strip()
         parts = raw.split(b".")
-        if len(parts) != 3 or not all(parts):
-            raise MalformedToken("token is not a compact JWS (three base64url parts separated by dots)")
+        if len(parts) != 3 or not parts[0]:
+            raise MalformedToken(
+                "token is not a compact JWS (three base64url parts separated by dots)"
+            )
         header = _b64json(parts[0], "header")
         alg = header.get("alg")
         if alg not in ALLOWED_ALGORITHMS:
             raise UnsupportedAlgorithm(
                 f"token algorithm {_printable(alg)} is not accepted; sign with EdDSA (Ed25519) or ES256"
             )
+        if not parts[1] or not parts[2]:
+            raise MalformedToken("token has an empty payload or signature")
         payload = _b64json(parts[1], "payload")
         issuer_name = payload.get("iss")
         if issuer_name is None:
@@ -260,20 +282,28 @@ class TokenVerifier:
         self._check_type(header.get("typ"), issuer)
         key = self._select_key(header, issuer)
         if not isinstance(key, _KEY_TYPE_FOR[alg]):
-            raise UnsupportedAlgorithm(f"key {_printable(header.get('kid'))} of {issuer_name} cannot verify {alg}")
+            raise UnsupportedAlgorithm(
+                f"key {_printable(header.get('kid'))} of {issuer_name} cannot verify {alg}"
+            )
         try:
             jws.deserialize_compact(raw, key, registry=self._registries[alg])
         except BadSignatureError as exc:
-            raise BadSignature(f"signature does not verify with key {_printable(header.get('kid'))} of {issuer_name}") from exc
+            raise BadSignature(
+                f"signature does not verify with key {_printable(header.get('kid'))} of {issuer_name}"
+            ) from exc
         except JoseError as exc:
-            raise MalformedToken(f"token rejected by the JWS parser: {exc.error or type(exc).__name__}") from exc
+            raise MalformedToken(
+                f"token rejected by the JWS parser: {exc.error or type(exc).__name__}"
+            ) from exc
         return self._claims(payload, issuer_name, now)
 
     @staticmethod
     def _check_type(typ: object, issuer: Issuer) -> None:
         if issuer.token_type is not None:
             if typ != issuer.token_type:
-                raise WrongTokenType(f"token typ is {_printable(typ)}; {issuer.issuer} tokens must say {issuer.token_type!r}")
+                raise WrongTokenType(
+                    f"token typ is {_printable(typ)}; {issuer.issuer} tokens must say {issuer.token_type!r}"
+                )
         elif typ is not None and (not isinstance(typ, str) or typ.upper() != "JWT"):
             raise WrongTokenType(f"token typ is {_printable(typ)}; expected JWT")
 
@@ -283,7 +313,9 @@ class TokenVerifier:
         if kid is None:
             if len(issuer.keys) == 1:
                 return next(iter(issuer.keys.values()))
-            raise UnknownKey(f"token has no kid and issuer {issuer.issuer} has {len(issuer.keys)} keys")
+            raise UnknownKey(
+                f"token has no kid and issuer {issuer.issuer} has {len(issuer.keys)} keys"
+            )
         if not isinstance(kid, str):
             raise UnknownKey("token kid must be a string")
         # kid is only ever a dictionary key: never a path, URL or query.
@@ -297,13 +329,16 @@ class TokenVerifier:
         expires_at = _numeric_date(payload, "exp", required=True)
         issued_at = _numeric_date(payload, "iat", required=True)
         not_before = _numeric_date(payload, "nbf", required=False)
-        assert expires_at is not None and issued_at is not None
+        assert expires_at is not None
+        assert issued_at is not None
         if now >= expires_at + leeway:
             raise TokenExpired(f"token expired at {_iso(expires_at)}")
         if not_before is not None and now < not_before - leeway:
             raise TokenNotYetValid(f"token is not valid before {_iso(not_before)}")
         if issued_at > now + leeway:
-            raise TokenNotYetValid(f"token was issued in the future ({_iso(issued_at)}); check the MDM's clock")
+            raise TokenNotYetValid(
+                f"token was issued in the future ({_iso(issued_at)}); check the MDM's clock"
+            )
         audience_raw = payload.get("aud")
         if audience_raw is None:
             raise MissingClaim("token has no 'aud' claim")
@@ -311,7 +346,9 @@ class TokenVerifier:
         if not isinstance(audience, list | tuple) or not all(isinstance(a, str) for a in audience):
             raise InvalidClaim("claim 'aud' must be a string or a list of strings")
         if self.settings.audience not in audience:
-            raise WrongAudience(f"token audience {_printable(audience_raw)} does not name this gateway ({self.settings.audience})")
+            raise WrongAudience(
+                f"token audience {_printable(audience_raw)} does not name this gateway ({self.settings.audience})"
+            )
         subject, device, apps, posture, token_id = claims_from_payload(payload)
         return DeviceClaims(
             issuer=issuer_name,

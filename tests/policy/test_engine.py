@@ -1,0 +1,221 @@
+"""The evaluator, by example: the story's ban at each moment, and each matcher."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from gateway.domain import Action, Device, DeviceClaims, DeviceClass, Phase, Platform, PolicyState
+from gateway.policy.engine import compile_policy_set, decide
+from gateway.policy.model import Conditions, Exemptions, ModelPattern, Policy, PolicySet
+from gateway.policy.versions import parse_range, parse_version
+
+TIKTOK = "com.zhiliaoapp.musically"
+ANNOUNCE = datetime(2020, 7, 10, 16, 0, tzinfo=UTC)
+ENFORCE = datetime(2020, 7, 11, 6, 59, tzinfo=UTC)
+
+BAN = Policy(
+    id="remove-tiktok",
+    action=Action.HOLD,
+    state=PolicyState.ENFORCE,
+    message="Remove TikTok.",
+    match=Conditions(apps_any=frozenset({TIKTOK, "com.ss.android.ugc.trill"})),
+    scope=Conditions(device_classes=frozenset({DeviceClass.MOBILE, DeviceClass.TABLET})),
+    announce_at=ANNOUNCE,
+    enforce_at=ENFORCE,
+)
+
+
+def claims(
+    *,
+    user: str = "alice@example.test",
+    device_id: str = "phone-1",
+    device_class: DeviceClass = DeviceClass.MOBILE,
+    platform: Platform = Platform.IOS,
+    apps: frozenset[str] = frozenset({TIKTOK}),
+    model: str | None = None,
+    os_version: str | None = None,
+    posture: dict[str, bool] | None = None,
+) -> DeviceClaims:
+    now = datetime(2020, 7, 11, tzinfo=UTC)
+    return DeviceClaims(
+        issuer="https://mdm.example.test",
+        subject=user,
+        audience=("gw",),
+        issued_at=now,
+        expires_at=now + timedelta(hours=1),
+        device=Device(device_id, platform, device_class, model=model, os_version=os_version),
+        apps=apps,
+        posture=posture or {},
+    )
+
+
+def run(
+    *policies: Policy,
+    device: DeviceClaims,
+    at: datetime,
+    groups: dict[str, frozenset[str]] | None = None,
+):  # type: ignore[no-untyped-def]
+    policy_set = PolicySet(tuple(policies), version="v1", groups=groups or {})
+    return decide(compile_policy_set(policy_set), device, at)
+
+
+@pytest.mark.parametrize(
+    ("at", "action", "phase"),
+    [
+        (ANNOUNCE - timedelta(seconds=1), Action.ALLOW, None),
+        (ANNOUNCE, Action.WARN, Phase.ANNOUNCE),
+        (ENFORCE - timedelta(seconds=1), Action.WARN, Phase.ANNOUNCE),
+        (ENFORCE, Action.HOLD, Phase.ENFORCE),
+    ],
+)
+def test_the_story_ban_through_time(at: datetime, action: Action, phase: Phase | None) -> None:
+    decision = run(BAN, device=claims(), at=at)
+    assert decision.action is action
+    assert decision.phase is phase
+    assert decision.policy_version == "v1"
+    if action is Action.WARN:
+        assert decision.message == "Remove TikTok. (enforced from 2020-07-11T06:59:00+00:00)"
+        assert decision.policy_ids == ("remove-tiktok",)
+
+
+@pytest.mark.parametrize("device_class", [DeviceClass.DESKTOP, DeviceClass.BROWSER])
+def test_laptops_and_browsers_are_unaffected(device_class: DeviceClass) -> None:
+    assert run(BAN, device=claims(device_class=device_class), at=ENFORCE).action is Action.ALLOW
+
+
+def test_mobile_without_the_app_is_allowed() -> None:
+    assert (
+        run(BAN, device=claims(apps=frozenset({"com.apple.mobilesafari"})), at=ENFORCE).action
+        is Action.ALLOW
+    )
+
+
+def test_retracted_and_draft_allow() -> None:
+    for state in (PolicyState.RETRACTED, PolicyState.DRAFT):
+        decision = run(replace(BAN, state=state), device=claims(), at=ENFORCE)
+        assert decision.action is Action.ALLOW
+        assert decision.audit == ()
+
+
+def test_audit_allows_and_reports_the_would_be_hold() -> None:
+    decision = run(replace(BAN, state=PolicyState.AUDIT), device=claims(), at=ENFORCE)
+    assert decision.action is Action.ALLOW
+    assert [(m.policy_id, m.action) for m in decision.audit] == [("remove-tiktok", Action.HOLD)]
+
+
+def test_most_severe_wins_and_ties_break_by_id() -> None:
+    reject = replace(BAN, id="z-reject", action=Action.REJECT, message="No.")
+    defer = replace(BAN, id="a-defer", action=Action.DEFER)
+    decision = run(BAN, reject, defer, device=claims(), at=ENFORCE)
+    assert decision.action is Action.REJECT
+    assert decision.message == "No."
+    assert [m.policy_id for m in decision.matches] == ["z-reject", "remove-tiktok", "a-defer"]
+    twin = replace(BAN, id="a-hold", message="First by id.")
+    assert run(BAN, twin, device=claims(), at=ENFORCE).message == "First by id."
+
+
+def test_exemptions_by_user_group_and_device() -> None:
+    groups = {"it-staff": frozenset({"it@example.test"})}
+    exempt = replace(
+        BAN,
+        exempt=Exemptions(
+            users=frozenset({"boss@example.test"}),
+            groups=frozenset({"it-staff"}),
+            device_ids=frozenset({"lab-phone"}),
+        ),
+    )
+    for device in (
+        claims(user="Boss@Example.test"),
+        claims(user="it@example.test"),
+        claims(device_id="lab-phone"),
+    ):
+        decision = run(exempt, device=device, at=ENFORCE, groups=groups)
+        assert decision.action is Action.ALLOW
+        assert decision.exempted == ("remove-tiktok",)
+    assert run(exempt, device=claims(), at=ENFORCE, groups=groups).action is Action.HOLD
+
+
+def test_lost_phone_by_device_id() -> None:
+    lost = Policy(
+        id="lost",
+        action=Action.REJECT,
+        state=PolicyState.ENFORCE,
+        message="Reported lost.",
+        match=Conditions(device_ids=frozenset({"stolen-1"})),
+    )
+    assert run(lost, device=claims(device_id="stolen-1"), at=ENFORCE).action is Action.REJECT
+    assert run(lost, device=claims(), at=ENFORCE).action is Action.ALLOW
+
+
+def test_os_version_posture_model_platform_matchers() -> None:
+    old_ios = Policy(
+        id="old-ios",
+        action=Action.DEFER,
+        state=PolicyState.ENFORCE,
+        message="Update iOS.",
+        match=Conditions(platforms=frozenset({Platform.IOS}), os_version=parse_range("<16.4")),
+    )
+    assert run(old_ios, device=claims(os_version="16.3.1"), at=ENFORCE).action is Action.DEFER
+    assert run(old_ios, device=claims(os_version="16.10"), at=ENFORCE).action is Action.ALLOW
+    assert run(old_ios, device=claims(os_version="garbage"), at=ENFORCE).action is Action.ALLOW
+    assert (
+        run(old_ios, device=claims(platform=Platform.ANDROID, os_version="10"), at=ENFORCE).action
+        is Action.ALLOW
+    )
+
+    jailbroken = Policy(
+        id="jb",
+        action=Action.REJECT,
+        state=PolicyState.ENFORCE,
+        message="Jailbroken.",
+        match=Conditions(posture=(("jailbroken", True),)),
+    )
+    assert (
+        run(jailbroken, device=claims(posture={"jailbroken": True}), at=ENFORCE).action
+        is Action.REJECT
+    )
+    assert (
+        run(jailbroken, device=claims(posture={"jailbroken": False}), at=ENFORCE).action
+        is Action.ALLOW
+    )
+    assert (
+        run(jailbroken, device=claims(), at=ENFORCE).action is Action.ALLOW
+    )  # unknown is not a violation
+
+    models = Policy(
+        id="m",
+        action=Action.WARN,
+        state=PolicyState.ENFORCE,
+        message="Old model.",
+        match=Conditions(models=(ModelPattern.compile("iPhone1?,*"),)),
+    )
+    assert run(models, device=claims(model="iphone12,1"), at=ENFORCE).action is Action.WARN
+    assert run(models, device=claims(model="iPhone9,1"), at=ENFORCE).action is Action.ALLOW
+
+
+def test_apps_all_needs_every_app() -> None:
+    pair = Policy(
+        id="pair",
+        action=Action.DEFER,
+        state=PolicyState.ENFORCE,
+        message="m",
+        match=Conditions(apps_all=frozenset({"a", "b"})),
+    )
+    assert (
+        run(pair, device=claims(apps=frozenset({"a", "b", "c"})), at=ENFORCE).action is Action.DEFER
+    )
+    assert run(pair, device=claims(apps=frozenset({"a"})), at=ENFORCE).action is Action.ALLOW
+
+
+def test_versions_compare_as_versions() -> None:
+    assert parse_version("13.10") > parse_version("13.5.1")  # type: ignore[operator]
+    assert parse_version("17") == parse_version("17.0.0")
+    assert parse_version("17.2.1 (21C66)") == (17, 2, 1)
+    assert parse_version("beta") is None
+    assert parse_range(">=13.0, <17.2").contains((17, 1, 9))
+    assert not parse_range(">=13.0, <17.2").contains((17, 2))
+    assert parse_range(">15, <=15").is_empty()
+    assert not parse_range(">=15, <=15").is_empty()

@@ -1,0 +1,216 @@
+"""The policy loader: strict validation, every problem located by file, line and key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gateway.domain import Action, PolicyState
+from gateway.errors import PolicyLoadError
+from gateway.policy.loader import load_policy_dir
+
+GROUPS = {"it-staff": frozenset({"it@example.test"})}
+
+BAN = """\
+[[policy]]
+id = "remove-tiktok"
+match.apps_any = ["com.zhiliaoapp.musically"]
+scope.device_class = ["mobile", "tablet"]
+announce_at = 2020-07-10T09:00:00-07:00
+enforce_at  = 2020-07-10T23:59:00-07:00
+action = "hold"
+message = "Remove TikTok."
+"""
+
+
+def write(directory: Path, name: str, text: str | bytes) -> Path:
+    path = directory / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def problems_of(directory: Path) -> list[str]:
+    with pytest.raises(PolicyLoadError) as caught:
+        load_policy_dir(directory, GROUPS)
+    return [str(p) for p in caught.value.problems]
+
+
+def test_loads_a_valid_ban(tmp_path: Path) -> None:
+    write(tmp_path, "ban.toml", BAN)
+    policy_set = load_policy_dir(tmp_path, GROUPS)
+    (policy,) = policy_set.policies
+    assert policy.id == "remove-tiktok"
+    assert policy.action is Action.HOLD
+    assert policy.state is PolicyState.ENFORCE  # the default
+    assert policy.match.apps_any == frozenset({"com.zhiliaoapp.musically"})
+    assert str(policy.source) == f"{tmp_path / 'ban.toml'}:1"
+    assert len(policy_set.version) == 12
+
+
+def test_version_is_a_content_hash(tmp_path: Path) -> None:
+    write(tmp_path, "ban.toml", BAN)
+    first = load_policy_dir(tmp_path, GROUPS).version
+    assert load_policy_dir(tmp_path, GROUPS).version == first
+    write(tmp_path, "ban.toml", BAN.replace("Remove TikTok.", "Remove TikTok now."))
+    assert load_policy_dir(tmp_path, GROUPS).version != first
+
+
+def test_misspelt_key_names_file_line_and_key(tmp_path: Path) -> None:
+    write(tmp_path, "ban.toml", BAN.replace("match.apps_any", "match.apps_anyy"))
+    assert problems_of(tmp_path) == [
+        f"{tmp_path / 'ban.toml'}:3: policy[0].match.apps_anyy: unknown key (did you mean 'apps_any'?)"
+    ]
+
+
+def test_all_problems_are_reported_in_one_run(tmp_path: Path) -> None:
+    write(tmp_path, "a.toml", BAN.replace('action = "hold"', 'action = "block"'))
+    write(
+        tmp_path,
+        "b.toml",
+        BAN.replace("2020-07-10T09:00:00-07:00", "2020-07-10T09:00:00").replace(
+            'id = "remove-tiktok"', 'id = "b"'
+        ),
+    )
+    found = problems_of(tmp_path)
+    assert len(found) == 2
+    assert (
+        "a.toml:7: policy[0].action: 'block' is not one of: allow, warn, defer, hold, reject"
+        in found[0]
+    )
+    assert "b.toml:5: policy[0].announce_at: date-time has no UTC offset" in found[1]
+
+
+def test_enforce_before_announce(tmp_path: Path) -> None:
+    write(
+        tmp_path, "ban.toml", BAN.replace("2020-07-10T23:59:00-07:00", "2020-07-09T23:59:00-07:00")
+    )
+    (problem,) = problems_of(tmp_path)
+    assert (
+        ":6: policy[0].enforce_at: enforce_at (2020-07-09T23:59:00-07:00) is before announce_at"
+        in problem
+    )
+
+
+def test_duplicate_ids_across_files(tmp_path: Path) -> None:
+    write(tmp_path, "a.toml", BAN)
+    write(tmp_path, "b.toml", "# second copy\n" + BAN)
+    (problem,) = problems_of(tmp_path)
+    assert problem.startswith(f"{tmp_path / 'b.toml'}:2: id: duplicate policy id 'remove-tiktok'")
+    assert f"first defined at {tmp_path / 'a.toml'}:1" in problem
+
+
+@pytest.mark.parametrize(
+    ("replacement", "expected"),
+    [
+        ("match.apps_any = []", "policy[0].match.apps_any: empty list matches nothing"),
+        (
+            'match.platform = ["ios"]\nscope.platform = ["android"]',
+            "share no value: the policy matches nothing",
+        ),
+        ('match.os_version = ">=15, <14"', "no version satisfies '>=15, <14'"),
+        ('match.os_version = "about 15"', "'about 15' is not a comparison"),
+        ("match = {}", "policy matches nothing: give at least one condition"),
+        ('match.groups = ["nobody"]', "unknown group(s) nobody"),
+        (
+            'match.device_class = ["watch"]',
+            "'watch' is not one of: mobile, tablet, desktop, browser",
+        ),
+        ('match.apps_any = "com.x"', "expected a list of strings, got a string"),
+    ],
+)
+def test_matchers_that_match_nothing_or_are_wrong(
+    tmp_path: Path, replacement: str, expected: str
+) -> None:
+    write(
+        tmp_path,
+        "ban.toml",
+        BAN.replace('match.apps_any = ["com.zhiliaoapp.musically"]', replacement),
+    )
+    assert any(expected in p for p in problems_of(tmp_path)), problems_of(tmp_path)
+
+
+def test_missing_required_keys(tmp_path: Path) -> None:
+    write(tmp_path, "ban.toml", "[[policy]]\ntitle = 'x'\n")
+    found = problems_of(tmp_path)
+    assert any("policy[0]: missing required key 'id'" in p for p in found)
+    assert any("missing required key 'action'" in p for p in found)
+    assert any("missing required key 'match'" in p for p in found)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"\xef\xbb\xbf" + BAN.encode(), "byte-order mark"),
+        (BAN.encode() + b"\x00", "NUL byte"),
+        (BAN.encode()[:40], "TOML syntax"),  # truncated mid-value
+        (
+            BAN.encode() + b'id = "again"\n',
+            "TOML syntax: Cannot overwrite a value",
+        ),  # duplicate key
+        (b"x = " + b"[" * 2000 + b"]" * 2000, "nesting deeper than"),
+        (b"x = " + b"9" * 5000, "a value cannot be read: Exceeds the limit"),  # 5,000-digit integer
+        (b"x = 99999999999999999999", "does not fit in 64 bits"),
+        (b"\xff\xfe garbage", "not valid UTF-8"),
+    ],
+)
+def test_hostile_files_are_clear_errors(tmp_path: Path, content: bytes, expected: str) -> None:
+    write(tmp_path, "ban.toml", content)
+    found = problems_of(tmp_path)
+    assert any(expected in p for p in found), found
+
+
+def test_huge_file_is_refused(tmp_path: Path) -> None:
+    write(tmp_path, "ban.toml", BAN + "#" * (5 * 1024 * 1024))
+    assert "larger than" in problems_of(tmp_path)[0]
+
+
+def test_syntax_error_names_the_line(tmp_path: Path) -> None:
+    write(tmp_path, "ban.toml", BAN.replace('action = "hold"', "action = hold"))
+    (problem,) = problems_of(tmp_path)
+    assert problem.startswith(f"{tmp_path / 'ban.toml'}:7: TOML syntax")
+
+
+def test_only_toml_files_count(tmp_path: Path) -> None:
+    write(tmp_path, "ban.toml", BAN)
+    for junk in (".ban.toml.swp", ".#ban.toml", "ban.toml~", "4913", "README.md", ".hidden.toml"):
+        write(tmp_path, junk, "this is not TOML [[[")
+    (tmp_path / "sub.toml").mkdir()  # a directory named like a policy file
+    assert [p.id for p in load_policy_dir(tmp_path, GROUPS).policies] == ["remove-tiktok"]
+
+
+def test_kubernetes_configmap_layout(tmp_path: Path) -> None:
+    # A ConfigMap volume: files live in a timestamped dir, ..data points at it, and each
+    # top-level name is a symlink through ..data.
+    real = tmp_path / "..2026_11_24_10_00_00.000000001"
+    real.mkdir()
+    write(real, "ban.toml", BAN)
+    os.symlink(real.name, tmp_path / "..data")
+    os.symlink("..data/ban.toml", tmp_path / "ban.toml")
+    assert [p.id for p in load_policy_dir(tmp_path, GROUPS).policies] == ["remove-tiktok"]
+
+
+def test_retracted_needs_no_reason_but_reason_needs_retracted(tmp_path: Path) -> None:
+    write(tmp_path, "ban.toml", BAN + 'state = "retracted"\nretracted_reason = "sent in error"\n')
+    assert load_policy_dir(tmp_path, GROUPS).policies[0].retracted_reason == "sent in error"
+    write(tmp_path, "ban.toml", BAN + 'retracted_reason = "sent in error"\n')
+    assert "only meaningful with state" in problems_of(tmp_path)[0]
+
+
+def test_exemptions_and_groups(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "ban.toml",
+        BAN + 'exempt.groups = ["it-staff"]\nexempt.users = ["Boss@Example.test"]\n',
+    )
+    policy = load_policy_dir(tmp_path, GROUPS).policies[0]
+    assert policy.exempt.groups == frozenset({"it-staff"})
+    assert policy.exempt.users == frozenset({"boss@example.test"})
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    assert "does not exist" in problems_of(tmp_path / "nope")[0]

@@ -1,0 +1,253 @@
+"""The command line, driven as an admin would, against a copy of the shipped config/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+ANNOUNCED = "2020-07-10T12:00:00-07:00"  # between announce_at and enforce_at
+ENFORCED = "2020-07-11T10:00:00Z"  # after enforce_at
+TIKTOK = "com.zhiliaoapp.musically"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """A private copy of config/ so tests can edit policies."""
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    return tmp_path / "config" / "gateway.toml"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def mint(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path, *flags: str, at: str
+) -> Path:
+    code, out, err = run(capsys, "token", "mint", "--config", str(config), "--at", at, *flags)
+    assert code == 0, err
+    path = tmp_path / "token.jwt"
+    path.write_text(out)
+    return path
+
+
+def explain(capsys: pytest.CaptureFixture[str], config: Path, token: Path, at: str) -> dict:  # type: ignore[type-arg]
+    code, out, err = run(
+        capsys, "explain", "--config", str(config), "--token", str(token), "--at", at, "--json"
+    )
+    assert code == 0, err
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def set_state(config: Path, state: str) -> None:
+    policy = config.parent / "policies" / "remove-tiktok.toml"
+    policy.write_text(policy.read_text().replace('state = "enforce"', f'state = "{state}"'))
+
+
+def test_check_shipped_policies(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, out, _ = run(capsys, "check", "--config", str(config))
+    assert code == 0
+    assert "OK, 1 policies in 1 file(s) (1 enforce)" in out
+
+
+def test_check_misspelt_key_exits_1_naming_file_line_key(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    policy = config.parent / "policies" / "remove-tiktok.toml"
+    policy.write_text(policy.read_text().replace("scope.device_class", "scope.device_clas"))
+    code, out, err = run(capsys, "check", str(config.parent / "policies"), "--config", str(config))
+    assert code == 1
+    assert (
+        f"{policy}:8: policy[0].scope.device_clas: unknown key (did you mean 'device_class'?)"
+        in out
+    )
+    assert "1 problem(s)" in err
+
+
+def test_check_json(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, out, _ = run(capsys, "check", "--json", "--config", str(config))
+    report = json.loads(out)
+    assert code == 0
+    assert report["ok"] is True
+    assert report["policies"] == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "at", "state", "action", "audit"),
+    [
+        (["--app", TIKTOK], ANNOUNCED, "enforce", "warn", []),
+        (["--app", TIKTOK], ENFORCED, "enforce", "hold", []),
+        (
+            ["--app", TIKTOK, "--class", "desktop", "--platform", "macos"],
+            ENFORCED,
+            "enforce",
+            "allow",
+            [],
+        ),
+        (
+            ["--app", TIKTOK, "--class", "browser", "--platform", "windows"],
+            ENFORCED,
+            "enforce",
+            "allow",
+            [],
+        ),
+        (["--app", "com.apple.mobilesafari"], ENFORCED, "enforce", "allow", []),
+        (["--app", TIKTOK], ENFORCED, "retracted", "allow", []),
+        (["--app", TIKTOK], ENFORCED, "audit", "allow", ["hold"]),
+    ],
+)
+def test_explain_json_for_the_story(
+    capsys: pytest.CaptureFixture[str],
+    config: Path,
+    tmp_path: Path,
+    flags: list[str],
+    at: str,
+    state: str,
+    action: str,
+    audit: list[str],
+) -> None:
+    set_state(config, state)
+    token = mint(
+        capsys,
+        config,
+        tmp_path,
+        "--sub",
+        "alice@example.test",
+        "--device-id",
+        "phone-1",
+        *flags,
+        at=at,
+    )
+    report = explain(capsys, config, token, at)
+    assert report["token"]["valid"] is True
+    assert report["decision"]["action"] == action
+    assert [m["action"] for m in report["decision"]["audit"]] == audit
+    if action != "allow":
+        assert report["decision"]["policy_ids"] == ["remove-tiktok"]
+        assert "Remove TikTok" in report["decision"]["message"]
+
+
+def test_explain_exempt_group(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    token = mint(
+        capsys,
+        config,
+        tmp_path,
+        "--sub",
+        "it@example.test",
+        "--device-id",
+        "lab",
+        "--app",
+        TIKTOK,
+        at=ENFORCED,
+    )
+    report = explain(capsys, config, token, ENFORCED)
+    assert report["decision"]["action"] == "allow"
+    assert report["decision"]["exempted"] == ["remove-tiktok"]
+
+
+def test_explain_human_output(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    token = mint(
+        capsys,
+        config,
+        tmp_path,
+        "--sub",
+        "alice@example.test",
+        "--device-id",
+        "p",
+        "--app",
+        TIKTOK,
+        at=ENFORCED,
+    )
+    code, out, _ = run(
+        capsys, "explain", "--config", str(config), "--token", str(token), "--at", ENFORCED
+    )
+    assert code == 0
+    assert "decision:  HOLD (enforce phase): Remove TikTok" in out
+    assert "remove-tiktok.toml:4" in out
+
+
+def test_explain_refused_token_exits_1(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    token = mint(
+        capsys,
+        config,
+        tmp_path,
+        "--sub",
+        "alice@example.test",
+        "--device-id",
+        "p",
+        at="2020-07-01T00:00:00Z",
+    )
+    code, out, _ = run(
+        capsys,
+        "explain",
+        "--config",
+        str(config),
+        "--token",
+        str(token),
+        "--at",
+        ENFORCED,
+        "--json",
+    )
+    assert code == 1
+    assert json.loads(out)["token"] == {
+        "valid": False,
+        "reason": "expired",
+        "error": "token expired at 2020-07-01T00:15:00Z",
+    }
+
+
+def test_bad_config_is_one_clear_line(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    config.write_text(config.read_text().replace("leeway_seconds = 60", "leeway_secs = 60"))
+    code, _, err = run(capsys, "check", "--config", str(config))
+    assert code == 2
+    assert err.strip().endswith("tokens.leeway_secs: unknown key (did you mean 'leeway_seconds'?)")
+    assert "Traceback" not in err
+
+
+def test_bad_time_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    code, _, err = run(
+        capsys, "explain", "--config", str(config), "--token", "-", "--at", "2020-07-11T10:00:00"
+    )
+    assert code == 2
+    assert "has no UTC offset" in err
+
+
+def test_keygen_writes_a_usable_pair(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "token", "keygen", "--out", str(tmp_path / "keys"), "--kid", "k7")
+    assert code == 0
+    assert "NOT FOR PRODUCTION" in out
+    private = tmp_path / "keys" / "dev-issuer.private.jwk.json"
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert (
+        json.loads((tmp_path / "keys" / "dev-issuer.jwks.json").read_text())["keys"][0]["kid"]
+        == "k7"
+    )
+
+
+def test_console_script_runs(config: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
