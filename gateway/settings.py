@@ -115,7 +115,7 @@ def _endpoint(table: Table, key: str) -> Endpoint | None:
     if text is None:
         return None
     found = _HOSTPORT_RE.match(text)
-    if not found or not 0 < int(found.group("port")) < 65536:
+    if not found or not 0 <= int(found.group("port")) < 65536:  # 0: any free port
         table.problem(key, f"'{text}' is not host:port (e.g. 127.0.0.1:2587 or [::1]:2587)")
         return None
     return Endpoint(found.group("v6") or found.group("host"), int(found.group("port")))

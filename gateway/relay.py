@@ -1,0 +1,319 @@
+"""Relay to the upstream, in lock-step with the client (aiosmtplib).
+
+The client's transaction is mirrored upstream as it happens: MAIL when the client says
+MAIL (smarthost mode) or at the first recipient of a domain (MX mode), each RCPT when the
+client says RCPT (so per-recipient refusals reach the client truthfully), and DATA after
+the whole message has arrived. The client hears 250 only after every upstream said 250.
+
+Upstream trouble becomes a 4xx for the client (its message stays in the outbox); an
+upstream 5xx is passed through. Connections are pooled per target and reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+import structlog
+
+from gateway import replies
+from gateway.replies import Reply
+from gateway.settings import Smarthost, UpstreamSettings
+
+log = structlog.get_logger("gateway.relay")
+
+_ENHANCED_RE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
+IDLE_CONNECTION_MAX_AGE = 30.0  # seconds an idle pooled connection is trusted
+
+
+@dataclass(frozen=True)
+class Target:
+    """One upstream server to try."""
+
+    host: str
+    port: int
+    tls: str = "none"  # none | starttls | tls
+    verify: bool = True
+    ca_file: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_smarthost(cls, host: Smarthost) -> Target:
+        return cls(
+            host.host,
+            host.port,
+            host.tls,
+            host.verify,
+            str(host.ca_file) if host.ca_file else None,
+            host.username,
+            host.password,
+        )
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def upstream_reply(code: int, message: str) -> Reply:
+    """An upstream's reply, re-stated for the client with an enhanced code."""
+    text = " ".join(message.split())
+    found = _ENHANCED_RE.match(text)
+    if found:
+        enhanced, text = found.group(1), text[found.end() :]
+    else:
+        enhanced = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
+    return Reply(code, enhanced, f"upstream: {text}" if text else "upstream refused")
+
+
+def _translate(exc: BaseException) -> Reply:
+    """Map an aiosmtplib failure to what the client is told (never the exception text)."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if 400 <= exc.code < 600:
+            return upstream_reply(exc.code, exc.message)
+        return replies.UPSTREAM_LOST
+    if isinstance(exc, aiosmtplib.SMTPConnectError | aiosmtplib.SMTPConnectTimeoutError | OSError):
+        return replies.UPSTREAM_UNAVAILABLE
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
+        return replies.UPSTREAM_TIMEOUT
+    return replies.UPSTREAM_LOST
+
+
+@dataclass
+class _Pooled:
+    client: aiosmtplib.SMTP
+    idle_since: float
+
+
+class UpstreamPool:
+    """Idle upstream connections per target, reused across messages."""
+
+    def __init__(self, settings: UpstreamSettings, local_hostname: str) -> None:
+        self._settings = settings
+        self._local_hostname = local_hostname
+        self._idle: defaultdict[Target, list[_Pooled]] = defaultdict(list)
+        self._closing: set[asyncio.Task[object]] = set()
+
+    def _tls_context(self, target: Target) -> ssl.SSLContext | None:
+        if target.tls == "none":
+            return None
+        context = ssl.create_default_context(cafile=target.ca_file)
+        if not target.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    async def acquire(self, target: Target) -> tuple[aiosmtplib.SMTP, bool]:
+        """A connected client for ``target``, and whether it came from the pool."""
+        idle = self._idle[target]
+        now = time.monotonic()
+        while idle:
+            pooled = idle.pop()
+            if pooled.client.is_connected and now - pooled.idle_since < IDLE_CONNECTION_MAX_AGE:
+                return pooled.client, True
+            self._discard(pooled.client)
+        client = aiosmtplib.SMTP(
+            hostname=target.host,
+            port=target.port,
+            use_tls=target.tls == "tls",
+            start_tls=target.tls == "starttls",
+            validate_certs=target.verify,
+            tls_context=self._tls_context(target),
+            timeout=self._settings.timeout,
+            local_hostname=self._settings.helo_name or self._local_hostname,
+        )
+        await client.connect()
+        if target.username:
+            await client.login(target.username, target.password or "")
+        return client, False
+
+    def release(self, target: Target, client: aiosmtplib.SMTP, reusable: bool) -> None:
+        idle = self._idle[target]
+        if reusable and client.is_connected and len(idle) < self._settings.pool_size:
+            idle.append(_Pooled(client, time.monotonic()))
+        else:
+            self._discard(client)
+
+    def _discard(self, client: aiosmtplib.SMTP) -> None:
+        if not client.is_connected:
+            return
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
+            self._quit(client), name="upstream-quit"
+        )
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _quit(client: aiosmtplib.SMTP) -> None:
+        try:
+            await asyncio.wait_for(client.quit(), timeout=5)
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
+            client.close()
+
+    async def close(self) -> None:
+        for idle in self._idle.values():
+            for pooled in idle:
+                self._discard(pooled.client)
+            idle.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+@dataclass
+class Leg:
+    """One upstream transaction: a connection on which MAIL FROM was accepted."""
+
+    target: Target
+    client: aiosmtplib.SMTP
+    recipients: list[str] = field(default_factory=list)
+
+
+Router = Callable[[str], Awaitable[Sequence[Target] | Reply]]
+
+
+class RelayTransaction:
+    """Mirrors one client transaction upstream. Always end it with send() or abort()."""
+
+    def __init__(
+        self, pool: UpstreamPool, route: Router, sender: str, options: Sequence[str]
+    ) -> None:
+        self._pool = pool
+        self._route = route
+        self._sender = sender
+        self._options = list(options)
+        self._legs: dict[tuple[Target, ...], Leg] = {}
+        self.upstreams: list[str] = []
+
+    async def open(self, recipient_domain: str = "") -> Reply:
+        """Open (or find) the leg for a domain; for smarthosts, call once at MAIL."""
+        targets = await self._route(recipient_domain)
+        if isinstance(targets, Reply):
+            return targets
+        key = tuple(targets)
+        if key in self._legs:
+            return replies.OK
+        last: Reply = replies.UPSTREAM_UNAVAILABLE
+        for target in targets:
+            reply, leg = await self._open_leg(target)
+            if leg is not None:
+                self._legs[key] = leg
+                self.upstreams.append(str(target))
+                return reply
+            last = reply
+            if reply.code >= 500:  # a permanent refusal is the upstream's answer: no failover
+                break
+            log.warning("upstream_failover", upstream=str(target), reply=reply.line())
+        return last
+
+    async def _open_leg(self, target: Target) -> tuple[Reply, Leg | None]:
+        for attempt in range(2):
+            try:
+                client, pooled = await self._pool.acquire(target)
+            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+                return _translate(exc), None
+            try:
+                response = await client.mail(self._sender, options=self._options)
+            except aiosmtplib.SMTPServerDisconnected:
+                self._pool.release(target, client, reusable=False)
+                if pooled and attempt == 0:
+                    continue  # a stale pooled connection: try once with a fresh one
+                return replies.UPSTREAM_LOST, None
+            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+                self._pool.release(target, client, reusable=await _rset(client))
+                return _translate(exc), None
+            return upstream_reply(response.code, response.message), Leg(target, client)
+        return replies.UPSTREAM_LOST, None
+
+    async def add_recipient(self, recipient: str, domain_routing: bool) -> Reply:
+        domain = recipient.rpartition("@")[2].lower()
+        if domain_routing or not self._legs:
+            opened = await self.open(domain)
+            if not opened.is_success:
+                return opened
+        targets = await self._route(domain)
+        if isinstance(targets, Reply):
+            return targets
+        leg = self._legs[tuple(targets)]
+        try:
+            response = await leg.client.rcpt(recipient)
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            return _translate(exc)
+        leg.recipients.append(recipient)
+        return upstream_reply(response.code, response.message)
+
+    async def send(self, message: bytes) -> Reply:
+        """DATA on every leg with recipients; 250 only if every upstream said 250."""
+        worst: Reply | None = None
+        first_ok: Reply | None = None
+        for leg in self._legs.values():
+            if not leg.recipients:
+                continue
+            try:
+                response = await leg.client.data(message)
+            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+                reply = _translate(exc)
+                self._pool.release(leg.target, leg.client, reusable=False)
+            else:
+                reply = upstream_reply(response.code, response.message)
+                self._pool.release(leg.target, leg.client, reusable=True)
+            if reply.is_success:
+                first_ok = first_ok or reply
+            elif (
+                worst is None or reply.code < worst.code
+            ):  # a 4xx outranks a 5xx: retry beats bounce
+                worst = reply
+        self._legs.clear()
+        if worst is not None:
+            return worst
+        return first_ok or replies.UPSTREAM_LOST
+
+    async def abort(self) -> None:
+        """The client gave up (RSET, QUIT, disconnect, or a local decision): release cleanly."""
+        for leg in self._legs.values():
+            self._pool.release(leg.target, leg.client, reusable=await _rset(leg.client))
+        self._legs.clear()
+
+
+async def _rset(client: aiosmtplib.SMTP) -> bool:
+    """RSET a connection so it can be pooled; False if it is not worth keeping."""
+    try:
+        await asyncio.wait_for(client.rset(), timeout=5)
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
+        return False
+    return True
+
+
+class Relay:
+    """Opens relay transactions towards the configured smarthosts or MX hosts."""
+
+    def __init__(
+        self, settings: UpstreamSettings, local_hostname: str, mx_router: Router | None = None
+    ) -> None:
+        self.settings = settings
+        self.pool = UpstreamPool(settings, local_hostname)
+        self._smarthosts = tuple(Target.from_smarthost(h) for h in settings.smarthosts)
+        self._mx_router = mx_router
+
+    @property
+    def routes_by_domain(self) -> bool:
+        return self.settings.mode == "mx"
+
+    async def _route(self, domain: str) -> Sequence[Target] | Reply:
+        if self.routes_by_domain:
+            assert self._mx_router is not None
+            return await self._mx_router(domain)
+        return self._smarthosts
+
+    async def begin(self, sender: str, options: Sequence[str]) -> tuple[RelayTransaction, Reply]:
+        transaction = RelayTransaction(self.pool, self._route, sender, options)
+        if self.routes_by_domain:
+            return transaction, replies.OK  # legs open per recipient domain
+        return transaction, await transaction.open()
+
+    async def close(self) -> None:
+        await self.pool.close()

@@ -1,0 +1,1 @@
+"""The SMTP adapter: the only package that imports aiosmtpd."""

@@ -1,0 +1,460 @@
+"""The SMTP session: aiosmtpd's protocol machinery, with our AUTH, EHLO and DATA.
+
+This is the one module that imports aiosmtpd. It turns protocol events into facts, asks
+:class:`gateway.submission.Submission` what to do, and writes the Reply it gets back.
+
+What we take over from aiosmtpd, and why:
+* EHLO: advertise AUTH only over TLS (or when plaintext AUTH is switched on, for tests),
+  plus PIPELINING and ENHANCEDSTATUSCODES.
+* AUTH: OAUTHBEARER / XOAUTH2 need their JSON error challenge before 535 (RFC 7628
+  s 3.2.2), and real tokens exceed aiosmtpd's 512-byte command limit: AUTH lines get
+  their own cap, beyond which the reply is 500 5.5.6 (RFC 4954 s 4).
+* DATA: aiosmtpd passes bare CR and LF through; we refuse them (SMTP smuggling) or
+  normalise them, keep the 1000-octet line limit (RFC 5321 s 4.5.3.1.6) although the
+  reader's limit is raised for AUTH, and keep the idle timer from firing while a
+  message is still arriving or being relayed.
+* Timeouts answer 421 4.4.2 before closing; bare aiosmtpd replies get enhanced codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import collections
+import contextlib
+import re
+import ssl
+import time
+from base64 import b64decode, b64encode
+from collections.abc import Callable
+from typing import Any, AnyStr
+
+import structlog
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from gateway import replies
+from gateway.replies import Reply, add_enhanced_code
+from gateway.settings import SmtpSettings
+from gateway.smtp.sasl import MECHANISMS, PARSERS, SaslSyntaxError, error_challenge
+from gateway.submission import SessionFacts, Submission, Transaction, new_session_id
+
+log = structlog.get_logger("gateway.smtp")
+
+RFC5321_LINE_LIMIT = 1001  # 998 octets + CRLF, + 1 for a transparent (stuffed) dot
+COMMAND_LIMIT = 512  # RFC 5321 s 4.5.3.1.4
+_LINE_ENDINGS_RE = re.compile(rb"\r\n|\r|\n")
+
+
+class GatewaySession(Session):
+    """aiosmtpd's Session plus our facts and the transaction in progress."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.facts = SessionFacts(session_id=new_session_id(), peer="")
+        self.transaction: Transaction | None = None
+
+
+class _Hooks:
+    """aiosmtpd calls handler hooks; these hand the event to the session that owns it."""
+
+    async def handle_MAIL(
+        self,
+        server: SubmissionSMTP,
+        session: GatewaySession,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        return await server.on_mail(session, envelope, address, options)
+
+    async def handle_RCPT(
+        self,
+        server: SubmissionSMTP,
+        session: GatewaySession,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        return await server.on_rcpt(session, envelope, address)
+
+    async def handle_RSET(
+        self, server: SubmissionSMTP, session: GatewaySession, envelope: Envelope
+    ) -> str:
+        await server.end_transaction(session)
+        return replies.OK.line()
+
+    async def handle_exception(self, error: Exception) -> str:
+        # Never show exception text to a client.
+        log.error("session_error", error=type(error).__name__, exc_info=error)
+        return replies.INTERNAL_ERROR.line()
+
+
+class SubmissionSMTP(SMTP):
+    """One client connection."""
+
+    def __init__(
+        self,
+        submission: Submission,
+        settings: SmtpSettings,
+        *,
+        tls_context: ssl.SSLContext | None,
+        implicit_tls: bool = False,
+        on_open: Callable[[SubmissionSMTP], None] | None = None,
+        on_close: Callable[[SubmissionSMTP], None] | None = None,
+    ) -> None:
+        # The stream reader's limit must admit an AUTH line up to twice the cap, so that
+        # we can read it whole and answer 500 5.5.6 rather than a generic error.
+        self.line_length_limit = 2 * settings.max_auth_bytes + 64
+        super().__init__(
+            _Hooks(),
+            data_size_limit=settings.max_message_size,
+            hostname=settings.hostname,
+            ident="Compliance Gateway ESMTP",
+            tls_context=None if implicit_tls else tls_context,
+            timeout=settings.idle_timeout,
+            auth_required=True,
+            auth_require_tls=True,  # unused: smtp_AUTH and smtp_EHLO below decide
+            loop=asyncio.get_running_loop(),
+        )
+        # aiosmtpd keeps these limits in a class-level dict that every instance mutates.
+        self.command_size_limits = collections.defaultdict(
+            lambda: COMMAND_LIMIT, {"AUTH": self.line_length_limit, "MAIL": COMMAND_LIMIT + 26}
+        )
+        self.submission = submission
+        self.settings = settings
+        self._implicit_tls = implicit_tls
+        self._on_open = on_open
+        self._on_close = on_close
+        self._last_timer_reset = 0.0
+
+    # --- connection lifecycle -----------------------------------------------------------
+
+    def _create_session(self) -> GatewaySession:
+        return GatewaySession(self.loop)
+
+    # A method, not a property: aiosmtpd's __init__ evaluates every property via
+    # inspect.getmembers(self), before any session exists.
+    def gsession(self) -> GatewaySession:
+        assert isinstance(self.session, GatewaySession)
+        return self.session
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        facts = self.gsession().facts
+        peer = transport.get_extra_info("peername")
+        facts.peer = f"[{peer[0]}]:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        facts.peer_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        facts.tls = self.is_tls
+        if first and self._on_open:
+            self._on_open(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        session = self.session
+        super().connection_lost(error)
+        if isinstance(session, GatewaySession) and session.transaction is not None:
+            transaction, session.transaction = session.transaction, None
+            task = self.loop.create_task(
+                self.submission.abort(transaction), name="abort-transaction"
+            )
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+        if self._on_close:
+            self._on_close(self)
+
+    def _reset_envelope(self) -> None:
+        self._set_post_data_state()  # type: ignore[no-untyped-call]  # untyped in aiosmtpd
+
+    @property
+    def is_tls(self) -> bool:
+        if self._tls_protocol is not None:
+            return True
+        return (
+            self.transport is not None and self.transport.get_extra_info("ssl_object") is not None
+        )
+
+    @property
+    def in_transaction(self) -> bool:
+        return isinstance(self.session, GatewaySession) and self.session.transaction is not None
+
+    def _timeout_cb(self) -> None:
+        log.info("idle_timeout", session=self.gsession().facts.session_id)
+        self.close_with(replies.IDLE_TIMEOUT)
+
+    def close_with(self, reply: Reply) -> None:
+        """Say why (421) and close; used by timeouts and shutdown."""
+        if self.transport is None:
+            return
+        with contextlib.suppress(RuntimeError, OSError):  # transport already gone
+            self._writer.write(reply.line().encode() + b"\r\n")
+        self.transport.close()
+
+    async def push(self, status: AnyStr) -> None:
+        line = (
+            add_enhanced_code(status)
+            if isinstance(status, str)
+            else status.decode("ascii", "replace")
+        )
+        await super().push(line)
+        if line.startswith("421") and self.transport is not None:
+            self.transport.close()  # RFC 5321 s 3.8: 421 closes the channel
+
+    async def write_reply(self, reply: Reply) -> None:
+        await self.push(reply.line())
+
+    # --- greeting and EHLO --------------------------------------------------------------
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        await self.end_transaction(self.gsession())
+        self._reset_envelope()
+        self.gsession().extended_smtp = False
+        self.gsession().host_name = hostname
+        self.gsession().facts.helo = hostname
+        await self._write_lines([f"250 {self.hostname}"])
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        await self.end_transaction(self.gsession())
+        self._reset_envelope()
+        session = self.gsession()
+        session.extended_smtp = True
+        session.host_name = hostname
+        session.facts.helo = hostname
+        lines = [
+            self.hostname,
+            "PIPELINING",
+            f"SIZE {self.data_size_limit}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.tls_context and not self.is_tls:
+            lines.append("STARTTLS")
+        if self.is_tls or self.settings.allow_plaintext_auth:
+            lines.append("AUTH " + " ".join(MECHANISMS))
+        lines.append("HELP")
+        await self._write_lines([f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"])
+
+    async def _write_lines(self, lines: list[str]) -> None:
+        self._writer.write("".join(f"{line}\r\n" for line in lines).encode())
+        await self._writer.drain()
+
+    # --- AUTH ---------------------------------------------------------------------------
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        session = self.gsession()
+        if not session.host_name or not session.extended_smtp:
+            await self.write_reply(replies.NEED_EHLO)
+            return
+        if not self.is_tls and not self.settings.allow_plaintext_auth:
+            await self.write_reply(replies.AUTH_NEEDS_TLS)
+            return
+        if session.authenticated:
+            await self.write_reply(replies.AUTH_ALREADY)
+            return
+        if not arg:
+            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        if len(arg) > self.settings.max_auth_bytes:
+            await self.write_reply(replies.AUTH_TOO_LONG)
+            return
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in MECHANISMS:
+            await self.write_reply(replies.AUTH_UNKNOWN_MECHANISM)
+            return
+        if " " in initial.strip():
+            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        if initial:
+            data = b"" if initial == "=" else self._decode(initial)
+            if data is None:
+                await self.write_reply(replies.AUTH_BAD_BASE64)
+                return
+        else:
+            response = await self._challenge(b"")
+            if isinstance(response, Reply):
+                await self.write_reply(response)
+                return
+            data = response
+        try:
+            credentials = PARSERS[mechanism](data)
+        except SaslSyntaxError as exc:
+            log.info(
+                "auth_syntax",
+                session=session.facts.session_id,
+                mechanism=mechanism,
+                detail=str(exc),
+            )
+            await self.write_reply(replies.AUTH_BAD_SYNTAX)
+            return
+        outcome = self.submission.authenticate(session.facts, credentials)
+        if outcome.claims is None:
+            challenge = error_challenge(mechanism, self.submission.settings.tokens.audience)
+            if challenge is not None:
+                # RFC 7628 s 3.2.3: the client answers the error challenge with a dummy
+                # response (^A), and only then gets the final 535.
+                answer = await self._challenge(challenge)
+                if isinstance(answer, Reply) and answer is replies.AUTH_TOO_LONG:
+                    await self.write_reply(answer)
+                    return
+            await self.write_reply(outcome.reply)
+            return
+        session.authenticated = True
+        await self.write_reply(outcome.reply)
+
+    @staticmethod
+    def _decode(text: str) -> bytes | None:
+        try:
+            return b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+
+    async def _challenge(self, challenge: bytes) -> bytes | Reply:
+        """Send ``334 <base64>``; read and decode the client's one-line answer."""
+        self._writer.write(b"334 " + b64encode(challenge) + b"\r\n")
+        await self._writer.drain()
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            await self._discard_line(exc.consumed)
+            return replies.AUTH_TOO_LONG
+        blob = line.strip()
+        if len(blob) > self.settings.max_auth_bytes:
+            return replies.AUTH_TOO_LONG
+        if blob == b"*":  # RFC 4954 s 4: the client cancels
+            return replies.AUTH_ABORTED
+        decoded = self._decode(blob.decode("ascii", "replace"))
+        return replies.AUTH_BAD_BASE64 if decoded is None else decoded
+
+    async def _discard_line(self, consumed: int) -> None:
+        await self._reader.readexactly(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.readexactly(exc.consumed)
+
+    # --- MAIL / RCPT (called through _Hooks after aiosmtpd parsed the command) ----------
+
+    async def on_mail(
+        self, session: GatewaySession, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        sender = "" if address == "<>" else address
+        reply, transaction = await self.submission.mail(session.facts, sender, options)
+        if transaction is not None:
+            session.transaction = transaction
+            envelope.mail_from = address
+            envelope.mail_options.extend(options)
+        return reply.line()
+
+    async def on_rcpt(self, session: GatewaySession, envelope: Envelope, address: str) -> str:
+        transaction = session.transaction
+        if transaction is None:
+            return "503 5.5.1 Need MAIL command"
+        reply = await self.submission.rcpt(transaction, address)
+        if reply.is_success:
+            envelope.rcpt_tos.append(address)
+        return reply.line()
+
+    async def end_transaction(self, session: GatewaySession) -> None:
+        transaction, session.transaction = session.transaction, None
+        await self.submission.abort(transaction)
+
+    # --- DATA ---------------------------------------------------------------------------
+
+    def _keep_alive(self, duration: float) -> None:
+        """Push the timeout out, at most once a second (timer handles are not free)."""
+        now = time.monotonic()
+        if now - self._last_timer_reset >= 1.0:
+            self._last_timer_reset = now
+            self._reset_timeout(duration)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        session = self.gsession()
+        transaction = session.transaction
+        if transaction is None or not transaction.recipients:
+            await self.push(
+                "503 5.5.1 Need RCPT command" if transaction else "503 5.5.1 Need MAIL command"
+            )
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._last_timer_reset = 0.0
+        content, problem = await self._read_data()
+        if problem is not None:
+            await self.end_transaction(session)
+            self._reset_envelope()
+            await self.write_reply(problem)
+            return
+        # The client is now waiting on us, not idle: give the relay its own timeout.
+        self._reset_timeout(self.submission.relay.settings.timeout * 2 + 30)
+        session.transaction = None
+        try:
+            reply = await self.submission.data(session.facts, transaction, content)
+        except Exception:
+            await self.submission.abort(transaction)
+            raise
+        finally:
+            self._reset_envelope()
+            self._reset_timeout()
+        await self.write_reply(reply)
+
+    async def _read_data(self) -> tuple[bytes, Reply | None]:
+        """Read up to the lone dot. Only CRLF.CRLF ends DATA; everything else is content."""
+        limit = self.data_size_limit
+        data = bytearray()
+        size = 0
+        too_long = too_big = bare = False
+        reader = self._reader
+        data_timeout = self.settings.data_timeout
+        while True:
+            try:
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                await reader.readexactly(exc.consumed)  # drain, keep reading to the dot
+                too_long = True
+                continue
+            except asyncio.IncompleteReadError as exc:
+                raise ConnectionResetError("client closed the connection during DATA") from exc
+            if line == b".\r\n":
+                break
+            self._keep_alive(data_timeout)
+            size += len(line)
+            if too_long or too_big:
+                continue
+            if limit and size > limit:
+                too_big = True
+                data.clear()
+                continue
+            if len(line) > RFC5321_LINE_LIMIT:
+                too_long = True
+                data.clear()
+                continue
+            body_end = len(line) - 2
+            if line.find(b"\n", 0, body_end) != -1 or line.find(b"\r", 0, body_end) != -1:
+                bare = True
+            data += line[1:] if line[:1] == b"." else line
+        if too_long:
+            return b"", replies.LINE_TOO_LONG
+        if too_big:
+            return b"", replies.MESSAGE_TOO_BIG
+        if bare:
+            if self.settings.bare_linefeeds == "reject":
+                return b"", replies.BARE_LINEFEED
+            return _LINE_ENDINGS_RE.sub(b"\r\n", bytes(data)), None
+        return bytes(data), None
+
+
+_background: set[asyncio.Task[Any]] = set()

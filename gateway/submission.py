@@ -1,0 +1,309 @@
+"""What happens to a submission, stage by stage. Called by the SMTP adapter; calls the pure
+engine. Protocol-free: it takes facts (credentials, addresses, bytes) and returns Replies.
+
+Stages (SPEC s 3):
+* AUTH   verify the token; the SASL user must equal its ``sub``.
+* MAIL   sender must be the user or an alias; decide once, against one policy set;
+         defer (451) and reject (550) answer here; allow/warn open the upstream.
+* RCPT   relayed upstream one by one; the upstream's answer is the client's answer.
+* DATA   relay (allow, warn + notice header) or hold; 250 only after the upstream's 250
+         (or once the message is durably held).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any, Protocol
+
+import structlog
+
+from gateway import replies
+from gateway.domain import Action, Decision, DeviceClaims
+from gateway.errors import HoldStoreError, TokenError
+from gateway.policy.engine import decide
+from gateway.policy_store import PolicyStore
+from gateway.relay import Relay, RelayTransaction
+from gateway.replies import Reply
+from gateway.settings import Settings
+from gateway.smtp.sasl import Credentials
+from gateway.tokens.verify import TokenVerifier
+
+log = structlog.get_logger("gateway.decision")
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Holder(Protocol):
+    """Durable hold store (lifecycle issue); until one is configured, hold answers as defer."""
+
+    async def hold(self, message: HeldSubmission) -> str: ...
+
+
+@dataclass(frozen=True)
+class AuthOutcome:
+    reply: Reply
+    claims: DeviceClaims | None = None
+    failure_reason: str | None = None  # the TokenError reason code, for logs and metrics
+
+
+@dataclass
+class SessionFacts:
+    """What the SMTP layer knows about one connection."""
+
+    session_id: str
+    peer: str  # "[ip]:port", for logs
+    peer_ip: str = ""
+    helo: str = ""
+    tls: bool = False
+    claims: DeviceClaims | None = None
+    mechanism: str | None = None
+
+
+@dataclass(frozen=True)
+class HeldSubmission:
+    sender: str
+    recipients: tuple[str, ...]
+    content: bytes
+    claims: DeviceClaims
+    decision: Decision
+    received_at: datetime
+
+
+@dataclass
+class Transaction:
+    """One MAIL..DATA exchange."""
+
+    sender: str
+    decision: Decision
+    started: float
+    relay: RelayTransaction | None = None
+    recipients: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Submission:
+    """The gateway's behaviour for one listener; shared by all sessions."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        verifier: TokenVerifier,
+        policies: PolicyStore,
+        relay: Relay,
+        clock: Clock = utc_now,
+        holder: Holder | None = None,
+    ) -> None:
+        self.settings = settings
+        self.verifier = verifier
+        self.policies = policies
+        self.relay = relay
+        self.clock = clock
+        self.holder = holder
+
+    # --- AUTH ---------------------------------------------------------------------------
+
+    def authenticate(self, facts: SessionFacts, credentials: Credentials) -> AuthOutcome:
+        try:
+            claims = self.verifier.verify(credentials.token, self.clock())
+        except TokenError as exc:
+            log.info(
+                "auth_failed",
+                session=facts.session_id,
+                peer=facts.peer,
+                mechanism=credentials.mechanism,
+                user=credentials.user,
+                reason=exc.reason,
+                detail=str(exc),
+            )
+            return AuthOutcome(
+                replies.AUTH_FAILED.with_text(f"Device token refused ({exc.reason})"),
+                None,
+                exc.reason,
+            )
+        if credentials.user is not None and credentials.user.casefold() != claims.user:
+            log.info(
+                "auth_failed",
+                session=facts.session_id,
+                peer=facts.peer,
+                mechanism=credentials.mechanism,
+                user=credentials.user,
+                reason="user_mismatch",
+                token_sub=claims.subject,
+            )
+            return AuthOutcome(
+                replies.AUTH_FAILED.with_text("SASL user does not match the device token"),
+                None,
+                "user_mismatch",
+            )
+        facts.claims = claims
+        facts.mechanism = credentials.mechanism
+        log.info(
+            "auth_ok",
+            session=facts.session_id,
+            peer=facts.peer,
+            mechanism=credentials.mechanism,
+            user=claims.subject,
+            device_id=claims.device.id,
+        )
+        return AuthOutcome(replies.AUTH_OK, claims)
+
+    # --- MAIL ---------------------------------------------------------------------------
+
+    async def mail(
+        self, facts: SessionFacts, sender: str, options: Sequence[str]
+    ) -> tuple[Reply, Transaction | None]:
+        claims = facts.claims
+        if claims is None:
+            return replies.AUTH_REQUIRED, None
+        now = self.clock()
+        if now >= claims.expires_at + self.settings.tokens.leeway:
+            return Reply(
+                421, "4.7.0", "Device token expired; reconnect and authenticate again"
+            ), None
+        if sender and not self.settings.may_send_as(claims.subject, sender):
+            log.info("sender_refused", session=facts.session_id, user=claims.subject, sender=sender)
+            return replies.SENDER_NOT_OWNED, None
+        decision = decide(self.policies.current, claims, now)
+        transaction = Transaction(sender=sender, decision=decision, started=time.monotonic())
+        if decision.action is Action.DEFER or (
+            decision.action is Action.HOLD and self.holder is None
+        ):
+            self._log_decision(facts, transaction, result="deferred")
+            return Reply(451, "4.7.1", decision.message or "Deferred by policy"), None
+        if decision.action is Action.REJECT:
+            self._log_decision(facts, transaction, result="rejected")
+            return Reply(550, "5.7.1", decision.message or "Rejected by policy"), None
+        if decision.action is Action.HOLD:
+            return replies.OK.with_text("Sender OK"), transaction
+        relay, reply = await self.relay.begin(
+            sender, [o for o in options if o.upper().startswith("BODY=")]
+        )
+        if not reply.is_success:
+            await relay.abort()
+            self._log_decision(
+                facts, transaction, result="upstream_refused_sender", upstream_reply=reply.line()
+            )
+            return reply, None
+        transaction.relay = relay
+        return Reply(250, "2.1.0", "Sender OK"), transaction
+
+    # --- RCPT ---------------------------------------------------------------------------
+
+    async def rcpt(self, transaction: Transaction, recipient: str) -> Reply:
+        if len(transaction.recipients) >= self.settings.smtp.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        if transaction.relay is None:  # held: nothing upstream yet
+            transaction.recipients.append(recipient)
+            return Reply(250, "2.1.5", "Recipient OK")
+        reply = await transaction.relay.add_recipient(recipient, self.relay.routes_by_domain)
+        if reply.is_success:
+            transaction.recipients.append(recipient)
+        else:
+            transaction.refused.append((recipient, reply.line()))
+        return reply
+
+    # --- DATA ---------------------------------------------------------------------------
+
+    def trace_headers(self, facts: SessionFacts, transaction: Transaction, now: datetime) -> bytes:
+        """Prepended to the message, which is otherwise relayed byte for byte."""
+        claims = facts.claims
+        assert claims is not None
+        protocol = "ESMTPSA" if facts.tls else "ESMTPA"  # RFC 3848
+        helo = (
+            "".join(ch for ch in facts.helo if ch.isprintable() and ch not in "()")[:255]
+            or "unknown"
+        )
+        recipient = transaction.recipients[0] if len(transaction.recipients) == 1 else None
+        received = (
+            f"Received: from {helo} ([{facts.peer_ip}])\r\n"
+            f"\tby {self.settings.smtp.hostname} (Compliance Gateway) with {protocol} id {facts.session_id}\r\n"
+            + (f"\tfor <{recipient}>" if recipient else "\t")
+            + f"; {format_datetime(now)}\r\n"
+        )
+        decision = transaction.decision
+        if decision.action is Action.WARN:
+            notice = " ".join(decision.message.split()).encode("ascii", "replace").decode()
+            received += f"X-Compliance-Notice: {', '.join(decision.policy_ids)}; {notice}\r\n"
+        return received.encode()
+
+    async def data(self, facts: SessionFacts, transaction: Transaction, content: bytes) -> Reply:
+        now = self.clock()
+        message = self.trace_headers(facts, transaction, now) + content
+        decision = transaction.decision
+        if decision.action is Action.HOLD:
+            return await self._hold(facts, transaction, message, now)
+        assert transaction.relay is not None
+        upstream = await transaction.relay.send(message)
+        transaction.relay = None
+        result = "relayed" if upstream.is_success else "upstream_failed"
+        self._log_decision(
+            facts, transaction, result=result, upstream_reply=upstream.line(), size=len(content)
+        )
+        if not upstream.is_success:
+            return upstream
+        if decision.action is Action.WARN:
+            return Reply(250, "2.0.0", f"Message accepted. NOTICE: {decision.message}")
+        return Reply(250, "2.0.0", "Message accepted for delivery")
+
+    async def _hold(
+        self, facts: SessionFacts, transaction: Transaction, message: bytes, now: datetime
+    ) -> Reply:
+        assert self.holder is not None
+        assert facts.claims is not None
+        held = HeldSubmission(
+            sender=transaction.sender,
+            recipients=tuple(transaction.recipients),
+            content=message,
+            claims=facts.claims,
+            decision=transaction.decision,
+            received_at=now,
+        )
+        try:
+            hold_id = await self.holder.hold(held)
+        except HoldStoreError:
+            log.exception("hold_failed", session=facts.session_id)
+            self._log_decision(facts, transaction, result="hold_failed")
+            return replies.STORE_FAILED
+        self._log_decision(facts, transaction, result="held", hold_id=hold_id, size=len(message))
+        return Reply(250, "2.6.0", f"held: {transaction.decision.message}")
+
+    async def abort(self, transaction: Transaction | None) -> None:
+        if transaction is not None and transaction.relay is not None:
+            relay, transaction.relay = transaction.relay, None
+            await relay.abort()
+
+    # --- decision log -------------------------------------------------------------------
+
+    def _log_decision(self, facts: SessionFacts, transaction: Transaction, **fields: Any) -> None:
+        decision = transaction.decision
+        claims = facts.claims
+        log.info(
+            "decision",
+            v=1,
+            session=facts.session_id,
+            user=claims.subject if claims else None,
+            device_id=claims.device.id if claims else None,
+            action=decision.action.label,
+            phase=decision.phase.value if decision.phase else None,
+            policy_ids=list(decision.policy_ids),
+            audit=[f"{m.policy_id}:{m.action.label}" for m in decision.audit],
+            exempted=list(decision.exempted),
+            policy_version=decision.policy_version,
+            sender=transaction.sender,
+            recipients=len(transaction.recipients),
+            refused=len(transaction.refused),
+            elapsed_ms=round((time.monotonic() - transaction.started) * 1000, 2),
+            **fields,
+        )
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex[:16]

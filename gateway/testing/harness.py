@@ -1,0 +1,139 @@
+"""Run a real gateway on free loopback ports with a given config and policy directory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.server import GatewayServer
+from gateway.settings import Settings, load_settings
+from gateway.submission import Clock, Holder, utc_now
+from gateway.testing.issuer import TestIssuer
+from gateway.testing.upstream import FakeUpstream
+
+TEST_GROUPS = {"it-staff": ["it@example.test"], "executives": ["ceo@example.test"]}
+
+
+def write_config(
+    directory: Path,
+    *,
+    issuer: TestIssuer,
+    upstream_port: int,
+    policies: Mapping[str, str] | None = None,
+    smtp: Mapping[str, object] | None = None,
+    extra: str = "",
+) -> Path:
+    """Write gateway.toml, the issuer's JWKS and policy files; returns the config path.
+
+    ``smtp`` entries override [smtp] keys (values are written as TOML literals).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "policies").mkdir(exist_ok=True)
+    for name, text in (policies or {}).items():
+        (directory / "policies" / name).write_text(text)
+    issuer.write_jwks(directory / "issuer.jwks.json")
+    smtp_values: dict[str, object] = {
+        "hostname": "gateway.test",
+        "listen": "127.0.0.1:0",
+        "allow_plaintext_auth": True,
+        "idle_timeout": 30,
+    }
+    smtp_values.update(smtp or {})
+    smtp_lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in smtp_values.items())
+    groups = "\n".join(f"{name} = {json.dumps(members)}" for name, members in TEST_GROUPS.items())
+    config = directory / "gateway.toml"
+    config.write_text(
+        f"""
+[gateway]
+policy_dir = "policies"
+
+[smtp]
+{smtp_lines}
+
+[tokens]
+audience = "{issuer.audience}"
+
+[[tokens.issuers]]
+issuer = "{issuer.issuer}"
+keys = ["issuer.jwks.json"]
+
+[upstream]
+timeout = 10
+
+[[upstream.smarthosts]]
+host = "127.0.0.1"
+port = {upstream_port}
+tls = "none"
+
+[groups]
+{groups}
+
+[aliases]
+"alice@example.test" = ["a.smith@example.test"]
+{extra}
+"""
+    )
+    return config
+
+
+@dataclass
+class RunningGateway:
+    server: GatewayServer
+    settings: Settings
+    config_path: Path
+    host: str
+    port: int
+    implicit_tls_port: int | None
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.settings.policy_dir
+
+
+@asynccontextmanager
+async def running_gateway(
+    config_path: Path, *, clock: Clock = utc_now, holder: Holder | None = None, grace: float = 2.0
+) -> AsyncIterator[RunningGateway]:
+    """Start ``gateway serve`` in this event loop from a config file; stop it afterwards."""
+    settings = load_settings(config_path)
+    server = GatewayServer(settings, clock=clock, holder=holder)
+    addresses = await server.start()
+    try:
+        yield RunningGateway(
+            server,
+            settings,
+            config_path,
+            addresses.submission.host,
+            addresses.submission.port,
+            addresses.implicit_tls.port if addresses.implicit_tls else None,
+        )
+    finally:
+        await server.stop(grace=grace)
+
+
+@asynccontextmanager
+async def gateway_with_upstream(
+    directory: Path,
+    issuer: TestIssuer,
+    policies: Mapping[str, str] | None = None,
+    *,
+    clock: Clock = utc_now,
+    holder: Holder | None = None,
+    smtp: Mapping[str, object] | None = None,
+    extra: str = "",
+) -> AsyncIterator[tuple[RunningGateway, FakeUpstream]]:
+    """The usual pair: a fake upstream, and a gateway relaying to it."""
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            directory,
+            issuer=issuer,
+            upstream_port=upstream.port,
+            policies=policies,
+            smtp=smtp,
+            extra=extra,
+        )
+        async with running_gateway(config, clock=clock, holder=holder) as gateway:
+            yield gateway, upstream

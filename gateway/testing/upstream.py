@@ -1,0 +1,129 @@
+"""A fake upstream MTA on a free loopback port: records what it accepts, fails on request."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    sender: str
+    recipients: tuple[str, ...]
+    content: bytes  # exactly the bytes of the DATA phase, dot-unstuffed
+
+    @property
+    def headers(self) -> str:
+        return self.content.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+
+
+@dataclass
+class Faults:
+    """What the fake upstream should do wrong. Replies are full SMTP reply lines."""
+
+    mail_reply: str | None = None  # e.g. "451 4.3.0 try later"
+    rcpt_replies: dict[str, str] = field(default_factory=dict)  # recipient -> reply
+    data_reply: str | None = None  # e.g. "554 5.6.0 rejected"
+    delay: float = 0.0  # seconds before answering DATA
+    drop_after_data: bool = False  # close the connection instead of answering DATA
+
+
+class _Recorder:
+    def __init__(self, upstream: FakeUpstream) -> None:
+        self.upstream = upstream
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.upstream.faults.mail_reply:
+            return self.upstream.faults.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self.upstream.faults.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        faults = self.upstream.faults
+        if faults.delay:
+            await asyncio.sleep(faults.delay)
+        if faults.drop_after_data:
+            transport = server.transport
+            assert isinstance(transport, asyncio.Transport)
+            transport.abort()
+            return "421 4.4.2 (never sent)"
+        if faults.data_reply:
+            return faults.data_reply
+        sender = envelope.mail_from or ""
+        self.upstream.messages.append(
+            ReceivedMessage(
+                "" if sender == "<>" else sender,
+                tuple(envelope.rcpt_tos),
+                envelope.original_content or b"",
+            )
+        )
+        self.upstream.received.set()
+        return f"250 2.0.0 queued as {len(self.upstream.messages)}"
+
+
+class FakeUpstream:
+    """Use ``async with FakeUpstream.running() as upstream``; read ``upstream.messages``."""
+
+    def __init__(self) -> None:
+        self.messages: list[ReceivedMessage] = []
+        self.faults = Faults()
+        self.received = asyncio.Event()
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    def _factory(self) -> SMTP:
+        self.connections += 1
+        return SMTP(
+            _Recorder(self),
+            hostname="upstream.test",
+            data_size_limit=None,
+            loop=asyncio.get_running_loop(),
+        )
+
+    async def start(self, host: str = "127.0.0.1") -> None:
+        self._server = await asyncio.get_running_loop().create_server(self._factory, host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    @classmethod
+    @asynccontextmanager
+    async def running(cls) -> AsyncIterator[FakeUpstream]:
+        upstream = cls()
+        await upstream.start()
+        try:
+            yield upstream
+        finally:
+            await upstream.stop()
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[ReceivedMessage]:  # noqa: ASYNC109
+        """Wait until at least ``count`` messages arrived."""
+        async with asyncio.timeout(timeout):
+            while len(self.messages) < count:
+                self.received.clear()
+                await self.received.wait()
+        return self.messages
+
+    def __repr__(self) -> str:
+        return f"<FakeUpstream port={self.port} messages={len(self.messages)}>"
