@@ -154,6 +154,9 @@ class GatewayServer:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    def _busy(self) -> bool:
+        return any(session.in_transaction for session in self.sessions)
+
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let transactions finish within ``grace``, then 421 the rest."""
         self.draining = True
@@ -162,11 +165,8 @@ class GatewayServer:
         deadline = asyncio.get_running_loop().time() + grace
         # A short poll over all sessions: simpler than an Event per session, and it only
         # runs during shutdown.
-        while (
-            any(s.in_transaction for s in self.sessions)
-            and asyncio.get_running_loop().time() < deadline
-        ):
-            await asyncio.sleep(0.05)  # noqa: ASYNC110
+        while self._busy() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
         for session in list(self.sessions):
             session.close_with(replies.SHUTTING_DOWN)
         for server in self._servers:
