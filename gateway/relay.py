@@ -73,6 +73,8 @@ def upstream_reply(code: int, message: str) -> Reply:
 
 def _translate(exc: BaseException) -> Reply:
     """Map an aiosmtplib failure to what the client is told (never the exception text)."""
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        return replies.UPSTREAM_LOST
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         if 400 <= exc.code < 600:
             return upstream_reply(exc.code, exc.message)

@@ -183,9 +183,10 @@ class SubmissionSMTP(SMTP):
 
     def close_with(self, reply: Reply) -> None:
         """Say why (421) and close; used by timeouts and shutdown."""
-        if self.transport is None:
+        if self.transport is None or self.transport.is_closing():
             return
-        with contextlib.suppress(RuntimeError, OSError):  # transport already gone
+        # A TLS transport can be half torn down already: then there is nobody to tell.
+        with contextlib.suppress(RuntimeError, OSError, AttributeError):
             self._writer.write(reply.line().encode() + b"\r\n")
         self.transport.close()
 
