@@ -92,7 +92,8 @@ async def test_defer_hold_reject_answer_at_mail_from(
 ) -> None:
     gw, upstream = gateway
     result = await FakeDevice(issuer, user=user).send(gw.port, mechanism=mechanism)
-    assert result.auth is not None and result.auth[0] == 235
+    assert result.auth is not None
+    assert result.auth[0] == 235
     assert result.mail == reply
     assert result.data is None
     assert upstream.messages == []
@@ -111,7 +112,8 @@ async def test_bad_token_fails_auth_with_535(
     if mechanism == "PLAIN":
         assert result.auth_challenge is None
     else:
-        assert result.auth_challenge is not None and '"schemes": "bearer"' in result.auth_challenge
+        assert result.auth_challenge is not None
+        assert '"schemes": "bearer"' in result.auth_challenge
 
 
 async def test_sasl_user_must_equal_token_subject(
@@ -132,7 +134,8 @@ async def test_spoofed_sender_is_refused_and_alias_accepted(
     spoofed = await device.send(gw.port, sender="ceo@example.test")
     assert spoofed.mail == (553, "5.7.1 Sender address not owned by the authenticated user")
     alias = await device.send(gw.port, sender="A.Smith@example.test")
-    assert alias.data is not None and alias.data[0] == 250
+    assert alias.data is not None
+    assert alias.data[0] == 250
     assert [m.sender for m in upstream.messages] == ["A.Smith@example.test"]
 
 
@@ -156,7 +159,8 @@ async def test_relayed_bytes_are_submitted_bytes_plus_trace_header(
         b".leading dot\r\n..two dots\r\n\xc3\xa9t\xc3\xa9 \r\n" + b"x" * 998 + b"\r\n\r\n"
     )
     result = await FakeDevice(issuer).send(gw.port, message=content)
-    assert result.data is not None and result.data[0] == 250
+    assert result.data is not None
+    assert result.data[0] == 250
     (message,) = upstream.messages
     received, _, rest = message.content.partition(b"\r\nFrom: ")
     assert received.startswith(
@@ -170,7 +174,8 @@ async def test_null_sender_is_relayed(
 ) -> None:
     gw, upstream = gateway
     result = await FakeDevice(issuer).send(gw.port, sender="")
-    assert result.data is not None and result.data[0] == 250
+    assert result.data is not None
+    assert result.data[0] == 250
     assert upstream.messages[0].sender == ""
 
 
@@ -197,7 +202,8 @@ async def test_one_of_two_recipients_refused_upstream(
         "nobody@example.test": (550, "5.1.1 upstream: No such user"),
         "bob@example.test": (250, "2.1.5 upstream: OK"),
     }
-    assert result.data is not None and result.data[0] == 250
+    assert result.data is not None
+    assert result.data[0] == 250
     assert upstream.messages[0].recipients == ("bob@example.test",)
 
 
@@ -236,7 +242,8 @@ async def test_upstream_connections_are_reused(
     device = FakeDevice(issuer)
     for _ in range(5):
         result = await device.send(gw.port)
-        assert result.data is not None and result.data[0] == 250
+        assert result.data is not None
+        assert result.data[0] == 250
     assert len(upstream.messages) == 5
     assert upstream.connections == 1
 
@@ -251,7 +258,8 @@ async def test_failover_to_the_second_smarthost(tmp_path: Path, issuer: TestIssu
         config.write_text(config.read_text().replace("[groups]", extra + "\n[groups]"))
         async with running_gateway(config) as gw:
             result = await FakeDevice(issuer).send(gw.port)
-        assert result.data is not None and result.data[0] == 250
+        assert result.data is not None
+        assert result.data[0] == 250
         assert len(alive.messages) == 1
 
 
@@ -304,7 +312,8 @@ async def test_starttls_then_auth(tmp_path: Path, issuer: TestIssuer, ca: trustm
                 "5.7.11 Encryption required for requested authentication mechanism",
             )
         result = await FakeDevice(issuer).send(gw.port, starttls=True, tls_context=client_context)
-        assert result.data is not None and result.data[0] == 250
+        assert result.data is not None
+        assert result.data[0] == 250
         assert b"with ESMTPSA" in upstream.messages[0].content
 
 
@@ -324,5 +333,6 @@ async def test_implicit_tls_listener(tmp_path: Path, issuer: TestIssuer, ca: tru
         result = await FakeDevice(issuer).send(
             gw.implicit_tls_port, implicit_tls=True, tls_context=client_context
         )
-        assert result.data is not None and result.data[0] == 250
+        assert result.data is not None
+        assert result.data[0] == 250
         assert len(upstream.messages) == 1
