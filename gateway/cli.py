@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from gateway.errors import ConfigError, GatewayError, PolicyLoadError, TokenError
 from gateway.policy.engine import compile_policy_set, decide
@@ -297,13 +296,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(mint)
     mint.set_defaults(func=cmd_token_mint)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    serve = sub.add_parser(
+        "serve", help="run the gateway (SIGTERM drains, SIGHUP reloads policies)"
+    )
+    serve.add_argument(
+        "--grace", type=float, default=30.0, help="seconds to let sessions finish on SIGTERM"
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_config(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser(
+        "demo", help="play the story (ban, deadline, retraction) end to end on loopback"
+    )
+    demo.set_defaults(func=lambda args: _run_demo())
     return parser
 
 
-# Subcommands that live with the layers they drive (serve, demo, hold, impact) register here.
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+# --- serve / demo ------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway import logs
+    from gateway.server import GatewayServer
+
+    settings = _settings(args)
+    logs.configure(args.log_level)
+
+    async def serve() -> None:
+        server = GatewayServer(settings)
+        await server.start()
+        server.install_signal_handlers()
+        await server.wait_stopped()
+        await server.stop(grace=args.grace)
+
+    try:
+        import uvloop  # optional: a faster event loop
+
+        uvloop.run(serve())
+    except ImportError:
+        asyncio.run(serve())
+    return EXIT_OK
+
+
+def _run_demo() -> int:
+    from gateway import logs
+    from gateway.demo import run_demo
+
+    logs.configure("error")  # the demo prints its own timeline
+    return run_demo()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -251,3 +251,24 @@ def test_console_script_runs(config: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
+
+
+def test_demo_story_policy_is_the_shipped_one() -> None:
+    """`gateway demo` plays the ban shipped in config/: they must not drift apart."""
+    from gateway.demo import story_policy
+
+    assert story_policy() == (REPO / "config" / "policies" / "remove-tiktok.toml").read_text()
+
+
+@pytest.mark.slow
+def test_demo_command_plays_the_story() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Every step behaved as the story says." in result.stdout
+    assert "retracted ['remove-tiktok']" in result.stdout

@@ -1,0 +1,147 @@
+"""The story through clients nobody here wrote, and `gateway serve` as a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.testing.device import FakeDevice
+from gateway.testing.harness import gateway_with_upstream, write_config
+from gateway.testing.issuer import TestIssuer
+from gateway.testing.upstream import FakeUpstream
+
+TIKTOK = "com.zhiliaoapp.musically"
+BAN = f"""
+[[policy]]
+id = "remove-tiktok"
+match.apps_any = ["{TIKTOK}"]
+scope.device_class = ["mobile", "tablet"]
+action = "reject"
+message = "Remove TikTok from this device to keep mobile access to work email."
+"""
+
+
+@pytest.fixture(scope="module")
+def issuer() -> TestIssuer:
+    return TestIssuer.generate("k1")
+
+
+def swaks(port: int, token: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            "swaks", "--server", f"127.0.0.1:{port}", "--ehlo", "swaks.test",
+            "--auth", "PLAIN", "--auth-user", "alice@example.test", "--auth-password", token,
+            "--from", "alice@example.test", "--to", "bob@example.test",
+            "--header", "Subject: via swaks", "--body", "sent by swaks", "--timeout", "10", *extra,
+        ],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.external
+@pytest.mark.skipif(
+    shutil.which("swaks") is None, reason="swaks not installed (.ci/run installs it)"
+)
+async def test_swaks_auth_plain_with_the_token(tmp_path: Path, issuer: TestIssuer) -> None:
+    async with gateway_with_upstream(tmp_path, issuer, {"ban.toml": BAN}) as (gw, upstream):
+        phone = FakeDevice(issuer, user="alice@example.test")
+        allowed = await asyncio.to_thread(swaks, gw.port, phone.token())
+        assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+        assert "<-  235 2.7.0 Authentication successful" in allowed.stdout
+        assert "<-  250 2.0.0 Message accepted for delivery" in allowed.stdout
+        phone.install(TIKTOK)
+        banned = await asyncio.to_thread(swaks, gw.port, phone.token())
+        assert "<** 550 5.7.1 Remove TikTok from this device" in banned.stdout
+        bad = await asyncio.to_thread(swaks, gw.port, "not-a-token")
+        assert "<** 535 5.7.8 Device token refused (malformed)" in bad.stdout
+    assert len(upstream.messages) == 1
+    assert b"Subject: via swaks" in upstream.messages[0].content
+
+
+def smtplib_xoauth2(port: int, token: str) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("python.test")
+        client.auth(
+            "XOAUTH2",
+            lambda challenge=None: f"user=alice@example.test\x01auth=Bearer {token}\x01\x01",
+        )
+        refused = client.sendmail(
+            "alice@example.test", ["bob@example.test"], b"Subject: via smtplib\r\n\r\nhello\r\n"
+        )
+        assert refused == {}
+        return client.noop()
+
+
+async def test_python_smtplib_xoauth2(tmp_path: Path, issuer: TestIssuer) -> None:
+    async with gateway_with_upstream(tmp_path, issuer, {"ban.toml": BAN}) as (gw, upstream):
+        phone = FakeDevice(issuer, user="alice@example.test")
+        code, _ = await asyncio.to_thread(smtplib_xoauth2, gw.port, phone.token())
+        assert code == 250
+        phone.install(TIKTOK)
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            await asyncio.to_thread(smtplib_xoauth2, gw.port, phone.token())
+        assert refused.value.smtp_code == 550
+    assert [m.content.count(b"Subject: via smtplib") for m in upstream.messages] == [1]
+
+
+async def _read_json_lines(
+    stream: asyncio.StreamReader, wanted: str, timeout: float = 15.0
+) -> dict[str, object]:
+    async with asyncio.timeout(within):
+        while True:
+            line = await stream.readline()
+            if not line:
+                raise AssertionError(f"process ended before logging {wanted!r}")
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == wanted:
+                return event  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+async def test_serve_as_a_process_reloads_on_sighup_and_drains_on_sigterm(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            tmp_path, issuer=issuer, upstream_port=upstream.port, policies={"ban.toml": BAN}
+        )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", "--config", str(config), "--grace", "5",
+            stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert process.stderr is not None
+        try:
+            listening = await _read_json_lines(process.stderr, "listening")
+            port = int(str(listening["submission"]).rsplit(":", 1)[1])
+            phone = FakeDevice(issuer, user="alice@example.test", apps={TIKTOK})
+            assert (await phone.send(port)).mail == (
+                550,
+                "5.7.1 Remove TikTok from this device to keep mobile access to work email.",
+            )
+            policy = tmp_path / "policies" / "ban.toml"
+            policy.write_text(policy.read_text() + 'state = "retracted"\n')
+            process.send_signal(signal.SIGHUP)
+            reload = await _read_json_lines(process.stderr, "policy_reload")
+            assert reload["retracted"] == ["remove-tiktok"]
+            result = await phone.send(port, at=datetime.now(UTC))
+            assert result.data is not None
+            assert result.data[0] == 250
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), timeout=10) == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert len(upstream.messages) == 1
