@@ -94,7 +94,7 @@ async def test_python_smtplib_xoauth2(tmp_path: Path, issuer: TestIssuer) -> Non
 
 
 async def _read_json_lines(
-    stream: asyncio.StreamReader, wanted: str, timeout: float = 15.0
+    stream: asyncio.StreamReader, wanted: str, within: float = 15.0
 ) -> dict[str, object]:
     async with asyncio.timeout(within):
         while True:
