@@ -8,10 +8,11 @@ real: SMTP sessions over sockets, signed tokens, TOML files edited on disk and r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from gateway.testing.device import FakeDevice, make_message
@@ -21,6 +22,7 @@ from gateway.testing.upstream import FakeUpstream
 
 STORY_POLICY_FILE = "remove-tiktok.toml"
 TIKTOK = "com.zhiliaoapp.musically"
+TRILL = "com.ss.android.ugc.trill"
 PACIFIC = datetime.fromisoformat("2020-07-10T00:00:00-07:00").tzinfo
 
 
@@ -54,89 +56,96 @@ async def play(workdir: Path, out: Callable[[str], None] = print) -> list[Step]:
     issuer = TestIssuer.generate("demo-1")
     clock = SimulatedClock(datetime(2020, 7, 10, 8, 0, tzinfo=PACIFIC))
     steps: list[Step] = []
+
+    def record(label: str, what: str, expected: str, got: str) -> None:
+        step = Step(clock.now.strftime("%a %d %b %H:%M"), label, what, expected, got)
+        steps.append(step)
+        verdict = "ok" if step.ok else "UNEXPECTED"
+        out(f"  {step.when:<17} {label:<26} {what:<30} -> {_short(got)}  {verdict}")
+
     async with FakeUpstream.running() as upstream:
+        policies = {STORY_POLICY_FILE: story_policy()}
         config = write_config(
-            workdir,
-            issuer=issuer,
-            upstream_port=upstream.port,
-            policies={STORY_POLICY_FILE: story_policy()},
+            workdir, issuer=issuer, upstream_port=upstream.port, policies=policies
         )
         policy_path = workdir / "policies" / STORY_POLICY_FILE
         async with running_gateway(config, clock=clock) as gateway:
-            phone = FakeDevice(
-                issuer,
-                user="alice@example.test",
-                device_id="alice-iphone",
-                apps={TIKTOK, "com.apple.mobilesafari"},
-            )
-            laptop = FakeDevice(
-                issuer,
-                user="alice@example.test",
-                device_id="alice-macbook",
+
+            def device(user: str, device_id: str, apps: set[str], **kind: str) -> FakeDevice:
+                return FakeDevice(issuer, user=user, device_id=device_id, apps=apps, **kind)  # type: ignore[arg-type]
+
+            phone = device("alice@example.test", "alice-iphone", {TIKTOK, "com.apple.mobilesafari"})
+            laptop = device(
+                "alice@example.test",
+                "alice-macbook",
+                {TIKTOK},
                 device_class="desktop",
                 platform="macos",
-                apps={TIKTOK},
             )
-            bobs_phone = FakeDevice(
-                issuer,
-                user="bob@example.test",
-                device_id="bob-pixel",
-                platform="android",
-                apps={"com.android.chrome"},
+            carols = device("carol@example.test", "carol-galaxy", {TRILL}, platform="android")
+            bobs = device(
+                "bob@example.test", "bob-pixel", {"com.android.chrome"}, platform="android"
             )
 
-            async def send(device: FakeDevice, label: str, what: str, expected: str) -> None:
-                result = await device.send(
+            async def send(who: FakeDevice, label: str, what: str, expected: str) -> None:
+                result = await who.send(
                     gateway.port,
                     at=clock.now,
                     recipients=["team@example.test"],
                     message=make_message(
-                        subject=what, sender=device.user, recipient="team@example.test"
+                        subject=what, sender=who.user, recipient="team@example.test"
                     ),
                 )
                 reply = result.data or result.mail or result.auth or (0, "no reply")
-                step = Step(
-                    clock.now.strftime("%a %d %b %H:%M %Z"),
-                    label,
-                    what,
-                    expected,
-                    f"{reply[0]} {reply[1]}",
-                )
-                steps.append(step)
-                out(
-                    f"  {step.when:<22} {label:<24} {what:<34} -> {step.got}  {'ok' if step.ok else 'UNEXPECTED'}"
+                record(label, what, expected, f"{reply[0]} {reply[1]}")
+
+            async def delivered(count: int, what: str) -> None:
+                with contextlib.suppress(TimeoutError):
+                    await upstream.wait_for(count, timeout=10)
+                record(
+                    "upstream", what, f"{count} delivered", f"{len(upstream.messages)} delivered"
                 )
 
-            out("Compliance Gateway demo: the TikTok ban of 10-Jul-2020 and its retraction")
             out(
-                f"  gateway on 127.0.0.1:{gateway.port}, upstream on 127.0.0.1:{upstream.port}, policies in {policy_path.parent}"
+                "Compliance Gateway demo: the TikTok ban of 10-Jul-2020 and its retraction (US Pacific time)"
+            )
+            out(
+                f"  gateway 127.0.0.1:{gateway.port}, upstream 127.0.0.1:{upstream.port}, policies {policy_path.parent}"
             )
             out("")
-            out("Thursday morning: the ban is written but not yet announced.")
+            out("Friday 08:00: the ban is written but not yet announced.")
             await send(
                 phone,
                 "Alice's iPhone (TikTok)",
-                "mail before the announcement",
+                "before the announcement",
                 "250 2.0.0 Message accepted",
             )
             clock.now = datetime(2020, 7, 10, 9, 30, tzinfo=PACIFIC)
-            out("Friday 09:00: the ban is announced; phones with TikTok are warned.")
+            out(
+                "Friday 09:00: the ban is announced; phones with TikTok are warned, laptops are not."
+            )
             await send(
                 phone,
                 "Alice's iPhone (TikTok)",
-                "mail during the warning period",
+                "during the warning period",
                 "250 2.0.0 Message accepted. NOTICE",
             )
             await send(
                 laptop, "Alice's MacBook", "laptop mail", "250 2.0.0 Message accepted for delivery"
             )
             clock.now = datetime(2020, 7, 11, 0, 30, tzinfo=PACIFIC)
-            out("Friday 23:59: the deadline passes; phones with TikTok lose mobile mail.")
+            out("Friday 23:59: the deadline passes; mail from phones with TikTok is held, durably.")
             await send(
                 phone,
                 "Alice's iPhone (TikTok)",
-                "mail after the deadline",
-                "451 4.7.1 Remove TikTok",
+                "after the deadline",
+                "250 2.6.0 held: Remove TikTok",
+            )
+            await send(
+                carols,
+                "Carol's Galaxy (TikTok)",
+                "after the deadline",
+                "250 2.6.0 held: Remove TikTok",
             )
             await send(
                 laptop,
@@ -145,31 +154,40 @@ async def play(workdir: Path, out: Callable[[str], None] = print) -> list[Step]:
                 "250 2.0.0 Message accepted for delivery",
             )
             await send(
-                bobs_phone,
+                bobs,
                 "Bob's Pixel (no TikTok)",
-                "phone mail without the app",
+                "phone without the app",
                 "250 2.0.0 Message accepted for delivery",
             )
-            clock.now = datetime(2020, 7, 11, 2, 0, tzinfo=PACIFIC)
-            out("Saturday 02:00: 'sent in error': the admin retracts the ban with a TOML edit.")
-            policy_path.write_text(
-                policy_path.read_text().replace(
-                    'state = "enforce"', 'state = "retracted"\nretracted_reason = "sent in error"'
-                )
-            )
-            result = gateway.server.reload("demo-edit")
-            out(
-                f"  reload: version {result.version}, retracted {list(result.diff.retracted)}, took {result.duration_seconds * 1000:.1f} ms"
-            )
+            await delivered(5, "held mail stays held")
+            clock.now = datetime(2020, 7, 11, 1, 15, tzinfo=PACIFIC)
+            out("Saturday 01:15: Alice removes TikTok; her next connection releases her held mail.")
+            phone.remove(TIKTOK)
             await send(
                 phone,
-                "Alice's iPhone (TikTok)",
-                "mail after the retraction",
+                "Alice's iPhone (no TikTok)",
+                "after removing the app",
                 "250 2.0.0 Message accepted for delivery",
             )
-            clock.now += timedelta(minutes=1)
+            await delivered(7, "Alice's held mail released")
+            clock.now = datetime(2020, 7, 11, 2, 0, tzinfo=PACIFIC)
+            out("Saturday 02:00: 'sent in error': the admin retracts the ban with a TOML edit.")
+            retraction = 'state = "retracted"\nretracted_reason = "sent in error"'
+            policy_path.write_text(policy_path.read_text().replace('state = "enforce"', retraction))
+            result = await gateway.server.reload("demo-edit")
+            out(
+                f"  reload: version {result.version}, retracted {list(result.diff.retracted)}, "
+                f"{result.duration_seconds * 1000:.1f} ms"
+            )
+            await delivered(8, "Carol's held mail released")
+            await send(
+                carols,
+                "Carol's Galaxy (TikTok)",
+                "after the retraction",
+                "250 2.0.0 Message accepted for delivery",
+            )
         out("")
-        out(f"The upstream received {len(upstream.messages)} message(s):")
+        out(f"The upstream received {len(upstream.messages)} message(s), in this order:")
         for message in upstream.messages:
             subject = next(
                 (line for line in message.headers.splitlines() if line.startswith("Subject:")), ""
@@ -177,8 +195,12 @@ async def play(workdir: Path, out: Callable[[str], None] = print) -> list[Step]:
             notice = (
                 " [with X-Compliance-Notice]" if "X-Compliance-Notice:" in message.headers else ""
             )
-            out(f"  from {message.sender:<22} {subject}{notice}")
+            out(f"  from {message.sender:<20} {subject}{notice}")
     return steps
+
+
+def _short(reply: str, width: int = 58) -> str:
+    return reply if len(reply) <= width else reply[: width - 3] + "..."
 
 
 def run_demo() -> int:

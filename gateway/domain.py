@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
+from typing import Any
 
 
 class Action(enum.IntEnum):
@@ -102,6 +103,53 @@ class DeviceClaims:
     def user(self) -> str:
         """The subject normalised for comparisons (mail addresses compare case-blind here)."""
         return self.subject.casefold()
+
+    def to_json(self) -> dict[str, object]:
+        """Everything needed to re-evaluate a held message later (no signature, no token)."""
+        return {
+            "issuer": self.issuer,
+            "subject": self.subject,
+            "audience": list(self.audience),
+            "issued_at": self.issued_at.isoformat(),
+            "expires_at": self.expires_at.isoformat(),
+            "not_before": self.not_before.isoformat() if self.not_before else None,
+            "token_id": self.token_id,
+            "device": {
+                "id": self.device.id,
+                "platform": self.device.platform.value,
+                "class": self.device.device_class.value,
+                "model": self.device.model,
+                "os_version": self.device.os_version,
+                "managed": self.device.managed,
+            },
+            "apps": sorted(self.apps),
+            "posture": dict(self.posture),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DeviceClaims:
+        device = data["device"]
+        return cls(
+            issuer=data["issuer"],
+            subject=data["subject"],
+            audience=tuple(data["audience"]),
+            issued_at=datetime.fromisoformat(data["issued_at"]),
+            expires_at=datetime.fromisoformat(data["expires_at"]),
+            not_before=datetime.fromisoformat(data["not_before"])
+            if data.get("not_before")
+            else None,
+            token_id=data.get("token_id"),
+            device=Device(
+                id=device["id"],
+                platform=Platform(device["platform"]),
+                device_class=DeviceClass(device["class"]),
+                model=device.get("model"),
+                os_version=device.get("os_version"),
+                managed=device.get("managed"),
+            ),
+            apps=frozenset(data["apps"]),
+            posture=dict(data["posture"]),
+        )
 
     def summary(self) -> dict[str, object]:
         """What logs, the hold store and the device inventory keep: no signature, no token."""

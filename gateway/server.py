@@ -1,7 +1,9 @@
 """Server lifecycle: start listeners on the running loop, serve, drain on shutdown.
 
 startup   load settings-derived services, load policies (not ready before a good set),
-          bind listeners (submission with STARTTLS, optional implicit TLS)
+          open the hold store, bind listeners (submission with STARTTLS, optional
+          implicit TLS), start background tasks (policy watcher, periodic check,
+          release/expiry ticker)
 serve     until stop() (SIGTERM/SIGINT) ; SIGHUP reloads policies
 shutdown  stop accepting; let sessions in a transaction finish within the grace period;
           then answer 421 4.3.2 to everything still open and close; release upstreams.
@@ -12,18 +14,26 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
 from gateway import replies
+from gateway.domain import DeviceClaims
+from gateway.hold_store import AsyncHoldStore
 from gateway.mx import MxRouter
 from gateway.policy_store import PolicyStore, ReloadResult
 from gateway.relay import Relay
+from gateway.release import Releaser
+from gateway.reloader import Reloader
 from gateway.settings import Endpoint, Settings
 from gateway.smtp.session import SubmissionSMTP
-from gateway.submission import Clock, Holder, Submission, utc_now
+from gateway.submission import Clock, Submission, utc_now
 from gateway.tokens.verify import TokenVerifier
+
+RELEASE_TICK = 5.0  # seconds between retry/expiry passes
 
 log = structlog.get_logger("gateway.server")
 
@@ -48,27 +58,79 @@ class GatewayServer:
     """Everything `gateway serve` runs, startable and stoppable from tests."""
 
     def __init__(
-        self, settings: Settings, *, clock: Clock = utc_now, holder: Holder | None = None
+        self, settings: Settings, *, clock: Clock = utc_now, release_tick: float = RELEASE_TICK
     ) -> None:
         self.settings = settings
+        self.clock = clock
+        self.release_tick = release_tick
         self.policies = PolicyStore(settings.policy_dir, settings.groups)
         mx_router = (
             MxRouter(port=settings.upstream.mx_port) if settings.upstream.mode == "mx" else None
         )
         self.relay = Relay(settings.upstream, settings.smtp.hostname, mx_router)
+        self.hold_store = AsyncHoldStore(settings.hold.database)
+        self.releaser = Releaser(
+            self.hold_store,
+            self.relay,
+            self.policies,
+            clock,
+            settings.smtp.hostname,
+            settings.hold.expire_after,
+        )
+        self.reloader = Reloader(self.policies, self._after_reload)
         self.submission = Submission(
             settings,
             TokenVerifier(settings.tokens),
             self.policies,
             self.relay,
             clock=clock,
-            holder=holder,
+            holder=self.hold_store,
+            on_authenticated=self._device_authenticated,
+            on_held=self.releaser.note_held,
         )
         self.sessions: set[SubmissionSMTP] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self._stopped = asyncio.Event()
+        self._background_stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
         self.addresses: BoundAddresses | None = None
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """A named background task, kept referenced until it ends; failures are logged."""
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Task[Any]) -> None:
+            self._tasks.discard(finished)
+            if not finished.cancelled() and (error := finished.exception()) is not None:
+                log.error(
+                    "background_task_failed", task=name, error=type(error).__name__, exc_info=error
+                )
+
+        task.add_done_callback(done)
+        return task
+
+    async def _after_reload(self, result: ReloadResult) -> None:
+        if result.ok and not result.diff.is_empty:
+            self.spawn(self.releaser.run(), "release-after-reload")
+
+    def _device_authenticated(self, claims: DeviceClaims) -> None:
+        if claims.device.id in self.releaser.devices_with_mail:
+            self.spawn(
+                self.releaser.run(device_id=claims.device.id, newer_claims=claims), "release-device"
+            )
+
+    async def _release_ticker(self) -> None:
+        while not self._background_stop.is_set():
+            try:
+                await asyncio.wait_for(self._background_stop.wait(), timeout=self.release_tick)
+            except TimeoutError:
+                await self.releaser.run()
+                await self.releaser.expire()
+
+    async def reload(self, trigger: str) -> ReloadResult:
+        return await self.reloader.reload(trigger)
 
     @property
     def ready(self) -> bool:
@@ -91,6 +153,8 @@ class GatewayServer:
             version=result.version,
             policies=len(self.policies.current.source.policies),
         )
+        await self.hold_store.open()
+        await self.releaser.start()
         loop = asyncio.get_running_loop()
         tls_context = server_tls_context(self.settings)
         smtp = self.settings.smtp
@@ -113,6 +177,12 @@ class GatewayServer:
             self._servers.append(server)
             implicit = _bound(server)
         self.addresses = BoundAddresses(_bound(submission), implicit)
+        stop = self._background_stop
+        self.spawn(self.reloader.watch(stop), "policy-watch")
+        self.spawn(self.reloader.poll(self.settings.reload_interval, stop), "policy-poll")
+        self.spawn(self._release_ticker(), "release-ticker")
+        if self.releaser.devices_with_mail:
+            self.spawn(self.releaser.run(), "release-at-startup")
         log.info(
             "listening",
             submission=str(self.addresses.submission),
@@ -120,33 +190,13 @@ class GatewayServer:
         )
         return self.addresses
 
-    def reload(self, trigger: str) -> ReloadResult:
-        result = self.policies.reload(trigger)
-        if result.ok:
-            log.info(
-                "policy_reload",
-                trigger=trigger,
-                version=result.version,
-                added=list(result.diff.added),
-                changed=list(result.diff.changed),
-                retracted=list(result.diff.retracted),
-                removed=list(result.diff.removed),
-                seconds=round(result.duration_seconds, 4),
-            )
-        else:
-            log.error(
-                "policy_reload_failed",
-                trigger=trigger,
-                kept_version=result.version,
-                problems=[str(p) for p in result.problems],
-            )
-        return result
-
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self.reload("sighup"))
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: self.spawn(self.reload("sighup"), "reload-sighup")
+        )
 
     def request_stop(self) -> None:
         self._stopped.set()
@@ -171,7 +221,12 @@ class GatewayServer:
             session.close_with(replies.SHUTTING_DOWN)
         for server in self._servers:
             await server.wait_closed()
+        self._background_stop.set()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.relay.close()
+        await self.hold_store.close()
         log.info("stopped")
 
 

@@ -101,6 +101,7 @@ class Settings:
     smtp: SmtpSettings
     upstream: UpstreamSettings
     hold: HoldSettings
+    reload_interval: float = 30.0  # seconds between periodic checks of the policy directory
     groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
     aliases: Mapping[str, frozenset[str]] = field(default_factory=dict)  # user -> extra senders
 
@@ -289,6 +290,7 @@ def load_settings(path: Path) -> Settings:
     root = Table(parsed, parsed.data, (), problems)
     gateway = root.table("gateway")
     policy_dir = _path(gateway, "policy_dir", base) if gateway else None
+    reload_interval = gateway.number("reload_interval", minimum=0.1) if gateway else None
     if gateway:
         gateway.finish()
     tokens = _read_tokens(root.table("tokens", required=True), base)
@@ -311,6 +313,7 @@ def load_settings(path: Path) -> Settings:
     return Settings(
         path=path,
         policy_dir=policy_dir or base / "policies",
+        reload_interval=reload_interval or 30.0,
         tokens=tokens,
         smtp=smtp,
         upstream=upstream,

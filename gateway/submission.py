@@ -100,6 +100,8 @@ class Submission:
         relay: Relay,
         clock: Clock = utc_now,
         holder: Holder | None = None,
+        on_authenticated: Callable[[DeviceClaims], None] | None = None,
+        on_held: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.verifier = verifier
@@ -107,6 +109,8 @@ class Submission:
         self.relay = relay
         self.clock = clock
         self.holder = holder
+        self.on_authenticated = on_authenticated  # e.g. re-evaluate this device's held mail
+        self.on_held = on_held
 
     # --- AUTH ---------------------------------------------------------------------------
 
@@ -153,6 +157,8 @@ class Submission:
             user=claims.subject,
             device_id=claims.device.id,
         )
+        if self.on_authenticated is not None:
+            self.on_authenticated(claims)
         return AuthOutcome(replies.AUTH_OK, claims)
 
     # --- MAIL ---------------------------------------------------------------------------
@@ -272,6 +278,8 @@ class Submission:
             log.exception("hold_failed", session=facts.session_id)
             self._log_decision(facts, transaction, result="hold_failed")
             return replies.STORE_FAILED
+        if self.on_held is not None:
+            self.on_held(facts.claims.device.id)
         self._log_decision(facts, transaction, result="held", hold_id=hold_id, size=len(message))
         return Reply(250, "2.6.0", f"held: {transaction.decision.message}")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gateway.server import GatewayServer
 from gateway.settings import Settings, load_settings
-from gateway.submission import Clock, Holder, utc_now
+from gateway.submission import Clock, utc_now
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
 
@@ -73,6 +73,9 @@ tls = "none"
 
 [aliases]
 "alice@example.test" = ["a.smith@example.test"]
+
+[hold]
+database = "hold.db"
 {extra}
 """
     )
@@ -95,11 +98,11 @@ class RunningGateway:
 
 @asynccontextmanager
 async def running_gateway(
-    config_path: Path, *, clock: Clock = utc_now, holder: Holder | None = None, grace: float = 2.0
+    config_path: Path, *, clock: Clock = utc_now, grace: float = 2.0, release_tick: float = 0.2
 ) -> AsyncIterator[RunningGateway]:
     """Start ``gateway serve`` in this event loop from a config file; stop it afterwards."""
     settings = load_settings(config_path)
-    server = GatewayServer(settings, clock=clock, holder=holder)
+    server = GatewayServer(settings, clock=clock, release_tick=release_tick)
     addresses = await server.start()
     try:
         yield RunningGateway(
@@ -121,7 +124,6 @@ async def gateway_with_upstream(
     policies: Mapping[str, str] | None = None,
     *,
     clock: Clock = utc_now,
-    holder: Holder | None = None,
     smtp: Mapping[str, object] | None = None,
     extra: str = "",
 ) -> AsyncIterator[tuple[RunningGateway, FakeUpstream]]:
@@ -135,5 +137,5 @@ async def gateway_with_upstream(
             smtp=smtp,
             extra=extra,
         )
-        async with running_gateway(config, clock=clock, holder=holder) as gateway:
+        async with running_gateway(config, clock=clock) as gateway:
             yield gateway, upstream

@@ -10,6 +10,7 @@ import aiosmtplib
 import pytest
 import trustme
 
+from gateway.hold_store import HoldStore
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import (
     RunningGateway,
@@ -78,12 +79,10 @@ async def test_warn_relays_with_notice(
     ("user", "reply"),
     [
         ("defer@example.test", (451, "4.7.1 Policy says defer.")),
-        # Until the hold store is configured, hold answers like defer (README: "Held mail").
-        ("hold@example.test", (451, "4.7.1 Policy says hold.")),
         ("reject@example.test", (550, "5.7.1 Policy says reject.")),
     ],
 )
-async def test_defer_hold_reject_answer_at_mail_from(
+async def test_defer_and_reject_answer_at_mail_from(
     gateway: tuple[RunningGateway, FakeUpstream],
     issuer: TestIssuer,
     mechanism: str,
@@ -97,6 +96,19 @@ async def test_defer_hold_reject_answer_at_mail_from(
     assert result.mail == reply
     assert result.data is None
     assert upstream.messages == []
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+async def test_hold_stores_durably_and_answers_250_2_6_0(
+    gateway: tuple[RunningGateway, FakeUpstream], issuer: TestIssuer, mechanism: str
+) -> None:
+    gw, upstream = gateway
+    result = await FakeDevice(issuer, user="hold@example.test").send(gw.port, mechanism=mechanism)
+    assert result.data == (250, "2.6.0 held: Policy says hold.")
+    assert upstream.messages == []
+    (held,) = HoldStore(gw.settings.hold.database).select()
+    assert held.user == "hold@example.test"
+    assert held.policy_ids == ("hold-policy",)
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)

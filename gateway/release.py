@@ -1,0 +1,165 @@
+"""Release of held mail: re-evaluate, relay what is now allowed, in arrival order.
+
+When: after every policy reload that changed something, when a device authenticates
+with a newer token, when an admin requested it (``gateway hold release``), and on a
+periodic tick (retries with backoff, expiry).
+
+Guarantee: at least once. A row is deleted only after the upstream said 250, so a crash
+between the two sends the message again after restart (a duplicate), never loses it. A
+device's messages go in arrival order: the first one that cannot be relayed stops that
+device's run and is retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import structlog
+
+from gateway.domain import Action, DeviceClaims
+from gateway.dsn import delivery_status_notification
+from gateway.hold_store import AsyncHoldStore, HeldMessage
+from gateway.policy.engine import decide
+from gateway.policy_store import PolicyStore
+from gateway.relay import Relay
+from gateway.replies import Reply
+from gateway.submission import Clock
+
+log = structlog.get_logger("gateway.release")
+
+RELEASABLE = (Action.ALLOW, Action.WARN)
+BACKOFF_BASE = 5.0
+BACKOFF_MAX = 600.0
+
+
+@dataclass
+class ReleaseReport:
+    released: list[str] = field(default_factory=list)
+    still_held: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+
+
+class Releaser:
+    def __init__(
+        self,
+        store: AsyncHoldStore,
+        relay: Relay,
+        policies: PolicyStore,
+        clock: Clock,
+        hostname: str,
+        expire_after: timedelta,
+    ) -> None:
+        self.store = store
+        self.relay = relay
+        self.policies = policies
+        self.clock = clock
+        self.hostname = hostname
+        self.expire_after = expire_after
+        self._lock = asyncio.Lock()
+        self.devices_with_mail: set[str] = set()
+
+    async def start(self) -> None:
+        self.devices_with_mail = await self.store.device_ids()
+
+    def note_held(self, device_id: str) -> None:
+        self.devices_with_mail.add(device_id)
+
+    async def run(
+        self, *, device_id: str | None = None, newer_claims: DeviceClaims | None = None
+    ) -> ReleaseReport:
+        """One pass; serialised, so a message is never relayed by two passes at once."""
+        async with self._lock:
+            return await self._run(device_id, newer_claims)
+
+    async def _run(self, device_id: str | None, newer_claims: DeviceClaims | None) -> ReleaseReport:
+        report = ReleaseReport()
+        now = self.clock()
+        compiled = self.policies.current
+        blocked_devices: set[str] = set()
+        while True:
+            batch = await self.store.due(now, device_id)
+            progress = False
+            for held in batch:
+                if held.device_id in blocked_devices:
+                    continue
+                claims = (
+                    newer_claims
+                    if newer_claims is not None and newer_claims.device.id == held.device_id
+                    else held.claims
+                )
+                if (
+                    not held.release_requested
+                    and decide(compiled, claims, now).action not in RELEASABLE
+                ):
+                    blocked_devices.add(held.device_id)  # keep order: later mail waits too
+                    report.still_held += 1
+                    continue
+                reply = await self._relay(held, held.sender, held.recipients, held.content or b"")
+                if reply.is_success:
+                    await self.store.remove([held.hold_id])
+                    report.released.append(held.hold_id)
+                    progress = True
+                    log.info(
+                        "released",
+                        hold_id=held.hold_id,
+                        device_id=held.device_id,
+                        user=held.user,
+                        requested=held.release_requested,
+                        upstream_reply=reply.line(),
+                    )
+                else:
+                    blocked_devices.add(held.device_id)
+                    delay = min(BACKOFF_MAX, BACKOFF_BASE * 2**held.attempts)
+                    await self.store.postpone(held.hold_id, now.timestamp() + delay, reply.line())
+                    report.failed.append((held.hold_id, reply.line()))
+                    log.warning(
+                        "release_failed", hold_id=held.hold_id, reply=reply.line(), retry_in=delay
+                    )
+            if not progress or len(batch) < 500:
+                break
+        if device_id is None:
+            self.devices_with_mail = await self.store.device_ids()
+        elif not await self.store.due(datetime.max.replace(tzinfo=now.tzinfo), device_id, limit=1):
+            self.devices_with_mail.discard(device_id)
+        return report
+
+    async def _relay(
+        self, held: HeldMessage, sender: str, recipients: Iterable[str], content: bytes
+    ) -> Reply:
+        transaction, reply = await self.relay.begin(sender, [])
+        if not reply.is_success:
+            await transaction.abort()
+            return reply
+        accepted = 0
+        last = reply
+        for recipient in recipients:
+            last = await transaction.add_recipient(recipient, self.relay.routes_by_domain)
+            accepted += last.is_success
+        if not accepted:
+            await transaction.abort()
+            return last
+        return await transaction.send(content)
+
+    async def expire(self) -> ReleaseReport:
+        """Bounce (RFC 3464) and delete what has been held longer than allowed."""
+        report = ReleaseReport()
+        async with self._lock:
+            now = self.clock()
+            for held in await self.store.expired(now - self.expire_after):
+                if held.sender:
+                    bounce = delivery_status_notification(
+                        held, self.hostname, now, self.expire_after
+                    )
+                    reply = await self._relay(held, "", [held.sender], bounce)
+                    if not reply.is_success and reply.is_temporary:
+                        continue  # try the bounce again on the next tick
+                await self.store.remove([held.hold_id])
+                report.expired.append(held.hold_id)
+                log.info(
+                    "expired", hold_id=held.hold_id, sender=held.sender, bounced=bool(held.sender)
+                )
+        return report
