@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from gateway.errors import ConfigError, GatewayError, PolicyLoadError, TokenError
 from gateway.policy.engine import compile_policy_set, decide
@@ -306,11 +307,93 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(serve)
     serve.set_defaults(func=cmd_serve)
 
+    hold = sub.add_parser("hold", help="list, show, release and drop held mail")
+    hold_sub = hold.add_subparsers(dest="hold_command", required=True, metavar="ACTION")
+    hold_actions = (
+        ("list", "list held messages"),
+        ("show", "show one held message"),
+        ("release", "release held messages (relayed by the running gateway)"),
+        ("drop", "delete held messages without delivering them"),
+    )
+    for name, text in hold_actions:
+        action = hold_sub.add_parser(name, help=text)
+        if name == "show":
+            action.add_argument("hold_id")
+        else:
+            action.add_argument("--user")
+            action.add_argument("--device")
+            action.add_argument("--policy")
+        if name in ("release", "drop"):
+            action.add_argument("ids", nargs="*", metavar="HOLD_ID")
+            action.add_argument("--all", action="store_true", help="every held message")
+        action.add_argument("--json", action="store_true")
+        _add_config(action)
+        action.set_defaults(func=cmd_hold)
+
     demo = sub.add_parser(
         "demo", help="play the story (ban, deadline, retraction) end to end on loopback"
     )
     demo.set_defaults(func=lambda args: _run_demo())
     return parser
+
+
+# --- hold --------------------------------------------------------------------------------
+
+
+def _hold_filter(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    from gateway.hold_store import HoldFilter
+
+    return HoldFilter(user=args.user, device_id=args.device, policy_id=args.policy), list(
+        getattr(args, "ids", []) or []
+    )
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    from gateway.hold_store import HoldStore
+
+    settings = _settings(args)
+    store = HoldStore(settings.hold.database)
+    try:
+        where, ids = _hold_filter(args)
+        if args.hold_command == "list":
+            held = store.select(where)
+            if args.json:
+                _print_json([h.summary() for h in held])
+            else:
+                for h in held:
+                    flag = " (release requested)" if h.release_requested else ""
+                    print(
+                        f"{h.hold_id}  {h.received_at:%Y-%m-%d %H:%M}  {h.user:<28} {h.device_id:<16} "
+                        f"{','.join(h.policy_ids):<20} {h.size:>8} B{flag}"
+                    )
+                print(f"{len(held)} held message(s)", file=sys.stderr)
+            return EXIT_OK
+        if args.hold_command == "show":
+            message = store.get(args.hold_id)
+            if message is None:
+                raise CliError(f"no held message {args.hold_id}")
+            if args.json:
+                _print_json({**message.summary(), "claims": message.claims.summary()})
+            else:
+                for key, value in message.summary().items():
+                    print(f"{key + ':':<18} {value}")
+                print()
+                headers = (message.content or b"").split(b"\r\n\r\n", 1)[0]
+                print(headers.decode("utf-8", "replace"))
+            return EXIT_OK
+        if not ids and where == type(where)() and not args.all:
+            raise CliError("name hold ids, or a filter (--user, --device, --policy), or --all")
+        if args.hold_command == "release":
+            count = store.request_release(where, ids)
+            print(
+                f"{count} message(s) marked for release; the running gateway relays them within seconds"
+            )
+        else:
+            count = store.drop(where, ids)
+            print(f"{count} message(s) dropped")
+        return EXIT_OK
+    finally:
+        store.close()
 
 
 # --- serve / demo ------------------------------------------------------------------------

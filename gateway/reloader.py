@@ -104,10 +104,14 @@ class Reloader:
             await self.reload("watch")
 
     async def poll(self, interval: float, stop: asyncio.Event) -> None:
+        """Compare raw bytes with the version in force; the first check comes after 1 s,
+        covering edits made between start-up and the watcher being armed."""
+        wait = min(interval, 1.0)
         while not stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+                await asyncio.wait_for(stop.wait(), timeout=wait)
             except TimeoutError:
                 fingerprint = await asyncio.to_thread(directory_fingerprint, self.store)
                 if fingerprint is not None and fingerprint != self.store.current.version:
                     await self.reload("periodic")
+            wait = interval
