@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Action(enum.IntEnum):
@@ -168,9 +168,12 @@ class DeviceClaims:
         }
 
 
-@dataclass(frozen=True)
-class PolicyMatch:
-    """One policy that applied to a device, with what it contributed."""
+class PolicyMatch(NamedTuple):
+    """One policy that applied to a device, with what it contributed.
+
+    A NamedTuple rather than a frozen dataclass: equally immutable, and built on the
+    engine's hot path, where a frozen dataclass's per-field __setattr__ costs ~1 µs.
+    """
 
     policy_id: str
     action: Action  # what this policy asks for now (WARN during its announce phase)

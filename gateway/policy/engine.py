@@ -88,7 +88,8 @@ class CompiledPolicySet:
     def version(self) -> str:
         return self.source.version
 
-    def candidates(self, claims: DeviceClaims, user_groups: frozenset[str]) -> list[int]:
+    def candidates(self, claims: DeviceClaims, user_groups: frozenset[str]) -> set[int]:
+        """Positions of the policies that can apply; unordered (decide() sorts its result)."""
         found: set[int] = set(self.unanchored)
         hit = self.by_platform.get(claims.device.platform.value)
         if hit:
@@ -105,7 +106,7 @@ class CompiledPolicySet:
                 found.update(hit)
         for app in self.app_keys.intersection(claims.apps):
             found.update(self.by_app[app])
-        return sorted(found)
+        return found
 
 
 def compile_policy_set(policy_set: PolicySet) -> CompiledPolicySet:
