@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -80,7 +81,11 @@ class _Recorder:
 class FakeUpstream:
     """Use ``async with FakeUpstream.running() as upstream``; read ``upstream.messages``."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False
+    ) -> None:
+        self.tls_context = tls_context  # STARTTLS offered with this context (or implicit TLS)
+        self.implicit_tls = implicit_tls
         self.messages: list[ReceivedMessage] = []
         self.faults = Faults()
         self.received = asyncio.Event()
@@ -94,11 +99,15 @@ class FakeUpstream:
             _Recorder(self),
             hostname="upstream.test",
             data_size_limit=None,
+            tls_context=None if self.implicit_tls else self.tls_context,
             loop=asyncio.get_running_loop(),
         )
 
     async def start(self, host: str = "127.0.0.1") -> None:
-        self._server = await asyncio.get_running_loop().create_server(self._factory, host, 0)
+        ssl_context = self.tls_context if self.implicit_tls else None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._factory, host, 0, ssl=ssl_context
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -109,8 +118,10 @@ class FakeUpstream:
 
     @classmethod
     @asynccontextmanager
-    async def running(cls) -> AsyncIterator[FakeUpstream]:
-        upstream = cls()
+    async def running(
+        cls, tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False
+    ) -> AsyncIterator[FakeUpstream]:
+        upstream = cls(tls_context, implicit_tls)
         await upstream.start()
         try:
             yield upstream
