@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -348,3 +349,23 @@ async def test_implicit_tls_listener(tmp_path: Path, issuer: TestIssuer, ca: tru
         assert result.data is not None
         assert result.data[0] == 250
         assert len(upstream.messages) == 1
+
+
+async def test_idle_timeout_does_not_cut_off_a_message_being_relayed(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    async with gateway_with_upstream(tmp_path, issuer, smtp={"idle_timeout": 1}) as (gw, upstream):
+        upstream.faults.delay = 2.5  # the upstream takes longer than the idle timeout
+        result = await FakeDevice(issuer).send(gw.port)
+        assert result.data == (250, "2.0.0 Message accepted for delivery")
+        assert len(upstream.messages) == 1
+
+
+async def test_idle_client_gets_421_4_4_2(tmp_path: Path, issuer: TestIssuer) -> None:
+    async with gateway_with_upstream(tmp_path, issuer, smtp={"idle_timeout": 1}) as (gw, _):
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        assert (await reader.readline()).startswith(b"220 ")
+        line = await asyncio.wait_for(reader.readline(), timeout=5)
+        assert line == b"421 4.4.2 Timeout exceeded, closing connection\r\n"
+        assert await reader.read() == b""
+        writer.close()
