@@ -242,23 +242,24 @@ class HoldStore:
         marks = ",".join("?" * len(hold_ids))
         return self._write(f"DELETE FROM held WHERE hold_id IN ({marks})", list(hold_ids))
 
-    def request_release(self, where: HoldFilter, hold_ids: Sequence[str] = ()) -> int:
+    @staticmethod
+    def _selection(where: HoldFilter, hold_ids: Sequence[str]) -> tuple[str, list[object]]:
+        """WHERE clause for a filter, narrowed to the given ids when there are any."""
         clause, params = where.where()
         if hold_ids:
             marks = ",".join("?" * len(hold_ids))
             clause += (" AND " if clause else " WHERE ") + f"hold_id IN ({marks})"
             params += list(hold_ids)
+        return clause, params
+
+    def request_release(self, where: HoldFilter, hold_ids: Sequence[str] = ()) -> int:
+        clause, params = self._selection(where, hold_ids)
         return self._write(
-            f"UPDATE held SET release_requested = 1, next_attempt = 0{clause}",
-            params,  # fixed column list, values bound as parameters
+            f"UPDATE held SET release_requested = 1, next_attempt = 0{clause}", params
         )
 
     def drop(self, where: HoldFilter, hold_ids: Sequence[str] = ()) -> int:
-        clause, params = where.where()
-        if hold_ids:
-            marks = ",".join("?" * len(hold_ids))
-            clause += (" AND " if clause else " WHERE ") + f"hold_id IN ({marks})"
-            params += list(hold_ids)
+        clause, params = self._selection(where, hold_ids)
         return self._write(f"DELETE FROM held{clause}", params)
 
     def postpone(self, hold_id: str, next_attempt: float, error: str) -> None:

@@ -118,34 +118,20 @@ class Submission:
         try:
             claims = self.verifier.verify(credentials.token, self.clock())
         except TokenError as exc:
-            log.info(
-                "auth_failed",
-                session=facts.session_id,
-                peer=facts.peer,
-                mechanism=credentials.mechanism,
-                user=credentials.user,
-                reason=exc.reason,
+            return self._auth_failed(
+                facts,
+                credentials,
+                exc.reason,
+                f"Device token refused ({exc.reason})",
                 detail=str(exc),
             )
-            return AuthOutcome(
-                replies.AUTH_FAILED.with_text(f"Device token refused ({exc.reason})"),
-                None,
-                exc.reason,
-            )
         if credentials.user is not None and credentials.user.casefold() != claims.user:
-            log.info(
-                "auth_failed",
-                session=facts.session_id,
-                peer=facts.peer,
-                mechanism=credentials.mechanism,
-                user=credentials.user,
-                reason="user_mismatch",
-                token_sub=claims.subject,
-            )
-            return AuthOutcome(
-                replies.AUTH_FAILED.with_text("SASL user does not match the device token"),
-                None,
+            return self._auth_failed(
+                facts,
+                credentials,
                 "user_mismatch",
+                "SASL user does not match the device token",
+                token_sub=claims.subject,
             )
         facts.claims = claims
         facts.mechanism = credentials.mechanism
@@ -160,6 +146,22 @@ class Submission:
         if self.on_authenticated is not None:
             self.on_authenticated(claims)
         return AuthOutcome(replies.AUTH_OK, claims)
+
+    @staticmethod
+    def _auth_failed(
+        facts: SessionFacts, credentials: Credentials, reason: str, text: str, **details: str
+    ) -> AuthOutcome:
+        """The client gets a short hint; the full reason goes to the log (never the token)."""
+        log.info(
+            "auth_failed",
+            session=facts.session_id,
+            peer=facts.peer,
+            mechanism=credentials.mechanism,
+            user=credentials.user,
+            reason=reason,
+            **details,
+        )
+        return AuthOutcome(replies.AUTH_FAILED.with_text(text), None, reason)
 
     # --- MAIL ---------------------------------------------------------------------------
 
