@@ -68,6 +68,11 @@ class Releaser:
     def note_held(self, device_id: str) -> None:
         self.devices_with_mail.add(device_id)
 
+    async def idle(self) -> None:
+        """Wait for a release pass in progress to finish."""
+        async with self._lock:
+            return
+
     async def run(
         self, *, device_id: str | None = None, newer_claims: DeviceClaims | None = None
     ) -> ReleaseReport:
@@ -100,7 +105,9 @@ class Releaser:
                     continue
                 reply = await self._relay(held, held.sender, held.recipients, held.content or b"")
                 if reply.is_success:
-                    await self.store.remove([held.hold_id])
+                    # Shielded: once the upstream took it, a shutdown must not keep the row
+                    # (which would send it again after restart).
+                    await asyncio.shield(self.store.remove([held.hold_id]))
                     report.released.append(held.hold_id)
                     progress = True
                     log.info(

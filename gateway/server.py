@@ -222,6 +222,13 @@ class GatewayServer:
         for server in self._servers:
             await server.wait_closed()
         self._background_stop.set()
+        remaining = max(0.5, deadline - asyncio.get_running_loop().time())
+        try:
+            await asyncio.wait_for(self.releaser.idle(), timeout=remaining)
+        except TimeoutError:
+            log.warning(
+                "release_interrupted", note="messages in flight may be sent again after restart"
+            )
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
