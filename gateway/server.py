@@ -87,7 +87,9 @@ class GatewayServer:
             holder=self.hold_store,
             on_authenticated=self._device_authenticated,
             on_held=self.releaser.note_held,
+            before_mail=self._released_first,
         )
+        self._device_releases: dict[str, asyncio.Task[Any]] = {}
         self.sessions: set[SubmissionSMTP] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self._stopped = asyncio.Event()
@@ -116,10 +118,22 @@ class GatewayServer:
             self.spawn(self.releaser.run(), "release-after-reload")
 
     def _device_authenticated(self, claims: DeviceClaims) -> None:
-        if claims.device.id in self.releaser.devices_with_mail:
-            self.spawn(
-                self.releaser.run(device_id=claims.device.id, newer_claims=claims), "release-device"
+        device_id = claims.device.id
+        if device_id in self.releaser.devices_with_mail:
+            task = self.spawn(
+                self.releaser.run(device_id=device_id, newer_claims=claims), "release-device"
             )
+            self._device_releases[device_id] = task
+            task.add_done_callback(lambda _: self._device_releases.pop(device_id, None))
+
+    async def _released_first(self, claims: DeviceClaims) -> None:
+        """New mail waits (briefly) for the device's held mail being released: order kept."""
+        task = self._device_releases.get(claims.device.id)
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=self.settings.upstream.timeout)
+            except Exception:  # the release goes on in the background; the new mail proceeds
+                log.warning("release_wait_abandoned", device_id=claims.device.id)
 
     async def _release_ticker(self) -> None:
         while not self._background_stop.is_set():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -102,6 +102,7 @@ class Submission:
         holder: Holder | None = None,
         on_authenticated: Callable[[DeviceClaims], None] | None = None,
         on_held: Callable[[str], None] | None = None,
+        before_mail: Callable[[DeviceClaims], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.verifier = verifier
@@ -111,6 +112,7 @@ class Submission:
         self.holder = holder
         self.on_authenticated = on_authenticated  # e.g. re-evaluate this device's held mail
         self.on_held = on_held
+        self.before_mail = before_mail  # e.g. let this device's held mail go out first
 
     # --- AUTH ---------------------------------------------------------------------------
 
@@ -179,6 +181,8 @@ class Submission:
         if sender and not self.settings.may_send_as(claims.subject, sender):
             log.info("sender_refused", session=facts.session_id, user=claims.subject, sender=sender)
             return replies.SENDER_NOT_OWNED, None
+        if self.before_mail is not None:
+            await self.before_mail(claims)
         decision = decide(self.policies.current, claims, now)
         transaction = Transaction(sender=sender, decision=decision, started=time.monotonic())
         if decision.action is Action.DEFER or (
