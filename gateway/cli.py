@@ -307,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(serve)
     serve.set_defaults(func=cmd_serve)
 
+    impact = sub.add_parser(
+        "impact", help="who a policy change would newly block or release (device inventory)"
+    )
+    impact.add_argument(
+        "candidate_dir",
+        nargs="?",
+        help="candidate policy directory (default: impact of the live set)",
+    )
+    impact.add_argument("--at", help="evaluate at this ISO 8601 time (default: now)")
+    impact.add_argument("--json", action="store_true")
+    _add_config(impact)
+    impact.set_defaults(func=cmd_impact)
+
     hold = sub.add_parser("hold", help="list, show, release and drop held mail")
     hold_sub = hold.add_subparsers(dest="hold_command", required=True, metavar="ACTION")
     hold_actions = (
@@ -335,6 +348,64 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=lambda args: _run_demo())
     return parser
+
+
+# --- impact ------------------------------------------------------------------------------
+
+
+def cmd_impact(args: argparse.Namespace) -> int:
+    from gateway.hold_store import HoldStore
+    from gateway.impact import assess
+    from gateway.policy.model import PolicySet
+
+    settings = _settings(args)
+    now = _parse_time(args.at) if args.at else datetime.now(UTC)
+    live = compile_policy_set(load_policy_dir(settings.policy_dir, settings.groups))
+    if args.candidate_dir:
+        candidate = compile_policy_set(load_policy_dir(Path(args.candidate_dir), settings.groups))
+    else:  # no candidate: what the live policies do, compared with having none
+        candidate, live = live, compile_policy_set(PolicySet((), "none", settings.groups))
+    store = HoldStore(settings.hold.database)
+    try:
+        devices = store.devices(now - settings.inventory_retention)
+    finally:
+        store.close()
+    report = assess(live, candidate, devices, now)
+    if args.json:
+        _print_json(
+            {
+                "at": now.isoformat(),
+                "live_version": live.version,
+                "candidate_version": candidate.version,
+                **report.as_dict(),
+            }
+        )
+        return EXIT_OK
+    print(
+        f"{report.devices} device(s) seen in the last {settings.inventory_retention.days} days, at {now.isoformat()}"
+    )
+    for title, key in (
+        ("newly warned", "newly_warned"),
+        ("newly deferred", "newly_deferred"),
+        ("newly held", "newly_held"),
+        ("newly rejected", "newly_rejected"),
+        ("released", "released"),
+    ):
+        rows = report.as_dict()[key]
+        assert isinstance(rows, list)
+        print(f"{title + ':':<16} {len(rows)} device(s), {len({r['user'] for r in rows})} user(s)")
+        for row in rows:
+            print(
+                f"    {row['device_id']:<24} {row['user']:<30} {row['before']} -> {row['after']}  {','.join(row['policy_ids'])}"
+            )
+    limit = settings.max_newly_blocked_devices
+    blocked = len(report.newly_blocked)
+    if limit is not None and blocked > limit:
+        print(
+            f"guard: {blocked} newly blocked > max_newly_blocked_devices {limit}: the reload will be refused "
+            f"unless the changed policy sets confirm_impact = {blocked}"
+        )
+    return EXIT_OK
 
 
 # --- hold --------------------------------------------------------------------------------

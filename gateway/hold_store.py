@@ -49,6 +49,15 @@ CREATE TABLE IF NOT EXISTS held (
 );
 CREATE INDEX IF NOT EXISTS held_device ON held (device_id, seq);
 CREATE INDEX IF NOT EXISTS held_user ON held (user);
+
+-- Device inventory: the last claims each device presented (no tokens, no mail), kept for
+-- impact previews and the reload guard; pruned after the retention period.
+CREATE TABLE IF NOT EXISTS devices (
+    device_id  TEXT PRIMARY KEY,
+    user       TEXT NOT NULL,
+    claims     TEXT NOT NULL,
+    last_seen  REAL NOT NULL
+);
 """
 
 
@@ -268,6 +277,33 @@ class HoldStore:
             (next_attempt, error, hold_id),
         )
 
+    def record_devices(self, seen: Sequence[tuple[DeviceClaims, float]]) -> None:
+        """Upsert the inventory in one transaction (called in batches, not per AUTH)."""
+        if not seen:
+            return
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT INTO devices (device_id, user, claims, last_seen) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(device_id) DO UPDATE SET user = excluded.user, claims = excluded.claims, "
+                "last_seen = excluded.last_seen",
+                [(c.device.id, c.user, json.dumps(c.to_json()), at) for c, at in seen],
+            )
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._db.execute("ROLLBACK")
+            raise HoldStoreError(f"inventory write failed: {exc}") from exc
+
+    def devices(self, seen_since: datetime) -> list[DeviceClaims]:
+        rows = self._db.execute(
+            "SELECT claims FROM devices WHERE last_seen >= ? ORDER BY device_id",
+            (seen_since.timestamp(),),
+        )
+        return [DeviceClaims.from_json(json.loads(row[0])) for row in rows]
+
+    def prune_devices(self, seen_before: datetime) -> int:
+        return self._write("DELETE FROM devices WHERE last_seen < ?", (seen_before.timestamp(),))
+
     def expired(self, before: datetime) -> list[HeldMessage]:
         rows = self._db.execute(
             f"SELECT {_COLUMNS}, message FROM held WHERE received_at < ? ORDER BY seq",
@@ -313,6 +349,15 @@ class AsyncHoldStore:
 
     async def expired(self, before: datetime) -> list[HeldMessage]:
         return await self._run(lambda store: store.expired(before))
+
+    async def record_devices(self, seen: Sequence[tuple[DeviceClaims, float]]) -> None:
+        await self._run(lambda store: store.record_devices(seen))
+
+    async def devices(self, seen_since: datetime) -> list[DeviceClaims]:
+        return await self._run(lambda store: store.devices(seen_since))
+
+    async def prune_devices(self, seen_before: datetime) -> int:
+        return await self._run(lambda store: store.prune_devices(seen_before))
 
     async def device_ids(self) -> set[str]:
         return await self._run(lambda store: store.device_ids())

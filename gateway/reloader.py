@@ -20,11 +20,15 @@ from pathlib import Path
 import structlog
 import watchfiles
 
-from gateway.errors import PolicyLoadError
+from gateway.errors import PolicyLoadError, Problem
+from gateway.policy.engine import CompiledPolicySet
 from gateway.policy.loader import policy_files, policy_version
 from gateway.policy_store import PolicyStore, ReloadResult
 
 log = structlog.get_logger("gateway.reload")
+
+# Given (in force, candidate), a reason to refuse the candidate, or None to accept it.
+Guard = Callable[[CompiledPolicySet, CompiledPolicySet], str | None]
 
 
 def directory_fingerprint(store: PolicyStore) -> str | None:
@@ -41,10 +45,14 @@ def directory_fingerprint(store: PolicyStore) -> str | None:
 
 class Reloader:
     def __init__(
-        self, store: PolicyStore, on_reloaded: Callable[[ReloadResult], Awaitable[None]]
+        self,
+        store: PolicyStore,
+        on_reloaded: Callable[[ReloadResult], Awaitable[None]],
+        guard: Guard | None = None,
     ) -> None:
         self.store = store
         self.on_reloaded = on_reloaded
+        self.guard = guard
         self._lock = asyncio.Lock()
         self.reloads = 0
         self.failures = 0
@@ -78,6 +86,25 @@ class Reloader:
                 self.store.last_result = result
                 self.failures += 1
                 log.exception("policy_reload_crashed", trigger=trigger, error=type(exc).__name__)
+                return result
+            refusal = self.guard(self.store.current, new) if self.guard else None
+            if refusal is not None:
+                problem = Problem(str(self.store.directory), None, "confirm_impact", refusal)
+                result = ReloadResult(
+                    False,
+                    self.store.current.version,
+                    trigger,
+                    time.perf_counter() - started,
+                    problems=(problem,),
+                )
+                self.store.last_result = result
+                self.failures += 1
+                log.error(
+                    "policy_reload_refused",
+                    trigger=trigger,
+                    kept_version=result.version,
+                    reason=refusal,
+                )
                 return result
             if new.version == self.store.current.version:
                 return ReloadResult(True, new.version, trigger, time.perf_counter() - started)

@@ -23,8 +23,10 @@ import structlog
 from gateway import replies
 from gateway.domain import DeviceClaims
 from gateway.hold_store import AsyncHoldStore
+from gateway.impact import assess, confirmed_impact
 from gateway.mx import MxRouter
-from gateway.policy_store import PolicyStore, ReloadResult
+from gateway.policy.engine import CompiledPolicySet
+from gateway.policy_store import PolicyDiff, PolicyStore, ReloadResult
 from gateway.relay import Relay
 from gateway.release import Releaser
 from gateway.reloader import Reloader
@@ -77,7 +79,9 @@ class GatewayServer:
             settings.smtp.hostname,
             settings.hold.expire_after,
         )
-        self.reloader = Reloader(self.policies, self._after_reload)
+        self.reloader = Reloader(self.policies, self._after_reload, guard=self._blast_radius_guard)
+        self.inventory: dict[str, DeviceClaims] = {}  # last claims per device, recently seen
+        self._inventory_pending: list[tuple[DeviceClaims, float]] = []
         self.submission = Submission(
             settings,
             TokenVerifier(settings.tokens),
@@ -119,6 +123,8 @@ class GatewayServer:
 
     def _device_authenticated(self, claims: DeviceClaims) -> None:
         device_id = claims.device.id
+        self.inventory[device_id] = claims
+        self._inventory_pending.append((claims, self.clock().timestamp()))
         if device_id in self.releaser.devices_with_mail:
             task = self.spawn(
                 self.releaser.run(device_id=device_id, newer_claims=claims), "release-device"
@@ -142,6 +148,31 @@ class GatewayServer:
             except TimeoutError:
                 await self.releaser.run()
                 await self.releaser.expire()
+                await self._flush_inventory()
+
+    async def _flush_inventory(self) -> None:
+        pending, self._inventory_pending = self._inventory_pending, []
+        await self.hold_store.record_devices(pending)
+        await self.hold_store.prune_devices(self.clock() - self.settings.inventory_retention)
+
+    def _blast_radius_guard(
+        self, live: CompiledPolicySet, candidate: CompiledPolicySet
+    ) -> str | None:
+        """Refuse a change that would newly hold or reject more devices than configured."""
+        limit = self.settings.max_newly_blocked_devices
+        if limit is None:
+            return None
+        report = assess(live, candidate, list(self.inventory.values()), self.clock())
+        blocked = len(report.newly_blocked)
+        if blocked <= limit:
+            return None
+        confirmed = confirmed_impact(candidate, PolicyDiff.between(live.source, candidate.source))
+        if confirmed >= blocked:
+            return None
+        return (
+            f"this change would newly hold or reject {blocked} devices (limit {limit}); "
+            f"check with `gateway impact`, then set confirm_impact = {blocked} on the changed policy"
+        )
 
     async def reload(self, trigger: str) -> ReloadResult:
         return await self.reloader.reload(trigger)
@@ -169,6 +200,10 @@ class GatewayServer:
         )
         await self.hold_store.open()
         await self.releaser.start()
+        for claims in await self.hold_store.devices(
+            self.clock() - self.settings.inventory_retention
+        ):
+            self.inventory[claims.device.id] = claims
         loop = asyncio.get_running_loop()
         tls_context = server_tls_context(self.settings)
         smtp = self.settings.smtp
@@ -247,6 +282,7 @@ class GatewayServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.relay.close()
+        await self._flush_inventory()
         await self.hold_store.close()
         log.info("stopped")
 

@@ -102,6 +102,8 @@ class Settings:
     upstream: UpstreamSettings
     hold: HoldSettings
     reload_interval: float = 30.0  # seconds between periodic checks of the policy directory
+    max_newly_blocked_devices: int | None = None  # reload guard; None: no guard
+    inventory_retention: timedelta = timedelta(days=30)
     groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
     aliases: Mapping[str, frozenset[str]] = field(default_factory=dict)  # user -> extra senders
 
@@ -291,6 +293,8 @@ def load_settings(path: Path) -> Settings:
     gateway = root.table("gateway")
     policy_dir = _path(gateway, "policy_dir", base) if gateway else None
     reload_interval = gateway.number("reload_interval", minimum=0.1) if gateway else None
+    max_blocked = gateway.integer("max_newly_blocked_devices", minimum=0) if gateway else None
+    retention_days = gateway.number("inventory_retention_days", minimum=0.01) if gateway else None
     if gateway:
         gateway.finish()
     tokens = _read_tokens(root.table("tokens", required=True), base)
@@ -314,6 +318,8 @@ def load_settings(path: Path) -> Settings:
         path=path,
         policy_dir=policy_dir or base / "policies",
         reload_interval=reload_interval or 30.0,
+        max_newly_blocked_devices=max_blocked,
+        inventory_retention=timedelta(days=retention_days or 30),
         tokens=tokens,
         smtp=smtp,
         upstream=upstream,

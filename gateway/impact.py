@@ -1,0 +1,103 @@
+"""Impact of a policy change over the devices seen recently. Pure: no I/O, time passed in.
+
+For each device in the inventory, decide under the live set and under the candidate
+set, and classify the change: newly warned, deferred, held or rejected, or released
+(blocked before, not any more). This is the check that would have caught "sent in error":
+run it before a ban is enforced, and let the reload guard refuse a change that would
+newly block more devices than configured, unless the change says it knows
+(``confirm_impact = N``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from gateway.domain import Action, DeviceClaims
+from gateway.policy.engine import CompiledPolicySet, decide
+from gateway.policy_store import PolicyDiff
+
+BLOCKING = (Action.DEFER, Action.HOLD, Action.REJECT)
+
+
+@dataclass(frozen=True)
+class DeviceChange:
+    device_id: str
+    user: str
+    before: Action
+    after: Action
+    policy_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ImpactReport:
+    devices: int
+    changes: tuple[DeviceChange, ...] = field(default_factory=tuple)
+
+    def newly(self, action: Action) -> list[DeviceChange]:
+        return [c for c in self.changes if c.after is action and c.before < action]
+
+    @property
+    def newly_blocked(self) -> list[DeviceChange]:
+        """Devices that could send before and would be held or rejected after."""
+        return [
+            c
+            for c in self.changes
+            if c.after in (Action.HOLD, Action.REJECT) and c.before not in BLOCKING
+        ]
+
+    @property
+    def released(self) -> list[DeviceChange]:
+        return [c for c in self.changes if c.before in BLOCKING and c.after not in BLOCKING]
+
+    def as_dict(self) -> dict[str, object]:
+        def rows(changes: list[DeviceChange]) -> list[dict[str, object]]:
+            return [
+                {"device_id": c.device_id, "user": c.user, "before": c.before.label, "after": c.after.label,
+                 "policy_ids": list(c.policy_ids)}
+                for c in changes
+            ]  # fmt: skip
+
+        return {
+            "devices_considered": self.devices,
+            "newly_warned": rows(self.newly(Action.WARN)),
+            "newly_deferred": rows(self.newly(Action.DEFER)),
+            "newly_held": rows(self.newly(Action.HOLD)),
+            "newly_rejected": rows(self.newly(Action.REJECT)),
+            "released": rows(self.released),
+            "newly_blocked_devices": len(self.newly_blocked),
+        }
+
+
+def assess(
+    live: CompiledPolicySet,
+    candidate: CompiledPolicySet,
+    devices: Iterable[DeviceClaims],
+    now: datetime,
+) -> ImpactReport:
+    changes = []
+    count = 0
+    for claims in devices:
+        count += 1
+        before = decide(live, claims, now)
+        after = decide(candidate, claims, now)
+        if before.action is not after.action:
+            changes.append(
+                DeviceChange(
+                    claims.device.id,
+                    claims.subject,
+                    before.action,
+                    after.action,
+                    after.policy_ids or before.policy_ids,
+                )
+            )
+    return ImpactReport(count, tuple(changes))
+
+
+def confirmed_impact(candidate: CompiledPolicySet, diff: PolicyDiff) -> int:
+    """The largest confirm_impact among the policies this change adds or changes."""
+    touched = set(diff.added) | set(diff.changed)
+    return max(
+        (p.confirm_impact or 0 for p in candidate.source.policies if p.id in touched), default=0
+    )
