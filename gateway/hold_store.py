@@ -52,6 +52,14 @@ CREATE INDEX IF NOT EXISTS held_user ON held (user);
 
 -- Device inventory: the last claims each device presented (no tokens, no mail), kept for
 -- impact previews and the reload guard; pruned after the retention period.
+-- Notices sent, at most one per device, policy and phase.
+CREATE TABLE IF NOT EXISTS notices (
+    device_id  TEXT NOT NULL,
+    policy_id  TEXT NOT NULL,
+    phase      TEXT NOT NULL,
+    sent_at    REAL NOT NULL,
+    PRIMARY KEY (device_id, policy_id, phase)
+);
 CREATE TABLE IF NOT EXISTS devices (
     device_id  TEXT PRIMARY KEY,
     user       TEXT NOT NULL,
@@ -294,6 +302,22 @@ class HoldStore:
             self._db.execute("ROLLBACK")
             raise HoldStoreError(f"inventory write failed: {exc}") from exc
 
+    def claim_notice(self, device_id: str, policy_id: str, phase: str, now: datetime) -> bool:
+        """True if this notice was not sent before (and is now recorded as sent)."""
+        return (
+            self._write(
+                "INSERT OR IGNORE INTO notices (device_id, policy_id, phase, sent_at) VALUES (?, ?, ?, ?)",
+                (device_id, policy_id, phase, now.timestamp()),
+            )
+            == 1
+        )
+
+    def unclaim_notice(self, device_id: str, policy_id: str, phase: str) -> None:
+        self._write(
+            "DELETE FROM notices WHERE device_id = ? AND policy_id = ? AND phase = ?",
+            (device_id, policy_id, phase),
+        )
+
     def devices(self, seen_since: datetime) -> list[DeviceClaims]:
         rows = self._db.execute(
             "SELECT claims FROM devices WHERE last_seen >= ? ORDER BY device_id",
@@ -352,6 +376,12 @@ class AsyncHoldStore:
 
     async def record_devices(self, seen: Sequence[tuple[DeviceClaims, float]]) -> None:
         await self._run(lambda store: store.record_devices(seen))
+
+    async def claim_notice(self, device_id: str, policy_id: str, phase: str, now: datetime) -> bool:
+        return await self._run(lambda store: store.claim_notice(device_id, policy_id, phase, now))
+
+    async def unclaim_notice(self, device_id: str, policy_id: str, phase: str) -> None:
+        await self._run(lambda store: store.unclaim_notice(device_id, policy_id, phase))
 
     async def devices(self, seen_since: datetime) -> list[DeviceClaims]:
         return await self._run(lambda store: store.devices(seen_since))

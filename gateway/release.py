@@ -13,7 +13,7 @@ device's run and is retried with exponential backoff.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -52,6 +52,7 @@ class Releaser:
         clock: Clock,
         hostname: str,
         expire_after: timedelta,
+        on_released: Callable[[HeldMessage], None] | None = None,
     ) -> None:
         self.store = store
         self.relay = relay
@@ -61,6 +62,7 @@ class Releaser:
         self.expire_after = expire_after
         self._lock = asyncio.Lock()
         self.devices_with_mail: set[str] = set()
+        self.on_released = on_released
 
     async def start(self) -> None:
         self.devices_with_mail = await self.store.device_ids()
@@ -109,6 +111,8 @@ class Releaser:
                     # (which would send it again after restart).
                     await asyncio.shield(self.store.remove([held.hold_id]))
                     report.released.append(held.hold_id)
+                    if self.on_released is not None:
+                        self.on_released(held)
                     progress = True
                     log.info(
                         "released",

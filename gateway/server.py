@@ -21,10 +21,11 @@ from typing import Any
 import structlog
 
 from gateway import replies
-from gateway.domain import DeviceClaims
-from gateway.hold_store import AsyncHoldStore
+from gateway.domain import Action, Decision, DeviceClaims
+from gateway.hold_store import AsyncHoldStore, HeldMessage
 from gateway.impact import assess, confirmed_impact
 from gateway.mx import MxRouter
+from gateway.notices import Notifier
 from gateway.policy.engine import CompiledPolicySet
 from gateway.policy_store import PolicyDiff, PolicyStore, ReloadResult
 from gateway.relay import Relay
@@ -79,6 +80,13 @@ class GatewayServer:
             settings.smtp.hostname,
             settings.hold.expire_after,
         )
+        sender = settings.notice_sender or f"compliance-gateway@{settings.smtp.hostname}"
+        self.notifier = (
+            Notifier(self.hold_store, self.relay, sender, settings.smtp.hostname)
+            if settings.notices
+            else None
+        )
+        self.releaser.on_released = self._notify_released
         self.reloader = Reloader(self.policies, self._after_reload, guard=self._blast_radius_guard)
         self.inventory: dict[str, DeviceClaims] = {}  # last claims per device, recently seen
         self._inventory_pending: list[tuple[DeviceClaims, float]] = []
@@ -92,6 +100,7 @@ class GatewayServer:
             on_authenticated=self._device_authenticated,
             on_held=self.releaser.note_held,
             before_mail=self._released_first,
+            on_decision=self._notify_decision,
         )
         self._device_releases: dict[str, asyncio.Task[Any]] = {}
         self.sessions: set[SubmissionSMTP] = set()
@@ -131,6 +140,37 @@ class GatewayServer:
             )
             self._device_releases[device_id] = task
             task.add_done_callback(lambda _: self._device_releases.pop(device_id, None))
+
+    def _notify_decision(self, claims: DeviceClaims, decision: Decision) -> None:
+        if self.notifier is None or decision.action not in (Action.WARN, Action.HOLD):
+            return
+        phase = decision.action.label
+        for match in decision.matches:
+            if match.action is decision.action:
+                coroutine = self.notifier.notify(
+                    claims.subject,
+                    claims.device.id,
+                    match.policy_id,
+                    phase,
+                    match.message,
+                    self.clock(),
+                )
+                self.spawn(coroutine, "notice")
+
+    def _notify_released(self, held: HeldMessage) -> None:
+        if self.notifier is None:
+            return
+        text = (
+            f"Mail held from your device {held.device_id} by policy {', '.join(held.policy_ids)} "
+            "has now been sent: the device complies, or the policy was lifted."
+        )
+        for policy_id in held.policy_ids:
+            self.spawn(
+                self.notifier.notify(
+                    held.user, held.device_id, policy_id, "released", text, self.clock()
+                ),
+                "notice",
+            )
 
     async def _released_first(self, claims: DeviceClaims) -> None:
         """New mail waits (briefly) for the device's held mail being released: order kept."""

@@ -104,6 +104,8 @@ class Settings:
     reload_interval: float = 30.0  # seconds between periodic checks of the policy directory
     max_newly_blocked_devices: int | None = None  # reload guard; None: no guard
     inventory_retention: timedelta = timedelta(days=30)
+    notices: bool = True  # notice mails to users (warn, hold, released)
+    notice_sender: str | None = None  # default: compliance-gateway@<smtp.hostname>
     groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
     aliases: Mapping[str, frozenset[str]] = field(default_factory=dict)  # user -> extra senders
 
@@ -295,6 +297,8 @@ def load_settings(path: Path) -> Settings:
     reload_interval = gateway.number("reload_interval", minimum=0.1) if gateway else None
     max_blocked = gateway.integer("max_newly_blocked_devices", minimum=0) if gateway else None
     retention_days = gateway.number("inventory_retention_days", minimum=0.01) if gateway else None
+    notices_flag = gateway.flag("notices") if gateway else None
+    notice_sender = gateway.text("notice_sender") if gateway else None
     if gateway:
         gateway.finish()
     tokens = _read_tokens(root.table("tokens", required=True), base)
@@ -320,6 +324,8 @@ def load_settings(path: Path) -> Settings:
         reload_interval=reload_interval or 30.0,
         max_newly_blocked_devices=max_blocked,
         inventory_retention=timedelta(days=retention_days or 30),
+        notices=notices_flag is not False,
+        notice_sender=notice_sender,
         tokens=tokens,
         smtp=smtp,
         upstream=upstream,

@@ -103,6 +103,7 @@ class Submission:
         on_authenticated: Callable[[DeviceClaims], None] | None = None,
         on_held: Callable[[str], None] | None = None,
         before_mail: Callable[[DeviceClaims], Awaitable[None]] | None = None,
+        on_decision: Callable[[DeviceClaims, Decision], None] | None = None,
     ) -> None:
         self.settings = settings
         self.verifier = verifier
@@ -113,6 +114,7 @@ class Submission:
         self.on_authenticated = on_authenticated  # e.g. re-evaluate this device's held mail
         self.on_held = on_held
         self.before_mail = before_mail  # e.g. let this device's held mail go out first
+        self.on_decision = on_decision  # e.g. notices
 
     # --- AUTH ---------------------------------------------------------------------------
 
@@ -184,6 +186,8 @@ class Submission:
         if self.before_mail is not None:
             await self.before_mail(claims)
         decision = decide(self.policies.current, claims, now)
+        if self.on_decision is not None and decision.action is not Action.ALLOW:
+            self.on_decision(claims, decision)
         transaction = Transaction(sender=sender, decision=decision, started=time.monotonic())
         if decision.action is Action.DEFER or (
             decision.action is Action.HOLD and self.holder is None

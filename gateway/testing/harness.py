@@ -25,8 +25,11 @@ def write_config(
     policies: Mapping[str, str] | None = None,
     smtp: Mapping[str, object] | None = None,
     extra: str = "",
+    notices: bool = False,
 ) -> Path:
     """Write gateway.toml, the issuer's JWKS and policy files; returns the config path.
+
+    Notice mails are off unless ``notices=True``, so tests count only their own mail.
 
     ``smtp`` entries override [smtp] keys (values are written as TOML literals).
     """
@@ -49,6 +52,7 @@ def write_config(
         f"""
 [gateway]
 policy_dir = "policies"
+notices = {"true" if notices else "false"}
 
 [smtp]
 {smtp_lines}
