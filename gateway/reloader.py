@@ -57,55 +57,41 @@ class Reloader:
         self.reloads = 0
         self.failures = 0
 
+    def _kept(
+        self, trigger: str, started: float, problems: tuple[Problem, ...], event: str
+    ) -> ReloadResult:
+        """A reload that did not happen: the last good set stays, and the failure shows."""
+        result = ReloadResult(
+            False,
+            self.store.current.version,
+            trigger,
+            time.perf_counter() - started,
+            problems=problems,
+        )
+        self.store.last_result = result
+        self.failures += 1
+        log.error(
+            event, trigger=trigger, kept_version=result.version, problems=[str(p) for p in problems]
+        )
+        return result
+
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
             started = time.perf_counter()
             try:
                 new = await asyncio.to_thread(self.store.build)
             except PolicyLoadError as exc:
-                result = ReloadResult(
-                    False,
-                    self.store.current.version,
-                    trigger,
-                    time.perf_counter() - started,
-                    problems=exc.problems,
-                )
-                self.store.last_result = result
-                self.failures += 1
-                log.error(
-                    "policy_reload_failed",
-                    trigger=trigger,
-                    kept_version=result.version,
-                    problems=[str(p) for p in exc.problems],
-                )
-                return result
+                return self._kept(trigger, started, exc.problems, "policy_reload_failed")
             except Exception as exc:  # a reload must never take the server down
-                result = ReloadResult(
-                    False, self.store.current.version, trigger, time.perf_counter() - started
-                )
-                self.store.last_result = result
-                self.failures += 1
                 log.exception("policy_reload_crashed", trigger=trigger, error=type(exc).__name__)
-                return result
+                problem = Problem(
+                    str(self.store.directory), None, "", f"reload failed: {type(exc).__name__}"
+                )
+                return self._kept(trigger, started, (problem,), "policy_reload_failed")
             refusal = self.guard(self.store.current, new) if self.guard else None
             if refusal is not None:
                 problem = Problem(str(self.store.directory), None, "confirm_impact", refusal)
-                result = ReloadResult(
-                    False,
-                    self.store.current.version,
-                    trigger,
-                    time.perf_counter() - started,
-                    problems=(problem,),
-                )
-                self.store.last_result = result
-                self.failures += 1
-                log.error(
-                    "policy_reload_refused",
-                    trigger=trigger,
-                    kept_version=result.version,
-                    reason=refusal,
-                )
-                return result
+                return self._kept(trigger, started, (problem,), "policy_reload_refused")
             if new.version == self.store.current.version:
                 return ReloadResult(True, new.version, trigger, time.perf_counter() - started)
             result = self.store.swap(new, trigger, started)
