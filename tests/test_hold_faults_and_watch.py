@@ -15,15 +15,7 @@ from gateway.testing.device import FakeDevice
 from gateway.testing.harness import running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
-
-TIKTOK = "com.zhiliaoapp.musically"
-BAN = f"""
-[[policy]]
-id = "remove-tiktok"
-match.apps_any = ["{TIKTOK}"]
-action = "{{action}}"
-message = "Remove TikTok."
-"""
+from tests.stories import TIKTOK, tiktok_ban
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +30,7 @@ async def test_locked_store_gives_451_4_3_0_and_no_row(tmp_path: Path, issuer: T
             tmp_path,
             issuer=issuer,
             upstream_port=upstream.port,
-            policies={"ban.toml": BAN.format(action="hold")},
+            policies={"ban.toml": tiktok_ban("hold", phones_only=False)},
         )
         async with running_gateway(config) as gateway:
             locker = sqlite3.connect(str(gateway.settings.hold.database), isolation_level=None)
@@ -59,7 +51,7 @@ async def test_expired_held_mail_bounces_with_a_dsn(tmp_path: Path, issuer: Test
     clock = [datetime.now(UTC)]
     async with FakeUpstream.running() as upstream:
         config = write_config(
-            tmp_path, issuer=issuer, upstream_port=upstream.port, policies={"ban.toml": BAN.format(action="hold")},
+            tmp_path, issuer=issuer, upstream_port=upstream.port, policies={"ban.toml": tiktok_ban("hold", phones_only=False)},
             extra='expire_after_hours = 1\n',
         )  # fmt: skip
         async with running_gateway(config, clock=lambda: clock[0]) as gateway:
@@ -96,7 +88,7 @@ async def test_watcher_handles_rename_save_truncate_write_and_delete(
             tmp_path,
             issuer=issuer,
             upstream_port=upstream.port,
-            policies={"ban.toml": BAN.format(action="reject")},
+            policies={"ban.toml": tiktok_ban("reject", phones_only=False)},
         )
         async with running_gateway(config) as gateway:
             phone = FakeDevice(issuer, apps={TIKTOK})
@@ -107,7 +99,7 @@ async def test_watcher_handles_rename_save_truncate_write_and_delete(
             # An editor's rename-save: write a temporary file, rename it over the original.
             version = server.policies.current.version
             temporary = gateway.policy_dir / ".ban.toml.swp"
-            temporary.write_text(BAN.format(action="defer"))
+            temporary.write_text(tiktok_ban("defer", phones_only=False))
             os.replace(temporary, policy)
             version = await _wait_for_version_change(server, version)
             assert (await phone.send(gateway.port)).mail == (451, "4.7.1 Remove TikTok.")
@@ -117,7 +109,7 @@ async def test_watcher_handles_rename_save_truncate_write_and_delete(
                 handle.truncate(0)
                 handle.flush()
                 await asyncio.sleep(0.3)
-                handle.write(BAN.format(action="warn"))
+                handle.write(tiktok_ban("warn", phones_only=False))
             version = await _wait_for_version_change(server, version)
             assert (await phone.send(gateway.port)).data == (
                 250,

@@ -13,16 +13,9 @@ from gateway.testing.device import FakeDevice
 from gateway.testing.harness import running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
+from tests.stories import TIKTOK, tiktok_ban
 
-TIKTOK = "com.zhiliaoapp.musically"
-BAN = f"""
-[[policy]]
-id = "remove-tiktok"
-match.apps_any = ["{TIKTOK}"]
-scope.device_class = ["mobile", "tablet"]
-action = "hold"
-message = "Remove TikTok."
-"""
+BAN = tiktok_ban("hold")
 
 
 def fleet(issuer: TestIssuer) -> list[FakeDevice]:
@@ -62,7 +55,7 @@ async def test_impact_preview_counts_match_the_inventory(
         (tmp_path / "policies" / "ban.toml").write_text(BAN)
         retracted = tmp_path / "retracted"
         retracted.mkdir()
-        (retracted / "ban.toml").write_text(BAN + 'state = "retracted"\n')
+        (retracted / "ban.toml").write_text(tiktok_ban("hold", state="retracted"))
         assert main(["impact", str(retracted), "--config", str(config)]) == 0
         out = capsys.readouterr().out
         assert "newly held:      0 device(s)" in out
@@ -91,7 +84,7 @@ async def test_guard_refuses_an_over_broad_ban_until_confirmed(tmp_path: Path) -
                 "2.0.0 Message accepted for delivery",
             )  # the old set still serves
 
-            ban.write_text(BAN + "confirm_impact = 2\n")
+            ban.write_text(tiktok_ban("hold", extra="confirm_impact = 2\n"))
             accepted = await gateway.server.reload("test")
             assert accepted.ok
             assert accepted.diff.added == ("remove-tiktok",)

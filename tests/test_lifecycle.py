@@ -15,17 +15,9 @@ from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
+from tests.stories import TIKTOK, tiktok_ban
 
-TIKTOK = "com.zhiliaoapp.musically"
-BAN = f"""
-[[policy]]
-id = "remove-tiktok"
-match.apps_any = ["{TIKTOK}"]
-scope.device_class = ["mobile", "tablet"]
-action = "hold"
-message = "Remove TikTok."
-state = "enforce"
-"""
+BAN = tiktok_ban("hold")
 
 
 @pytest.fixture(scope="module")
