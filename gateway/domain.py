@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -99,7 +100,7 @@ class DeviceClaims:
 
     __hash__ = None  # type: ignore[assignment]  # posture is a mapping: claims are not hashable
 
-    @property
+    @cached_property
     def user(self) -> str:
         """The subject normalised for comparisons (mail addresses compare case-blind here)."""
         return self.subject.casefold()

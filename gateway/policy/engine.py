@@ -19,6 +19,7 @@ their cost is linear, which is fine for the dozens an organisation writes.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from datetime import datetime
 
 from gateway.domain import Action, Decision, DeviceClaims, Phase, PolicyMatch, PolicyState
 from gateway.policy.model import Conditions, DeviceFacts, Policy, PolicySet
+from gateway.policy.versions import Version
 
 
 def _anchor(policy: Policy) -> tuple[str, tuple[str, ...]]:
@@ -48,6 +50,45 @@ def _anchor(policy: Policy) -> tuple[str, tuple[str, ...]]:
         return "any", ()
     _, kind, keys = min(candidates, key=lambda c: (c[0], len(c[2])))
     return kind, tuple(sorted(keys))
+
+
+def _os_ceiling(policy: Policy) -> tuple[Version, bool] | None:
+    """For an "OS below X" policy (one clause, < or <=), the bound and whether it is inclusive."""
+    ranges = [c.os_version for c in (policy.match, policy.scope) if c.os_version is not None]
+    if len(ranges) != 1 or len(ranges[0].clauses) != 1:
+        return None
+    operator, bound = ranges[0].clauses[0]
+    if operator not in ("<", "<="):
+        return None
+    return bound, operator == "<="
+
+
+@dataclass(frozen=True)
+class OsCeilings:
+    """Per platform, "OS below X" policies sorted by X: a device finds the ones its
+    version can still meet with a bisect instead of checking them all."""
+
+    strict_bounds: tuple[Version, ...]  # os_version < bound
+    strict_positions: tuple[int, ...]
+    inclusive_bounds: tuple[Version, ...]  # os_version <= bound
+    inclusive_positions: tuple[int, ...]
+
+    @classmethod
+    def build(cls, entries: list[tuple[Version, bool, int]]) -> OsCeilings:
+        strict = sorted((b, p) for b, inclusive, p in entries if not inclusive)
+        inclusive = sorted((b, p) for b, inclusive, p in entries if inclusive)
+        return cls(
+            tuple(b for b, _ in strict),
+            tuple(p for _, p in strict),
+            tuple(b for b, _ in inclusive),
+            tuple(p for _, p in inclusive),
+        )
+
+    def admitting(self, version: Version) -> tuple[int, ...]:
+        return (
+            self.strict_positions[bisect_right(self.strict_bounds, version) :]
+            + self.inclusive_positions[bisect_left(self.inclusive_bounds, version) :]
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +120,7 @@ class CompiledPolicySet:
     by_app: dict[str, tuple[int, ...]]
     by_group: dict[str, tuple[int, ...]]
     by_platform: dict[str, tuple[int, ...]]
+    os_ceilings: dict[str, OsCeilings]
     unanchored: tuple[int, ...]
     app_keys: frozenset[str]
     active: tuple[CompiledPolicy, ...]
@@ -88,12 +130,17 @@ class CompiledPolicySet:
     def version(self) -> str:
         return self.source.version
 
-    def candidates(self, claims: DeviceClaims, user_groups: frozenset[str]) -> set[int]:
+    def candidates(self, facts: DeviceFacts) -> set[int]:
         """Positions of the policies that can apply; unordered (decide() sorts its result)."""
+        claims, user_groups = facts.claims, facts.groups
         found: set[int] = set(self.unanchored)
-        hit = self.by_platform.get(claims.device.platform.value)
+        platform = claims.device.platform.value
+        hit = self.by_platform.get(platform)
         if hit:
             found.update(hit)
+        ceilings = self.os_ceilings.get(platform)
+        if ceilings is not None and (version := facts.os_version) is not None:
+            found.update(ceilings.admitting(version))
         hit = self.by_device.get(claims.device.id)
         if hit:
             found.update(hit)
@@ -114,13 +161,18 @@ def compile_policy_set(policy_set: PolicySet) -> CompiledPolicySet:
         kind: defaultdict(list) for kind in ("device", "user", "app", "group", "platform")
     }
     unanchored = []
+    ceilings: defaultdict[str, list[tuple[Version, bool, int]]] = defaultdict(list)
     active = tuple(p for p in policy_set.policies if p.is_active)
     for position, policy in enumerate(active):
         kind, keys = _anchor(policy)
         if kind == "any":
             unanchored.append(position)
+        ceiling = _os_ceiling(policy) if kind == "platform" else None
         for key in keys:
-            tables[kind][key].append(position)
+            if ceiling is not None:
+                ceilings[key].append((*ceiling, position))
+            else:
+                tables[kind][key].append(position)
     groups_by_user: defaultdict[str, set[str]] = defaultdict(set)
     for group, members in policy_set.groups.items():
         for member in members:
@@ -137,6 +189,7 @@ def compile_policy_set(policy_set: PolicySet) -> CompiledPolicySet:
         by_app=by_app,
         by_group=freeze(tables["group"]),
         by_platform=freeze(tables["platform"]),
+        os_ceilings={platform: OsCeilings.build(entries) for platform, entries in ceilings.items()},
         unanchored=tuple(unanchored),
         app_keys=frozenset(by_app),
         active=tuple(CompiledPolicy.of(p) for p in active),
@@ -157,7 +210,7 @@ def decide(compiled: CompiledPolicySet, claims: DeviceClaims, now: datetime) -> 
     in_force: list[PolicyMatch] = []
     audit: list[PolicyMatch] = []
     exempted: list[str] = []
-    for position in compiled.candidates(claims, user_groups):
+    for position in compiled.candidates(facts):
         entry = compiled.active[position]
         policy = entry.policy
         phase = policy.phase_at(now)

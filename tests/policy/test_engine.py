@@ -219,3 +219,32 @@ def test_versions_compare_as_versions() -> None:
     assert not parse_range(">=13.0, <17.2").contains((17, 2))
     assert parse_range(">15, <=15").is_empty()
     assert not parse_range(">=15, <=15").is_empty()
+
+
+def test_os_ceiling_index_finds_exactly_the_policies_a_version_can_meet() -> None:
+    def below(pid: str, text: str) -> Policy:
+        return Policy(id=pid, action=Action.DEFER, state=PolicyState.ENFORCE, message=pid,
+                      match=Conditions(platforms=frozenset({Platform.ANDROID}), os_version=parse_range(text)))  # fmt: skip
+
+    policies = [
+        below("lt-12", "<12"),
+        below("le-14", "<=14"),
+        below("lt-14", "<14"),
+        below("lt-15.1", "<15.1"),
+    ]
+    for version, expected in [
+        ("11", 4),
+        ("12", 3),
+        ("14", 2),
+        ("14.0.1", 1),
+        ("15.1", 0),
+        ("garbage", 0),
+    ]:
+        decision = run(
+            *policies, device=claims(platform=Platform.ANDROID, os_version=version), at=ENFORCE
+        )
+        assert len(decision.matches) == expected, version
+    assert (
+        run(*policies, device=claims(platform=Platform.IOS, os_version="11"), at=ENFORCE).action
+        is Action.ALLOW
+    )

@@ -16,8 +16,11 @@ from hypothesis import strategies as st
 from gateway.domain import Action, Device, DeviceClaims, DeviceClass, Phase, Platform, PolicyState
 from gateway.policy.engine import compile_policy_set, decide
 from gateway.policy.model import Conditions, DeviceFacts, Exemptions, Policy, PolicySet
+from gateway.policy.versions import parse_range
 
 APPS = [f"app.{n}" for n in range(6)]
+VERSION_RANGES = ["<14", "<=14", "<15.1", "<=15.1", ">=14", "<13", ">=13, <15", "<16"]
+VERSIONS = [None, "13", "14", "14.0.1", "15.1", "15.10", "16", "garbage"]
 USERS = ["alice@x.test", "bob@x.test", "carol@x.test"]
 DEVICES = ["d1", "d2", "d3"]
 GROUPS = {"g1": frozenset({"alice@x.test"}), "g2": frozenset({"bob@x.test", "carol@x.test"})}
@@ -43,6 +46,7 @@ def conditions(draw: st.DrawFn) -> Conditions:
         groups=draw(opt_set(list(GROUPS))),
         device_ids=draw(opt_set(DEVICES)),
         posture=draw(st.none() | st.just((("jailbroken", True),))),
+        os_version=draw(st.none() | st.sampled_from(VERSION_RANGES).map(parse_range)),
     )
     return c if not c.is_empty() else Conditions(all_devices=True)
 
@@ -96,6 +100,7 @@ def devices(draw: st.DrawFn) -> DeviceClaims:
             draw(st.sampled_from(DEVICES)),
             draw(st.sampled_from(list(Platform))),
             draw(st.sampled_from(list(DeviceClass))),
+            os_version=draw(st.sampled_from(VERSIONS)),
         ),
         apps=draw(st.frozensets(st.sampled_from(APPS), max_size=6)),
         posture=draw(st.sampled_from([{}, {"jailbroken": True}, {"jailbroken": False}])),
