@@ -1,0 +1,36 @@
+# Compliance Gateway: `gateway serve` as a non-root user.
+#   config (read-only):  /etc/gateway      (gateway.toml, policies/, keys, TLS)
+#   data (volume):       /var/lib/gateway  (hold store, device inventory)
+# Build:  docker build -t compliance-gateway .
+# Run:    docker run -p 587:2587 -v ./config:/etc/gateway:ro -v gw-data:/var/lib/gateway compliance-gateway
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+RUN python -m venv /opt/gateway \
+    && /opt/gateway/bin/pip install --no-cache-dir '.[fast]'
+
+FROM python:3.11-slim
+RUN groupadd --system --gid 10001 gateway \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/gateway --shell /usr/sbin/nologin gateway \
+    && mkdir -p /var/lib/gateway /etc/gateway \
+    && chown 10001:10001 /var/lib/gateway
+COPY --from=build /opt/gateway /opt/gateway
+ENV PATH="/opt/gateway/bin:${PATH}" \
+    GATEWAY_CONFIG=/etc/gateway/gateway.toml \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+WORKDIR /var/lib/gateway
+VOLUME ["/var/lib/gateway"]
+# 2587: submission (STARTTLS), 2465: implicit TLS. Unprivileged ports; map 587/465 outside.
+EXPOSE 2587 2465
+# SIGTERM drains: sessions in flight finish within --grace, then 421 4.3.2.
+STOPSIGNAL SIGTERM
+# Liveness: the SMTP listener answers its 220 greeting. (The admin HTTP port with
+# /livez and /readyz is issue 5's next step; this probe moves there when it lands.)
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import socket; s = socket.create_connection(('127.0.0.1', 2587), 3); assert s.recv(3) == b'220'"]
+ENTRYPOINT ["gateway"]
+CMD ["serve", "--grace", "30"]
