@@ -78,6 +78,16 @@ class Device:
     os_version: str | None = None
     managed: bool | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "platform": self.platform.value,
+            "class": self.device_class.value,
+            "model": self.model,
+            "os_version": self.os_version,
+            "managed": self.managed,
+        }
+
 
 @dataclass(frozen=True, eq=True)
 class DeviceClaims:
@@ -115,14 +125,7 @@ class DeviceClaims:
             "expires_at": self.expires_at.isoformat(),
             "not_before": self.not_before.isoformat() if self.not_before else None,
             "token_id": self.token_id,
-            "device": {
-                "id": self.device.id,
-                "platform": self.device.platform.value,
-                "class": self.device.device_class.value,
-                "model": self.device.model,
-                "os_version": self.device.os_version,
-                "managed": self.device.managed,
-            },
+            "device": self.device.to_json(),
             "apps": sorted(self.apps),
             "posture": dict(self.posture),
         }
@@ -153,15 +156,12 @@ class DeviceClaims:
         )
 
     def summary(self) -> dict[str, object]:
-        """What logs, the hold store and the device inventory keep: no signature, no token."""
+        """For people (`explain`, `hold show`): flat, no signature, no token."""
+        device = self.device.to_json()
         return {
             "user": self.subject,
-            "device_id": self.device.id,
-            "platform": self.device.platform.value,
-            "class": self.device.device_class.value,
-            "model": self.device.model,
-            "os_version": self.device.os_version,
-            "managed": self.device.managed,
+            "device_id": device.pop("id"),
+            **device,
             "apps": sorted(self.apps),
             "posture": dict(self.posture),
             "issuer": self.issuer,
