@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +22,11 @@ from typing import Any
 import structlog
 
 from gateway import replies
+from gateway.admin_http import AdminServer
 from gateway.domain import Action, Decision, DeviceClaims
 from gateway.hold_store import AsyncHoldStore, HeldMessage
 from gateway.impact import assess, confirmed_impact
+from gateway.metrics import Metrics
 from gateway.mx import MxRouter
 from gateway.notices import Notifier
 from gateway.policy.engine import CompiledPolicySet
@@ -80,6 +83,11 @@ class GatewayServer:
             settings.smtp.hostname,
             settings.hold.expire_after,
         )
+        self.metrics = Metrics()
+        self.admin = AdminServer(
+            {"/livez": self._livez, "/readyz": self._readyz, "/metrics": self._metrics}
+        )
+        self.admin_port: int | None = None
         sender = settings.notice_sender or f"compliance-gateway@{settings.smtp.hostname}"
         self.notifier = (
             Notifier(self.hold_store, self.relay, sender, settings.smtp.hostname)
@@ -101,6 +109,7 @@ class GatewayServer:
             on_held=self.releaser.note_held,
             before_mail=self._released_first,
             on_decision=self._notify_decision,
+            metrics=self.metrics,
         )
         self._device_releases: dict[str, asyncio.Task[Any]] = {}
         self.sessions: set[SubmissionSMTP] = set()
@@ -127,6 +136,7 @@ class GatewayServer:
         return task
 
     async def _after_reload(self, result: ReloadResult) -> None:
+        self._last_good_reload = time.time()
         if result.ok and not result.diff.is_empty:
             self.spawn(self.releaser.run(), "release-after-reload")
 
@@ -189,6 +199,7 @@ class GatewayServer:
                 await self.releaser.run()
                 await self.releaser.expire()
                 await self._flush_inventory()
+                self.metrics.held.set(await self.hold_store.count())
 
     async def _flush_inventory(self) -> None:
         pending, self._inventory_pending = self._inventory_pending, []
@@ -227,8 +238,8 @@ class GatewayServer:
             self.settings.smtp,
             tls_context=tls_context,
             implicit_tls=implicit_tls,
-            on_open=self.sessions.add,
-            on_close=self.sessions.discard,
+            on_open=self._session_opened,
+            on_close=self._session_closed,
         )
 
     async def start(self) -> BoundAddresses:
@@ -266,6 +277,14 @@ class GatewayServer:
             self._servers.append(server)
             implicit = _bound(server)
         self.addresses = BoundAddresses(_bound(submission), implicit)
+        if self.settings.admin_listen is not None:
+            self.admin_port = await self.admin.start(
+                self.settings.admin_listen.host, self.settings.admin_listen.port
+            )
+            log.info(
+                "admin_listening", admin=f"{self.settings.admin_listen.host}:{self.admin_port}"
+            )
+        self._last_good_reload = time.time()
         stop = self._background_stop
         self.spawn(self.reloader.watch(stop), "policy-watch")
         self.spawn(self.reloader.poll(self.settings.reload_interval, stop), "policy-poll")
@@ -292,6 +311,32 @@ class GatewayServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    def _session_opened(self, session: SubmissionSMTP) -> None:
+        self.sessions.add(session)
+        self.metrics.sessions.inc()
+        self.metrics.sessions_active.set(len(self.sessions))
+
+    def _session_closed(self, session: SubmissionSMTP) -> None:
+        self.sessions.discard(session)
+        self.metrics.sessions_active.set(len(self.sessions))
+
+    def _livez(self) -> tuple[int, str, bytes]:
+        return 200, "text/plain", b"ok\n"
+
+    def _readyz(self) -> tuple[int, str, bytes]:
+        if self.ready:
+            return 200, "text/plain", f"ready {self.policies.current.version}\n".encode()
+        reason = "draining" if self.draining else "starting"
+        return 503, "text/plain", f"not ready: {reason}\n".encode()
+
+    def _metrics(self) -> tuple[int, str, bytes]:
+        last = self.policies.last_result
+        if last is not None:
+            self.metrics.policy_in_force(
+                self.policies.current.version, last.ok, self._last_good_reload
+            )
+        return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
 
     def _busy(self) -> bool:
         return any(session.in_transaction for session in self.sessions)
@@ -321,6 +366,7 @@ class GatewayServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.admin.stop()
         await self.relay.close()
         await self._flush_inventory()
         await self.hold_store.close()

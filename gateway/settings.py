@@ -101,6 +101,7 @@ class Settings:
     smtp: SmtpSettings
     upstream: UpstreamSettings
     hold: HoldSettings
+    admin_listen: Endpoint | None = None  # /livez, /readyz, /metrics
     reload_interval: float = 30.0  # seconds between periodic checks of the policy directory
     max_newly_blocked_devices: int | None = None  # reload guard; None: no guard
     inventory_retention: timedelta = timedelta(days=30)
@@ -313,6 +314,10 @@ def load_settings(path: Path) -> Settings:
             expire_after=timedelta(hours=expire_hours) if expire_hours else hold.expire_after,
         )
         hold_table.finish()
+    admin_table = root.table("admin")
+    admin_listen = _endpoint(admin_table, "listen") if admin_table else None
+    if admin_table:
+        admin_table.finish()
     groups = _string_lists(root, "groups")
     aliases = _string_lists(root, "aliases")
     root.finish()
@@ -330,6 +335,7 @@ def load_settings(path: Path) -> Settings:
         smtp=smtp,
         upstream=upstream,
         hold=hold,
+        admin_listen=admin_listen,
         groups=groups,
         aliases=aliases,
     )

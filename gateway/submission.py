@@ -25,6 +25,7 @@ import structlog
 from gateway import replies
 from gateway.domain import Action, Decision, DeviceClaims
 from gateway.errors import HoldStoreError, TokenError
+from gateway.metrics import Metrics
 from gateway.policy.engine import decide
 from gateway.policy_store import PolicyStore
 from gateway.relay import Relay, RelayTransaction
@@ -104,6 +105,7 @@ class Submission:
         on_held: Callable[[str], None] | None = None,
         before_mail: Callable[[DeviceClaims], Awaitable[None]] | None = None,
         on_decision: Callable[[DeviceClaims, Decision], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.verifier = verifier
@@ -115,6 +117,7 @@ class Submission:
         self.on_held = on_held
         self.before_mail = before_mail  # e.g. let this device's held mail go out first
         self.on_decision = on_decision  # e.g. notices
+        self.metrics = metrics or Metrics()
 
     # --- AUTH ---------------------------------------------------------------------------
 
@@ -147,13 +150,13 @@ class Submission:
             user=claims.subject,
             device_id=claims.device.id,
         )
+        self.metrics.authenticated(True)
         if self.on_authenticated is not None:
             self.on_authenticated(claims)
         return AuthOutcome(replies.AUTH_OK, claims)
 
-    @staticmethod
     def _auth_failed(
-        facts: SessionFacts, credentials: Credentials, reason: str, text: str, **details: str
+        self, facts: SessionFacts, credentials: Credentials, reason: str, text: str, **details: str
     ) -> AuthOutcome:
         """The client gets a short hint; the full reason goes to the log (never the token)."""
         log.info(
@@ -165,6 +168,7 @@ class Submission:
             reason=reason,
             **details,
         )
+        self.metrics.authenticated(False, reason)
         return AuthOutcome(replies.AUTH_FAILED.with_text(text), None, reason)
 
     # --- MAIL ---------------------------------------------------------------------------
@@ -186,6 +190,7 @@ class Submission:
         if self.before_mail is not None:
             await self.before_mail(claims)
         decision = decide(self.policies.current, claims, now)
+        self.metrics.decided(decision)
         if self.on_decision is not None and decision.action is not Action.ALLOW:
             self.on_decision(claims, decision)
         transaction = Transaction(sender=sender, decision=decision, started=time.monotonic())
@@ -257,7 +262,12 @@ class Submission:
         if decision.action is Action.HOLD:
             return await self._hold(facts, transaction, message, now)
         assert transaction.relay is not None
+        relay_started = time.monotonic()
         upstream = await transaction.relay.send(message)
+        self.metrics.relay_seconds.observe(time.monotonic() - relay_started)
+        self.metrics.relay.labels(
+            "accepted" if upstream.is_success else f"{upstream.code // 100}xx"
+        ).inc()
         transaction.relay = None
         result = "relayed" if upstream.is_success else "upstream_failed"
         self._log_decision(

@@ -105,6 +105,7 @@ class SubmissionSMTP(SMTP):
         # The stream reader's limit must admit an AUTH line up to twice the cap, so that
         # we can read it whole and answer 500 5.5.6 rather than a generic error.
         self.line_length_limit = 2 * settings.max_auth_bytes + 64
+        self._relaying = False  # set before aiosmtpd's __init__ evaluates our properties
         super().__init__(
             _Hooks(),
             data_size_limit=settings.max_message_size,
@@ -175,6 +176,9 @@ class SubmissionSMTP(SMTP):
 
     @property
     def in_transaction(self) -> bool:
+        """A message is being composed or relayed: shutdown waits for it (up to its grace)."""
+        if self._relaying:
+            return True
         return isinstance(self.session, GatewaySession) and self.session.transaction is not None
 
     def _timeout_cb(self) -> None:
@@ -402,6 +406,7 @@ class SubmissionSMTP(SMTP):
         # The client is now waiting on us, not idle: give the relay its own timeout.
         self._reset_timeout(self.submission.relay.settings.timeout * 2 + 30)
         session.transaction = None
+        self._relaying = True
         try:
             reply = await self.submission.data(session.facts, transaction, content)
         except Exception:
@@ -410,7 +415,10 @@ class SubmissionSMTP(SMTP):
         finally:
             self._reset_envelope()
             self._reset_timeout()
-        await self.write_reply(reply)
+        try:
+            await self.write_reply(reply)
+        finally:
+            self._relaying = False
 
     async def _read_data(self) -> tuple[bytes, Reply | None]:
         """Read up to the lone dot. Only CRLF.CRLF ends DATA; everything else is content."""

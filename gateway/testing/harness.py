@@ -78,6 +78,9 @@ tls = "none"
 [aliases]
 "alice@example.test" = ["a.smith@example.test"]
 
+[admin]
+listen = "127.0.0.1:0"
+
 [hold]
 database = "hold.db"
 {extra}
@@ -94,6 +97,7 @@ class RunningGateway:
     host: str
     port: int
     implicit_tls_port: int | None
+    admin_port: int | None = None
 
     @property
     def policy_dir(self) -> Path:
@@ -116,6 +120,7 @@ async def running_gateway(
             addresses.submission.host,
             addresses.submission.port,
             addresses.implicit_tls.port if addresses.implicit_tls else None,
+            server.admin_port,
         )
     finally:
         await server.stop(grace=grace)
