@@ -27,10 +27,8 @@ async def http_get(port: int, path: str) -> tuple[int, str]:
 
 def metric(text: str, line_start: str) -> float:
     for line in text.splitlines():
-        if (
-            line.startswith(line_start + " ")
-            or (line.startswith(line_start + "{")
-            and line_start.endswith("}"))
+        if line.startswith(line_start + " ") or (
+            line.startswith(line_start + "{") and line_start.endswith("}")
         ):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no metric line starting {line_start!r}")
