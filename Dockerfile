@@ -24,13 +24,12 @@ ENV PATH="/opt/gateway/bin:${PATH}" \
 USER 10001:10001
 WORKDIR /var/lib/gateway
 VOLUME ["/var/lib/gateway"]
-# 2587: submission (STARTTLS), 2465: implicit TLS. Unprivileged ports; map 587/465 outside.
-EXPOSE 2587 2465
+# 2587: submission (STARTTLS), 2465: implicit TLS (map 587/465 outside); 9587: admin HTTP.
+EXPOSE 2587 2465 9587
 # SIGTERM drains: sessions in flight finish within --grace, then 421 4.3.2.
 STOPSIGNAL SIGTERM
-# Liveness: the SMTP listener answers its 220 greeting. (The admin HTTP port with
-# /livez and /readyz is issue 5's next step; this probe moves there when it lands.)
+# Liveness on the admin port ([admin] listen = "0.0.0.0:9587" in the mounted config).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import socket; s = socket.create_connection(('127.0.0.1', 2587), 3); assert s.recv(3) == b'220'"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9587/livez', timeout=3)"]
 ENTRYPOINT ["gateway"]
 CMD ["serve", "--grace", "30"]
