@@ -32,6 +32,12 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.limited = Counter(
+            "gateway_limit_refusals",
+            "Connections, AUTH attempts, messages or sessions refused by a limit",
+            ["limit"],
+            registry=r,
+        )
         self.held = Gauge("gateway_held_messages", "Messages in the hold store", registry=r)
         self.reload_success = Gauge(
             "gateway_policy_reload_last_success",

@@ -65,6 +65,16 @@ UPSTREAM_LOST = Reply(
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 BYE = Reply(221, "2.0.0", "Bye")
+TOO_MANY_CONNECTIONS = Reply(421, "4.3.2", "Too many connections; please try again later")
+TOO_MANY_FROM_ADDRESS = Reply(
+    421, "4.7.0", "Too many connections from your address; please try again later"
+)
+TOO_MANY_MESSAGES = Reply(450, "4.7.1", "Too many messages; please try again in a minute")
+TOO_MANY_AUTH_FAILURES = Reply(
+    421, "4.7.0", "Too many authentication failures from your address; try again later"
+)
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors; closing connection")
+EARLY_TALKER = Reply(554, "5.5.0", "Protocol error: command sent before the server's reply")
 
 # aiosmtpd answers some commands itself with bare codes; these defaults add the
 # (220 is left alone: the greeting and "220 Ready to start TLS" carry none)

@@ -26,6 +26,7 @@ from gateway.admin_http import AdminServer
 from gateway.domain import Action, Decision, DeviceClaims
 from gateway.hold_store import AsyncHoldStore, HeldMessage
 from gateway.impact import assess, confirmed_impact
+from gateway.limits import ConnectionLimits
 from gateway.metrics import Metrics
 from gateway.mx import MxRouter
 from gateway.notices import Notifier
@@ -34,6 +35,7 @@ from gateway.policy_store import PolicyDiff, PolicyStore, ReloadResult
 from gateway.relay import Relay
 from gateway.release import Releaser
 from gateway.reloader import Reloader
+from gateway.replies import Reply
 from gateway.settings import Endpoint, Settings
 from gateway.smtp.session import SubmissionSMTP
 from gateway.submission import Clock, Submission, utc_now
@@ -113,6 +115,9 @@ class GatewayServer:
         )
         self._device_releases: dict[str, asyncio.Task[Any]] = {}
         self.sessions: set[SubmissionSMTP] = set()
+        self.connection_limits = ConnectionLimits(
+            settings.limits.max_connections, settings.limits.max_connections_per_ip
+        )
         self._servers: list[asyncio.base_events.Server] = []
         self._stopped = asyncio.Event()
         self._background_stop = asyncio.Event()
@@ -238,6 +243,7 @@ class GatewayServer:
             self.settings.smtp,
             tls_context=tls_context,
             implicit_tls=implicit_tls,
+            limits=self.settings.limits,
             on_open=self._session_opened,
             on_close=self._session_closed,
         )
@@ -312,13 +318,22 @@ class GatewayServer:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    def _session_opened(self, session: SubmissionSMTP) -> None:
+    def _session_opened(self, session: SubmissionSMTP) -> Reply | None:
+        """Count the session in, or return why it is refused (421: too many)."""
+        refusal = self.connection_limits.admit(session.gsession().facts.peer_ip)
+        if refusal is not None:
+            log.info("connection_refused", peer=session.gsession().facts.peer, reply=refusal.line())
+            self.metrics.limited.labels("connections").inc()
+            return refusal
         self.sessions.add(session)
         self.metrics.sessions.inc()
         self.metrics.sessions_active.set(len(self.sessions))
+        return None
 
     def _session_closed(self, session: SubmissionSMTP) -> None:
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.connection_limits.release(session.gsession().facts.peer_ip)
         self.metrics.sessions_active.set(len(self.sessions))
 
     def _livez(self) -> tuple[int, str, bytes]:

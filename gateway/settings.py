@@ -6,14 +6,17 @@ to the directory of gateway.toml. Nothing else in the gateway reads the raw TOML
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 from gateway.errors import Problem, SettingsError
+from gateway.limits import LimitSettings
 from gateway.tokens.keys import KeyFileError, PublicKey, load_key_file
 from gateway.tokens.verify import (
     ALLOWED_ALGORITHMS,
@@ -21,9 +24,11 @@ from gateway.tokens.verify import (
     Issuer,
     VerifierSettings,
 )
-from gateway.toml_source import Table, read_toml
+from gateway.toml_source import KeyPath, Table, TomlFile, read_toml
 
 CONFIG_ENV = "GATEWAY_CONFIG"
+ENV_PREFIX = "GATEWAY_"
+ENV_SEPARATOR = "__"  # GATEWAY_SMTP__MAX_RECIPIENTS: [smtp] max_recipients
 DEFAULT_CONFIG = Path("config/gateway.toml")
 _HOSTPORT_RE = re.compile(
     r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d{1,5})$"
@@ -57,6 +62,7 @@ class SmtpSettings:
     idle_timeout: float = 300.0
     data_timeout: float = 600.0
     bare_linefeeds: str = "reject"  # "reject" | "normalize"
+    greeting_delay: float = 0.0  # wait before the greeting; clients that talk first get 554
 
     @property
     def tls_enabled(self) -> bool:
@@ -101,6 +107,7 @@ class Settings:
     smtp: SmtpSettings
     upstream: UpstreamSettings
     hold: HoldSettings
+    limits: LimitSettings = field(default_factory=LimitSettings)
     admin_listen: Endpoint | None = None  # /livez, /readyz, /metrics
     reload_interval: float = 30.0  # seconds between periodic checks of the policy directory
     max_newly_blocked_devices: int | None = None  # reload guard; None: no guard
@@ -171,11 +178,101 @@ def _read_smtp(table: Table | None, base: Path) -> SmtpSettings:
         idle_timeout=table.number("idle_timeout", minimum=1) or d.idle_timeout,
         data_timeout=table.number("data_timeout", minimum=1) or d.data_timeout,
         bare_linefeeds=table.choice("bare_linefeeds", ["reject", "normalize"]) or d.bare_linefeeds,
+        greeting_delay=table.number("greeting_delay") or d.greeting_delay,
     )
     if settings.implicit_tls_listen and not settings.tls_enabled:
         table.problem("implicit_tls_listen", "implicit TLS needs tls_cert and tls_key")
     table.finish()
     return settings
+
+
+def _read_limits(table: Table | None) -> LimitSettings:
+    if table is None:
+        return LimitSettings()
+    d = LimitSettings()
+    call_limit: int | dict[str, int] | None
+    if isinstance(table.data.get("command_call_limit"), dict):
+        raw = table.mapping(
+            "command_call_limit",
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+            "a whole number of at least 1",
+        )
+        call_limit = {command.upper(): count for command, count in (raw or {}).items()}
+    else:
+        call_limit = table.integer("command_call_limit", minimum=1)
+    settings = LimitSettings(
+        max_connections=table.integer("max_connections", minimum=1) or d.max_connections,
+        max_connections_per_ip=table.integer("max_connections_per_ip", minimum=1)
+        or d.max_connections_per_ip,
+        messages_per_user_per_minute=table.integer("messages_per_user_per_minute", minimum=1)
+        or d.messages_per_user_per_minute,
+        auth_failures_per_ip=table.integer("auth_failures_per_ip", minimum=1)
+        or d.auth_failures_per_ip,
+        auth_failure_window=table.number("auth_failure_window_seconds", minimum=1)
+        or d.auth_failure_window,
+        max_errors=table.integer("max_errors", minimum=1) or d.max_errors,
+        command_call_limit=call_limit or d.command_call_limit,
+    )
+    table.finish()
+    return settings
+
+
+def _env_value(text: str) -> object:
+    """TOML syntax when it parses as a TOML value (42, true, ["a"], "x"); else the raw text."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except (tomllib.TOMLDecodeError, ValueError):
+        return text
+
+
+def apply_environment(source: TomlFile, environ: Mapping[str, str]) -> list[Problem]:
+    """Overlay GATEWAY_<SECTION>__<KEY>[__<KEY>...] variables on the parsed file.
+
+    Only names with the double-underscore separator are overrides, so variables such as
+    GATEWAY_CONFIG, or the GATEWAY_PORT a Kubernetes Service injects, are left alone.
+    A number in the path indexes an array of tables: GATEWAY_UPSTREAM__SMARTHOSTS__0__HOST.
+    """
+    problems: list[Problem] = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or ENV_SEPARATOR not in name:
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split(ENV_SEPARATOR)
+        if not all(parts):
+            problems.append(Problem(f"environment {name}", None, "", "empty key in the name"))
+            continue
+        path: KeyPath = tuple(int(p) if p.isdigit() else p for p in parts)
+        node: object = source.data
+        for part, following in itertools.pairwise(path):
+            node = _child(node, part, following)
+            if node is None:
+                break
+        last = path[-1]
+        if isinstance(node, dict) and isinstance(last, str):
+            node[last] = _env_value(environ[name])
+            source.overrides[path] = f"environment {name}"
+        else:
+            problems.append(
+                Problem(
+                    f"environment {name}",
+                    None,
+                    ".".join(str(p) for p in path),
+                    "does not name a setting (GATEWAY_<SECTION>__<KEY>, e.g. GATEWAY_SMTP__LISTEN)",
+                )
+            )
+    return problems
+
+
+def _child(node: object, part: str | int, following: str | int) -> object:
+    """Step into (creating where missing) a table or an existing array-of-tables element."""
+    if isinstance(node, dict) and isinstance(part, str):
+        if part not in node:
+            node[part] = [] if isinstance(following, int) else {}
+        return node[part]
+    if isinstance(node, list) and isinstance(part, int):
+        if part == len(node):
+            node.append({})
+        return node[part] if part < len(node) else None
+    return None
 
 
 def _read_upstream(table: Table | None, base: Path) -> UpstreamSettings:
@@ -285,13 +382,14 @@ def _string_lists(table: Table, key: str) -> dict[str, frozenset[str]]:
     }
 
 
-def load_settings(path: Path) -> Settings:
-    """Parse and validate gateway.toml; raises SettingsError naming file, line and key."""
+def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Parse and validate gateway.toml plus GATEWAY_… overrides from ``environ``
+    (default: the process environment); raises SettingsError naming file, line and key."""
     parsed = read_toml(path)
     if isinstance(parsed, Problem):
         raise SettingsError([parsed])
     base = path.parent
-    problems: list[Problem] = []
+    problems = apply_environment(parsed, os.environ if environ is None else environ)
     root = Table(parsed, parsed.data, (), problems)
     gateway = root.table("gateway")
     policy_dir = _path(gateway, "policy_dir", base) if gateway else None
@@ -305,6 +403,7 @@ def load_settings(path: Path) -> Settings:
     tokens = _read_tokens(root.table("tokens", required=True), base)
     smtp = _read_smtp(root.table("smtp"), base)
     upstream = _read_upstream(root.table("upstream"), base)
+    limits = _read_limits(root.table("limits"))
     hold_table = root.table("hold")
     hold = HoldSettings()
     if hold_table is not None:
@@ -335,6 +434,7 @@ def load_settings(path: Path) -> Settings:
         smtp=smtp,
         upstream=upstream,
         hold=hold,
+        limits=limits,
         admin_listen=admin_listen,
         groups=groups,
         aliases=aliases,

@@ -25,6 +25,7 @@ import structlog
 from gateway import replies
 from gateway.domain import Action, Decision, DeviceClaims
 from gateway.errors import HoldStoreError, TokenError
+from gateway.limits import AuthFailures, MessageRate
 from gateway.metrics import Metrics
 from gateway.policy.engine import decide
 from gateway.policy_store import PolicyStore
@@ -106,6 +107,7 @@ class Submission:
         before_mail: Callable[[DeviceClaims], Awaitable[None]] | None = None,
         on_decision: Callable[[DeviceClaims, Decision], None] | None = None,
         metrics: Metrics | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.verifier = verifier
@@ -118,8 +120,24 @@ class Submission:
         self.before_mail = before_mail  # e.g. let this device's held mail go out first
         self.on_decision = on_decision  # e.g. notices
         self.metrics = metrics or Metrics()
+        self.monotonic = monotonic  # rate limits: immune to wall-clock jumps
+        limits = settings.limits
+        self.message_rate = MessageRate(limits.messages_per_user_per_minute)
+        self.auth_failures = AuthFailures(limits.auth_failures_per_ip, limits.auth_failure_window)
 
     # --- AUTH ---------------------------------------------------------------------------
+
+    def auth_refused(self, facts: SessionFacts) -> Reply | None:
+        """421 4.7.0 while the client's address is over its AUTH-failure budget."""
+        if self.auth_failures.blocked(facts.peer_ip, self.monotonic()):
+            log.warning("auth_failures_limit", session=facts.session_id, peer=facts.peer)
+            self.metrics.limited.labels("auth_failures_per_ip").inc()
+            return replies.TOO_MANY_AUTH_FAILURES
+        return None
+
+    def note_auth_failure(self, facts: SessionFacts) -> None:
+        """Failures the SMTP layer sees itself (bad base64, SASL syntax) count too."""
+        self.auth_failures.record(facts.peer_ip, self.monotonic())
 
     def authenticate(self, facts: SessionFacts, credentials: Credentials) -> AuthOutcome:
         try:
@@ -169,6 +187,7 @@ class Submission:
             **details,
         )
         self.metrics.authenticated(False, reason)
+        self.note_auth_failure(facts)
         return AuthOutcome(replies.AUTH_FAILED.with_text(text), None, reason)
 
     # --- MAIL ---------------------------------------------------------------------------
@@ -187,6 +206,10 @@ class Submission:
         if sender and not self.settings.may_send_as(claims.subject, sender):
             log.info("sender_refused", session=facts.session_id, user=claims.subject, sender=sender)
             return replies.SENDER_NOT_OWNED, None
+        if not self.message_rate.allow(claims.user, self.monotonic()):
+            log.info("message_rate_limit", session=facts.session_id, user=claims.subject)
+            self.metrics.limited.labels("messages_per_user").inc()
+            return replies.TOO_MANY_MESSAGES, None
         if self.before_mail is not None:
             await self.before_mail(claims)
         decision = decide(self.policies.current, claims, now)

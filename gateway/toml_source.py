@@ -107,6 +107,8 @@ class TomlFile:
     data: dict[str, Any]
     display_name: str
     _lines: dict[KeyPath, int] | None = field(default=None, repr=False)
+    # Keys set from elsewhere (environment variables): key path -> where it came from.
+    overrides: dict[KeyPath, str] = field(default_factory=dict)
 
     def line_of(self, path: KeyPath) -> int | None:
         if self._lines is None:
@@ -118,6 +120,11 @@ class TomlFile:
         return None
 
     def problem(self, path: KeyPath, message: str) -> Problem:
+        for origin_path, origin in self.overrides.items():
+            if path and (
+                path[: len(origin_path)] == origin_path or origin_path[: len(path)] == path
+            ):
+                return Problem(origin, None, format_key(path), message)
         return Problem(self.display_name, self.line_of(path), format_key(path), message)
 
 

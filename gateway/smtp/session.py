@@ -33,6 +33,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway import replies
+from gateway.limits import LimitSettings
 from gateway.replies import Reply, add_enhanced_code
 from gateway.settings import SmtpSettings
 from gateway.smtp.sasl import MECHANISMS, PARSERS, SaslSyntaxError, error_challenge
@@ -99,13 +100,15 @@ class SubmissionSMTP(SMTP):
         *,
         tls_context: ssl.SSLContext | None,
         implicit_tls: bool = False,
-        on_open: Callable[[SubmissionSMTP], None] | None = None,
+        limits: LimitSettings | None = None,
+        on_open: Callable[[SubmissionSMTP], Reply | None] | None = None,
         on_close: Callable[[SubmissionSMTP], None] | None = None,
     ) -> None:
         # The stream reader's limit must admit an AUTH line up to twice the cap, so that
         # we can read it whole and answer 500 5.5.6 rather than a generic error.
         self.line_length_limit = 2 * settings.max_auth_bytes + 64
         self._relaying = False  # set before aiosmtpd's __init__ evaluates our properties
+        limits = limits or LimitSettings()
         super().__init__(
             _Hooks(),
             data_size_limit=settings.max_message_size,
@@ -115,6 +118,7 @@ class SubmissionSMTP(SMTP):
             timeout=settings.idle_timeout,
             auth_required=True,
             auth_require_tls=True,  # unused: smtp_AUTH and smtp_EHLO below decide
+            command_call_limit=limits.command_call_limit,  # 421 4.7.0 and close
             loop=asyncio.get_running_loop(),
         )
         # aiosmtpd keeps these limits in a class-level dict that every instance mutates.
@@ -127,6 +131,9 @@ class SubmissionSMTP(SMTP):
         self._on_open = on_open
         self._on_close = on_close
         self._last_timer_reset = 0.0
+        self._max_errors = limits.max_errors
+        self._errors = 0
+        self._refusal: Reply | None = None  # set by on_open: a limit refuses the connection
 
     # --- connection lifecycle -----------------------------------------------------------
 
@@ -148,7 +155,7 @@ class SubmissionSMTP(SMTP):
         facts.peer_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         facts.tls = self.is_tls
         if first and self._on_open:
-            self._on_open(self)
+            self._refusal = self._on_open(self)
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -162,6 +169,32 @@ class SubmissionSMTP(SMTP):
             task.add_done_callback(_background.discard)
         if self._on_close:
             self._on_close(self)
+
+    async def _handle_client(self) -> None:
+        """Refuse over-limit connections and clients that talk before the greeting; then
+        aiosmtpd's command loop."""
+        if self._refusal is not None:
+            await self.write_reply(self._refusal)
+            self._close()
+            return
+        if self.settings.greeting_delay:
+            await asyncio.sleep(self.settings.greeting_delay)
+        if self._pending_input():
+            log.info("early_talker", session=self.gsession().facts.session_id)
+            await self.write_reply(replies.EARLY_TALKER)
+            self._close()
+            return
+        await super()._handle_client()
+
+    def _pending_input(self) -> int:
+        """Bytes received but not yet read. StreamReader has no public way to ask; aiosmtpd
+        itself uses the same attribute to discard input pipelined across STARTTLS."""
+        buffer: bytearray = self._reader._buffer  # type: ignore[attr-defined]
+        return len(buffer)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
     def _reset_envelope(self) -> None:
         self._set_post_data_state()  # type: ignore[no-untyped-call]  # untyped in aiosmtpd
@@ -201,17 +234,36 @@ class SubmissionSMTP(SMTP):
             else status.decode("ascii", "replace")
         )
         await super().push(line)
-        if line.startswith("421") and self.transport is not None:
-            self.transport.close()  # RFC 5321 s 3.8: 421 closes the channel
+        if line.startswith("421"):
+            self._close()  # RFC 5321 s 3.8: 421 closes the channel
+        elif line.startswith("5") and self.transport is not None:
+            self._errors += 1
+            if self._errors >= self._max_errors:
+                log.info("too_many_errors", session=self.gsession().facts.session_id)
+                self.submission.metrics.limited.labels("max_errors").inc()
+                await self.write_reply(replies.TOO_MANY_ERRORS)
 
     async def write_reply(self, reply: Reply) -> None:
         await self.push(reply.line())
 
     # --- greeting and EHLO --------------------------------------------------------------
 
+    async def _refuse_pipelined_greeting(self) -> bool:
+        """RFC 2920 s 3.1: nothing may follow EHLO in a group, and before the EHLO reply a
+        client cannot know that we pipeline. Anything already waiting is an attack or a
+        broken client (554 5.5.0 and close)."""
+        if not self._pending_input():
+            return False
+        log.info("pipelined_greeting", session=self.gsession().facts.session_id)
+        await self.write_reply(replies.EARLY_TALKER)
+        self._close()
+        return True
+
     async def smtp_HELO(self, hostname: str) -> None:
         if not hostname:
             await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        if await self._refuse_pipelined_greeting():
             return
         await self.end_transaction(self.gsession())
         self._reset_envelope()
@@ -223,6 +275,8 @@ class SubmissionSMTP(SMTP):
     async def smtp_EHLO(self, hostname: str) -> None:
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        if await self._refuse_pipelined_greeting():
             return
         await self.end_transaction(self.gsession())
         self._reset_envelope()
@@ -261,6 +315,10 @@ class SubmissionSMTP(SMTP):
         if session.authenticated:
             await self.write_reply(replies.AUTH_ALREADY)
             return
+        refusal = self.submission.auth_refused(session.facts)
+        if refusal is not None:
+            await self.write_reply(refusal)
+            return
         if not arg:
             await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
             return
@@ -278,17 +336,21 @@ class SubmissionSMTP(SMTP):
         if initial:
             data = b"" if initial == "=" else self._decode(initial)
             if data is None:
+                self.submission.note_auth_failure(session.facts)
                 await self.write_reply(replies.AUTH_BAD_BASE64)
                 return
         else:
             response = await self._challenge(b"")
             if isinstance(response, Reply):
+                if response is not replies.AUTH_ABORTED:
+                    self.submission.note_auth_failure(session.facts)
                 await self.write_reply(response)
                 return
             data = response
         try:
             credentials = PARSERS[mechanism](data)
         except SaslSyntaxError as exc:
+            self.submission.note_auth_failure(session.facts)
             log.info(
                 "auth_syntax",
                 session=session.facts.session_id,
@@ -396,7 +458,8 @@ class SubmissionSMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        self._last_timer_reset = 0.0
+        self._reset_timeout(self.settings.data_timeout)
+        self._last_timer_reset = time.monotonic()
         content, problem = await self._read_data()
         if problem is not None:
             await self.end_transaction(session)

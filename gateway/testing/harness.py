@@ -26,12 +26,15 @@ def write_config(
     smtp: Mapping[str, object] | None = None,
     extra: str = "",
     notices: bool = False,
+    limits: Mapping[str, object] | None = None,
 ) -> Path:
     """Write gateway.toml, the issuer's JWKS and policy files; returns the config path.
 
     Notice mails are off unless ``notices=True``, so tests count only their own mail.
 
-    ``smtp`` entries override [smtp] keys (values are written as TOML literals).
+    ``smtp`` and ``limits`` entries override [smtp] and [limits] keys (values are written
+    as TOML literals). The message rate limit is lifted unless ``limits`` sets it, so that
+    tests which send a lot are not throttled.
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "policies").mkdir(exist_ok=True)
@@ -45,7 +48,8 @@ def write_config(
         "idle_timeout": 30,
     }
     smtp_values.update(smtp or {})
-    smtp_lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in smtp_values.items())
+    limit_values: dict[str, object] = {"messages_per_user_per_minute": 100_000}
+    limit_values.update(limits or {})
     groups = "\n".join(f"{name} = {json.dumps(members)}" for name, members in TEST_GROUPS.items())
     config = directory / "gateway.toml"
     config.write_text(
@@ -55,7 +59,10 @@ policy_dir = "policies"
 notices = {"true" if notices else "false"}
 
 [smtp]
-{smtp_lines}
+{_toml_lines(smtp_values)}
+
+[limits]
+{_toml_lines(limit_values)}
 
 [tokens]
 audience = "{issuer.audience}"
@@ -87,6 +94,10 @@ database = "hold.db"
 """
     )
     return config
+
+
+def _toml_lines(values: Mapping[str, object]) -> str:
+    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in values.items())
 
 
 @dataclass
@@ -135,6 +146,7 @@ async def gateway_with_upstream(
     clock: Clock = utc_now,
     smtp: Mapping[str, object] | None = None,
     extra: str = "",
+    limits: Mapping[str, object] | None = None,
 ) -> AsyncIterator[tuple[RunningGateway, FakeUpstream]]:
     """The usual pair: a fake upstream, and a gateway relaying to it."""
     async with FakeUpstream.running() as upstream:
@@ -145,6 +157,7 @@ async def gateway_with_upstream(
             policies=policies,
             smtp=smtp,
             extra=extra,
+            limits=limits,
         )
         async with running_gateway(config, clock=clock) as gateway:
             yield gateway, upstream

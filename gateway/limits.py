@@ -1,0 +1,116 @@
+"""Abuse limits: connections, messages per user, AUTH failures per client address.
+
+Pure bookkeeping: callers pass the monotonic time in, so the limits are trivial to test
+and immune to wall-clock jumps. Mobile carriers put many phones behind one address
+(CGNAT), which is why the per-address defaults are generous (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from gateway import replies
+from gateway.replies import Reply
+
+_PRUNE_AT = 10_000  # tracked keys before idle ones are swept
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_connections: int = 1000
+    max_connections_per_ip: int = 100
+    messages_per_user_per_minute: int = 60
+    auth_failures_per_ip: int = 20
+    auth_failure_window: float = 300.0  # seconds
+    max_errors: int = 10  # 5xx replies in one session before 421 and close
+    command_call_limit: int | dict[str, int] = 1000  # per command and connection (aiosmtpd)
+
+
+class ConnectionLimits:
+    """Concurrent connections in total and per client address."""
+
+    def __init__(self, total: int, per_ip: int) -> None:
+        self.total = total
+        self.per_ip = per_ip
+        self.open = 0
+        self._by_ip: dict[str, int] = {}
+
+    def admit(self, ip: str) -> Reply | None:
+        """Count the connection in and return None, or return the refusal (nothing counted)."""
+        if self.open >= self.total:
+            return replies.TOO_MANY_CONNECTIONS
+        current = self._by_ip.get(ip, 0)
+        if current >= self.per_ip:
+            return replies.TOO_MANY_FROM_ADDRESS
+        self.open += 1
+        self._by_ip[ip] = current + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.open -= 1
+        left = self._by_ip.get(ip, 1) - 1
+        if left > 0:
+            self._by_ip[ip] = left
+        else:
+            self._by_ip.pop(ip, None)
+
+
+class MessageRate:
+    """Messages per user per minute, as a token bucket: a burst of ``per_minute``, then a
+    steady ``per_minute`` a minute. O(1) time and memory per user."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.capacity = float(per_minute)
+        self.refill_per_second = per_minute / 60.0
+        self._buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, at)
+
+    def allow(self, user: str, now: float) -> bool:
+        tokens, at = self._buckets.get(user, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - at) * self.refill_per_second)
+        if tokens < 1.0:
+            self._buckets[user] = (tokens, now)
+            return False
+        self._buckets[user] = (tokens - 1.0, now)
+        if len(self._buckets) > _PRUNE_AT:
+            self._prune(now)
+        return True
+
+    def _prune(self, now: float) -> None:
+        full_after = self.capacity / self.refill_per_second
+        self._buckets = {
+            user: state for user, state in self._buckets.items() if now - state[1] < full_after
+        }
+
+
+class AuthFailures:
+    """Failed AUTH attempts per client address in a sliding window."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, ip: str, now: float) -> deque[float] | None:
+        times = self._failures.get(ip)
+        if times is None:
+            return None
+        while times and now - times[0] >= self.window:
+            times.popleft()
+        if not times:
+            del self._failures[ip]
+            return None
+        return times
+
+    def blocked(self, ip: str, now: float) -> bool:
+        times = self._recent(ip, now)
+        return times is not None and len(times) >= self.limit
+
+    def record(self, ip: str, now: float) -> None:
+        times = self._recent(ip, now)
+        if times is None:
+            times = self._failures[ip] = deque(maxlen=self.limit)
+        times.append(now)
+        if len(self._failures) > _PRUNE_AT:
+            for other in list(self._failures):
+                self._recent(other, now)

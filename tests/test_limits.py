@@ -1,0 +1,44 @@
+"""The limit bookkeeping, with time passed in (no sleeping, no clock)."""
+
+from __future__ import annotations
+
+from gateway import replies
+from gateway.limits import AuthFailures, ConnectionLimits, MessageRate
+
+
+def test_connection_limits_per_address_and_in_total() -> None:
+    limits = ConnectionLimits(total=3, per_ip=2)
+    assert limits.admit("10.0.0.1") is None
+    assert limits.admit("10.0.0.1") is None
+    assert limits.admit("10.0.0.1") is replies.TOO_MANY_FROM_ADDRESS
+    assert limits.admit("10.0.0.2") is None
+    assert limits.admit("10.0.0.3") is replies.TOO_MANY_CONNECTIONS  # total reached first
+    limits.release("10.0.0.1")
+    assert limits.open == 2
+    assert limits.admit("10.0.0.1") is None
+    for ip in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):
+        limits.release(ip)
+    assert limits.open == 0
+    assert limits._by_ip == {}  # nothing kept for addresses with no connection
+
+
+def test_message_rate_allows_a_burst_then_refills_steadily() -> None:
+    rate = MessageRate(per_minute=3)
+    assert [rate.allow("u", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert rate.allow("other", 0.0)  # per user
+    assert not rate.allow("u", 19.0)  # one token refills every 20 s
+    assert rate.allow("u", 20.5)
+    assert not rate.allow("u", 21.0)
+    assert [rate.allow("u", 200.0) for _ in range(4)] == [True, True, True, False]  # capped
+
+
+def test_auth_failures_block_within_the_window_only() -> None:
+    failures = AuthFailures(limit=2, window=60.0)
+    assert not failures.blocked("10.0.0.1", 0.0)
+    failures.record("10.0.0.1", 0.0)
+    failures.record("10.0.0.1", 10.0)
+    assert failures.blocked("10.0.0.1", 10.0)
+    assert not failures.blocked("10.0.0.2", 10.0)
+    assert not failures.blocked("10.0.0.1", 60.0)  # the first failure left the window
+    assert not failures.blocked("10.0.0.1", 70.0)
+    assert failures._failures == {}

@@ -1,0 +1,147 @@
+"""gateway.toml and GATEWAY_… overrides: parsed once, every problem named by file, line, key."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import SettingsError
+from gateway.settings import Endpoint, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    return tmp_path / "config" / "gateway.toml"
+
+
+def problems(config: Path, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(config, environ or {})
+    return [str(p) for p in caught.value.problems]
+
+
+def test_the_shipped_config_loads_with_its_limits(config: Path) -> None:
+    settings = load_settings(config, {})
+    assert settings.smtp.listen == Endpoint("127.0.0.1", 2587)
+    assert settings.limits.max_connections_per_ip == 100
+    assert settings.limits.messages_per_user_per_minute == 60
+    assert settings.limits.command_call_limit == 1000
+
+
+def test_a_bad_value_names_file_line_and_key(config: Path) -> None:
+    text = config.read_text().replace("max_recipients = 100", "max_recipients = 0")
+    config.write_text(text)
+    line = text.splitlines().index(next(x for x in text.splitlines() if "max_recipients" in x)) + 1
+    assert problems(config) == [f"{config}:{line}: smtp.max_recipients: must be at least 1, got 0"]
+
+
+def test_a_misspelt_limit_is_suggested(config: Path) -> None:
+    config.write_text(config.read_text().replace("max_errors =", "max_erors ="))
+    (problem,) = problems(config)
+    assert problem.endswith("limits.max_erors: unknown key (did you mean 'max_errors'?)")
+
+
+def test_environment_overrides_take_toml_values_or_plain_text(config: Path) -> None:
+    settings = load_settings(
+        config,
+        {
+            "GATEWAY_SMTP__LISTEN": "[::]:587",  # not TOML: taken as text
+            "GATEWAY_SMTP__MAX_RECIPIENTS": "7",
+            "GATEWAY_SMTP__ALLOW_PLAINTEXT_AUTH": "false",
+            "GATEWAY_LIMITS__MESSAGES_PER_USER_PER_MINUTE": "5",
+            "GATEWAY_UPSTREAM__SMARTHOSTS__0__HOST": "relay.internal",
+            "GATEWAY_HOLD__DATABASE": '"/var/lib/gateway/hold.db"',  # TOML string
+            "GATEWAY_ADMIN__LISTEN": "[::1]:9587",
+        },
+    )
+    assert settings.smtp.listen == Endpoint("::", 587)
+    assert settings.smtp.max_recipients == 7
+    assert settings.smtp.allow_plaintext_auth is False
+    assert settings.limits.messages_per_user_per_minute == 5
+    assert settings.upstream.smarthosts[0].host == "relay.internal"
+    assert settings.upstream.smarthosts[0].port == 2525  # the rest of the table is kept
+    assert settings.hold.database == Path("/var/lib/gateway/hold.db")
+    assert settings.admin_listen == Endpoint("::1", 9587)
+
+
+def test_environment_can_add_a_section_the_file_lacks(config: Path) -> None:
+    text = config.read_text()
+    config.write_text(text[: text.index("[limits]")] + text[text.index("[tokens]") :])
+    settings = load_settings(config, {"GATEWAY_LIMITS__MAX_CONNECTIONS": "3"})
+    assert settings.limits.max_connections == 3
+
+
+def test_unrelated_environment_variables_are_ignored(config: Path) -> None:
+    # A Kubernetes Service named "gateway" injects these into every pod.
+    environ = {
+        "GATEWAY_PORT": "tcp://10.0.0.1:2587",
+        "GATEWAY_SERVICE_HOST": "10.0.0.1",
+        "GATEWAY_CONFIG": str(config),
+    }
+    assert load_settings(config, environ).smtp.listen.port == 2587
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        (
+            "GATEWAY_SMTP__MAX_RECIPIENTS",
+            "many",
+            "environment GATEWAY_SMTP__MAX_RECIPIENTS: smtp.max_recipients: "
+            "expected an integer, got a string",
+        ),
+        (
+            "GATEWAY_SMTP__LISTEN",
+            "everywhere",
+            "environment GATEWAY_SMTP__LISTEN: smtp.listen: 'everywhere' is not host:port "
+            "(e.g. 127.0.0.1:2587 or [::1]:2587)",
+        ),
+        (
+            "GATEWAY_SMTP__MAX_RECIPENTS",
+            "5",
+            "environment GATEWAY_SMTP__MAX_RECIPENTS: smtp.max_recipents: "
+            "unknown key (did you mean 'max_recipients'?)",
+        ),
+        (
+            "GATEWAY_SMTP__LISTEN__HOST",
+            "x",
+            "environment GATEWAY_SMTP__LISTEN__HOST: smtp.listen.host: does not name a setting "
+            "(GATEWAY_<SECTION>__<KEY>, e.g. GATEWAY_SMTP__LISTEN)",
+        ),
+    ],
+)
+def test_a_bad_override_names_the_variable(
+    config: Path, name: str, value: str, expected: str
+) -> None:
+    assert problems(config, {name: value}) == [expected]
+
+
+def test_command_call_limit_per_command(config: Path) -> None:
+    text = config.read_text().replace(
+        "command_call_limit = 1000", 'command_call_limit = { "*" = 500, noop = 20 }'
+    )
+    config.write_text(text)
+    assert load_settings(config, {}).limits.command_call_limit == {"*": 500, "NOOP": 20}
+
+
+def test_serve_refuses_to_start_with_one_line_naming_the_variable(config: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        env={"PATH": "/usr/bin:/bin", "GATEWAY_LIMITS__MAX_ERRORS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "gateway: environment GATEWAY_LIMITS__MAX_ERRORS: limits.max_errors: "
+        "must be at least 1, got 0"
+    ]
