@@ -1,0 +1,140 @@
+"""deploy/ is checked against the code: the files load, the settings they set are valid,
+the paths and ports agree, and every metric an alert uses exists."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import yaml
+
+from gateway.policy_store import PolicyStore
+from gateway.settings import load_settings
+from gateway.testing.device import FakeDevice
+from gateway.testing.harness import gateway_with_upstream
+from gateway.testing.issuer import TestIssuer
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+GRACE = 30  # the --grace every deploy file passes to `gateway serve`
+
+
+def k8s_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    objects = {}
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document and "kind" in document and document["kind"] != "Kustomization":
+                objects[(document["kind"], document["metadata"]["name"])] = document
+    return objects
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
+    files = {p.name for p in (DEPLOY / "kubernetes").glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+    assert "configMapGenerator" not in kustomization  # hashed names would restart on edits
+
+
+def test_deployment_mounts_policies_as_a_directory_with_probes_and_a_volume() -> None:
+    objects = k8s_objects()
+    deployment = objects[("Deployment", "compliance-gateway")]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert all("subPath" not in m and "subPathExpr" not in m for m in mounts.values())
+    assert mounts["policies"]["mountPath"] == "/etc/gateway/policies"
+    assert ("ConfigMap", volumes["policies"]["configMap"]["name"]) in objects
+    assert mounts["data"]["mountPath"] == "/var/lib/gateway"
+    claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
+    assert objects[("PersistentVolumeClaim", claim)]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "admin"}
+    assert container["args"] == ["serve", "--grace", str(GRACE)]
+    assert pod["terminationGracePeriodSeconds"] > GRACE
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert f"USER {pod['securityContext']['runAsUser']}:" in dockerfile
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"submission": 2587, "submissions": 2465, "admin": 9587}
+    assert all(f"{port}" in dockerfile for port in ports.values())  # EXPOSEd
+
+
+def test_kubernetes_config_and_policies_load(tmp_path: Path) -> None:
+    """The ConfigMaps as the pod sees them, secrets replaced by test files via GATEWAY_…."""
+    objects = k8s_objects()
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    gateway_toml = config_dir / "gateway.toml"
+    gateway_toml.write_text(objects[("ConfigMap", "gateway-config")]["data"]["gateway.toml"])
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    for name, text in objects[("ConfigMap", "gateway-policies")]["data"].items():
+        (policies / name).write_text(text)
+    issuer = TestIssuer.generate("k1")
+    issuer.write_jwks(tmp_path / "mdm.jwks.json")
+    cert = trustme.CA().issue_cert("smtp-gateway.example.com")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+    (tmp_path / "password").write_text("secret\n")
+    settings = load_settings(
+        gateway_toml,
+        {
+            "GATEWAY_GATEWAY__POLICY_DIR": str(policies),
+            "GATEWAY_TOKENS__ISSUERS__0__KEYS": f'["{tmp_path / "mdm.jwks.json"}"]',
+            "GATEWAY_SMTP__TLS_CERT": str(tmp_path / "tls.crt"),
+            "GATEWAY_SMTP__TLS_KEY": str(tmp_path / "tls.key"),
+            "GATEWAY_UPSTREAM__SMARTHOSTS__0__PASSWORD_FILE": str(tmp_path / "password"),
+        },
+    )
+    assert settings.upstream.smarthosts[0].password == "secret"
+    assert settings.smtp.listen.port == 2587
+    assert settings.admin_listen is not None
+    assert settings.admin_listen.port == 9587
+    store = PolicyStore(policies, settings.groups)
+    result = store.reload(trigger="test")
+    assert result.ok
+    assert [p.id for p in store.current.source.policies] == ["remove-tiktok"]
+
+
+def test_compose_mounts_and_environment_give_valid_settings(tmp_path: Path) -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    service = compose["services"]["gateway"]
+    assert "${GATEWAY_CONFIG_DIR:-../config}:/etc/gateway:ro" in service["volumes"]
+    assert "gateway-data:/var/lib/gateway" in service["volumes"]
+    assert service["command"] == ["serve", "--grace", str(GRACE)]
+    assert int(service["stop_grace_period"].rstrip("s")) > GRACE
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    environ = {
+        name: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)  # compose's ${VAR:-default}
+        for name, value in service["environment"].items()
+    }
+    settings = load_settings(tmp_path / "config" / "gateway.toml", environ)
+    assert str(settings.smtp.listen) == "0.0.0.0:2587"  # inside the container
+    assert settings.hold.database == Path("/var/lib/gateway/hold.db")
+    assert settings.upstream.smarthosts[0].host == "host.docker.internal"
+
+
+@pytest.fixture(scope="module")
+def issuer() -> TestIssuer:
+    return TestIssuer.generate("k1")
+
+
+async def test_every_metric_an_alert_uses_is_exported(tmp_path: Path, issuer: TestIssuer) -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    expressions = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    used = {name for expr in expressions for name in re.findall(r"\bgateway_[a-z_]+", expr)}
+    assert len(used) >= 8
+    async with gateway_with_upstream(tmp_path, issuer) as (gw, _):
+        await FakeDevice(issuer).send(gw.port)
+        await FakeDevice(TestIssuer.generate("k1")).send(gw.port)  # a token failure
+        exported = gw.server.metrics.render().decode()
+    # A labelled family with no event yet is declared by its HELP line only.
+    exported_names = set(re.findall(r"^(?:# HELP )?(gateway_[a-z_]+)", exported, re.MULTILINE))
+    assert "gateway_token_failures_total{" in exported
+    assert used <= exported_names, used - exported_names
