@@ -233,11 +233,12 @@ class HoldStore:
         return _row(row, bytes(row["message"]) if with_content else None)
 
     def due(
-        self, now: datetime, device_id: str | None = None, limit: int = 500
+        self, now: datetime, device_id: str | None = None, limit: int = 500, after: int = 0
     ) -> list[HeldMessage]:
-        """Held messages whose retry time has come, oldest first, with their bytes."""
-        sql = f"SELECT {_COLUMNS}, message FROM held WHERE next_attempt <= ?"
-        params: list[object] = [now.timestamp()]
+        """Held messages whose retry time has come, oldest first, with their bytes; ``after``
+        pages on by arrival order (seq)."""
+        sql = f"SELECT {_COLUMNS}, message FROM held WHERE next_attempt <= ? AND seq > ?"
+        params: list[object] = [now.timestamp(), after]
         if device_id is not None:
             sql += " AND device_id = ?"
             params.append(device_id)
@@ -361,9 +362,9 @@ class AsyncHoldStore:
         return await self._run(lambda store: store.hold(message))
 
     async def due(
-        self, now: datetime, device_id: str | None = None, limit: int = 500
+        self, now: datetime, device_id: str | None = None, limit: int = 500, after: int = 0
     ) -> list[HeldMessage]:
-        return await self._run(lambda store: store.due(now, device_id, limit))
+        return await self._run(lambda store: store.due(now, device_id, limit, after))
 
     async def remove(self, hold_ids: Sequence[str]) -> int:
         return await self._run(lambda store: store.remove(hold_ids))

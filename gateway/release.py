@@ -35,12 +35,39 @@ BACKOFF_BASE = 5.0
 BACKOFF_MAX = 600.0
 
 
+PAGE_SIZE = 500  # held messages read per query
+DELETE_BATCH = 64  # released rows deleted per transaction (one fsync)
+
+
 @dataclass
 class ReleaseReport:
     released: list[str] = field(default_factory=list)
     still_held: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
+    blocked: list[tuple[str, str]] = field(default_factory=list)  # (device, first hold_id)
+
+
+class _Deletions:
+    """Rows whose message the upstream accepted, deleted in batches: one commit (and fsync)
+    per batch instead of per message. Deletes are shielded from cancellation, because a
+    row kept after its message left would be sent again after a restart. A crash before
+    the batch commits can send up to DELETE_BATCH messages twice (at least once, never lost).
+    """
+
+    def __init__(self, store: AsyncHoldStore) -> None:
+        self.store = store
+        self.pending: list[str] = []
+
+    async def add(self, hold_id: str) -> None:
+        self.pending.append(hold_id)
+        if len(self.pending) >= DELETE_BATCH:
+            await self.flush()
+
+    async def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        if batch:
+            await asyncio.shield(self.store.remove(batch))
 
 
 class Releaser:
@@ -53,6 +80,7 @@ class Releaser:
         hostname: str,
         expire_after: timedelta,
         on_released: Callable[[HeldMessage], None] | None = None,
+        parallel: int = 4,
     ) -> None:
         self.store = store
         self.relay = relay
@@ -63,6 +91,7 @@ class Releaser:
         self._lock = asyncio.Lock()
         self.devices_with_mail: set[str] = set()
         self.on_released = on_released
+        self.parallel = parallel  # devices released at once (one upstream connection each)
 
     async def start(self) -> None:
         self.devices_with_mail = await self.store.device_ids()
@@ -83,16 +112,57 @@ class Releaser:
             return await self._run(device_id, newer_claims)
 
     async def _run(self, device_id: str | None, newer_claims: DeviceClaims | None) -> ReleaseReport:
+        """Page through due mail in arrival order; each page's devices are released as
+        parallel lanes (up to ``parallel`` upstream connections), each lane in order."""
         report = ReleaseReport()
         now = self.clock()
-        compiled = self.policies.current
         blocked_devices: set[str] = set()
+        deletions = _Deletions(self.store)
+        legs = asyncio.Semaphore(self.parallel)
+        after = 0
         while True:
-            batch = await self.store.due(now, device_id)
-            progress = False
-            for held in batch:
+            page = await self.store.due(now, device_id, PAGE_SIZE, after)
+            if not page:
+                break
+            after = page[-1].seq
+            lanes: dict[str, list[HeldMessage]] = {}
+            for held in page:
                 if held.device_id in blocked_devices:
-                    continue
+                    report.still_held += 1  # behind a message of its device that stays
+                else:
+                    lanes.setdefault(held.device_id, []).append(held)
+            try:
+                await asyncio.gather(
+                    *(
+                        self._release_lane(lane, newer_claims, now, legs, deletions, report)
+                        for lane in lanes.values()
+                    )
+                )
+            finally:
+                await deletions.flush()
+            blocked_devices.update(device for device, _ in report.blocked)
+            if len(page) < PAGE_SIZE:
+                break
+        if device_id is None:
+            self.devices_with_mail = await self.store.device_ids()
+        elif not await self.store.due(datetime.max.replace(tzinfo=now.tzinfo), device_id, limit=1):
+            self.devices_with_mail.discard(device_id)
+        return report
+
+    async def _release_lane(
+        self,
+        lane: list[HeldMessage],
+        newer_claims: DeviceClaims | None,
+        now: datetime,
+        legs: asyncio.Semaphore,
+        deletions: _Deletions,
+        report: ReleaseReport,
+    ) -> None:
+        """One device's due messages, in order; the first that stays held or fails stops
+        the lane, so that later mail never overtakes it."""
+        compiled = self.policies.current
+        async with legs:
+            for index, held in enumerate(lane):
                 claims = (
                     newer_claims
                     if newer_claims is not None and newer_claims.device.id == held.device_id
@@ -102,41 +172,31 @@ class Releaser:
                     not held.release_requested
                     and decide(compiled, claims, now).action not in RELEASABLE
                 ):
-                    blocked_devices.add(held.device_id)  # keep order: later mail waits too
-                    report.still_held += 1
-                    continue
+                    report.still_held += len(lane) - index
+                    report.blocked.append((held.device_id, held.hold_id))
+                    return
                 reply = await self._relay(held, held.sender, held.recipients, held.content or b"")
-                if reply.is_success:
-                    # Shielded: once the upstream took it, a shutdown must not keep the row
-                    # (which would send it again after restart).
-                    await asyncio.shield(self.store.remove([held.hold_id]))
-                    report.released.append(held.hold_id)
-                    if self.on_released is not None:
-                        self.on_released(held)
-                    progress = True
-                    log.info(
-                        "released",
-                        hold_id=held.hold_id,
-                        device_id=held.device_id,
-                        user=held.user,
-                        requested=held.release_requested,
-                        upstream_reply=reply.line(),
-                    )
-                else:
-                    blocked_devices.add(held.device_id)
+                if not reply.is_success:
                     delay = min(BACKOFF_MAX, BACKOFF_BASE * 2**held.attempts)
                     await self.store.postpone(held.hold_id, now.timestamp() + delay, reply.line())
                     report.failed.append((held.hold_id, reply.line()))
+                    report.blocked.append((held.device_id, held.hold_id))
                     log.warning(
                         "release_failed", hold_id=held.hold_id, reply=reply.line(), retry_in=delay
                     )
-            if not progress or len(batch) < 500:
-                break
-        if device_id is None:
-            self.devices_with_mail = await self.store.device_ids()
-        elif not await self.store.due(datetime.max.replace(tzinfo=now.tzinfo), device_id, limit=1):
-            self.devices_with_mail.discard(device_id)
-        return report
+                    return
+                await deletions.add(held.hold_id)
+                report.released.append(held.hold_id)
+                if self.on_released is not None:
+                    self.on_released(held)
+                log.info(
+                    "released",
+                    hold_id=held.hold_id,
+                    device_id=held.device_id,
+                    user=held.user,
+                    requested=held.release_requested,
+                    upstream_reply=reply.line(),
+                )
 
     async def _relay(
         self, held: HeldMessage, sender: str, recipients: Iterable[str], content: bytes

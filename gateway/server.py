@@ -84,6 +84,7 @@ class GatewayServer:
             clock,
             settings.smtp.hostname,
             settings.hold.expire_after,
+            parallel=settings.upstream.pool_size,
         )
         self.metrics = Metrics()
         self.admin = AdminServer(

@@ -258,3 +258,24 @@ def test_missing_device_id(issuer: TestIssuer, verifier: TokenVerifier) -> None:
     )
     with pytest.raises(MissingClaim, match=r"device\.id"):
         verifier.verify(token, NOW)
+
+
+def test_a_cached_token_is_still_refused_once_it_expires(issuer: TestIssuer) -> None:
+    verifier = TokenVerifier(issuer.verifier_settings())
+    token = issuer.token(issued_at=NOW - timedelta(minutes=15))  # exp == NOW
+    first = verifier.verify(token, NOW - timedelta(minutes=1))
+    assert verifier.verify(token, NOW) is first  # served from the cache of verified tokens
+    with pytest.raises(TokenExpired):
+        verifier.verify(token, NOW + timedelta(seconds=61))  # after exp + leeway
+
+
+def test_the_cache_never_admits_a_token_that_failed(issuer: TestIssuer) -> None:
+    verifier = TokenVerifier(issuer.verifier_settings(), cache_size=2)
+    good = issuer.token(issued_at=NOW)
+    forged = good[: good.rindex(".") + 1] + b64(b"\0" * 64)
+    for _ in range(2):
+        with pytest.raises(BadSignature):
+            verifier.verify(forged, NOW)
+    for index in range(3):  # the cache stays bounded
+        verifier.verify(issuer.token(issued_at=NOW, device_id=f"d{index}"), NOW)
+    assert len(verifier._verified) == 2
