@@ -181,24 +181,24 @@ def main() -> None:
     parser.add_argument("--auth", type=Path, help="JSON list of [user, token] pairs")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    tokens = [tuple(pair) for pair in json.loads(args.auth.read_text())] if args.auth else None
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    result = runner(
-        run_load(
-            args.host,
-            args.port,
-            messages=args.messages,
-            concurrency=args.concurrency,
-            per_connection=args.per_connection,
-            size=args.size,
-            tokens=tokens,  # type: ignore[arg-type]
-        )
+    tokens = (
+        [(user, token) for user, token in json.loads(args.auth.read_text())] if args.auth else None
     )
+    coroutine = run_load(
+        args.host,
+        args.port,
+        messages=args.messages,
+        concurrency=args.concurrency,
+        per_connection=args.per_connection,
+        size=args.size,
+        tokens=tokens,
+    )
+    try:
+        import uvloop  # as the targets use it when installed
+
+        result = uvloop.run(coroutine)
+    except ImportError:
+        result = asyncio.run(coroutine)
     summary = result.summary()
     if args.json:
         print(json.dumps(summary))

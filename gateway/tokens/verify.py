@@ -264,6 +264,8 @@ class TokenVerifier:
             self._check_times(cached.expires_at, cached.issued_at, cached.not_before, now)
             return cached
         claims = self._verify_uncached(raw, now)
+        if not self._cache_size:
+            return claims
         if len(self._verified) >= self._cache_size:
             # Drop the oldest entry (dicts keep insertion order): cheap and good enough.
             del self._verified[next(iter(self._verified))]
