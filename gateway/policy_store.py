@@ -11,7 +11,7 @@ from pathlib import Path
 from gateway.domain import PolicyState
 from gateway.errors import PolicyLoadError, Problem
 from gateway.policy.engine import CompiledPolicySet, compile_policy_set
-from gateway.policy.loader import load_policy_dir
+from gateway.policy.loader import ParseCache, load_policy_dir
 from gateway.policy.model import PolicySet
 
 
@@ -71,6 +71,7 @@ class PolicyStore:
         self.groups = groups
         self._current: CompiledPolicySet | None = None
         self.last_result: ReloadResult | None = None
+        self._parsed = ParseCache()  # unchanged files are not parsed again
 
     @property
     def current(self) -> CompiledPolicySet:
@@ -84,7 +85,7 @@ class PolicyStore:
 
     def build(self) -> CompiledPolicySet:
         """Read, validate and compile the directory without touching what is in force."""
-        return compile_policy_set(load_policy_dir(self.directory, self.groups))
+        return compile_policy_set(load_policy_dir(self.directory, self.groups, self._parsed))
 
     def swap(self, new: CompiledPolicySet, trigger: str, started: float) -> ReloadResult:
         old = self._current.source if self._current else None

@@ -160,6 +160,11 @@ def read_toml(path: Path, display_name: str | None = None) -> TomlFile | Problem
         raw = path.read_bytes()
     except OSError as exc:
         return Problem(name, None, "", f"cannot read file: {exc.strerror or exc}")
+    return parse_toml(raw, path, name)
+
+
+def parse_toml(raw: bytes, path: Path, name: str) -> TomlFile | Problem:
+    """Parse bytes already read from ``path``; any failure becomes a located Problem."""
     if len(raw) > MAX_FILE_BYTES:
         return Problem(name, None, "", f"file is larger than {MAX_FILE_BYTES} bytes")
     if raw.startswith(b"\xef\xbb\xbf"):

@@ -214,3 +214,29 @@ def test_exemptions_and_groups(tmp_path: Path) -> None:
 
 def test_missing_directory(tmp_path: Path) -> None:
     assert "does not exist" in problems_of(tmp_path / "nope")[0]
+
+
+def test_parse_cache_reparses_only_changed_files(tmp_path: Path) -> None:
+    from gateway.policy.loader import ParseCache
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.toml").write_text(
+            f'[[policy]]\nid = "{name}"\nmatch.users = ["{name}@example.test"]\naction = "warn"\n'
+        )
+    cache = ParseCache()
+    first = load_policy_dir(tmp_path, cache=cache)
+    (tmp_path / "b.toml").write_text(
+        '[[policy]]\nid = "b"\nmatch.users = ["b@example.test"]\naction = "reject"\n'
+    )
+    second = load_policy_dir(tmp_path, cache=cache)
+    assert second.policies[0] is first.policies[0]  # a.toml: the very same parsed object
+    assert second.policies[1].action.label == "reject"
+    assert second.version != first.version
+    (tmp_path / "b.toml").write_text('[[policy]]\nid = "b"\naction = "bogus"\n')
+    with pytest.raises(PolicyLoadError, match="bogus"):
+        load_policy_dir(tmp_path, cache=cache)
+    # Back to the first content: the cache gives the same version as a fresh load.
+    (tmp_path / "b.toml").write_text(
+        '[[policy]]\nid = "b"\nmatch.users = ["b@example.test"]\naction = "warn"\n'
+    )
+    assert load_policy_dir(tmp_path, cache=cache).version == load_policy_dir(tmp_path).version
