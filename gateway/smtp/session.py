@@ -22,7 +22,6 @@ import asyncio
 import binascii
 import collections
 import contextlib
-import functools
 import re
 import ssl
 import time
@@ -559,9 +558,15 @@ class SubmissionSMTP(SMTP):
         return bytes(data), None
 
 
-@functools.cache
+_METHOD_NAMES: dict[str, list[str]] = {}
+
+
 def _protocol_method_names(cls: type) -> list[str]:
-    return [name for name in dir(cls) if name.startswith(("smtp_", "auth_"))]
+    key = f"{cls.__module__}.{cls.__qualname__}"
+    names = _METHOD_NAMES.get(key)
+    if names is None:
+        names = _METHOD_NAMES[key] = [n for n in dir(cls) if n.startswith(("smtp_", "auth_"))]
+    return names
 
 
 _background: set[asyncio.Task[Any]] = set()

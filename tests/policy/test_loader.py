@@ -142,22 +142,23 @@ def test_missing_required_keys(tmp_path: Path) -> None:
     assert any("missing required key 'match'" in p for p in found)
 
 
-@pytest.mark.parametrize(
-    ("content", "expected"),
-    [
-        (b"\xef\xbb\xbf" + BAN.encode(), "byte-order mark"),
-        (BAN.encode() + b"\x00", "NUL byte"),
-        (BAN.encode()[:40], "TOML syntax"),  # truncated mid-value
-        (
-            BAN.encode() + b'id = "again"\n',
-            "TOML syntax: Cannot overwrite a value",
-        ),  # duplicate key
-        (b"x = " + b"[" * 2000 + b"]" * 2000, "nesting deeper than"),
-        (b"x = " + b"9" * 5000, "a value cannot be read: Exceeds the limit"),  # 5,000-digit integer
-        (b"x = 99999999999999999999", "does not fit in 64 bits"),
-        (b"\xff\xfe garbage", "not valid UTF-8"),
-    ],
-)
+# Files a careless editor or an attacker might produce; shared with tests/security.
+HOSTILE_FILES = [
+    (b"\xef\xbb\xbf" + BAN.encode(), "byte-order mark"),
+    (BAN.encode() + b"\x00", "NUL byte"),
+    (BAN.encode()[:40], "TOML syntax"),  # truncated mid-value
+    (
+        BAN.encode() + b'id = "again"\n',
+        "TOML syntax: Cannot overwrite a value",
+    ),  # duplicate key
+    (b"x = " + b"[" * 2000 + b"]" * 2000, "nesting deeper than"),
+    (b"x = " + b"9" * 5000, "a value cannot be read: Exceeds the limit"),  # 5,000-digit integer
+    (b"x = 99999999999999999999", "does not fit in 64 bits"),
+    (b"\xff\xfe garbage", "not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("content", "expected"), HOSTILE_FILES)
 def test_hostile_files_are_clear_errors(tmp_path: Path, content: bytes, expected: str) -> None:
     write(tmp_path, "ban.toml", content)
     found = problems_of(tmp_path)
