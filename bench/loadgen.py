@@ -68,9 +68,16 @@ def make_body(size: int, index: int) -> bytes:
     return header + body + b".\r\n"
 
 
+REPLY_TIMEOUT = 30.0  # a target that stops answering is a failure, not a hang
+
+
 async def _reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     while True:
-        line = await reader.readline()
+        try:
+            async with asyncio.timeout(REPLY_TIMEOUT):  # no task per read, unlike wait_for
+                line = await reader.readline()
+        except TimeoutError:
+            raise SmtpFailure(f"no reply within {REPLY_TIMEOUT:.0f} s") from None
         if not line:
             raise SmtpFailure("connection closed")
         if line[3:4] != b"-":

@@ -116,7 +116,9 @@ def start_sink(started: list[subprocess.Popen[bytes]]) -> Target:
     port = free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     process = subprocess.Popen(
-        ["smtp-sink", *user, f"127.0.0.1:{port}", "1024"],
+        # -m: smtp-sink serves 256 connections at once by default and queues the rest
+        # unanswered; the relays' pools and 100 direct clients need more.
+        ["smtp-sink", *user, "-m", "4000", f"127.0.0.1:{port}", "1024"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -154,7 +156,9 @@ def ten_thousand_policies(directory: Path, count: int = 10_000) -> None:
 def gateway_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        GATEWAY_UPSTREAM__POOL_SIZE="16",
+        # Keep as many idle upstream connections as the bare relay does (it keeps all):
+        # with fewer than the concurrent transactions, connections churn (docs/performance.md).
+        GATEWAY_UPSTREAM__POOL_SIZE="128",
         GATEWAY_LIMITS__MAX_CONNECTIONS="5000",
         GATEWAY_LIMITS__MAX_CONNECTIONS_PER_IP="5000",
         GATEWAY_LIMITS__MESSAGES_PER_USER_PER_MINUTE="100000000",

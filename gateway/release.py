@@ -13,6 +13,7 @@ device's run and is retried with exponential backoff.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -52,20 +53,25 @@ class _Deletions:
     """Rows whose message the upstream accepted, deleted in batches: one commit (and fsync)
     per batch instead of per message. Deletes are shielded from cancellation, because a
     row kept after its message left would be sent again after a restart. A crash before
-    the batch commits can send up to DELETE_BATCH messages twice (at least once, never lost).
+    the batch commits can send up to DELETE_BATCH messages, or a quarter second's worth,
+    twice (at least once, never lost).
     """
 
     def __init__(self, store: AsyncHoldStore) -> None:
         self.store = store
         self.pending: list[str] = []
+        self._last_flush = time.monotonic()
 
     async def add(self, hold_id: str) -> None:
         self.pending.append(hold_id)
-        if len(self.pending) >= DELETE_BATCH:
+        # Batch by count, and by age too, so that a crash re-sends little even when
+        # releases trickle out slowly.
+        if len(self.pending) >= DELETE_BATCH or time.monotonic() - self._last_flush > 0.25:
             await self.flush()
 
     async def flush(self) -> None:
         batch, self.pending = self.pending, []
+        self._last_flush = time.monotonic()
         if batch:
             await asyncio.shield(self.store.remove(batch))
 

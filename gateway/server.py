@@ -24,6 +24,7 @@ import structlog
 from gateway import replies
 from gateway.admin_http import AdminServer
 from gateway.domain import Action, Decision, DeviceClaims
+from gateway.errors import HoldStoreError
 from gateway.hold_store import AsyncHoldStore, HeldMessage
 from gateway.impact import assess, confirmed_impact
 from gateway.limits import ConnectionLimits
@@ -84,7 +85,7 @@ class GatewayServer:
             clock,
             settings.smtp.hostname,
             settings.hold.expire_after,
-            parallel=settings.upstream.pool_size,
+            parallel=settings.hold.release_concurrency,
         )
         self.metrics = Metrics()
         self.admin = AdminServer(
@@ -202,10 +203,14 @@ class GatewayServer:
             try:
                 await asyncio.wait_for(self._background_stop.wait(), timeout=self.release_tick)
             except TimeoutError:
-                await self.releaser.run()
-                await self.releaser.expire()
-                await self._flush_inventory()
-                self.metrics.held.set(await self.hold_store.count())
+                try:
+                    await self.releaser.run()
+                    await self.releaser.expire()
+                    await self._flush_inventory()
+                    self.metrics.held.set(await self.hold_store.count())
+                except HoldStoreError as exc:
+                    # A full or failing disk must not end the ticker: try again next tick.
+                    log.error("release_tick_failed", error=str(exc))
 
     async def _flush_inventory(self) -> None:
         pending, self._inventory_pending = self._inventory_pending, []
@@ -384,7 +389,10 @@ class GatewayServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.admin.stop()
         await self.relay.close()
-        await self._flush_inventory()
+        try:
+            await self._flush_inventory()
+        except HoldStoreError as exc:  # the inventory is a cache: losing a flush is harmless
+            log.warning("inventory_flush_failed", error=str(exc))
         await self.hold_store.close()
         log.info("stopped")
 

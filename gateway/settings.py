@@ -97,6 +97,7 @@ class UpstreamSettings:
 class HoldSettings:
     database: Path = Path("/var/lib/gateway/hold.db")
     expire_after: timedelta = timedelta(days=5)
+    release_concurrency: int = 8  # devices whose held mail is relayed at once
 
 
 @dataclass(frozen=True)
@@ -411,6 +412,8 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
         hold = HoldSettings(
             database=_path(hold_table, "database", base) or hold.database,
             expire_after=timedelta(hours=expire_hours) if expire_hours else hold.expire_after,
+            release_concurrency=hold_table.integer("release_concurrency", minimum=1)
+            or hold.release_concurrency,
         )
         hold_table.finish()
     admin_table = root.table("admin")
