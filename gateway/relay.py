@@ -68,6 +68,10 @@ def upstream_reply(code: int, message: str) -> Reply:
         enhanced, text = found.group(1), text[found.end() :]
     else:
         enhanced = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
+    if code == 421:
+        # The upstream is closing *its* connection; ours with the client is fine, and a
+        # 421 would close it (RFC 5321 s 3.8). Same meaning for the client: try later.
+        code = 451
     return Reply(code, enhanced, f"upstream: {text}" if text else "upstream refused")
 
 

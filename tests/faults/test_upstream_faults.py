@@ -76,3 +76,22 @@ async def test_smtp_sink_faults(
     assert reply[stage][0] == code, result
     if stage != "data":
         assert result.data is None  # never reached DATA, so nothing could be accepted
+
+
+@pytest.mark.parametrize("stage", ["mail", "data"])
+async def test_upstream_421_is_a_451_for_the_client_whose_session_goes_on(
+    tmp_path: Path, stage: str
+) -> None:
+    from gateway.testing.harness import gateway_with_upstream
+
+    issuer = TestIssuer.generate("k1")
+    async with gateway_with_upstream(tmp_path, issuer) as (gw, upstream):
+        reply = "421 4.3.2 Upstream shutting down"
+        if stage == "mail":
+            upstream.faults.mail_reply = reply
+        else:
+            upstream.faults.data_reply = reply
+        result = await FakeDevice(issuer).send(gw.port)
+        got = result.mail if stage == "mail" else result.data
+        assert got == (451, "4.3.2 upstream: Upstream shutting down")
+        assert upstream.messages == []
