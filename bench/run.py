@@ -169,6 +169,20 @@ def gateway_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def spawn_gateway(
+    started: list[subprocess.Popen[bytes]], config: Path, log_path: Path, port: int
+) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config),
+             "--log-level", "info"],  # production default: a decision event per message
+            cwd=REPO, env=gateway_env(), stdout=subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
+    started.append(process)
+    wait_for_port(port, timeout=60)
+    return process
+
+
 def write_tokens(issuer: TestIssuer, path: Path, devices: int = 100) -> Path:
     pairs = [
         [
@@ -203,14 +217,7 @@ def start_gateway(
         policies=policies,
         smtp={"listen": f"127.0.0.1:{port}", "idle_timeout": 300},
     )
-    log = (workdir / "gateway.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config),
-         "--log-level", "info"],  # production default: a decision event per message
-        cwd=REPO, env=gateway_env(), stdout=subprocess.DEVNULL, stderr=log,
-    )  # fmt: skip
-    started.append(process)
-    wait_for_port(port, timeout=60)
+    process = spawn_gateway(started, config, workdir / "gateway.log", port)
     tokens = write_tokens(issuer, workdir / "tokens.json")
     return Target(key, label, port, process, tokens=tokens)
 
@@ -455,15 +462,8 @@ def release_figure(sink: Target, issuer: TestIssuer, workdir: Path, count: int) 
             HeldSubmission(claims.subject, ("sink@example.test",), body, claims, decision, now)
         )
     store.close()
-    log = (workdir / "gateway.log").open("wb")
     with processes() as started:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config),
-             "--log-level", "info"],  # production default: a decision event per message
-            cwd=REPO, env=gateway_env(), stdout=subprocess.DEVNULL, stderr=log,
-        )  # fmt: skip
-        started.append(process)
-        wait_for_port(port, timeout=60)
+        process = spawn_gateway(started, config, workdir / "gateway.log", port)
         db = sqlite3.connect(workdir / "hold.db")
         began = time.perf_counter()
         (workdir / "policies" / "ban.toml").write_text(ban.replace("enforce", "retracted"))

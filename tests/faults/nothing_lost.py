@@ -101,6 +101,28 @@ class Gateway:
         self.port = port
         self.process: asyncio.subprocess.Process | None = None
 
+    @classmethod
+    def configured(
+        cls,
+        workdir: Path,
+        issuer: TestIssuer,
+        upstream_port: int,
+        policies: dict[str, str],
+        upstream_timeout: int = 10,
+    ) -> Gateway:
+        """Write a config for a fixed free port (kept across restarts)."""
+        port = free_port()
+        config = write_config(
+            workdir,
+            issuer=issuer,
+            upstream_port=upstream_port,
+            policies=policies,
+            smtp={"listen": f"127.0.0.1:{port}", "idle_timeout": 30},
+        )
+        text = config.read_text()
+        config.write_text(text.replace("timeout = 10", f"timeout = {upstream_timeout}", 1))
+        return cls(config, port)
+
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "serve", "--config", str(self.config),
@@ -187,17 +209,10 @@ async def run(workdir: Path, *, messages: int, clients: int, kills: int, seed: i
     async with FakeUpstream.running() as upstream:
         proxy = FaultProxy("127.0.0.1", upstream.port)
         await proxy.start()
-        port = free_port()
-        config = write_config(
-            workdir,
-            issuer=issuer,
-            upstream_port=proxy.port,
-            policies={"ban.toml": BAN},
-            smtp={"listen": f"127.0.0.1:{port}", "idle_timeout": 30},
+        gateway = Gateway.configured(
+            workdir, issuer, proxy.port, {"ban.toml": BAN}, upstream_timeout=3
         )
-        text = config.read_text().replace("[upstream]\ntimeout = 10", "[upstream]\ntimeout = 3")
-        config.write_text(text)
-        gateway = Gateway(config, port)
+        port = gateway.port
         await gateway.start()
         devices = [
             FakeDevice(

@@ -15,11 +15,11 @@ import pytest
 from gateway.hold_store import HoldStore
 from gateway.smtp.sasl import plain_response
 from gateway.testing.device import FakeDevice, make_message
-from gateway.testing.harness import gateway_with_upstream, write_config
+from gateway.testing.harness import gateway_with_upstream
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.raw import RawSmtp
 from gateway.testing.upstream import FakeUpstream
-from tests.faults.nothing_lost import Gateway, free_port
+from tests.faults.nothing_lost import Gateway
 from tests.security.test_smtp_input import authenticated, start_data
 from tests.stories import TIKTOK, tiktok_ban
 
@@ -83,15 +83,8 @@ async def test_hold_store_really_full(tmp_path: Path, issuer: TestIssuer) -> Non
 async def test_sigkill_during_data_leaves_no_ghost(tmp_path: Path, issuer: TestIssuer) -> None:
     """No 250 was sent, so nothing may appear: not upstream, not in the hold store."""
     async with FakeUpstream.running() as upstream:
-        port = free_port()
-        config = write_config(
-            tmp_path,
-            issuer=issuer,
-            upstream_port=upstream.port,
-            policies={"ban.toml": BAN},
-            smtp={"listen": f"127.0.0.1:{port}"},
-        )
-        gateway = Gateway(config, port)
+        gateway = Gateway.configured(tmp_path, issuer, upstream.port, {"ban.toml": BAN})
+        port = gateway.port
         await gateway.start()
         try:
             for apps in (set(), {TIKTOK}):  # a relayed and a held message, both cut mid-DATA
@@ -151,15 +144,8 @@ async def test_sigkill_during_release_loses_nothing(tmp_path: Path, issuer: Test
     """Killed while held mail is being released: after a restart every message reaches the
     upstream at least once, byte-identical, each device's in order; duplicates allowed."""
     async with FakeUpstream.running() as upstream:
-        port = free_port()
-        config = write_config(
-            tmp_path,
-            issuer=issuer,
-            upstream_port=upstream.port,
-            policies={"ban.toml": BAN},
-            smtp={"listen": f"127.0.0.1:{port}"},
-        )
-        gateway = Gateway(config, port)
+        gateway = Gateway.configured(tmp_path, issuer, upstream.port, {"ban.toml": BAN})
+        port = gateway.port
         await gateway.start()
         sent: dict[str, list[bytes]] = {}
         try:
