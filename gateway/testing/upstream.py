@@ -31,6 +31,7 @@ class Faults:
     data_reply: str | None = None  # e.g. "554 5.6.0 rejected"
     delay: float = 0.0  # seconds before answering DATA
     drop_after_data: bool = False  # close the connection instead of answering DATA
+    delay_after_accept: float = 0.0  # record the message, then wait before the 250
 
 
 class _Recorder:
@@ -75,6 +76,8 @@ class _Recorder:
             )
         )
         self.upstream.received.set()
+        if faults.delay_after_accept:
+            await asyncio.sleep(faults.delay_after_accept)
         return f"250 2.0.0 queued as {len(self.upstream.messages)}"
 
 

@@ -193,3 +193,50 @@ async def test_sigkill_during_release_loses_nothing(tmp_path: Path, issuer: Test
             for c in contents
         ]
         assert first_seen == sorted(first_seen)
+
+
+@pytest.mark.slow
+async def test_sigkill_after_the_message_is_safe_but_before_the_250(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    """Killed after the upstream took the message (relayed) or after the commit (held), but
+    before the client heard 250: the message is kept, and the client's retry may make a
+    duplicate. A duplicate is allowed; a loss is not."""
+    async with FakeUpstream.running() as upstream:
+        gateway = Gateway.configured(tmp_path, issuer, upstream.port, {"ban.toml": BAN})
+        await gateway.start()
+        database = tmp_path / "hold.db"
+        try:
+            # Relayed: the upstream records the message, then is slow to say 250.
+            upstream.faults.delay_after_accept = 2.0
+            relayed = asyncio.create_task(
+                FakeDevice(issuer).send(gateway.port, message=make_message(subject="relayed"))
+            )
+            await upstream.wait_for(1)
+            await gateway.kill()
+            with pytest.raises(Exception):  # noqa: B017, PT011  # any client-side failure
+                await relayed
+            upstream.faults.delay_after_accept = 0.0
+            # Held: kill the moment the row is committed.
+            await gateway.start()
+            held = asyncio.create_task(
+                FakeDevice(issuer, apps={TIKTOK}).send(
+                    gateway.port, message=make_message(subject="held")
+                )
+            )
+            async with asyncio.timeout(10):
+                while not database.exists() or not HoldStore(database).select():  # noqa: ASYNC110
+                    await asyncio.sleep(0.001)
+            await gateway.kill()
+            try:
+                outcome = await held
+                got_250 = outcome.data is not None and outcome.data[0] == 250
+            except Exception:  # killed before the reply: no 250
+                got_250 = False
+            await gateway.start()
+        finally:
+            await gateway.stop()
+    assert [b"Subject: relayed" in m.content for m in upstream.messages] == [True]
+    (row,) = HoldStore(database).select()  # survived the kill, whether or not 250 went out
+    assert row.user == "alice@example.test"
+    print(f"held message: client got 250 before the kill: {got_250}")
