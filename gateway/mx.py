@@ -13,11 +13,13 @@ from collections.abc import Sequence
 
 import dns.asyncresolver
 import dns.exception
+import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
 from gateway.relay import Target
 from gateway.replies import Reply
+from gateway.settings import Endpoint
 
 NULL_MX = Reply(556, "5.1.10", "Recipient domain does not accept mail (null MX, RFC 7505)")
 NO_SUCH_DOMAIN = Reply(550, "5.1.2", "Recipient domain does not exist")
@@ -27,6 +29,18 @@ DNS_TEMPFAIL = Reply(
 MAX_CACHE_ENTRIES = 10_000
 
 
+def configured_resolver(
+    nameservers: Sequence[Endpoint], lifetime: float
+) -> dns.asyncresolver.Resolver | None:
+    """A resolver asking exactly these servers; None means the system's (resolv.conf)."""
+    if not nameservers:
+        return None
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in nameservers]
+    resolver.lifetime = lifetime
+    return resolver
+
+
 class MxRouter:
     """Resolves a recipient domain to the upstream targets to try, in order."""
 
@@ -34,8 +48,8 @@ class MxRouter:
         self,
         port: int = 25,
         resolver: dns.asyncresolver.Resolver | None = None,
-        tls: str = "starttls",
-        verify: bool = False,  # opportunistic TLS: MX certificates rarely match (RFC 7435)
+        tls: str = "opportunistic",  # STARTTLS whenever the MX offers it (RFC 7435)
+        verify: bool = False,  # MX certificates rarely match their names: unauthenticated
     ) -> None:
         self._port = port
         self._resolver = resolver or dns.asyncresolver.Resolver()

@@ -38,7 +38,7 @@ class Target:
 
     host: str
     port: int
-    tls: str = "none"  # none | starttls | tls
+    tls: str = "none"  # none | starttls | tls | opportunistic (STARTTLS when offered)
     verify: bool = True
     ca_file: str | None = None
     username: str | None = None
@@ -127,7 +127,12 @@ class UpstreamPool:
             hostname=target.host,
             port=target.port,
             use_tls=target.tls == "tls",
-            start_tls=target.tls == "starttls",
+            # True: STARTTLS required; None: aiosmtplib upgrades when the server offers it.
+            start_tls=True
+            if target.tls == "starttls"
+            else None
+            if target.tls == "opportunistic"
+            else False,
             validate_certs=target.verify,
             tls_context=self._tls_context(target),
             timeout=self._settings.timeout,

@@ -29,7 +29,7 @@ from gateway.hold_store import AsyncHoldStore, HeldMessage
 from gateway.impact import assess, confirmed_impact
 from gateway.limits import ConnectionLimits
 from gateway.metrics import Metrics
-from gateway.mx import MxRouter
+from gateway.mx import MxRouter, configured_resolver
 from gateway.notices import Notifier
 from gateway.policy.engine import CompiledPolicySet
 from gateway.policy_store import PolicyDiff, PolicyStore, ReloadResult
@@ -74,7 +74,14 @@ class GatewayServer:
         self.release_tick = release_tick
         self.policies = PolicyStore(settings.policy_dir, settings.groups)
         mx_router = (
-            MxRouter(port=settings.upstream.mx_port) if settings.upstream.mode == "mx" else None
+            MxRouter(
+                port=settings.upstream.mx_port,
+                resolver=configured_resolver(
+                    settings.upstream.nameservers, settings.upstream.timeout
+                ),
+            )
+            if settings.upstream.mode == "mx"
+            else None
         )
         self.relay = Relay(settings.upstream, settings.smtp.hostname, mx_router)
         self.hold_store = AsyncHoldStore(settings.hold.database)

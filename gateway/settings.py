@@ -6,6 +6,7 @@ to the directory of gateway.toml. Nothing else in the gateway reads the raw TOML
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
 import re
@@ -90,6 +91,7 @@ class UpstreamSettings:
     timeout: float = 60.0
     pool_size: int = 4
     mx_port: int = 25
+    nameservers: tuple[Endpoint, ...] = ()  # mode "mx": resolvers to ask; () = the system's
     helo_name: str | None = None
 
 
@@ -276,6 +278,34 @@ def _child(node: object, part: str | int, following: str | int) -> object:
     return None
 
 
+def _nameservers(table: Table) -> tuple[Endpoint, ...]:
+    found = []
+    for index, text in enumerate(table.texts("nameservers") or []):
+        address, port = text, 53
+        if ":" in text and not text.startswith("["):
+            host, _, port_text = text.rpartition(":")
+            if "." in host and port_text.isdigit():  # IPv4:port; a bare IPv6 keeps port 53
+                address, port = host, int(port_text)
+        elif text.startswith("[") and "]:" in text:
+            address, _, port_text = text[1:].partition("]:")
+            port = int(port_text) if port_text.isdigit() else -1
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            table.problems.append(
+                table.source.problem(
+                    (*table.path, "nameservers", index),
+                    f"'{text}' is not an IP address (with an optional :port)",
+                )
+            )
+            continue
+        if not 0 < port < 65536:
+            table.problem("nameservers", f"'{text}' has an invalid port")
+            continue
+        found.append(Endpoint(address, port))
+    return tuple(found)
+
+
 def _read_upstream(table: Table | None, base: Path) -> UpstreamSettings:
     if table is None:
         return UpstreamSettings()
@@ -303,6 +333,7 @@ def _read_upstream(table: Table | None, base: Path) -> UpstreamSettings:
         timeout=table.number("timeout", minimum=1) or d.timeout,
         pool_size=table.integer("pool_size", minimum=1) or d.pool_size,
         mx_port=table.integer("mx_port", minimum=1) or d.mx_port,
+        nameservers=_nameservers(table),
         helo_name=table.text("helo_name"),
     )
     if mode == "smarthost" and not hosts:

@@ -108,6 +108,7 @@ async def dns_server() -> AsyncIterator[tuple[FakeDns, dns.asyncresolver.Resolve
         ("multi.test", "MX"): ["20 backup.multi.test.", "10 primary.multi.test."],
         ("implicit.test", "A"): ["127.0.0.1"],
         ("nullmx.test", "MX"): ["0 ."],
+        ("example.test", "MX"): ["10 localhost."],  # resolves to loopback through /etc/hosts
     }
     protocol = FakeDns(zone)
     transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
@@ -132,9 +133,41 @@ async def test_mx_preference_implicit_null_and_nxdomain(
         "primary.multi.test",
         "backup.multi.test",
     ]  # type: ignore[union-attr]
-    assert await router("implicit.test") == [Target("implicit.test", 2525, "starttls", False)]
+    assert await router("implicit.test") == [Target("implicit.test", 2525, "opportunistic", False)]
     assert await router("nullmx.test") is NULL_MX
     assert await router("nowhere.test") is NO_SUCH_DOMAIN
     queries = server.queries
     await router("MULTI.test.")  # cached, case-blind
     assert server.queries == queries
+
+
+async def test_gateway_in_mx_mode_delivers_by_dns(
+    tmp_path: Path, dns_server: tuple[FakeDns, dns.asyncresolver.Resolver]
+) -> None:
+    """mode = "mx" end to end: the gateway asks the configured nameserver, delivers to the
+    MX (opportunistic STARTTLS: this one offers none), and refuses null-MX and
+    nonexistent domains at RCPT."""
+    _, resolver = dns_server
+    issuer = TestIssuer.generate("k1")
+    async with FakeUpstream.running() as upstream:
+        config = write_config(tmp_path, issuer=issuer, upstream_port=upstream.port)
+        text = config.read_text()
+        mx = (
+            f'[upstream]\nmode = "mx"\nmx_port = {upstream.port}\n'
+            f'nameservers = ["127.0.0.1:{resolver.port}"]\n'
+        )
+        config.write_text(text.replace("[upstream]\n", mx, 1))
+        async with running_gateway(config) as gateway:
+            result = await FakeDevice(issuer).send(
+                gateway.port,
+                recipients=["bob@example.test", "x@nullmx.test", "y@nowhere.test"],
+            )
+    assert result.rcpt == {
+        "bob@example.test": (250, "2.1.5 upstream: OK"),
+        "x@nullmx.test": (556, "5.1.10 Recipient domain does not accept mail (null MX, RFC 7505)"),
+        "y@nowhere.test": (550, "5.1.2 Recipient domain does not exist"),
+    }
+    assert result.data is not None
+    assert result.data[0] == 250
+    (message,) = upstream.messages
+    assert message.recipients == ("bob@example.test",)

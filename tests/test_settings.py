@@ -145,3 +145,13 @@ def test_serve_refuses_to_start_with_one_line_naming_the_variable(config: Path) 
         "gateway: environment GATEWAY_LIMITS__MAX_ERRORS: limits.max_errors: "
         "must be at least 1, got 0"
     ]
+
+
+def test_nameservers_for_mx_mode(config: Path) -> None:
+    environ = {"GATEWAY_UPSTREAM__NAMESERVERS": '["127.0.0.1:5353", "::1", "[::1]:53", "9.9.9.9"]'}
+    servers = load_settings(config, environ).upstream.nameservers
+    assert [str(s) for s in servers] == ["127.0.0.1:5353", "[::1]:53", "[::1]:53", "9.9.9.9:53"]
+    assert problems(config, {"GATEWAY_UPSTREAM__NAMESERVERS": '["dns.google"]'}) == [
+        "environment GATEWAY_UPSTREAM__NAMESERVERS: upstream.nameservers[0]: "
+        "'dns.google' is not an IP address (with an optional :port)"
+    ]
