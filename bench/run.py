@@ -554,9 +554,10 @@ def main() -> int:
         gateway = start_gateway(
             started, work / "c", "c", "gateway, shipped policies", sink, issuer, shipped
         )
-        ten_thousand_policies(work / "d" / "policies", 100 if mode == "smoke" else 10_000)
+        policy_count = 100 if mode == "smoke" else 10_000
+        ten_thousand_policies(work / "d" / "policies", policy_count)
         big = start_gateway(
-            started, work / "d", "d", "gateway, 10,000 policies", sink, issuer, None
+            started, work / "d", "d", f"gateway, {policy_count:,} policies", sink, issuer, None
         )
         targets = [sink, bare, gateway, big]
         results = run_matrix(targets, cells, repetitions)
@@ -579,7 +580,7 @@ def main() -> int:
             f"once per session of {per_session} messages: {uncached / per_session:.2f} µs/message"
         )
         cold, edited = reload_figures(work / "d" / "policies")
-        count = "100" if mode == "smoke" else "10,000"
+        count = f"{policy_count:,}"
         print(
             f"- {count} policies, in-process (read, parse, compile): cold load (start-up) median "
             f"{statistics.median(cold):.3f} s; reload after editing one file median "

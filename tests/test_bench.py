@@ -1,0 +1,36 @@
+"""The benchmark itself must keep working: `bench.run --smoke` end to end (figures are not
+checked here; speed is judged by the full run, never by a test)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("smtp-source") is None, reason="needs Debian's postfix tools")
+def test_bench_smoke_run_completes_without_failed_messages() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = done.stdout
+    for section in ("## Throughput", "## Ratios", "## Peak RSS", "## Other figures"):
+        assert section in report
+    rows = [line for line in report.splitlines() if re.match(r"\| c=\d", line)]
+    assert len(rows) == 8 + 2  # 2 cells x 4 targets, then 2 ratio rows
+    assert all(line.rstrip(" |").endswith(" 0") for line in rows[:8])  # no failed message
+    assert "0 failed messages" in report  # reload under load
+    assert report.rstrip().endswith("smtp-sink left running: no")
