@@ -7,6 +7,7 @@ and immune to wall-clock jumps. Mobile carriers put many phones behind one addre
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
 from dataclasses import dataclass
 
@@ -27,6 +28,21 @@ class LimitSettings:
     command_call_limit: int | dict[str, int] = 1000  # per command and connection (aiosmtpd)
 
 
+def address_key(ip: str) -> str:
+    """What the per-address limits count: an IPv4 address, or an IPv6 /64. One subscriber
+    gets a whole /64, so counting single IPv6 addresses would let a client rotate past
+    every limit. IPv4-mapped IPv6 addresses count as their IPv4 address."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return ip
+
+
 class ConnectionLimits:
     """Concurrent connections in total and per client address."""
 
@@ -40,6 +56,7 @@ class ConnectionLimits:
         """Count the connection in and return None, or return the refusal (nothing counted)."""
         if self.open >= self.total:
             return replies.TOO_MANY_CONNECTIONS
+        ip = address_key(ip)
         current = self._by_ip.get(ip, 0)
         if current >= self.per_ip:
             return replies.TOO_MANY_FROM_ADDRESS
@@ -49,6 +66,7 @@ class ConnectionLimits:
 
     def release(self, ip: str) -> None:
         self.open -= 1
+        ip = address_key(ip)
         left = self._by_ip.get(ip, 1) - 1
         if left > 0:
             self._by_ip[ip] = left
@@ -103,10 +121,11 @@ class AuthFailures:
         return times
 
     def blocked(self, ip: str, now: float) -> bool:
-        times = self._recent(ip, now)
+        times = self._recent(address_key(ip), now)
         return times is not None and len(times) >= self.limit
 
     def record(self, ip: str, now: float) -> None:
+        ip = address_key(ip)
         times = self._recent(ip, now)
         if times is None:
             times = self._failures[ip] = deque(maxlen=self.limit)

@@ -42,3 +42,18 @@ def test_auth_failures_block_within_the_window_only() -> None:
     assert not failures.blocked("10.0.0.1", 60.0)  # the first failure left the window
     assert not failures.blocked("10.0.0.1", 70.0)
     assert failures._failures == {}
+
+
+def test_per_address_limits_count_ipv6_by_64_and_mapped_ipv4_as_ipv4() -> None:
+    limits = ConnectionLimits(total=100, per_ip=2)
+    assert limits.admit("2001:db8:1:2::1") is None
+    assert limits.admit("2001:db8:1:2:ffff::9") is None  # same /64: same subscriber
+    assert limits.admit("2001:db8:1:2::77") is replies.TOO_MANY_FROM_ADDRESS
+    assert limits.admit("2001:db8:1:3::1") is None  # the next /64 is someone else
+    assert limits.admit("::ffff:192.0.2.1") is None
+    assert limits.admit("192.0.2.1") is None
+    assert limits.admit("192.0.2.1") is replies.TOO_MANY_FROM_ADDRESS
+    failures = AuthFailures(limit=1, window=60.0)
+    failures.record("2001:db8:1:2::1", 0.0)
+    assert failures.blocked("2001:db8:1:2::abcd", 1.0)
+    assert not failures.blocked("2001:db8:9:9::1", 1.0)
