@@ -70,6 +70,10 @@ class GatewaySession(Session):
 class _Hooks:
     """aiosmtpd calls handler hooks; these hand the event to the session that owns it."""
 
+    def __dir__(self) -> list[str]:
+        # aiosmtpd introspects the handler on every connection too (see SubmissionSMTP).
+        return [name for name in vars(_Hooks) if name.startswith("handle_")]
+
     async def handle_MAIL(
         self,
         server: SubmissionSMTP,
