@@ -202,10 +202,7 @@ class SubmissionSMTP(SMTP):
             return
         if self.settings.greeting_delay:
             await asyncio.sleep(self.settings.greeting_delay)
-        if self._pending_input():
-            log.info("early_talker", session=self.gsession().facts.session_id)
-            await self.write_reply(replies.EARLY_TALKER)
-            self._close()
+        if await self._refuse_early_input("early_talker"):
             return
         await super()._handle_client()
 
@@ -281,42 +278,39 @@ class SubmissionSMTP(SMTP):
 
     # --- greeting and EHLO --------------------------------------------------------------
 
-    async def _refuse_pipelined_greeting(self) -> bool:
-        """RFC 2920 s 3.1: nothing may follow EHLO in a group, and before the EHLO reply a
-        client cannot know that we pipeline. Anything already waiting is an attack or a
-        broken client (554 5.5.0 and close)."""
+    async def _refuse_early_input(self, event: str) -> bool:
+        """Input waiting before the greeting, or behind HELO/EHLO (RFC 2920 s 3.1: nothing
+        may follow EHLO in a group, and before its reply a client cannot know that we
+        pipeline), is an attack or a broken client: 554 5.5.0 and close."""
         if not self._pending_input():
             return False
-        log.info("pipelined_greeting", session=self.gsession().facts.session_id)
+        log.info(event, session=self.gsession().facts.session_id)
         await self.write_reply(replies.EARLY_TALKER)
         self._close()
         return True
 
-    async def smtp_HELO(self, hostname: str) -> None:
+    async def _greeted(self, command: str, hostname: str, *, extended: bool) -> bool:
+        """What HELO and EHLO share: syntax, early input, and a fresh start."""
         if not hostname:
-            await self.push("501 5.5.4 Syntax: HELO hostname")
-            return
-        if await self._refuse_pipelined_greeting():
-            return
-        await self.end_transaction(self.gsession())
-        self._reset_envelope()
-        self.gsession().extended_smtp = False
-        self.gsession().host_name = hostname
-        self.gsession().facts.helo = hostname
-        await self._write_lines([f"250 {self.hostname}"])
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        if not hostname:
-            await self.push("501 5.5.4 Syntax: EHLO hostname")
-            return
-        if await self._refuse_pipelined_greeting():
-            return
-        await self.end_transaction(self.gsession())
-        self._reset_envelope()
+            await self.push(f"501 5.5.4 Syntax: {command} hostname")
+            return False
+        if await self._refuse_early_input("pipelined_greeting"):
+            return False
         session = self.gsession()
-        session.extended_smtp = True
+        await self.end_transaction(session)
+        self._reset_envelope()
+        session.extended_smtp = extended
         session.host_name = hostname
         session.facts.helo = hostname
+        return True
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        if await self._greeted("HELO", hostname, extended=False):
+            await self._write_lines([f"250 {self.hostname}"])
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not await self._greeted("EHLO", hostname, extended=True):
+            return
         lines = [
             self.hostname,
             "PIPELINING",
@@ -562,14 +556,13 @@ class SubmissionSMTP(SMTP):
         return bytes(data), None
 
 
-_METHOD_NAMES: dict[str, list[str]] = {}
+_METHOD_NAMES: dict[type, list[str]] = {}
 
 
 def _protocol_method_names(cls: type) -> list[str]:
-    key = f"{cls.__module__}.{cls.__qualname__}"
-    names = _METHOD_NAMES.get(key)
+    names = _METHOD_NAMES.get(cls)
     if names is None:
-        names = _METHOD_NAMES[key] = [n for n in dir(cls) if n.startswith(("smtp_", "auth_"))]
+        names = _METHOD_NAMES[cls] = [n for n in dir(cls) if n.startswith(("smtp_", "auth_"))]
     return names
 
 
