@@ -150,13 +150,12 @@ async def test_gateway_in_mx_mode_delivers_by_dns(
     _, resolver = dns_server
     issuer = TestIssuer.generate("k1")
     async with FakeUpstream.running() as upstream:
-        config = write_config(tmp_path, issuer=issuer, upstream_port=upstream.port)
-        text = config.read_text()
-        mx = (
-            f'[upstream]\nmode = "mx"\nmx_port = {upstream.port}\n'
-            f'nameservers = ["127.0.0.1:{resolver.port}"]\n'
-        )
-        config.write_text(text.replace("[upstream]\n", mx, 1))
+        mx = {
+            "mode": "mx",
+            "mx_port": upstream.port,
+            "nameservers": [f"127.0.0.1:{resolver.port}"],
+        }
+        config = write_config(tmp_path, issuer=issuer, upstream_port=upstream.port, upstream=mx)
         async with running_gateway(config) as gateway:
             result = await FakeDevice(issuer).send(
                 gateway.port,

@@ -27,13 +27,14 @@ def write_config(
     extra: str = "",
     notices: bool = False,
     limits: Mapping[str, object] | None = None,
+    upstream: Mapping[str, object] | None = None,
 ) -> Path:
     """Write gateway.toml, the issuer's JWKS and policy files; returns the config path.
 
     Notice mails are off unless ``notices=True``, so tests count only their own mail.
 
-    ``smtp`` and ``limits`` entries override [smtp] and [limits] keys (values are written
-    as TOML literals). The message rate limit is lifted unless ``limits`` sets it, so that
+    ``smtp``, ``limits`` and ``upstream`` entries override keys of those sections (values
+    are written as TOML literals). The message rate limit is lifted unless ``limits`` sets it, so that
     tests which send a lot are not throttled.
     """
     directory.mkdir(parents=True, exist_ok=True)
@@ -50,6 +51,8 @@ def write_config(
     smtp_values.update(smtp or {})
     limit_values: dict[str, object] = {"messages_per_user_per_minute": 100_000}
     limit_values.update(limits or {})
+    upstream_values: dict[str, object] = {"timeout": 10}
+    upstream_values.update(upstream or {})
     groups = "\n".join(f"{name} = {json.dumps(members)}" for name, members in TEST_GROUPS.items())
     config = directory / "gateway.toml"
     config.write_text(
@@ -72,7 +75,7 @@ issuer = "{issuer.issuer}"
 keys = ["issuer.jwks.json"]
 
 [upstream]
-timeout = 10
+{_toml_lines(upstream_values)}
 
 [[upstream.smarthosts]]
 host = "127.0.0.1"

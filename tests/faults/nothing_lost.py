@@ -118,9 +118,8 @@ class Gateway:
             upstream_port=upstream_port,
             policies=policies,
             smtp={"listen": f"127.0.0.1:{port}", "idle_timeout": 30},
+            upstream={"timeout": upstream_timeout},
         )
-        text = config.read_text()
-        config.write_text(text.replace("timeout = 10", f"timeout = {upstream_timeout}", 1))
         return cls(config, port)
 
     async def start(self) -> None:

@@ -65,9 +65,8 @@ async def test_smtp_sink_faults(
 ) -> None:
     issuer = TestIssuer.generate("k1")
     async with smtp_sink(*options) as sink_port:
-        config = write_config(tmp_path, issuer=issuer, upstream_port=sink_port)
-        config.write_text(
-            config.read_text().replace("[upstream]\ntimeout = 10", "[upstream]\ntimeout = 1")
+        config = write_config(
+            tmp_path, issuer=issuer, upstream_port=sink_port, upstream={"timeout": 1}
         )
         async with running_gateway(config) as gateway:
             result = await FakeDevice(issuer).send(gateway.port)

@@ -13,6 +13,7 @@ from gateway.testing.device import FakeDevice
 from gateway.testing.harness import gateway_with_upstream
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.raw import RawSmtp
+from tests.security.test_smtp_input import authenticated, start_data
 
 
 @pytest.fixture(scope="module")
@@ -142,16 +143,8 @@ async def test_repeated_errors_end_the_session(tmp_path: Path, issuer: TestIssue
 
 async def test_data_timeout_gives_421_4_4_2(tmp_path: Path, issuer: TestIssuer) -> None:
     async with gateway_with_upstream(tmp_path, issuer, smtp={"data_timeout": 1}) as (gw, upstream):
-        async with await RawSmtp.connect(gw.port) as client:
-            await client.reply()
-            await client.command("EHLO device.test")
-            blob = base64.b64encode(
-                plain_response("alice@example.test", FakeDevice(issuer).token())
-            )
-            assert (await client.command(b"AUTH PLAIN " + blob))[0] == 235
-            assert (await client.command("MAIL FROM:<alice@example.test>"))[0] == 250
-            assert (await client.command("RCPT TO:<bob@example.test>"))[0] == 250
-            assert (await client.command("DATA"))[0] == 354
+        async with await authenticated(gw, issuer) as client:
+            await start_data(client)
             await client.send(b"Subject: stalls\r\n")  # then nothing
             assert await client.reply(timeout=5) == (
                 421,
