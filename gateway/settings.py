@@ -279,16 +279,15 @@ def _child(node: object, part: str | int, following: str | int) -> object:
 
 
 def _nameservers(table: Table) -> tuple[Endpoint, ...]:
+    """IP addresses, each with an optional port (host:port as for listen; default 53)."""
     found = []
     for index, text in enumerate(table.texts("nameservers") or []):
-        address, port = text, 53
-        if ":" in text and not text.startswith("["):
-            host, _, port_text = text.rpartition(":")
-            if "." in host and port_text.isdigit():  # IPv4:port; a bare IPv6 keeps port 53
-                address, port = host, int(port_text)
-        elif text.startswith("[") and "]:" in text:
-            address, _, port_text = text[1:].partition("]:")
-            port = int(port_text) if port_text.isdigit() else -1
+        with_port = _HOSTPORT_RE.match(text)
+        address, port = (
+            (with_port.group("v6") or with_port.group("host"), int(with_port.group("port")))
+            if with_port
+            else (text, 53)
+        )
         try:
             ipaddress.ip_address(address)
         except ValueError:
