@@ -23,7 +23,7 @@ import structlog
 from gateway.domain import Action, DeviceClaims
 from gateway.dsn import delivery_status_notification
 from gateway.hold_store import AsyncHoldStore, HeldMessage
-from gateway.policy.engine import decide
+from gateway.policy.engine import CompiledPolicySet, decide
 from gateway.policy_store import PolicyStore
 from gateway.relay import Relay
 from gateway.replies import Reply
@@ -122,7 +122,7 @@ class Releaser:
         parallel lanes (up to ``parallel`` upstream connections), each lane in order."""
         report = ReleaseReport()
         now = self.clock()
-        blocked_devices: set[str] = set()
+        compiled = self.policies.current  # one policy set for the whole pass
         deletions = _Deletions(self.store)
         legs = asyncio.Semaphore(self.parallel)
         after = 0
@@ -131,6 +131,7 @@ class Releaser:
             if not page:
                 break
             after = page[-1].seq
+            blocked_devices = {device for device, _ in report.blocked}
             lanes: dict[str, list[HeldMessage]] = {}
             for held in page:
                 if held.device_id in blocked_devices:
@@ -140,13 +141,14 @@ class Releaser:
             try:
                 await asyncio.gather(
                     *(
-                        self._release_lane(lane, newer_claims, now, legs, deletions, report)
+                        self._release_lane(
+                            lane, compiled, newer_claims, now, legs, deletions, report
+                        )
                         for lane in lanes.values()
                     )
                 )
             finally:
                 await deletions.flush()
-            blocked_devices.update(device for device, _ in report.blocked)
             if len(page) < PAGE_SIZE:
                 break
         if device_id is None:
@@ -158,6 +160,7 @@ class Releaser:
     async def _release_lane(
         self,
         lane: list[HeldMessage],
+        compiled: CompiledPolicySet,
         newer_claims: DeviceClaims | None,
         now: datetime,
         legs: asyncio.Semaphore,
@@ -166,7 +169,6 @@ class Releaser:
     ) -> None:
         """One device's due messages, in order; the first that stays held or fails stops
         the lane, so that later mail never overtakes it."""
-        compiled = self.policies.current
         async with legs:
             for index, held in enumerate(lane):
                 claims = (
