@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from gateway import replies
 from gateway.replies import Reply
 
-_PRUNE_AT = 10_000  # tracked keys before idle ones are swept
+_PRUNE_AT = 10_000  # tracked keys before idle ones are first swept
+
+
+def _next_sweep(size_after_sweep: int) -> int:
+    """Sweep again only once the table has doubled: when most keys are live (thousands of
+    active users, or an attack from thousands of addresses), sweeping on every call
+    would make each call O(n)."""
+    return max(_PRUNE_AT, 2 * size_after_sweep)
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class MessageRate:
         self.capacity = float(per_minute)
         self.refill_per_second = per_minute / 60.0
         self._buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, at)
+        self._sweep_at = _PRUNE_AT
 
     def allow(self, user: str, now: float) -> bool:
         tokens, at = self._buckets.get(user, (self.capacity, now))
@@ -90,15 +98,17 @@ class MessageRate:
             self._buckets[user] = (tokens, now)
             return False
         self._buckets[user] = (tokens - 1.0, now)
-        if len(self._buckets) > _PRUNE_AT:
+        if len(self._buckets) > self._sweep_at:
             self._prune(now)
         return True
 
     def _prune(self, now: float) -> None:
+        """Drop full buckets: a full bucket is the same as none."""
         full_after = self.capacity / self.refill_per_second
         self._buckets = {
             user: state for user, state in self._buckets.items() if now - state[1] < full_after
         }
+        self._sweep_at = _next_sweep(len(self._buckets))
 
 
 class AuthFailures:
@@ -108,6 +118,7 @@ class AuthFailures:
         self.limit = limit
         self.window = window
         self._failures: dict[str, deque[float]] = {}
+        self._sweep_at = _PRUNE_AT
 
     def _recent(self, ip: str, now: float) -> deque[float] | None:
         times = self._failures.get(ip)
@@ -130,6 +141,7 @@ class AuthFailures:
         if times is None:
             times = self._failures[ip] = deque(maxlen=self.limit)
         times.append(now)
-        if len(self._failures) > _PRUNE_AT:
+        if len(self._failures) > self._sweep_at:
             for other in list(self._failures):
-                self._recent(other, now)
+                self._recent(other, now)  # drops addresses whose failures all expired
+            self._sweep_at = _next_sweep(len(self._failures))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gateway import replies
 from gateway.limits import AuthFailures, ConnectionLimits, MessageRate
 
@@ -57,3 +59,32 @@ def test_per_address_limits_count_ipv6_by_64_and_mapped_ipv4_as_ipv4() -> None:
     failures.record("2001:db8:1:2::1", 0.0)
     assert failures.blocked("2001:db8:1:2::abcd", 1.0)
     assert not failures.blocked("2001:db8:9:9::1", 1.0)
+
+
+def test_sweeps_of_idle_entries_stay_cheap_when_most_entries_are_live(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway import limits
+
+    monkeypatch.setattr(limits, "_PRUNE_AT", 10)
+    rate = MessageRate(per_minute=1)
+    sweeps = 0
+    original = rate._prune
+
+    def counting(now: float) -> None:
+        nonlocal sweeps
+        sweeps += 1
+        original(now)
+
+    monkeypatch.setattr(rate, "_prune", counting)
+    for n in range(200):  # every bucket is live: a sweep can drop nothing
+        assert rate.allow(f"user{n}", 0.0)
+    assert len(rate._buckets) == 200
+    assert sweeps <= 5  # after each sweep, the next waits until the table has doubled
+    assert not rate.allow("user0", 1.0)  # sweeping never lifts a limit
+    failures = AuthFailures(limit=1, window=60.0)
+    addresses = [f"10.0.{n // 256}.{n % 256}" for n in range(200)]
+    for address in addresses:
+        failures.record(address, 0.0)
+    assert all(failures.blocked(address, 1.0) for address in addresses)
+    assert not any(failures.blocked(address, 60.0) for address in addresses)
