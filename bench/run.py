@@ -252,7 +252,8 @@ class Figures:
         return statistics.median(values) if values else 0.0
 
 
-def loadgen(target: Target, cell: Cell) -> dict[str, float]:
+def loadgen_command(target: Target, cell: Cell) -> list[str]:
+    """The generator for one cell against one target, with AUTH where it needs it."""
     command = [
         sys.executable, "-m", "bench.loadgen", "--port", str(target.port), "--json",
         "--messages", str(cell.messages), "--concurrency", str(cell.concurrency),
@@ -260,6 +261,11 @@ def loadgen(target: Target, cell: Cell) -> dict[str, float]:
     ]  # fmt: skip
     if target.tokens is not None:
         command += ["--auth", str(target.tokens)]
+    return command
+
+
+def loadgen(target: Target, cell: Cell) -> dict[str, float]:
+    command = loadgen_command(target, cell)
     cpu_before = cpu_seconds(target.pid)
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
     cpu_after = cpu_seconds(target.pid)
@@ -395,12 +401,8 @@ def reload_under_load(target: Target, workdir: Path, cell: Cell) -> tuple[int, i
     log_path = workdir / "gateway.log"
     log_before = log_path.stat().st_size
     generator = subprocess.Popen(
-        [sys.executable, "-m", "bench.loadgen", "--port", str(target.port), "--json",
-         "--messages", str(cell.messages), "--concurrency", str(cell.concurrency),
-         "--per-connection", str(cell.per_connection), "--size", str(cell.size),
-         "--auth", str(target.tokens)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        loadgen_command(target, cell), cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     reloads = 0
     while generator.poll() is None:
         reloads += 1
