@@ -72,6 +72,15 @@ def memory_mb(pid: int, key: str) -> float:
     return 0.0
 
 
+def process_running(name: str) -> bool:
+    """Like `pgrep -x`, from /proc (procps is not on every minimal machine)."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with suppress(OSError):
+            if comm.read_text().strip() == name:
+                return True
+    return False
+
+
 def wait_for_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -606,8 +615,7 @@ def main() -> int:
             f"- RSS with {sessions:,} idle authenticated sessions: {rss:.1f} MB "
             f"(before: {rss_before:.1f} MB)"
         )
-    still_running = subprocess.run(["pgrep", "-x", "smtp-sink"], capture_output=True, check=False)
-    print(f"\nsmtp-sink left running: {'yes' if still_running.returncode == 0 else 'no'}")
+    print(f"\nsmtp-sink left running: {'yes' if process_running('smtp-sink') else 'no'}")
     return 0
 
 
