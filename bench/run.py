@@ -381,7 +381,7 @@ def token_figures(issuer: TestIssuer) -> tuple[float, float]:
 
 def reload_figures(policy_dir: Path) -> tuple[list[float], list[float]]:
     """(cold loads, reloads after editing one file), seconds: read, parse, compile."""
-    from gateway.policy_store import PolicyStore
+    from gateway.policy.store import PolicyStore
 
     cold, edited = [], []
     for _ in range(3):
@@ -432,10 +432,10 @@ def reload_under_load(target: Target, workdir: Path, cell: Cell) -> tuple[int, i
 def release_figure(sink: Target, issuer: TestIssuer, workdir: Path, count: int) -> float:
     """Fill a hold store with ``count`` held messages from 1,000 devices, start a gateway
     on it, retract the ban, and time until the store is empty. Messages/s."""
-    from gateway.hold_store import HoldStore
+    from gateway.domain import HeldSubmission
+    from gateway.hold.store import HoldStore
     from gateway.policy.engine import decide
-    from gateway.policy_store import PolicyStore
-    from gateway.submission import HeldSubmission
+    from gateway.policy.store import PolicyStore
     from gateway.tokens.verify import TokenVerifier
 
     ban = (

@@ -14,10 +14,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from gateway.config.settings import Settings, default_config_path, load_settings
 from gateway.errors import ConfigError, GatewayError, PolicyLoadError, TokenError
 from gateway.policy.engine import compile_policy_set, decide
 from gateway.policy.loader import load_policy_dir, policy_files
-from gateway.settings import Settings, default_config_path, load_settings
 
 EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
 
@@ -354,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_impact(args: argparse.Namespace) -> int:
-    from gateway.hold_store import HoldStore
-    from gateway.impact import assess
+    from gateway.hold.store import HoldStore
+    from gateway.policy.impact import assess
     from gateway.policy.model import PolicySet
 
     settings = _settings(args)
@@ -412,7 +412,7 @@ def cmd_impact(args: argparse.Namespace) -> int:
 
 
 def _hold_filter(args: argparse.Namespace) -> tuple[Any, list[str]]:
-    from gateway.hold_store import HoldFilter
+    from gateway.hold.store import HoldFilter
 
     return HoldFilter(user=args.user, device_id=args.device, policy_id=args.policy), list(
         getattr(args, "ids", []) or []
@@ -420,7 +420,7 @@ def _hold_filter(args: argparse.Namespace) -> tuple[Any, list[str]]:
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
-    from gateway.hold_store import HoldStore
+    from gateway.hold.store import HoldStore
 
     settings = _settings(args)
     store = HoldStore(settings.hold.database)
@@ -473,7 +473,7 @@ def cmd_hold(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from gateway import logs
+    from gateway.ops import logs
     from gateway.server import GatewayServer
 
     settings = _settings(args)
@@ -496,8 +496,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _run_demo() -> int:
-    from gateway import logs
     from gateway.demo import run_demo
+    from gateway.ops import logs
 
     logs.configure("error")  # the demo prints its own timeline
     return run_demo()

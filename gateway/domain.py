@@ -6,9 +6,9 @@ Nothing here does I/O or reads the clock; everything is immutable.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -218,3 +218,36 @@ class Decision:
             "audit": [match_dict(m) for m in self.audit],
             "exempted": list(self.exempted),
         }
+
+
+@dataclass(frozen=True)
+class HeldSubmission:
+    """A message the decision said to hold, as it goes into the hold store."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    content: bytes
+    claims: DeviceClaims
+    decision: Decision
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a SASL exchange yields (PLAIN, RFC 4616; XOAUTH2; OAUTHBEARER, RFC 7628)."""
+
+    mechanism: str
+    user: str | None  # None: OAUTHBEARER without an authzid (the token's sub is the user)
+    token: str
+
+    def __repr__(self) -> str:  # never print a token
+        return f"Credentials(mechanism={self.mechanism!r}, user={self.user!r}, token=<redacted>)"
+
+
+#: The wall clock, passed in wherever time matters, so that nothing below the wiring
+#: reads it itself.
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

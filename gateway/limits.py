@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from dataclasses import dataclass
 
 from gateway import replies
 from gateway.replies import Reply
@@ -22,17 +21,6 @@ def _next_sweep(size_after_sweep: int) -> int:
     active users, or an attack from thousands of addresses), sweeping on every call
     would make each call O(n)."""
     return max(_PRUNE_AT, 2 * size_after_sweep)
-
-
-@dataclass(frozen=True)
-class LimitSettings:
-    max_connections: int = 1000
-    max_connections_per_ip: int = 100
-    messages_per_user_per_minute: int = 60
-    auth_failures_per_ip: int = 20
-    auth_failure_window: float = 300.0  # seconds
-    max_errors: int = 10  # 5xx replies in one session before 421 and close
-    command_call_limit: int | dict[str, int] = 1000  # per command and connection (aiosmtpd)
 
 
 def address_key(ip: str) -> str:

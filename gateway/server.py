@@ -22,25 +22,26 @@ from typing import Any
 import structlog
 
 from gateway import replies
-from gateway.admin_http import AdminServer
-from gateway.domain import Action, Decision, DeviceClaims
+from gateway.config.settings import Endpoint, Settings
+from gateway.devices.notices import Notifier
+from gateway.domain import Action, Clock, Decision, DeviceClaims, utc_now
 from gateway.errors import HoldStoreError
-from gateway.hold_store import AsyncHoldStore, HeldMessage
-from gateway.impact import assess, confirmed_impact
+from gateway.hold.release import Releaser
+from gateway.hold.store import AsyncHoldStore, HeldMessage
 from gateway.limits import ConnectionLimits
-from gateway.metrics import Metrics
-from gateway.mx import MxRouter, configured_resolver
-from gateway.notices import Notifier
+from gateway.ops.admin_http import AdminServer
+from gateway.ops.metrics import Metrics
+from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet
-from gateway.policy_store import PolicyDiff, PolicyStore, ReloadResult
-from gateway.relay import Relay
-from gateway.release import Releaser
-from gateway.reloader import Reloader
+from gateway.policy.impact import assess, confirmed_impact
+from gateway.policy.reload import Reloader
+from gateway.policy.store import PolicyStore, ReloadResult
 from gateway.replies import Reply
-from gateway.settings import Endpoint, Settings
 from gateway.smtp.session import SubmissionSMTP
-from gateway.submission import Clock, Submission, utc_now
+from gateway.submission import Submission
 from gateway.tokens.verify import TokenVerifier
+from gateway.upstream.mx import MxRouter, configured_resolver
+from gateway.upstream.relay import Relay
 
 RELEASE_TICK = 5.0  # seconds between retry/expiry passes
 

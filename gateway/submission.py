@@ -16,31 +16,33 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from email.utils import format_datetime
 from typing import Any, Protocol
 
 import structlog
 
 from gateway import replies
-from gateway.domain import Action, Decision, DeviceClaims
+from gateway.config.settings import Settings
+from gateway.domain import (
+    Action,
+    Clock,
+    Credentials,
+    Decision,
+    DeviceClaims,
+    HeldSubmission,
+    utc_now,
+)
 from gateway.errors import HoldStoreError, TokenError
 from gateway.limits import AuthFailures, MessageRate
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 from gateway.policy.engine import decide
-from gateway.policy_store import PolicyStore
-from gateway.relay import Relay, RelayTransaction
+from gateway.policy.store import PolicyStore
 from gateway.replies import Reply
-from gateway.settings import Settings
-from gateway.smtp.sasl import Credentials
 from gateway.tokens.verify import TokenVerifier
+from gateway.upstream.relay import Relay, RelayTransaction
 
 log = structlog.get_logger("gateway.decision")
-Clock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Holder(Protocol):
@@ -67,16 +69,6 @@ class SessionFacts:
     tls: bool = False
     claims: DeviceClaims | None = None
     mechanism: str | None = None
-
-
-@dataclass(frozen=True)
-class HeldSubmission:
-    sender: str
-    recipients: tuple[str, ...]
-    content: bytes
-    claims: DeviceClaims
-    decision: Decision
-    received_at: datetime
 
 
 @dataclass

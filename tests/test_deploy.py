@@ -12,8 +12,8 @@ import pytest
 import trustme
 import yaml
 
-from gateway.policy_store import PolicyStore
-from gateway.settings import load_settings
+from gateway.config.settings import load_settings
+from gateway.policy.store import PolicyStore
 from gateway.testing.device import FakeDevice
 from gateway.testing.harness import gateway_with_upstream
 from gateway.testing.issuer import TestIssuer

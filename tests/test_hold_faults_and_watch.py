@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.hold_store import HoldStore
+from gateway.hold.store import HoldStore
 from gateway.testing.device import FakeDevice
 from gateway.testing.harness import running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
@@ -33,7 +33,9 @@ async def test_locked_store_gives_451_4_3_0_and_no_row(tmp_path: Path, issuer: T
             policies={"ban.toml": tiktok_ban("hold", phones_only=False)},
         )
         async with running_gateway(config) as gateway:
-            locker = sqlite3.connect(str(gateway.settings.hold.database), isolation_level=None)
+            locker = sqlite3.connect(
+                str(gateway.settings.hold.database), isolation_level=None
+            )
             locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
             try:
                 result = await FakeDevice(issuer, apps={TIKTOK}).send(gateway.port, timeout=30)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.hold_store import HoldStore
+from gateway.hold.store import HoldStore
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
@@ -157,7 +157,7 @@ async def test_release_pages_lanes_and_batched_deletes_keep_each_devices_order(
 ) -> None:
     """Small pages and delete batches force every path: a device whose mail stays held
     blocks only its own lane; the others are released in their own arrival order."""
-    from gateway import release
+    from gateway.hold import release
 
     monkeypatch.setattr(release, "PAGE_SIZE", 2)
     monkeypatch.setattr(release, "DELETE_BATCH", 3)

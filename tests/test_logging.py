@@ -8,7 +8,7 @@ from pathlib import Path
 
 import structlog
 
-from gateway import logs
+from gateway.ops import logs
 from gateway.testing.device import FakeDevice
 from gateway.testing.harness import gateway_with_upstream
 from gateway.testing.issuer import TestIssuer

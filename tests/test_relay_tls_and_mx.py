@@ -18,12 +18,12 @@ import dns.rrset
 import pytest
 import trustme
 
-from gateway.mx import NO_SUCH_DOMAIN, NULL_MX, MxRouter
-from gateway.relay import Target
 from gateway.testing.device import FakeDevice
 from gateway.testing.harness import running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
+from gateway.upstream.mx import NO_SUCH_DOMAIN, NULL_MX, MxRouter
+from gateway.upstream.relay import Target
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config.settings import Endpoint, load_settings
 from gateway.errors import SettingsError
-from gateway.settings import Endpoint, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 

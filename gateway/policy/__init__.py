@@ -1,1 +1,2 @@
-"""The pure policy core: model, loader, and the evaluator (no I/O beyond reading files in the loader)."""
+"""Policies: the pure core (model, loader, diff, impact, the indexed engine) and, above it,
+the set in force (store) and its hot reload."""

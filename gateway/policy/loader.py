@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.config.toml import Table, TomlFile, parse_toml
 from gateway.domain import Action, DeviceClass, Platform, PolicyState
 from gateway.errors import PolicyLoadError, Problem
 from gateway.policy.model import (
@@ -25,7 +26,6 @@ from gateway.policy.model import (
     SourceRef,
 )
 from gateway.policy.versions import parse_range
-from gateway.toml_source import Table, TomlFile, parse_toml
 
 POLICY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 

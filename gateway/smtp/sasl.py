@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+
+from gateway.domain import Credentials
 
 MECHANISMS = ("OAUTHBEARER", "PLAIN", "XOAUTH2")
 _BEARER_RE = re.compile(r"^[Bb]earer +([A-Za-z0-9\-._~+/]+=*)$")  # RFC 6750 s 2.1 b64token
@@ -19,16 +20,6 @@ _BEARER_RE = re.compile(r"^[Bb]earer +([A-Za-z0-9\-._~+/]+=*)$")  # RFC 6750 s 2
 
 class SaslSyntaxError(ValueError):
     """The client's SASL message does not follow its mechanism's grammar."""
-
-
-@dataclass(frozen=True)
-class Credentials:
-    mechanism: str
-    user: str | None  # None: OAUTHBEARER without an authzid (the token's sub is the user)
-    token: str
-
-    def __repr__(self) -> str:  # never print a token
-        return f"Credentials(mechanism={self.mechanism!r}, user={self.user!r}, token=<redacted>)"
 
 
 def _text(data: bytes) -> str:

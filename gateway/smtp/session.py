@@ -33,9 +33,8 @@ import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway import replies
-from gateway.limits import LimitSettings
+from gateway.config.settings import LimitSettings, SmtpSettings
 from gateway.replies import Reply, add_enhanced_code
-from gateway.settings import SmtpSettings
 from gateway.smtp.sasl import MECHANISMS, PARSERS, SaslSyntaxError, error_challenge
 from gateway.submission import SessionFacts, Submission, Transaction, new_session_id
 

@@ -8,9 +8,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.config.settings import Settings, load_settings
+from gateway.domain import Clock, utc_now
 from gateway.server import GatewayServer
-from gateway.settings import Settings, load_settings
-from gateway.submission import Clock, utc_now
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
 

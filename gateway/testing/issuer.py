@@ -11,8 +11,8 @@ from typing import Any
 
 from joserfc.jwk import ECKey, OKPKey
 
+from gateway.config.settings import ALLOWED_ALGORITHMS, Issuer, VerifierSettings
 from gateway.tokens.mint import device_payload, mint
-from gateway.tokens.verify import ALLOWED_ALGORITHMS, Issuer, VerifierSettings
 
 DEFAULT_ISSUER = "https://mdm.example.test"
 DEFAULT_AUDIENCE = "smtp-gateway.example.test"

@@ -18,8 +18,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -30,6 +29,8 @@ from joserfc.jwa import ESAlgorithm, JWSAlgModel
 from joserfc.jwk import ECKey, OKPKey
 from joserfc.jws import JWSRegistry
 
+from gateway.config.keys import PublicKey
+from gateway.config.settings import ALLOWED_ALGORITHMS, Issuer, VerifierSettings
 from gateway.domain import Device, DeviceClaims, DeviceClass, Platform
 from gateway.errors import (
     BadSignature,
@@ -45,7 +46,6 @@ from gateway.errors import (
     WrongAudience,
     WrongTokenType,
 )
-from gateway.tokens.keys import PublicKey
 
 
 class Ed25519Algorithm(JWSAlgModel):
@@ -85,8 +85,9 @@ _ALGORITHM_IMPLEMENTATIONS: dict[str, JWSAlgModel] = {
     "ES256": ESAlgorithm("ES256", "P-256", 256),
 }
 
-#: The fixed allow-list. Issuers may narrow it, never widen it.
-ALLOWED_ALGORITHMS: frozenset[str] = frozenset(_ALGORITHM_IMPLEMENTATIONS)
+# The fixed allow-list is declared with the settings (issuers may narrow it, never widen
+# it); every name on it has exactly one implementation here.
+assert frozenset(_ALGORITHM_IMPLEMENTATIONS) == ALLOWED_ALGORITHMS
 _KEY_TYPE_FOR = {"EdDSA": OKPKey, "Ed25519": OKPKey, "ES256": ECKey}
 
 
@@ -104,34 +105,9 @@ class GatewayRegistry(JWSRegistry):
         super().__init__(algorithms=sorted(allowed or ALLOWED_ALGORITHMS))
 
 
-DEFAULT_MAX_TOKEN_BYTES = 16 * 1024
-DEFAULT_LEEWAY = timedelta(seconds=60)
 MAX_APPS = 5000
 _B64URL_RE = re.compile(rb"^[A-Za-z0-9_-]*$")
 _SUBJECT_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
-
-
-@dataclass(frozen=True)
-class Issuer:
-    """One trusted issuer: its keys by kid and the algorithms it may use."""
-
-    issuer: str
-    keys: Mapping[str, PublicKey]
-    algorithms: frozenset[str] = ALLOWED_ALGORITHMS
-    token_type: str | None = None  # when set, typ must equal it; otherwise absent or "JWT"
-
-    def __post_init__(self) -> None:
-        unknown = self.algorithms - ALLOWED_ALGORITHMS
-        if unknown:
-            raise ValueError(f"algorithms not allowed: {', '.join(sorted(unknown))}")
-
-
-@dataclass(frozen=True)
-class VerifierSettings:
-    audience: str
-    issuers: Mapping[str, Issuer]
-    leeway: timedelta = DEFAULT_LEEWAY
-    max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
 
 
 def _b64json(segment: bytes, what: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import aiosmtplib
 
-from gateway.hold_store import HoldStore
+from gateway.hold.store import HoldStore
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import write_config
 from gateway.testing.issuer import TestIssuer

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.hold_store import HoldStore
+from gateway.hold.store import HoldStore
 from gateway.smtp.sasl import plain_response
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import gateway_with_upstream

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from gateway.config.settings import load_settings
 from gateway.errors import PolicyLoadError, SettingsError
 from gateway.policy.loader import load_policy_dir
-from gateway.settings import load_settings
 from gateway.smtp.sasl import PARSERS, SaslSyntaxError
 
 SASL_PIECES = st.sampled_from(

@@ -11,7 +11,7 @@ import aiosmtplib
 import pytest
 import trustme
 
-from gateway.hold_store import HoldStore
+from gateway.hold.store import HoldStore
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import (
     RunningGateway,

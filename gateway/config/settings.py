@@ -15,17 +15,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal, get_args
 
+from gateway.config.keys import KeyFileError, PublicKey, load_key_file
+from gateway.config.toml import KeyPath, Table, TomlFile, read_toml
 from gateway.errors import Problem, SettingsError
-from gateway.limits import LimitSettings
-from gateway.tokens.keys import KeyFileError, PublicKey, load_key_file
-from gateway.tokens.verify import (
-    ALLOWED_ALGORITHMS,
-    DEFAULT_MAX_TOKEN_BYTES,
-    Issuer,
-    VerifierSettings,
-)
-from gateway.toml_source import KeyPath, Table, TomlFile, read_toml
 
 CONFIG_ENV = "GATEWAY_CONFIG"
 ENV_PREFIX = "GATEWAY_"
@@ -47,6 +41,48 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+#: The fixed allow-list of token signature algorithms (SPEC s 2: EdDSA over Ed25519, and
+#: ES256). Issuers may narrow it, never widen it; a token never picks its own algorithm.
+Algorithm = Literal["EdDSA", "Ed25519", "ES256"]
+ALLOWED_ALGORITHMS: frozenset[str] = frozenset(get_args(Algorithm))
+DEFAULT_MAX_TOKEN_BYTES = 16 * 1024
+DEFAULT_LEEWAY = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """One trusted issuer: its keys by kid and the algorithms it may use."""
+
+    issuer: str
+    keys: Mapping[str, PublicKey]
+    algorithms: frozenset[str] = ALLOWED_ALGORITHMS
+    token_type: str | None = None  # when set, typ must equal it; otherwise absent or "JWT"
+
+    def __post_init__(self) -> None:
+        unknown = self.algorithms - ALLOWED_ALGORITHMS
+        if unknown:
+            raise ValueError(f"algorithms not allowed: {', '.join(sorted(unknown))}")
+
+
+@dataclass(frozen=True)
+class VerifierSettings:
+    audience: str
+    issuers: Mapping[str, Issuer]
+    leeway: timedelta = DEFAULT_LEEWAY
+    max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_connections: int = 1000
+    max_connections_per_ip: int = 100
+    messages_per_user_per_minute: int = 60
+    auth_failures_per_ip: int = 20
+    auth_failure_window: float = 300.0  # seconds
+    max_errors: int = 10  # 5xx replies in one session before 421 and close
+    command_call_limit: int | dict[str, int] = 1000  # per command and connection (aiosmtpd)
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,13 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from gateway.domain import Action, DeviceClaims
-from gateway.dsn import delivery_status_notification
-from gateway.hold_store import AsyncHoldStore, HeldMessage
+from gateway.domain import Action, Clock, DeviceClaims
+from gateway.hold.dsn import delivery_status_notification
+from gateway.hold.store import AsyncHoldStore, HeldMessage
 from gateway.policy.engine import CompiledPolicySet, decide
-from gateway.policy_store import PolicyStore
-from gateway.relay import Relay
+from gateway.policy.store import PolicyStore
 from gateway.replies import Reply
-from gateway.submission import Clock
+from gateway.upstream.relay import Relay
 
 log = structlog.get_logger("gateway.release")
 

@@ -23,8 +23,8 @@ import aiosmtplib
 import structlog
 
 from gateway import replies
+from gateway.config.settings import Smarthost, UpstreamSettings
 from gateway.replies import Reply
-from gateway.settings import Smarthost, UpstreamSettings
 
 log = structlog.get_logger("gateway.relay")
 

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 
-from gateway.hold_store import HeldMessage
+from gateway.hold.store import HeldMessage
 
 
 def delivery_status_notification(

@@ -10,8 +10,8 @@ from email.utils import format_datetime
 
 import structlog
 
-from gateway.hold_store import AsyncHoldStore
-from gateway.relay import Relay
+from gateway.hold.store import AsyncHoldStore
+from gateway.upstream.relay import Relay
 
 log = structlog.get_logger("gateway.notices")
 

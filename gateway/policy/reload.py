@@ -23,7 +23,7 @@ import watchfiles
 from gateway.errors import PolicyLoadError, Problem
 from gateway.policy.engine import CompiledPolicySet
 from gateway.policy.loader import policy_files, policy_version
-from gateway.policy_store import PolicyStore, ReloadResult
+from gateway.policy.store import PolicyStore, ReloadResult
 
 log = structlog.get_logger("gateway.reload")
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from gateway.domain import Action, DeviceClaims
+from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet, decide
-from gateway.policy_store import PolicyDiff
 
 BLOCKING = (Action.DEFER, Action.HOLD, Action.REJECT)
 

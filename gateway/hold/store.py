@@ -22,9 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from gateway.domain import DeviceClaims
+from gateway.domain import DeviceClaims, HeldSubmission
 from gateway.errors import HoldStoreError
-from gateway.submission import HeldSubmission
 
 T = TypeVar("T")
 

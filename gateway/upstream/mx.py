@@ -17,9 +17,9 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from gateway.relay import Target
+from gateway.config.settings import Endpoint
 from gateway.replies import Reply
-from gateway.settings import Endpoint
+from gateway.upstream.relay import Target
 
 NULL_MX = Reply(556, "5.1.10", "Recipient domain does not accept mail (null MX, RFC 7505)")
 NO_SUCH_DOMAIN = Reply(550, "5.1.2", "Recipient domain does not exist")

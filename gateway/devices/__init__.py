@@ -1,0 +1,1 @@
+"""Devices seen recently (the inventory behind impact previews) and the notices their users get."""

@@ -1,0 +1,1 @@
+"""What operators read: structured logs, Prometheus metrics, the admin HTTP port. Knows nothing of SMTP."""
