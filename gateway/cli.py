@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_impact(args: argparse.Namespace) -> int:
     from gateway.hold.store import HoldStore
-    from gateway.policy.impact import assess
+    from gateway.policy.diff import PolicyDiff
+    from gateway.policy.impact import assess, blast_radius_refusal
     from gateway.policy.model import PolicySet
 
     settings = _settings(args)
@@ -398,13 +399,10 @@ def cmd_impact(args: argparse.Namespace) -> int:
             print(
                 f"    {row['device_id']:<24} {row['user']:<30} {row['before']} -> {row['after']}  {','.join(row['policy_ids'])}"
             )
-    limit = settings.max_newly_blocked_devices
-    blocked = len(report.newly_blocked)
-    if limit is not None and blocked > limit:
-        print(
-            f"guard: {blocked} newly blocked > max_newly_blocked_devices {limit}: the reload will be refused "
-            f"unless the changed policy sets confirm_impact = {blocked}"
-        )
+    diff = PolicyDiff.between(live.source, candidate.source)
+    refusal = blast_radius_refusal(report, candidate, diff, settings.max_newly_blocked_devices)
+    if refusal is not None:
+        print(f"guard: the reload will be refused: {refusal}")
     return EXIT_OK
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import format_datetime
@@ -46,9 +46,42 @@ log = structlog.get_logger("gateway.decision")
 
 
 class Holder(Protocol):
-    """Durable hold store (lifecycle issue); until one is configured, hold answers as defer."""
+    """The durable hold store: returns the hold id once the message is committed."""
 
     async def hold(self, message: HeldSubmission) -> str: ...
+
+
+class SubmissionEvents(Protocol):
+    """What the rest of the gateway hears from submissions; the wiring implements it
+    (inventory, release of held mail, notices), so this module never reaches up."""
+
+    def authenticated(self, claims: DeviceClaims) -> None:
+        """A device proved who it is (its held mail may be releasable now)."""
+
+    async def before_mail(self, claims: DeviceClaims) -> None:
+        """Called before each decision: lets the device's held mail go out first."""
+
+    def decided(self, claims: DeviceClaims, decision: Decision) -> None:
+        """A decision other than allow was made (notices)."""
+
+    def held(self, device_id: str) -> None:
+        """A message of this device is now in the hold store."""
+
+
+class NoEvents:
+    """Nobody listening (tests and tools that drive a Submission alone)."""
+
+    def authenticated(self, claims: DeviceClaims) -> None:
+        pass
+
+    async def before_mail(self, claims: DeviceClaims) -> None:
+        pass
+
+    def decided(self, claims: DeviceClaims, decision: Decision) -> None:
+        pass
+
+    def held(self, device_id: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -92,12 +125,9 @@ class Submission:
         verifier: TokenVerifier,
         policies: PolicyStore,
         relay: Relay,
+        holder: Holder,
+        events: SubmissionEvents | None = None,
         clock: Clock = utc_now,
-        holder: Holder | None = None,
-        on_authenticated: Callable[[DeviceClaims], None] | None = None,
-        on_held: Callable[[str], None] | None = None,
-        before_mail: Callable[[DeviceClaims], Awaitable[None]] | None = None,
-        on_decision: Callable[[DeviceClaims, Decision], None] | None = None,
         metrics: Metrics | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -105,17 +135,29 @@ class Submission:
         self.verifier = verifier
         self.policies = policies
         self.relay = relay
-        self.clock = clock
         self.holder = holder
-        self.on_authenticated = on_authenticated  # e.g. re-evaluate this device's held mail
-        self.on_held = on_held
-        self.before_mail = before_mail  # e.g. let this device's held mail go out first
-        self.on_decision = on_decision  # e.g. notices
+        self.events: SubmissionEvents = events or NoEvents()
+        self.clock = clock
         self.metrics = metrics or Metrics()
         self.monotonic = monotonic  # rate limits: immune to wall-clock jumps
         limits = settings.limits
         self.message_rate = MessageRate(limits.messages_per_user_per_minute)
         self.auth_failures = AuthFailures(limits.auth_failures_per_ip, limits.auth_failure_window)
+
+    @property
+    def audience(self) -> str:
+        """The audience tokens must name (for the OAUTHBEARER error challenge)."""
+        return self.settings.tokens.audience
+
+    @property
+    def data_reply_within(self) -> float:
+        """Seconds the answer to DATA may take once the message is in: the upstream's
+        timeout for the connection and for DATA, plus slack."""
+        return self.relay.settings.timeout * 2 + 30
+
+    def limit_refused(self, limit: str) -> None:
+        """The SMTP layer refused something under a limit it enforces itself."""
+        self.metrics.limited.labels(limit).inc()
 
     # --- AUTH ---------------------------------------------------------------------------
 
@@ -161,8 +203,7 @@ class Submission:
             device_id=claims.device.id,
         )
         self.metrics.authenticated(True)
-        if self.on_authenticated is not None:
-            self.on_authenticated(claims)
+        self.events.authenticated(claims)
         return AuthOutcome(replies.AUTH_OK, claims)
 
     def _auth_failed(
@@ -202,16 +243,13 @@ class Submission:
             log.info("message_rate_limit", session=facts.session_id, user=claims.subject)
             self.metrics.limited.labels("messages_per_user").inc()
             return replies.TOO_MANY_MESSAGES, None
-        if self.before_mail is not None:
-            await self.before_mail(claims)
+        await self.events.before_mail(claims)
         decision = decide(self.policies.current, claims, now)
         self.metrics.decided(decision)
-        if self.on_decision is not None and decision.action is not Action.ALLOW:
-            self.on_decision(claims, decision)
+        if decision.action is not Action.ALLOW:
+            self.events.decided(claims, decision)
         transaction = Transaction(sender=sender, decision=decision, started=time.monotonic())
-        if decision.action is Action.DEFER or (
-            decision.action is Action.HOLD and self.holder is None
-        ):
+        if decision.action is Action.DEFER:
             self._log_decision(facts, transaction, result="deferred")
             return Reply(451, "4.7.1", decision.message or "Deferred by policy"), None
         if decision.action is Action.REJECT:
@@ -297,7 +335,6 @@ class Submission:
     async def _hold(
         self, facts: SessionFacts, transaction: Transaction, message: bytes, now: datetime
     ) -> Reply:
-        assert self.holder is not None
         assert facts.claims is not None
         held = HeldSubmission(
             sender=transaction.sender,
@@ -313,8 +350,7 @@ class Submission:
             log.exception("hold_failed", session=facts.session_id)
             self._log_decision(facts, transaction, result="hold_failed")
             return replies.STORE_FAILED
-        if self.on_held is not None:
-            self.on_held(facts.claims.device.id)
+        self.events.held(facts.claims.device.id)
         self._log_decision(facts, transaction, result="held", hold_id=hold_id, size=len(message))
         return Reply(250, "2.6.0", f"held: {transaction.decision.message}")
 

@@ -43,7 +43,10 @@ async def test_health_and_metrics_after_real_traffic(tmp_path: Path) -> None:
         assert gateway.admin_port is not None
         assert await http_get(gateway.admin_port, "/livez") == (200, "ok\n")
         status, body = await http_get(gateway.admin_port, "/readyz")
-        assert (status, body) == (200, f"ready {gateway.server.policies.current.version}\n")
+        assert (status, body) == (
+            200,
+            f"ready {gateway.server.services.policies.current.version}\n",
+        )
         assert (await http_get(gateway.admin_port, "/nope"))[0] == 404
 
         phone = FakeDevice(issuer)
@@ -54,7 +57,7 @@ async def test_health_and_metrics_after_real_traffic(tmp_path: Path) -> None:
         await asyncio.sleep(0.5)  # one release tick updates the held gauge
 
         status, text = await http_get(gateway.admin_port, "/metrics")
-        version = gateway.server.policies.current.version
+        version = gateway.server.services.policies.current.version
     assert status == 200
     assert metric(text, "gateway_sessions_total") == 3
     assert metric(text, 'gateway_auth_total{result="ok"}') == 2

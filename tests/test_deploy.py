@@ -133,7 +133,7 @@ async def test_every_metric_an_alert_uses_is_exported(tmp_path: Path, issuer: Te
     async with gateway_with_upstream(tmp_path, issuer) as (gw, _):
         await FakeDevice(issuer).send(gw.port)
         await FakeDevice(TestIssuer.generate("k1")).send(gw.port)  # a token failure
-        exported = gw.server.metrics.render().decode()
+        exported = gw.server.services.metrics.render().decode()
     # A labelled family with no event yet is declared by its HELP line only.
     exported_names = set(re.findall(r"^(?:# HELP )?(gateway_[a-z_]+)", exported, re.MULTILINE))
     assert "gateway_token_failures_total{" in exported

@@ -33,9 +33,7 @@ async def test_locked_store_gives_451_4_3_0_and_no_row(tmp_path: Path, issuer: T
             policies={"ban.toml": tiktok_ban("hold", phones_only=False)},
         )
         async with running_gateway(config) as gateway:
-            locker = sqlite3.connect(
-                str(gateway.settings.hold.database), isolation_level=None
-            )
+            locker = sqlite3.connect(str(gateway.settings.hold.database), isolation_level=None)
             locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
             try:
                 result = await FakeDevice(issuer, apps={TIKTOK}).send(gateway.port, timeout=30)
@@ -77,7 +75,7 @@ async def test_expired_held_mail_bounces_with_a_dsn(tmp_path: Path, issuer: Test
 
 async def _wait_for_version_change(gateway_server: object, old: str) -> str:
     async with asyncio.timeout(5):
-        while (version := gateway_server.policies.current.version) == old:  # type: ignore[attr-defined]  # noqa: ASYNC110
+        while (version := gateway_server.services.policies.current.version) == old:  # type: ignore[attr-defined]  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     return version  # type: ignore[no-any-return]
 
@@ -99,7 +97,7 @@ async def test_watcher_handles_rename_save_truncate_write_and_delete(
             policy = gateway.policy_dir / "ban.toml"
 
             # An editor's rename-save: write a temporary file, rename it over the original.
-            version = server.policies.current.version
+            version = server.services.policies.current.version
             temporary = gateway.policy_dir / ".ban.toml.swp"
             temporary.write_text(tiktok_ban("defer", phones_only=False))
             os.replace(temporary, policy)
@@ -121,8 +119,8 @@ async def test_watcher_handles_rename_save_truncate_write_and_delete(
             # Deleting the file removes the policy.
             policy.unlink()
             await _wait_for_version_change(server, version)
-            assert server.policies.last_result is not None
-            assert server.policies.last_result.diff.removed == ("remove-tiktok",)
+            assert server.services.policies.last_result is not None
+            assert server.services.policies.last_result.diff.removed == ("remove-tiktok",)
             assert (await phone.send(gateway.port)).data == (
                 250,
                 "2.0.0 Message accepted for delivery",

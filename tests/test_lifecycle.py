@@ -104,7 +104,7 @@ async def test_invalid_edit_keeps_the_last_good_set(tmp_path: Path, issuer: Test
         async with running_gateway(config) as gateway:
             phone = FakeDevice(issuer, apps={TIKTOK})
             assert (await phone.send(gateway.port)).mail == (550, "5.7.1 Remove TikTok.")
-            version = gateway.server.policies.current.version
+            version = gateway.server.services.policies.current.version
             (gateway.policy_dir / "ban.toml").write_text(
                 BAN.replace("match.apps_any", "match.apps_anyy").replace(
                     'state = "enforce"', 'state = "retracted"'
@@ -113,7 +113,7 @@ async def test_invalid_edit_keeps_the_last_good_set(tmp_path: Path, issuer: Test
             result = await gateway.server.reload("test")
             assert not result.ok
             assert "apps_anyy: unknown key" in str(result.problems[0])
-            assert gateway.server.policies.current.version == version
+            assert gateway.server.services.policies.current.version == version
             assert (await phone.send(gateway.port)).mail == (550, "5.7.1 Remove TikTok.")
 
 
@@ -185,7 +185,7 @@ async def test_release_pages_lanes_and_batched_deletes_keep_each_devices_order(
             exempt = 'exempt.users = ["ben@example.test", "cat@example.test"]\n'
             (gateway.policy_dir / "ban.toml").write_text(tiktok_ban("hold", extra=exempt))
             await gateway.server.reload("test")
-            report = await gateway.server.releaser.run()
+            report = await gateway.server.services.releaser.run()
             assert len(report.released) == 7
             assert report.still_held == 2
             for name in ("ben", "cat"):

@@ -27,7 +27,7 @@ async def test_decision_event_and_no_tokens_in_logs(tmp_path: Path) -> None:
             for mechanism in ("PLAIN", "XOAUTH2", "OAUTHBEARER"):
                 await phone.send(gateway.port, mechanism=mechanism, token=token)
             await phone.send(gateway.port, token=token[:-4] + "AAAA")  # a refused token too
-            version = gateway.server.policies.current.version
+            version = gateway.server.services.policies.current.version
     finally:
         structlog.reset_defaults()
     text = stream.getvalue()

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -75,6 +76,10 @@ class _Deletions:
             await asyncio.shield(self.store.remove(batch))
 
 
+# Starts a named background task that the caller keeps referenced and logs if it fails.
+Spawn = Callable[[Coroutine[Any, Any, Any], str], asyncio.Task[Any]]
+
+
 class Releaser:
     def __init__(
         self,
@@ -84,6 +89,7 @@ class Releaser:
         clock: Clock,
         hostname: str,
         expire_after: timedelta,
+        spawn: Spawn,
         on_released: Callable[[HeldMessage], None] | None = None,
         parallel: int = 4,
     ) -> None:
@@ -93,8 +99,10 @@ class Releaser:
         self.clock = clock
         self.hostname = hostname
         self.expire_after = expire_after
+        self._spawn = spawn
         self._lock = asyncio.Lock()
         self.devices_with_mail: set[str] = set()
+        self._device_releases: dict[str, asyncio.Task[Any]] = {}
         self.on_released = on_released
         self.parallel = parallel  # devices released at once (one upstream connection each)
 
@@ -108,6 +116,27 @@ class Releaser:
         """Wait for a release pass in progress to finish."""
         async with self._lock:
             return
+
+    def device_authenticated(self, claims: DeviceClaims) -> None:
+        """A device with held mail presented a token, perhaps a newer one (the app was
+        removed): re-evaluate its held mail now, with these claims, in the background."""
+        device_id = claims.device.id
+        if device_id not in self.devices_with_mail:
+            return
+        task = self._spawn(self.run(device_id=device_id, newer_claims=claims), "release-device")
+        self._device_releases[device_id] = task
+        task.add_done_callback(lambda _: self._device_releases.pop(device_id, None))
+
+    async def released_first(self, device_id: str, max_wait: float) -> None:
+        """New mail from a device waits (up to ``max_wait`` seconds) for the release of its held
+        mail that its authentication started, so that order is kept."""
+        task = self._device_releases.get(device_id)
+        if task is None or task.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=max_wait)
+        except Exception:  # the release goes on in the background; the new mail proceeds
+            log.warning("release_wait_abandoned", device_id=device_id)
 
     async def run(
         self, *, device_id: str | None = None, newer_claims: DeviceClaims | None = None

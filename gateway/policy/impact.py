@@ -101,3 +101,21 @@ def confirmed_impact(candidate: CompiledPolicySet, diff: PolicyDiff) -> int:
     return max(
         (p.confirm_impact or 0 for p in candidate.source.policies if p.id in touched), default=0
     )
+
+
+def blast_radius_refusal(
+    report: ImpactReport, candidate: CompiledPolicySet, diff: PolicyDiff, limit: int | None
+) -> str | None:
+    """The blast-radius rule, the one place it is stated: a change that would newly hold or
+    reject more than ``limit`` devices (per ``report``, from :func:`assess`) is refused
+    unless a policy it adds or changes (``diff``) says ``confirm_impact`` of at least that
+    many. None: the change may go ahead. Used by the reload guard and `gateway impact`."""
+    if limit is None:
+        return None
+    blocked = len(report.newly_blocked)
+    if blocked <= limit or confirmed_impact(candidate, diff) >= blocked:
+        return None
+    return (
+        f"this change would newly hold or reject {blocked} devices (limit {limit}); "
+        f"check with `gateway impact`, then set confirm_impact = {blocked} on the changed policy"
+    )

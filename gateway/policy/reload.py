@@ -17,18 +17,11 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import structlog
 import watchfiles
 
-from gateway.errors import PolicyLoadError, Problem
-from gateway.policy.engine import CompiledPolicySet
+from gateway.errors import PolicyLoadError
 from gateway.policy.loader import policy_files, policy_version
-from gateway.policy.store import PolicyStore, ReloadResult
-
-log = structlog.get_logger("gateway.reload")
-
-# Given (in force, candidate), a reason to refuse the candidate, or None to accept it.
-Guard = Callable[[CompiledPolicySet, CompiledPolicySet], str | None]
+from gateway.policy.store import Guard, PolicyStore, ReloadResult
 
 
 def directory_fingerprint(store: PolicyStore) -> str | None:
@@ -44,6 +37,8 @@ def directory_fingerprint(store: PolicyStore) -> str | None:
 
 
 class Reloader:
+    """The triggers of a reload; what a reload does is :meth:`PolicyStore.apply`."""
+
     def __init__(
         self,
         store: PolicyStore,
@@ -54,59 +49,15 @@ class Reloader:
         self.on_reloaded = on_reloaded
         self.guard = guard
         self._lock = asyncio.Lock()
-        self.reloads = 0
-        self.failures = 0
-
-    def _kept(
-        self, trigger: str, started: float, problems: tuple[Problem, ...], event: str
-    ) -> ReloadResult:
-        """A reload that did not happen: the last good set stays, and the failure shows."""
-        result = ReloadResult(
-            False,
-            self.store.current.version,
-            trigger,
-            time.perf_counter() - started,
-            problems=problems,
-        )
-        self.store.last_result = result
-        self.failures += 1
-        log.error(
-            event, trigger=trigger, kept_version=result.version, problems=[str(p) for p in problems]
-        )
-        return result
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
             started = time.perf_counter()
-            try:
-                new = await asyncio.to_thread(self.store.build)
-            except PolicyLoadError as exc:
-                return self._kept(trigger, started, exc.problems, "policy_reload_failed")
-            except Exception as exc:  # a reload must never take the server down
-                log.exception("policy_reload_crashed", trigger=trigger, error=type(exc).__name__)
-                problem = Problem(
-                    str(self.store.directory), None, "", f"reload failed: {type(exc).__name__}"
-                )
-                return self._kept(trigger, started, (problem,), "policy_reload_failed")
-            refusal = self.guard(self.store.current, new) if self.guard else None
-            if refusal is not None:
-                problem = Problem(str(self.store.directory), None, "confirm_impact", refusal)
-                return self._kept(trigger, started, (problem,), "policy_reload_refused")
-            if new.version == self.store.current.version:
-                return ReloadResult(True, new.version, trigger, time.perf_counter() - started)
-            result = self.store.swap(new, trigger, started)
-            self.reloads += 1
-            log.info(
-                "policy_reload",
-                trigger=trigger,
-                version=result.version,
-                added=list(result.diff.added),
-                changed=list(result.diff.changed),
-                retracted=list(result.diff.retracted),
-                removed=list(result.diff.removed),
-                seconds=round(result.duration_seconds, 4),
-            )
-        await self.on_reloaded(result)
+            before = self.store.current.version
+            built = await asyncio.to_thread(self.store.try_build)
+            result = self.store.apply(built, trigger, started, self.guard)
+        if result.ok and result.version != before:  # a new set is in force
+            await self.on_reloaded(result)
         return result
 
     async def watch(self, stop: asyncio.Event) -> None:

@@ -1,17 +1,30 @@
 """The policy set in force, replaced atomically: build and validate a complete new set,
-then swap one reference. A failed reload keeps the last good set and says why."""
+then swap one reference. A failed reload keeps the last good set and says why.
+
+There is one reload path, :meth:`PolicyStore.apply`: every trigger (start-up, file events,
+SIGHUP, the periodic check) builds a candidate (``try_build``, safe in a worker thread)
+and hands it to ``apply`` (on the event loop), which computes the :class:`PolicyDiff`
+once, asks the guard, and swaps.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import structlog
 
 from gateway.errors import PolicyLoadError, Problem
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet, compile_policy_set
 from gateway.policy.loader import ParseCache, load_policy_dir
+
+log = structlog.get_logger("gateway.reload")
+
+# Given (in force, candidate, what changed), a reason to refuse the candidate, or None.
+Guard = Callable[[CompiledPolicySet, CompiledPolicySet, PolicyDiff], str | None]
 
 
 @dataclass(frozen=True)
@@ -48,29 +61,74 @@ class PolicyStore:
         """Read, validate and compile the directory without touching what is in force."""
         return compile_policy_set(load_policy_dir(self.directory, self.groups, self._parsed))
 
-    def swap(self, new: CompiledPolicySet, trigger: str, started: float) -> ReloadResult:
-        old = self._current.source if self._current else None
-        diff = PolicyDiff.between(old, new.source)
-        self._current = new
-        result = ReloadResult(True, new.version, trigger, time.perf_counter() - started, diff)
+    def try_build(self) -> CompiledPolicySet | tuple[Problem, ...]:
+        """:meth:`build`, with any failure turned into problems (a reload must never take
+        the server down). Safe to run in a worker thread."""
+        try:
+            return self.build()
+        except PolicyLoadError as exc:
+            return exc.problems
+        except Exception as exc:
+            log.exception("policy_reload_crashed", error=type(exc).__name__)
+            return (Problem(str(self.directory), None, "", f"reload failed: {type(exc).__name__}"),)
+
+    def apply(
+        self,
+        built: CompiledPolicySet | tuple[Problem, ...],
+        trigger: str,
+        started: float,
+        guard: Guard | None = None,
+    ) -> ReloadResult:
+        """Swap ``built`` in, or keep the last good set and record why not."""
+        if isinstance(built, tuple):
+            return self._kept(trigger, started, built, "policy_reload_failed")
+        old = self._current
+        if old is not None and built.version == old.version:
+            return self._record(ReloadResult(True, built.version, trigger, _since(started)))
+        diff = PolicyDiff.between(old.source if old else None, built.source)
+        refusal = guard(old, built, diff) if guard is not None and old is not None else None
+        if refusal is not None:
+            problem = Problem(str(self.directory), None, "confirm_impact", refusal)
+            return self._kept(trigger, started, (problem,), "policy_reload_refused")
+        self._current = built
+        result = self._record(ReloadResult(True, built.version, trigger, _since(started), diff))
+        log.info(
+            "policy_reload",
+            trigger=trigger,
+            version=result.version,
+            added=list(diff.added),
+            changed=list(diff.changed),
+            retracted=list(diff.retracted),
+            removed=list(diff.removed),
+            seconds=round(result.duration_seconds, 4),
+        )
+        return result
+
+    def reload(self, trigger: str = "manual", guard: Guard | None = None) -> ReloadResult:
+        """Build and apply in one synchronous step (start-up, tools, benchmarks). Raises
+        PolicyLoadError when there is no good set at all, so nothing serves without one."""
+        started = time.perf_counter()
+        built = self.try_build()
+        if isinstance(built, tuple) and self._current is None:
+            self._record(ReloadResult(False, "", trigger, _since(started), problems=built))
+            raise PolicyLoadError(list(built))
+        return self.apply(built, trigger, started, guard)
+
+    def _kept(
+        self, trigger: str, started: float, problems: tuple[Problem, ...], event: str
+    ) -> ReloadResult:
+        """A reload that did not happen: the last good set stays, and the failure shows."""
+        version = self._current.version if self._current else ""
+        result = self._record(
+            ReloadResult(False, version, trigger, _since(started), problems=problems)
+        )
+        log.error(event, trigger=trigger, kept_version=version, problems=[str(p) for p in problems])
+        return result
+
+    def _record(self, result: ReloadResult) -> ReloadResult:
         self.last_result = result
         return result
 
-    def reload(self, trigger: str = "manual") -> ReloadResult:
-        started = time.perf_counter()
-        try:
-            new = self.build()
-        except PolicyLoadError as exc:
-            version = self._current.version if self._current else ""
-            result = ReloadResult(
-                False, version, trigger, time.perf_counter() - started, problems=exc.problems
-            )
-            self.last_result = result
-            if self._current is None:
-                raise
-            return result
-        if self._current is not None and new.version == self._current.version:
-            result = ReloadResult(True, new.version, trigger, time.perf_counter() - started)
-            self.last_result = result
-            return result
-        return self.swap(new, trigger, started)
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started

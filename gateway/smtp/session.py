@@ -269,7 +269,7 @@ class SubmissionSMTP(SMTP):
             self._errors += 1
             if self._errors >= self._max_errors:
                 log.info("too_many_errors", session=self.gsession().facts.session_id)
-                self.submission.metrics.limited.labels("max_errors").inc()
+                self.submission.limit_refused("max_errors")
                 await self.write_reply(replies.TOO_MANY_ERRORS)
 
     async def write_reply(self, reply: Reply) -> None:
@@ -387,7 +387,7 @@ class SubmissionSMTP(SMTP):
             return
         outcome = self.submission.authenticate(session.facts, credentials)
         if outcome.claims is None:
-            challenge = error_challenge(mechanism, self.submission.settings.tokens.audience)
+            challenge = error_challenge(mechanism, self.submission.audience)
             if challenge is not None:
                 # RFC 7628 s 3.2.3: the client answers the error challenge with a dummy
                 # response (^A), and only then gets the final 535.
@@ -493,7 +493,7 @@ class SubmissionSMTP(SMTP):
             await self.write_reply(problem)
             return
         # The client is now waiting on us, not idle: give the relay its own timeout.
-        self._reset_timeout(self.submission.relay.settings.timeout * 2 + 30)
+        self._reset_timeout(self.submission.data_reply_within)
         session.transaction = None
         self._relaying = True
         try:

@@ -217,7 +217,13 @@ def claims_from_payload(
 
 
 class TokenVerifier:
-    """Verifies tokens against the configured issuers. Thread-safe and side-effect free."""
+    """Verifies tokens against the configured issuers.
+
+    Not side-effect free: it keeps a bounded cache of tokens whose signature verified, so
+    that a device reconnecting with the same token skips the signature check. The time
+    claims are checked again on every use. Meant to be shared by the sessions of one event
+    loop (the cache is not locked).
+    """
 
     def __init__(self, settings: VerifierSettings, cache_size: int = 4096) -> None:
         self.settings = settings

@@ -52,7 +52,7 @@ async def test_store_full_or_failing_to_sync_gives_451_and_no_row(
     tmp_path: Path, issuer: TestIssuer, error: str
 ) -> None:
     async with gateway_with_upstream(tmp_path, issuer, {"ban.toml": BAN}) as (gw, upstream):
-        store = gw.server.hold_store
+        store = gw.server.services.hold_store
 
         def break_commits(inner: HoldStore) -> None:
             inner._db = FailingCommit(inner._db, error)  # type: ignore[assignment]
@@ -72,7 +72,7 @@ async def test_hold_store_really_full(tmp_path: Path, issuer: TestIssuer) -> Non
             pages = inner._db.execute("PRAGMA page_count").fetchone()[0]
             inner._db.execute(f"PRAGMA max_page_count = {pages + 2}")
 
-        await gw.server.hold_store._run(cap)
+        await gw.server.services.hold_store._run(cap)
         big = make_message(body=("x" * 900 + "\r\n") * 200)
         result = await FakeDevice(issuer, apps={TIKTOK}).send(gw.port, message=big)
         assert result.data == (451, "4.3.0 Temporary storage failure; please try again later")

@@ -20,7 +20,7 @@ async def test_each_hostile_file_keeps_the_last_good_set(tmp_path: Path) -> None
         gw,
         upstream,
     ):
-        good_version = gw.server.policies.current.version
+        good_version = gw.server.services.policies.current.version
         phone = FakeDevice(issuer, apps={TIKTOK})
         for content, expected in [*HOSTILE_FILES, HUGE]:
             evil = gw.policy_dir / "evil.toml"
@@ -31,7 +31,7 @@ async def test_each_hostile_file_keeps_the_last_good_set(tmp_path: Path) -> None
                 expected,
                 result.problems,
             )
-            assert gw.server.policies.current.version == good_version
+            assert gw.server.services.policies.current.version == good_version
             assert (await phone.send(gw.port)).data == (250, "2.6.0 held: Remove TikTok.")
             evil.unlink()
         assert upstream.messages == []

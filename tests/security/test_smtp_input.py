@@ -259,7 +259,7 @@ async def test_internal_errors_never_reach_the_client(
     async def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("secret internal detail /etc/gateway/keys")
 
-    monkeypatch.setattr(gw.server.submission, "mail", broken)
+    monkeypatch.setattr(gw.server.services.submission, "mail", broken)
     client = await authenticated(gw, issuer)
     async with client:
         code, text = await client.command("MAIL FROM:<alice@example.test>")

@@ -52,7 +52,7 @@ async def test_connections_in_total_are_limited(tmp_path: Path, issuer: TestIssu
                     "4.3.2 Too many connections; please try again later",
                 )
                 assert await second.closed()
-        metrics = gw.server.metrics.render().decode()
+        metrics = gw.server.services.metrics.render().decode()
         assert 'gateway_limit_refusals_total{limit="connections"} 1.0' in metrics
 
 

@@ -1,0 +1,162 @@
+"""The services one gateway process runs, built from its settings and wired together.
+
+policies (store + reload triggers + blast-radius guard), relay (smarthosts or MX), hold
+store, releaser, device inventory, notices, metrics, and the Submission stages that the
+SMTP adapter drives. This is also where submissions' events land (:class:`Services`
+implements :class:`~gateway.submission.SubmissionEvents`). Nothing here listens on a
+socket or handles a signal: that is the server's lifecycle (server.py). Background work is
+started through the ``spawn`` the server passes in, so every task is named and owned.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from gateway.config.settings import Settings
+from gateway.devices.inventory import Inventory
+from gateway.devices.notices import Notifier
+from gateway.domain import Action, Clock, Decision, DeviceClaims
+from gateway.errors import HoldStoreError
+from gateway.hold.release import Releaser, Spawn
+from gateway.hold.store import AsyncHoldStore, HeldMessage
+from gateway.ops.metrics import Metrics
+from gateway.policy.diff import PolicyDiff
+from gateway.policy.engine import CompiledPolicySet
+from gateway.policy.impact import assess, blast_radius_refusal
+from gateway.policy.reload import Reloader
+from gateway.policy.store import PolicyStore, ReloadResult
+from gateway.submission import Submission
+from gateway.tokens.verify import TokenVerifier
+from gateway.upstream.mx import MxRouter, configured_resolver
+from gateway.upstream.relay import Relay
+
+log = structlog.get_logger("gateway.server")
+
+
+def build_relay(settings: Settings) -> Relay:
+    upstream = settings.upstream
+    mx_router = (
+        MxRouter(
+            port=upstream.mx_port,
+            resolver=configured_resolver(upstream.nameservers, upstream.timeout),
+        )
+        if upstream.mode == "mx"
+        else None
+    )
+    return Relay(upstream, settings.smtp.hostname, mx_router)
+
+
+class Services:
+    def __init__(self, settings: Settings, *, clock: Clock, spawn: Spawn) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.spawn = spawn
+        self.metrics = Metrics()
+        self.policies = PolicyStore(settings.policy_dir, settings.groups)
+        self.reloader = Reloader(self.policies, self._after_reload, guard=self._blast_radius)
+        self.last_good_reload = time.time()
+        self.relay = build_relay(settings)
+        self.hold_store = AsyncHoldStore(settings.hold.database)
+        self.inventory = Inventory(self.hold_store, settings.inventory_retention, clock)
+        sender = settings.notice_sender or f"compliance-gateway@{settings.smtp.hostname}"
+        self.notifier = (
+            Notifier(self.hold_store, self.relay, sender, settings.smtp.hostname)
+            if settings.notices
+            else None
+        )
+        self.releaser = Releaser(
+            self.hold_store,
+            self.relay,
+            self.policies,
+            clock,
+            settings.smtp.hostname,
+            settings.hold.expire_after,
+            spawn,
+            on_released=self._released,
+            parallel=settings.hold.release_concurrency,
+        )
+        self.submission = Submission(
+            settings,
+            TokenVerifier(settings.tokens),
+            self.policies,
+            self.relay,
+            self.hold_store,
+            events=self,
+            clock=clock,
+            metrics=self.metrics,
+        )
+
+    async def open(self) -> None:
+        """Load the first policy set (raises when there is no good one: nothing serves
+        without policies), open the hold store, and recall held mail and devices."""
+        result = self.policies.reload(trigger="startup")
+        log.info(
+            "policies_loaded",
+            version=result.version,
+            policies=len(self.policies.current.source.policies),
+        )
+        await self.hold_store.open()
+        await self.releaser.start()
+        await self.inventory.load()
+        self.last_good_reload = time.time()
+
+    async def tick(self) -> None:
+        """The periodic pass: retries and admin releases, expiry, the inventory flush."""
+        await self.releaser.run()
+        await self.releaser.expire()
+        await self.inventory.flush()
+        self.metrics.held.set(await self.hold_store.count())
+
+    async def close(self) -> None:
+        await self.relay.close()
+        try:
+            await self.inventory.flush()
+        except HoldStoreError as exc:  # the inventory is a cache: losing a flush is harmless
+            log.warning("inventory_flush_failed", error=str(exc))
+        await self.hold_store.close()
+
+    def render_metrics(self) -> bytes:
+        last = self.policies.last_result
+        if last is not None:
+            self.metrics.policy_in_force(
+                self.policies.current.version, last.ok, self.last_good_reload
+            )
+        return self.metrics.render()
+
+    # --- reload ---------------------------------------------------------------------------
+
+    async def _after_reload(self, result: ReloadResult) -> None:
+        self.last_good_reload = time.time()
+        if not result.diff.is_empty:
+            self.spawn(self.releaser.run(), "release-after-reload")
+
+    def _blast_radius(
+        self, live: CompiledPolicySet, candidate: CompiledPolicySet, diff: PolicyDiff
+    ) -> str | None:
+        limit = self.settings.max_newly_blocked_devices
+        if limit is None:
+            return None
+        report = assess(live, candidate, self.inventory.devices(), self.clock())
+        return blast_radius_refusal(report, candidate, diff, limit)
+
+    # --- SubmissionEvents -----------------------------------------------------------------
+
+    def authenticated(self, claims: DeviceClaims) -> None:
+        self.inventory.seen(claims)
+        self.releaser.device_authenticated(claims)
+
+    async def before_mail(self, claims: DeviceClaims) -> None:
+        await self.releaser.released_first(claims.device.id, self.settings.upstream.timeout)
+
+    def decided(self, claims: DeviceClaims, decision: Decision) -> None:
+        if self.notifier is not None and decision.action in (Action.WARN, Action.HOLD):
+            self.spawn(self.notifier.decision_notices(claims, decision, self.clock()), "notice")
+
+    def held(self, device_id: str) -> None:
+        self.releaser.note_held(device_id)
+
+    def _released(self, held: HeldMessage) -> None:
+        if self.notifier is not None:
+            self.spawn(self.notifier.released_notices(held, self.clock()), "notice")
