@@ -8,6 +8,13 @@ they changed, so it also catches changes the watcher missed (network filesystems
 Reloads are serialised; parsing and compiling run in a worker thread so sessions keep
 flowing; the swap itself happens on the event loop, so every message is decided against
 exactly one policy set.
+
+A file is read only when it is complete. A tool that writes a file in parts leaves a
+valid-looking first half on disk for a moment (a ban without the ``scope`` line that
+narrows it, say), so a change seen by the watcher or the periodic check is applied only
+once the directory has been quiet for ``settle`` seconds and two reads of its bytes agree,
+and only if what was parsed is what was read. SIGHUP and start-up apply at once (the admin
+says the edit is done). Editors and tools should still write by rename (docs/policies.md).
 """
 
 from __future__ import annotations
@@ -17,11 +24,17 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import structlog
 import watchfiles
 
 from gateway.errors import PolicyLoadError
 from gateway.policy.loader import policy_files, policy_version
 from gateway.policy.store import Guard, PolicyStore, ReloadResult
+
+log = structlog.get_logger("gateway.reload")
+
+DEFAULT_SETTLE_SECONDS = 2.0  # quiet time before a changed directory is read for real
+MAX_SETTLE_ROUNDS = 30  # changing reads in a row before a trigger gives up
 
 
 def directory_fingerprint(store: PolicyStore) -> str | None:
@@ -44,28 +57,57 @@ class Reloader:
         store: PolicyStore,
         on_reloaded: Callable[[ReloadResult], Awaitable[None]],
         guard: Guard | None = None,
+        settle: float = DEFAULT_SETTLE_SECONDS,
     ) -> None:
         self.store = store
         self.on_reloaded = on_reloaded
         self.guard = guard
+        self.settle = settle
         self._lock = asyncio.Lock()
 
     async def reload(self, trigger: str) -> ReloadResult:
+        """Build and apply now (start-up is the store's; this is SIGHUP's and tests')."""
+        result = await self._reload(trigger, settled=None)
+        assert result is not None  # only a settled reload can find the bytes changed
+        return result
+
+    async def _reload(self, trigger: str, settled: str | None) -> ReloadResult | None:
+        """Build and apply; with ``settled`` (the directory's fingerprint after it settled),
+        only if the files parsed are still those bytes (None: they changed meanwhile)."""
         async with self._lock:
             started = time.perf_counter()
             before = self.store.current.version
             built = await asyncio.to_thread(self.store.try_build)
+            if settled is not None and not isinstance(built, tuple) and built.version != settled:
+                log.info("policy_change_still_being_written", trigger=trigger)
+                return None
             result = self.store.apply(built, trigger, started, self.guard)
         if result.ok and result.version != before:  # a new set is in force
             await self.on_reloaded(result)
         return result
+
+    async def reload_when_settled(self, trigger: str) -> ReloadResult | None:
+        """Reload once the directory has been quiet for ``settle`` seconds and two reads
+        agree. Gives up (None) after MAX_SETTLE_ROUNDS changing reads: the next file event
+        or periodic check tries again, and nothing half-written is ever applied."""
+        first = await asyncio.to_thread(directory_fingerprint, self.store)
+        for _ in range(MAX_SETTLE_ROUNDS):
+            await asyncio.sleep(self.settle)
+            second = await asyncio.to_thread(directory_fingerprint, self.store)
+            if first == second:
+                if second == self.store.current.version:
+                    return None  # back to what is in force: nothing to do
+                return await self._reload(trigger, settled=second)
+            first = second
+        log.warning("policy_directory_keeps_changing", trigger=trigger, settle=self.settle)
+        return None
 
     async def watch(self, stop: asyncio.Event) -> None:
         directory: Path = self.store.directory
         async for _changes in watchfiles.awatch(
             directory, stop_event=stop, debounce=200, step=50, recursive=True
         ):
-            await self.reload("watch")
+            await self.reload_when_settled("watch")
 
     async def poll(self, interval: float, stop: asyncio.Event) -> None:
         """Compare raw bytes with the version in force; the first check comes after 1 s,
@@ -77,5 +119,5 @@ class Reloader:
             except TimeoutError:
                 fingerprint = await asyncio.to_thread(directory_fingerprint, self.store)
                 if fingerprint is not None and fingerprint != self.store.current.version:
-                    await self.reload("periodic")
+                    await self.reload_when_settled("periodic")
             wait = interval
