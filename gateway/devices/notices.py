@@ -1,16 +1,25 @@
 """Notice mails: tell a user once when their device enters warn or hold for a policy, and
 when held mail is released. At most one per (device, policy, phase), remembered in the
-hold store's database so a restart does not repeat them."""
+hold store's database so a restart does not repeat them.
+
+The wording lives here. Messages are built with the email package (policy SMTP), never by
+formatting strings: a device id, an address or a policy's message enters a header as one
+line of text, so it cannot add a header.
+"""
 
 from __future__ import annotations
 
+import textwrap
 import uuid
 from datetime import datetime
+from email.message import EmailMessage
+from email.policy import SMTP
 from email.utils import format_datetime
 
 import structlog
 
-from gateway.hold.store import AsyncHoldStore
+from gateway.domain import Action, Decision, DeviceClaims
+from gateway.hold.store import AsyncHoldStore, HeldMessage
 from gateway.upstream.relay import Relay
 
 log = structlog.get_logger("gateway.notices")
@@ -22,23 +31,34 @@ SUBJECTS = {
 }
 
 
+def _one_line(value: str) -> str:
+    """Text on one line: every run of whitespace (CR and LF too) becomes a space."""
+    return " ".join(value.split())
+
+
+def released_text(held: HeldMessage) -> str:
+    return (
+        f"Mail held from your device {held.device_id} by policy {', '.join(held.policy_ids)} "
+        "has now been sent: the device complies, or the policy was lifted."
+    )
+
+
 def notice_message(
     sender: str, recipient: str, phase: str, device_id: str, text: str, now: datetime, hostname: str
 ) -> bytes:
-    subject = SUBJECTS[phase].format(device=device_id)
-    body = " ".join(text.split())
-    return (
-        f"From: Compliance Gateway <{sender}>\r\n"
-        f"To: <{recipient}>\r\n"
-        f"Subject: {subject}\r\n"
-        f"Date: {format_datetime(now)}\r\n"
-        f"Message-ID: <{uuid.uuid4().hex}@{hostname}>\r\n"
-        "Auto-Submitted: auto-generated\r\n"
-        "MIME-Version: 1.0\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
-        "\r\n"
-        f"{body}\r\n"
-    ).encode()
+    message = EmailMessage(policy=SMTP)
+    message["From"] = f"Compliance Gateway <{_one_line(sender)}>"
+    message["To"] = f"<{_one_line(recipient)}>"
+    message["Subject"] = SUBJECTS[phase].format(device=_one_line(device_id))
+    message["Date"] = format_datetime(now)
+    message["Message-ID"] = f"<{uuid.uuid4().hex}@{_one_line(hostname)}>"
+    message["Auto-Submitted"] = "auto-generated"
+    message["MIME-Version"] = "1.0"
+    body = textwrap.fill(_one_line(text), 72, break_long_words=False, break_on_hyphens=False)
+    body += "\n"
+    # 7bit when it can be; never raw 8-bit (the upstream is not asked for 8BITMIME).
+    message.set_content(body, cte=None if body.isascii() else "quoted-printable")
+    return message.as_bytes()
 
 
 class Notifier:
@@ -48,20 +68,48 @@ class Notifier:
         self.sender = sender
         self.hostname = hostname
 
+    async def decision_notices(
+        self, claims: DeviceClaims, decision: Decision, now: datetime
+    ) -> None:
+        """A WARN or HOLD decision: one notice per policy that asked for that action."""
+        if decision.action not in (Action.WARN, Action.HOLD):
+            return
+        phase = decision.action.label
+        for match in decision.matches:
+            if match.action is decision.action:
+                await self._notify_logged(
+                    claims.subject, claims.device.id, match.policy_id, phase, match.message, now
+                )
+
+    async def released_notices(self, held: HeldMessage, now: datetime) -> None:
+        """Held mail was sent: one "released" notice per policy that held it."""
+        text = released_text(held)
+        for policy_id in held.policy_ids:
+            await self._notify_logged(held.user, held.device_id, policy_id, "released", text, now)
+
+    async def _notify_logged(
+        self, user: str, device_id: str, policy_id: str, phase: str, text: str, now: datetime
+    ) -> None:
+        """notify(), with any failure logged rather than raised (notices are best effort)."""
+        try:
+            await self.notify(user, device_id, policy_id, phase, text, now)
+        except Exception:
+            log.exception(
+                "notice_error", user=user, device_id=device_id, policy_id=policy_id, phase=phase
+            )
+
     async def notify(
         self, user: str, device_id: str, policy_id: str, phase: str, text: str, now: datetime
     ) -> bool:
         """Send the notice unless this (device, policy, phase) already had one."""
         if not await self.store.claim_notice(device_id, policy_id, phase, now):
             return False
-        message = notice_message(self.sender, user, phase, device_id, text, now, self.hostname)
-        transaction, reply = await self.relay.begin(self.sender, [])
-        if reply.is_success:
-            reply = await transaction.add_recipient(user, self.relay.routes_by_domain)
-        if reply.is_success:
-            reply = await transaction.send(message)
-        else:
-            await transaction.abort()
+        try:
+            message = notice_message(self.sender, user, phase, device_id, text, now, self.hostname)
+            reply = (await self.relay.deliver(self.sender, [user], message)).reply
+        except Exception:
+            await self.store.unclaim_notice(device_id, policy_id, phase)  # try again next time
+            raise
         if not reply.is_success:
             await self.store.unclaim_notice(device_id, policy_id, phase)  # try again next time
             log.warning(

@@ -237,19 +237,9 @@ class Releaser:
     async def _relay(
         self, held: HeldMessage, sender: str, recipients: Iterable[str], content: bytes
     ) -> Reply:
-        transaction, reply = await self.relay.begin(sender, [])
-        if not reply.is_success:
-            await transaction.abort()
-            return reply
-        accepted = 0
-        last = reply
-        for recipient in recipients:
-            last = await transaction.add_recipient(recipient, self.relay.routes_by_domain)
-            accepted += last.is_success
-        if not accepted:
-            await transaction.abort()
-            return last
-        return await transaction.send(content)
+        """The message's outcome upstream in one reply (see ``Delivery.reply``)."""
+        delivery = await self.relay.deliver(sender, tuple(recipients), content)
+        return delivery.reply
 
     async def expire(self) -> ReleaseReport:
         """Bounce (RFC 3464) and delete what has been held longer than allowed."""
@@ -261,7 +251,7 @@ class Releaser:
                     bounce = delivery_status_notification(
                         held, self.hostname, now, self.expire_after
                     )
-                    reply = await self._relay(held, "", [held.sender], bounce)
+                    reply = (await self.relay.deliver("", [held.sender], bounce)).reply
                     if not reply.is_success and reply.is_temporary:
                         continue  # try the bounce again on the next tick
                 await self.store.remove([held.hold_id])

@@ -4,6 +4,8 @@ The client's transaction is mirrored upstream as it happens: MAIL when the clien
 MAIL (smarthost mode) or at the first recipient of a domain (MX mode), each RCPT when the
 client says RCPT (so per-recipient refusals reach the client truthfully), and DATA after
 the whole message has arrived. The client hears 250 only after every upstream said 250.
+Mail that is already whole (released held mail, notices, bounces) goes in one call,
+:meth:`Relay.deliver`.
 
 Upstream trouble becomes a 4xx for the client (its message stays in the outbox); an
 upstream 5xx is passed through. Connections are pooled per target and reused.
@@ -299,6 +301,33 @@ async def _rset(client: aiosmtplib.SMTP) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """What the upstream said to one whole message sent with :meth:`Relay.deliver`.
+
+    ``mail`` is the reply to MAIL FROM (OK in MX mode, where MAIL goes per recipient
+    domain and its refusal is that domain's recipients' refusal). ``accepted`` are the
+    recipients the upstream accepted at RCPT; ``refused`` the others, each with the reply
+    that refused it. ``data`` is the reply to DATA, None when DATA was not sent (MAIL
+    refused, or no recipient accepted). When MAIL was refused no recipient was tried.
+    """
+
+    mail: Reply
+    accepted: tuple[str, ...] = ()
+    refused: tuple[tuple[str, Reply], ...] = ()
+    data: Reply | None = None
+
+    @property
+    def reply(self) -> Reply:
+        """The message's outcome in one reply: DATA's when it was sent, else the last
+        recipient's refusal, else MAIL's."""
+        if self.data is not None:
+            return self.data
+        if self.refused:
+            return self.refused[-1][1]
+        return self.mail
+
+
 class Relay:
     """Opens relay transactions towards the configured smarthosts or MX hosts."""
 
@@ -325,6 +354,38 @@ class Relay:
         if self.routes_by_domain:
             return transaction, replies.OK  # legs open per recipient domain
         return transaction, await transaction.open()
+
+    async def deliver(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        content: bytes,
+        options: Sequence[str] = (),
+    ) -> Delivery:
+        """Send one whole message: MAIL (with ``options``), RCPT for each recipient (per
+        domain in MX mode), DATA if any recipient was accepted. The transaction is always
+        ended: sent, or aborted (also when this is cancelled before DATA)."""
+        transaction, mail = await self.begin(sender, options)
+        sending = False
+        try:
+            if not mail.is_success:
+                return Delivery(mail)
+            accepted: list[str] = []
+            refused: list[tuple[str, Reply]] = []
+            for recipient in recipients:
+                reply = await transaction.add_recipient(recipient, self.routes_by_domain)
+                if reply.is_success:
+                    accepted.append(recipient)
+                else:
+                    refused.append((recipient, reply))
+            if not accepted:
+                return Delivery(mail, (), tuple(refused))
+            sending = True  # from here send() ends the transaction (it releases every leg)
+            data = await transaction.send(content)
+            return Delivery(mail, tuple(accepted), tuple(refused), data)
+        finally:
+            if not sending:
+                await transaction.abort()
 
     async def close(self) -> None:
         await self.pool.close()
