@@ -18,6 +18,8 @@
     │   ├── MissingClaim              a required claim is absent
     │   └── InvalidClaim              a claim has the wrong type or value
     ├── HoldStoreError                the hold store cannot durably store or read
+    │   ├── HoldStoreDamaged          the database file is corrupt (quick_check, or a read)
+    │   └── HoldStoreInUse            another gateway is serving from the same store
     └── RelayError                    the upstream could not take a message
         ├── RelayTemporaryError       4xx, timeout, disconnect: the client retries
         └── RelayPermanentError       5xx from the upstream: passed to the client
@@ -126,6 +128,14 @@ class InvalidClaim(TokenError):
 
 class HoldStoreError(GatewayError):
     """The hold store failed; the client gets 451 4.3.0 and keeps its message."""
+
+
+class HoldStoreDamaged(HoldStoreError):
+    """The database file is corrupt: restore it from a backup or move it aside."""
+
+
+class HoldStoreInUse(HoldStoreError):
+    """Another gateway holds the store's lock: one serving gateway per store."""
 
 
 class RelayError(GatewayError):

@@ -7,15 +7,34 @@ failure rolls back, so no partial row is left; the client gets ``451 4.3.0``.
 The store also answers the admin CLI (list, show, release, drop), which may run in
 another process at the same time: SQLite's locking makes that safe, and a busy timeout
 turns short lock waits into waits rather than errors.
+
+At the boundary:
+
+errors       every sqlite3 error and OSError leaves as :class:`HoldStoreError`, with a
+             one-line message naming the file and what to do: translated in one place
+             (``_errors``), used by ``_read`` (every query), ``_write`` (every
+             transaction), opening, closing and the lock
+files        held mail is private: the database, its -wal and -shm and the lock file are
+             0600, a directory the store creates is 0700, whatever the umask (SQLite
+             gives -wal and -shm the database file's mode)
+serving      :class:`AsyncHoldStore` (``gateway serve``) runs ``PRAGMA quick_check`` at
+             open, so a damaged file stops start-up with one line, and holds
+             :class:`StoreLock`, so a second gateway on the same store is refused; the
+             synchronous :class:`HoldStore` (the CLI) takes no lock and skips the check
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import os
 import sqlite3
+import stat
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +42,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gateway.domain import DeviceClaims, HeldSubmission
-from gateway.errors import HoldStoreError
+from gateway.errors import HoldStoreDamaged, HoldStoreError, HoldStoreInUse
 
 T = TypeVar("T")
 
@@ -152,39 +171,255 @@ class HoldFilter:
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-class HoldStore:
-    """Synchronous core; :class:`AsyncHoldStore` runs it on a dedicated thread."""
+DEFAULT_BUSY_TIMEOUT = 5.0  # seconds a statement waits for another connection's lock
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+_DAMAGED = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+_BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+_FULL = {sqlite3.SQLITE_FULL}
+_IO = {sqlite3.SQLITE_IOERR}
+_ACCESS = {
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_PERM,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_AUTH,
+}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _damaged(path: Path, problem: str) -> HoldStoreDamaged:
+    return HoldStoreDamaged(
+        f"hold store {path} is damaged: {_one_line(problem)}; "
+        "restore it from a backup or move it aside"
+    )
+
+
+def _failure(path: Path, doing: str, exc: Exception, busy_timeout: float) -> HoldStoreError:
+    """The one translation of a sqlite3 error or OSError into what an operator can act on."""
+    detail = _one_line(str(exc))
+    if isinstance(exc, OSError):
+        where = exc.filename or path
+        return HoldStoreError(
+            f"hold store {path}: {doing} failed: {_one_line(exc.strerror or detail)} ({where}); "
+            f"check that the gateway's user can write {path.parent}"
+        )
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if code is not None else None
+    if primary in _DAMAGED:
+        return _damaged(path, detail)
+    if primary in _BUSY:
+        return HoldStoreError(
+            f"hold store {path} is locked by another connection: {doing} gave up after "
+            f"{busy_timeout:g} s; if this persists, look for a process keeping it busy "
+            "(a long-running `gateway hold` command, a backup, an sqlite3 shell)"
+        )
+    if primary in _FULL:
+        return HoldStoreError(
+            f"hold store {path}: {doing} failed: {detail}; free space on the disk holding "
+            f"{path.parent}"
+        )
+    if primary in _IO:
+        return HoldStoreError(
+            f"hold store {path}: {doing} failed: {detail}; check the disk and the kernel log"
+        )
+    if primary in _ACCESS:
+        return HoldStoreError(
+            f"hold store {path}: {doing} failed: {detail}; check that the gateway's user owns "
+            f"{path} (and its -wal and -shm) and can write {path.parent}"
+        )
+    if isinstance(exc, sqlite3.ProgrammingError):  # e.g. used after close: a gateway bug
+        return HoldStoreError(
+            f"hold store {path}: {doing} failed: {detail} (a bug in the gateway; please report it)"
+        )
+    return HoldStoreError(f"hold store {path}: {doing} failed: {detail}")
+
+
+@contextlib.contextmanager
+def _errors(path: Path, doing: str, busy_timeout: float = 0.0) -> Iterator[None]:
+    """Let no sqlite3 error or OSError out: they leave as HoldStoreError, chained."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        raise _failure(path, doing, exc, busy_timeout) from exc
+
+
+def _private_directory(directory: Path) -> None:
+    """Create ``directory`` (and missing parents) 0700; leave existing directories alone:
+    they are not the store's to change (/tmp, /var/lib)."""
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for created in reversed(missing):
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            created.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: not ours
+        os.chmod(created, 0o700)  # the umask may have taken bits the store needs
+
+
+def _private_file(path: Path) -> None:
+    """Create ``path`` 0600 if it is missing; take group and other bits off it if it is
+    ours (a store written by an older gateway, or under a loose umask)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        _tighten(path)
+    else:
+        try:
+            os.fchmod(fd, 0o600)  # the umask may have taken bits the store needs
+        finally:
+            os.close(fd)
+
+
+def _tighten(path: Path) -> None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid == os.geteuid() and mode & ~0o600:
+        os.chmod(path, mode & 0o600)
+
+
+class StoreLock:
+    """One serving gateway per store: an exclusive ``flock`` on ``<database>.lock``.
+
+    The file (0600) holds the holder's pid, for the refusal message. The kernel drops the
+    lock when the holder's descriptor closes, however its process ends, so a crash leaves
+    no stale lock. ``flock`` locks belong to an open file, not a process: a second
+    opener in the same process is refused too.
+    """
+
+    WAIT_FOR_PID = 1.0  # seconds: a holder writes its pid just after taking the lock
+
+    def __init__(self, database: Path) -> None:
+        self.database = database
+        self.path = database.with_name(database.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        with _errors(self.database, "locking"):
+            _private_directory(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                _tighten(self.path)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError as exc:
+                    raise HoldStoreInUse(
+                        f"hold store {self.database} is in use by another gateway "
+                        f"(pid {self._holder(fd)}); run one gateway per store"
+                    ) from exc
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except BaseException:
+                os.close(fd)
+                raise
+        self._fd = fd
+
+    def _holder(self, fd: int) -> str:
+        deadline = time.monotonic() + self.WAIT_FOR_PID
+        while True:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            if text.isdigit() or time.monotonic() > deadline:
+                return text if text.isdigit() else "unknown"
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with _errors(self.database, "unlocking"):
+            try:
+                os.ftruncate(fd, 0)  # no pid of a gateway that is gone
+            finally:
+                os.close(fd)  # closing the descriptor drops the lock
+
+
+class HoldStore:
+    """Synchronous core; :class:`AsyncHoldStore` runs it on a dedicated thread.
+
+    ``check`` runs ``PRAGMA quick_check`` at open (serving does; the CLI does not, so that
+    it can still list and drop what is readable in a damaged store).
+    """
+
+    def __init__(
+        self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, check: bool = False
+    ) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        with self._errors("open"):
+            _private_directory(path.parent)
+            _private_file(path)  # SQLite gives -wal and -shm this file's mode
+            for companion in ("-wal", "-shm"):
+                _tighten(path.with_name(path.name + companion))
             self._db = sqlite3.connect(
-                str(path), timeout=5.0, isolation_level=None, check_same_thread=False
+                str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise HoldStoreError(f"cannot open hold store {path}: {exc}") from exc
+        try:
+            with self._errors("open"):
+                self._db.row_factory = sqlite3.Row
+                self._db.execute(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                if check:
+                    self._check()
+                self._db.executescript(SCHEMA)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            raise
+
+    def _check(self) -> None:
+        """Stop here, with the first problem, if SQLite finds the file damaged."""
+        (result,) = self._db.execute("PRAGMA quick_check(1)").fetchone()
+        if result != "ok":  # "*** in database main ***" then one problem per line
+            problems = [line for line in str(result).splitlines() if not line.startswith("***")]
+            raise _damaged(self.path, problems[0] if problems else str(result))
+
+    def _errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
+        return _errors(self.path, doing, self.busy_timeout)
 
     def close(self) -> None:
-        self._db.close()
+        with self._errors("close"):
+            self._db.close()
 
-    def _write(self, sql: str, params: Sequence[object]) -> int:
-        try:
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        """Every query goes through here: all rows, or a HoldStoreError."""
+        with self._errors("read"):
+            rows: list[sqlite3.Row] = self._db.execute(sql, params).fetchall()
+            return rows
+
+    def _write(
+        self,
+        sql: str,
+        params: Sequence[object] = (),
+        *,
+        many: Sequence[Sequence[object]] | None = None,
+    ) -> int:
+        """One statement (or one statement over ``many`` rows) in one transaction; rolled
+        back on any failure. Returns the number of rows changed."""
+        with self._errors("write"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                cursor = self._db.execute(sql, params)
+                if many is None:
+                    cursor = self._db.execute(sql, params)
+                else:
+                    cursor = self._db.executemany(sql, many)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # Some failures (a full disk, an I/O error) end the transaction already;
+                # a failing ROLLBACK must not hide the error that caused it.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
-            raise HoldStoreError(f"hold store write failed: {exc}") from exc
-        return cursor.rowcount
+            return cursor.rowcount
 
     def hold(self, held: HeldSubmission) -> str:
         hold_id = uuid.uuid4().hex
@@ -210,25 +445,20 @@ class HoldStore:
 
     def select(self, where: HoldFilter = HoldFilter(), limit: int = 1000) -> list[HeldMessage]:
         clause, params = where.where()
-        try:
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM held{clause} ORDER BY seq LIMIT ?",
-                [*params, limit],  # fixed column list, values bound as parameters
-            )  # clause is built from fixed strings
-            return [_row(r) for r in rows]
-        except sqlite3.Error as exc:
-            raise HoldStoreError(f"hold store read failed: {exc}") from exc
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM held{clause} ORDER BY seq LIMIT ?",
+            [*params, limit],  # fixed column list, values bound as parameters
+        )  # clause is built from fixed strings
+        return [_row(r) for r in rows]
 
     def get(self, hold_id: str, with_content: bool = True) -> HeldMessage | None:
-        try:
-            row = self._db.execute(
-                f"SELECT {_COLUMNS}, message FROM held WHERE hold_id = ?",
-                (hold_id,),  # fixed column list, values bound as parameters
-            ).fetchone()
-        except sqlite3.Error as exc:
-            raise HoldStoreError(f"hold store read failed: {exc}") from exc
-        if row is None:
+        rows = self._read(
+            f"SELECT {_COLUMNS}, message FROM held WHERE hold_id = ?",
+            (hold_id,),  # fixed column list, values bound as parameters
+        )
+        if not rows:
             return None
+        (row,) = rows
         return _row(row, bytes(row["message"]) if with_content else None)
 
     def due(
@@ -241,17 +471,14 @@ class HoldStore:
         if device_id is not None:
             sql += " AND device_id = ?"
             params.append(device_id)
-        try:
-            rows = self._db.execute(sql + " ORDER BY seq LIMIT ?", [*params, limit]).fetchall()
-        except sqlite3.Error as exc:
-            raise HoldStoreError(f"hold store read failed: {exc}") from exc
+        rows = self._read(sql + " ORDER BY seq LIMIT ?", [*params, limit])
         return [_row(r, bytes(r["message"])) for r in rows]
 
     def device_ids(self) -> set[str]:
-        return {r[0] for r in self._db.execute("SELECT DISTINCT device_id FROM held")}
+        return {r[0] for r in self._read("SELECT DISTINCT device_id FROM held")}
 
     def count(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM held").fetchone()[0])
+        return int(self._read("SELECT COUNT(*) FROM held")[0][0])
 
     def remove(self, hold_ids: Sequence[str]) -> int:
         if not hold_ids:
@@ -289,18 +516,12 @@ class HoldStore:
         """Upsert the inventory in one transaction (called in batches, not per AUTH)."""
         if not seen:
             return
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(
-                "INSERT INTO devices (device_id, user, claims, last_seen) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(device_id) DO UPDATE SET user = excluded.user, claims = excluded.claims, "
-                "last_seen = excluded.last_seen",
-                [(c.device.id, c.user, json.dumps(c.to_json()), at) for c, at in seen],
-            )
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._db.execute("ROLLBACK")
-            raise HoldStoreError(f"inventory write failed: {exc}") from exc
+        self._write(
+            "INSERT INTO devices (device_id, user, claims, last_seen) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(device_id) DO UPDATE SET user = excluded.user, claims = excluded.claims, "
+            "last_seen = excluded.last_seen",
+            many=[(c.device.id, c.user, json.dumps(c.to_json()), at) for c, at in seen],
+        )
 
     def claim_notice(self, device_id: str, policy_id: str, phase: str, now: datetime) -> bool:
         """True if this notice was not sent before (and is now recorded as sent)."""
@@ -319,7 +540,7 @@ class HoldStore:
         )
 
     def devices(self, seen_since: datetime) -> list[DeviceClaims]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT claims FROM devices WHERE last_seen >= ? ORDER BY device_id",
             (seen_since.timestamp(),),
         )
@@ -329,27 +550,39 @@ class HoldStore:
         return self._write("DELETE FROM devices WHERE last_seen < ?", (seen_before.timestamp(),))
 
     def expired(self, before: datetime) -> list[HeldMessage]:
-        rows = self._db.execute(
+        rows = self._read(
             f"SELECT {_COLUMNS}, message FROM held WHERE received_at < ? ORDER BY seq",
             (before.astimezone(UTC).isoformat(),),
-        ).fetchall()
+        )
         return [_row(r, bytes(r["message"])) for r in rows]
 
 
 class AsyncHoldStore:
-    """The hold store for the event loop: every call runs on one dedicated thread."""
+    """The hold store for the event loop (``gateway serve``): every call runs on one
+    dedicated thread. Opening takes the store's :class:`StoreLock` and checks the file;
+    closing releases the lock."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hold-store")
         self._store: HoldStore | None = None
+        self._lock = StoreLock(path)
         self.path = path
+        self.busy_timeout = busy_timeout
+
+    def _open(self) -> HoldStore:
+        self._lock.acquire()
+        try:
+            return HoldStore(self.path, busy_timeout=self.busy_timeout, check=True)
+        except BaseException:
+            self._lock.release()
+            raise
 
     async def _run(self, call: Callable[[HoldStore], T]) -> T:
         loop = asyncio.get_running_loop()
 
         def in_thread() -> T:
             if self._store is None:
-                self._store = HoldStore(self.path)
+                self._store = self._open()
             return call(self._store)
 
         return await loop.run_in_executor(self._executor, in_thread)
@@ -399,7 +632,12 @@ class AsyncHoldStore:
         def close(store: HoldStore) -> None:
             store.close()
 
-        if self._store is not None:
-            await self._run(close)
+        try:
+            if self._store is not None:
+                await self._run(close)
+        finally:
             self._store = None
-        self._executor.shutdown(wait=True)
+            try:
+                self._lock.release()  # after the connection closed (or failed to)
+            finally:
+                self._executor.shutdown(wait=True)
