@@ -230,6 +230,7 @@ class HeldSubmission:
     claims: DeviceClaims
     decision: Decision
     received_at: datetime
+    options: tuple[str, ...] = ()  # MAIL FROM parameters to use upstream (BODY=8BITMIME)
 
 
 @dataclass(frozen=True)

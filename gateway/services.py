@@ -89,15 +89,20 @@ class Services:
         )
 
     async def open(self) -> None:
-        """Load the first policy set (raises when there is no good one: nothing serves
-        without policies), open the hold store, and recall held mail and devices."""
-        result = self.policies.reload(trigger="startup")
+        """Open the hold store (checked, and locked for this process), load the first policy
+        set (raises when there is no good one: nothing serves without policies), and
+        recall held mail and devices."""
+        await self.hold_store.open()
+        try:
+            result = self.policies.reload(trigger="startup")
+        except BaseException:
+            await self.hold_store.close()  # release the store's lock for the next attempt
+            raise
         log.info(
             "policies_loaded",
             version=result.version,
             policies=len(self.policies.current.source.policies),
         )
-        await self.hold_store.open()
         await self.releaser.start()
         await self.inventory.load()
         self.last_good_reload = time.time()

@@ -112,6 +112,7 @@ class Transaction:
     decision: Decision
     started: float
     relay: RelayTransaction | None = None
+    options: tuple[str, ...] = ()  # the MAIL parameters passed upstream (BODY=)
     recipients: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
 
@@ -248,7 +249,12 @@ class Submission:
         self.metrics.decided(decision)
         if decision.action is not Action.ALLOW:
             self.events.decided(claims, decision)
-        transaction = Transaction(sender=sender, decision=decision, started=time.monotonic())
+        transaction = Transaction(
+            sender=sender,
+            decision=decision,
+            started=time.monotonic(),
+            options=relayed_options(options),
+        )
         if decision.action is Action.DEFER:
             self._log_decision(facts, transaction, result="deferred")
             return Reply(451, "4.7.1", decision.message or "Deferred by policy"), None
@@ -257,9 +263,7 @@ class Submission:
             return Reply(550, "5.7.1", decision.message or "Rejected by policy"), None
         if decision.action is Action.HOLD:
             return replies.OK.with_text("Sender OK"), transaction
-        relay, reply = await self.relay.begin(
-            sender, [o for o in options if o.upper().startswith("BODY=")]
-        )
+        relay, reply = await self.relay.begin(sender, transaction.options)
         if not reply.is_success:
             await relay.abort()
             self._log_decision(
@@ -343,6 +347,7 @@ class Submission:
             claims=facts.claims,
             decision=transaction.decision,
             received_at=now,
+            options=transaction.options,
         )
         try:
             hold_id = await self.holder.hold(held)
@@ -382,6 +387,12 @@ class Submission:
             elapsed_ms=round((time.monotonic() - transaction.started) * 1000, 2),
             **fields,
         )
+
+
+def relayed_options(options: Sequence[str]) -> tuple[str, ...]:
+    """The MAIL FROM parameters that travel with the message upstream, now or when held
+    mail is released: BODY= (RFC 6152 8BITMIME). SIZE and AUTH are this hop's own."""
+    return tuple(o for o in options if o.upper().startswith("BODY="))
 
 
 _last_date: tuple[int, str] = (0, "")
