@@ -5,11 +5,18 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from gateway.config.settings import Endpoint, load_settings
+from gateway.config.settings import (
+    Endpoint,
+    HoldSettings,
+    LimitSettings,
+    SmtpSettings,
+    load_settings,
+)
 from gateway.errors import SettingsError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,3 +162,60 @@ def test_nameservers_for_mx_mode(config: Path) -> None:
         "environment GATEWAY_UPSTREAM__NAMESERVERS: upstream.nameservers[0]: "
         "'dns.google' is not an IP address (with an optional :port)"
     ]
+
+
+def test_an_explicit_zero_stays_where_zero_is_valid(config: Path) -> None:
+    text = config.read_text().replace("leeway_seconds = 60", "leeway_seconds = 0")
+    text = text.replace("max_newly_blocked_devices = 50", "max_newly_blocked_devices = 0")
+    config.write_text(text)
+    settings = load_settings(config, {"GATEWAY_SMTP__GREETING_DELAY": "0"})
+    assert settings.tokens.leeway == timedelta(0)
+    assert settings.max_newly_blocked_devices == 0
+    assert settings.smtp.greeting_delay == 0.0
+
+
+def test_an_empty_hostname_still_means_the_default(config: Path) -> None:
+    assert load_settings(config, {"GATEWAY_SMTP__HOSTNAME": '""'}).smtp.hostname == "localhost"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("GATEWAY_SMTP__BARE_LINEFEEDS", "strip", "'strip' is not one of: reject, normalize"),
+        ("GATEWAY_UPSTREAM__MODE", "direct", "'direct' is not one of: smarthost, mx"),
+        (
+            "GATEWAY_UPSTREAM__SMARTHOSTS__0__TLS",
+            "ssl",
+            "'ssl' is not one of: none, starttls, tls",
+        ),
+    ],
+)
+def test_choices_come_from_the_literal_types(
+    config: Path, name: str, value: str, expected: str
+) -> None:
+    (problem,) = problems(config, {name: value})
+    assert problem.endswith(expected)
+
+
+def test_tls_cert_without_tls_key(config: Path) -> None:
+    (config.parent / "cert.pem").write_text("x")
+    assert problems(config, {"GATEWAY_SMTP__TLS_CERT": "cert.pem"}) == [
+        "environment GATEWAY_SMTP__TLS_CERT: smtp.tls_cert: tls_cert and tls_key go together"
+    ]
+
+
+def test_sections_left_out_take_the_dataclass_defaults(config: Path) -> None:
+    text = config.read_text()
+    for section in ("[gateway]", "[smtp]", "[limits]", "[admin]", "[hold]"):
+        start = text.index(section)
+        end = text.index("\n[", start + 1)
+        text = text[:start] + text[end + 1 :]
+    config.write_text(text)
+    settings = load_settings(config, {})
+    assert settings.smtp == SmtpSettings()
+    assert settings.limits == LimitSettings()
+    assert settings.hold == HoldSettings()
+    assert settings.admin_listen is None
+    assert settings.policy_dir == config.parent / "policies"
+    assert settings.reload_interval == 30.0
+    assert settings.inventory_retention == timedelta(days=30)

@@ -2,20 +2,28 @@
 
 Every problem is reported at once with file, line and key. Relative paths are relative
 to the directory of gateway.toml. Nothing else in the gateway reads the raw TOML.
+
+Each setting is declared once, on its dataclass field: the field's default is the default,
+its ``Literal`` type (if any) the allowed values, and ``metadata=setting(kind, doc, ...)``
+says how an admin writes it (TOML key and section, type, what leaving it out means) and
+what it does. The readers below take everything from these declarations, and so does the
+configuration reference in docs/configuration.md (``python -m gateway.config.reference``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
+import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from gateway.config.keys import KeyFileError, PublicKey, load_key_file
 from gateway.config.toml import KeyPath, Table, TomlFile, read_toml
@@ -47,18 +55,331 @@ class Endpoint:
 #: ES256). Issuers may narrow it, never widen it; a token never picks its own algorithm.
 Algorithm = Literal["EdDSA", "Ed25519", "ES256"]
 ALLOWED_ALGORITHMS: frozenset[str] = frozenset(get_args(Algorithm))
-DEFAULT_MAX_TOKEN_BYTES = 16 * 1024
-DEFAULT_LEEWAY = timedelta(seconds=60)
+
+BareLinefeeds = Literal["reject", "normalize"]
+UpstreamMode = Literal["smarthost", "mx"]
+SmarthostTls = Literal["none", "starttls", "tls"]
+
+
+# --- How an admin writes a value ---------------------------------------------------------
+
+
+def _toml_literal(value: object) -> str:
+    """A value as an admin writes it in gateway.toml."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str | Path | Endpoint):
+        return json.dumps(str(value), ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_literal(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+class Kind:
+    """How an admin writes one setting: read from its table, shown in the reference."""
+
+    def written(self) -> str:
+        """The type, as an admin writes it."""
+        raise NotImplementedError
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        """The value of ``key``, or None when it is absent or wrong (a problem is recorded)."""
+        raise NotImplementedError
+
+    def default(self, value: Any, base: Path) -> Any:
+        """The field's default as the settings hold it."""
+        return value
+
+    def show(self, value: Any) -> str | None:
+        """``value`` as TOML; None when only leaving the key out says it."""
+        return None if value is None else _toml_literal(value)
+
+
+def _at_least(minimum: float | None) -> str:
+    if minimum is None:
+        return ""
+    return f", ≥ {_toml_literal(float(minimum))}"
+
+
+@dataclass(frozen=True)
+class Text(Kind):
+    blank_is_unset: bool = False  # "" means the default
+
+    def written(self) -> str:
+        return "string"
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        value = table.text(key, required=required)
+        return (value or None) if self.blank_is_unset else value
+
+
+@dataclass(frozen=True)
+class Integer(Kind):
+    minimum: int | None = None
+    unit: str | None = None
+
+    def written(self) -> str:
+        return "integer" + (f" ({self.unit})" if self.unit else "") + _at_least(self.minimum)
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        return table.integer(key, required=required, minimum=self.minimum)
+
+
+@dataclass(frozen=True)
+class Number(Kind):
+    minimum: float = 0.0
+    unit: str = "seconds"
+
+    def written(self) -> str:
+        return f"number ({self.unit})" + _at_least(self.minimum)
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        return table.number(key, required=required, minimum=self.minimum)
+
+
+@dataclass(frozen=True)
+class Duration(Number):
+    """A timedelta, written as a number of ``unit`` (the unit is part of the key's name)."""
+
+    unit: Literal["seconds", "hours", "days"] = "seconds"
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        value = super().read(table, key, base, required=required)
+        return None if value is None else timedelta(**{self.unit: value})
+
+    def show(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        return _toml_literal(value / timedelta(**{self.unit: 1}))
+
+
+@dataclass(frozen=True)
+class Flag(Kind):
+    def written(self) -> str:
+        return "true or false"
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        return table.flag(key, required=required)
+
+
+@dataclass(frozen=True)
+class Choice(Kind):
+    """One of the values of a ``Literal`` type: the field's type states them once."""
+
+    choices: tuple[str, ...]
+
+    @classmethod
+    def of(cls, literal: object) -> Choice:
+        return cls(get_args(literal))
+
+    def written(self) -> str:
+        return "one of " + ", ".join(_toml_literal(c) for c in self.choices)
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        return table.choice(key, list(self.choices), required=required)
+
+
+@dataclass(frozen=True)
+class HostPort(Kind):
+    def written(self) -> str:
+        return '"host:port"'
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        return _endpoint(table, key)
+
+
+@dataclass(frozen=True)
+class PathKind(Kind):
+    """A path; relative ones (defaults too) are relative to the directory of gateway.toml."""
+
+    must_exist: bool = False
+
+    def written(self) -> str:
+        return "path of an existing file" if self.must_exist else "path"
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        return _path(table, key, base, must_exist=self.must_exist)
+
+    def default(self, value: Any, base: Path) -> Any:
+        return None if value is None else base / value
+
+
+@dataclass(frozen=True)
+class SecretFile(Kind):
+    """A secret, read from a file (a mounted secret), never written inline in gateway.toml."""
+
+    def written(self) -> str:
+        return "path of a file holding it"
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        return _secret(table, key, base)
+
+
+@dataclass(frozen=True)
+class Nameservers(Kind):
+    def written(self) -> str:
+        return 'list of "IP address" or "IP address:port"'
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        return _nameservers(table, key)
+
+    def show(self, value: Any) -> str | None:
+        return _toml_literal([str(v) for v in value]) if value else None
+
+
+@dataclass(frozen=True)
+class CallLimit(Kind):
+    """aiosmtpd's command_call_limit: one limit for every command, or a table per command."""
+
+    def written(self) -> str:
+        return 'integer, ≥ 1; or a table such as { "*" = 1000, NOOP = 20 }'
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        if isinstance(table.data.get(key), dict):
+            raw = table.mapping(
+                key,
+                lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                "a whole number of at least 1",
+            )
+            return {command.upper(): count for command, count in (raw or {}).items()} or None
+        return table.integer(key, required=required, minimum=1)
+
+
+@dataclass(frozen=True)
+class KeyFiles(Kind):
+    def written(self) -> str:
+        return "list of paths (JWKS or PEM files)"
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        key_files = table.texts(key, required=required)
+        if key_files is None:
+            return None
+        keys: dict[str, PublicKey] = {}
+        for key_file in key_files:
+            path = base / key_file if not Path(key_file).is_absolute() else Path(key_file)
+            try:
+                loaded = load_key_file(path)
+            except KeyFileError as exc:
+                table.problem(key, str(exc))
+                continue
+            for kid in loaded:
+                if kid in keys:
+                    table.problem(
+                        key, f"kid {kid!r} appears in more than one key file ({key_file})"
+                    )
+            keys.update(loaded)
+        return keys
+
+
+@dataclass(frozen=True)
+class Algorithms(Kind):
+    """A non-empty subset of ALLOWED_ALGORITHMS, written as a list."""
+
+    def written(self) -> str:
+        return "list from " + ", ".join(_toml_literal(a) for a in get_args(Algorithm))
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        algorithms = table.texts(key, required=required)
+        if algorithms is None:
+            return None
+        bad = sorted(set(algorithms) - ALLOWED_ALGORITHMS)
+        if bad:
+            table.problem(
+                key,
+                f"{', '.join(bad)} not allowed; choose from {', '.join(sorted(ALLOWED_ALGORITHMS))}",
+            )
+            return None
+        return frozenset(algorithms)
+
+    def show(self, value: Any) -> str | None:
+        return _toml_literal([a for a in get_args(Algorithm) if a in value])
+
+
+@dataclass(frozen=True)
+class MailLists(Kind):
+    """A table of free-form names, each with a list of mail addresses ([groups], [aliases])."""
+
+    placeholder: str  # the keys, as the reference shows them
+    casefold_names: bool = False
+
+    def written(self) -> str:
+        return "list of mail addresses"
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        raw = table.mapping(
+            key,
+            lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+            "a list of mail addresses",
+        )
+        return {
+            name.casefold() if self.casefold_names else name: frozenset(
+                m.casefold() for m in members
+            )
+            for name, members in (raw or {}).items()
+        }
+
+    def show(self, value: Any) -> str | None:
+        return None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key of gateway.toml, declared on the settings field it fills."""
+
+    kind: Kind
+    doc: str  # what it does (Markdown, one paragraph)
+    key: str | None = None  # the TOML key when it differs from the field name
+    section: str | None = None  # the TOML section when it differs from the class's
+    unset: str | None = None  # what leaving it out means, when no value says it
+
+
+def setting(
+    kind: Kind,
+    doc: str,
+    *,
+    key: str | None = None,
+    section: str | None = None,
+    unset: str | None = None,
+) -> dict[str, Setting]:
+    """``metadata`` for a settings field: ``field(default=..., metadata=setting(...))``."""
+    return {"setting": Setting(kind, " ".join(doc.split()), key, section, unset)}
+
+
+# --- The settings ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Issuer:
     """One trusted issuer: its keys by kid and the algorithms it may use."""
 
-    issuer: str
-    keys: Mapping[str, PublicKey]
-    algorithms: frozenset[str] = ALLOWED_ALGORITHMS
-    token_type: str | None = None  # when set, typ must equal it; otherwise absent or "JWT"
+    toml_section: ClassVar[str] = "tokens.issuers"
+
+    issuer: str = field(metadata=setting(Text(), 'Must equal the token\'s "iss".'))
+    keys: Mapping[str, PublicKey] = field(
+        metadata=setting(
+            KeyFiles(),
+            """The issuer's public keys: JWKS files (kid from the file) or PEM files (kid =
+            the file's name without extension). A kid may appear in one file only.""",
+        )
+    )
+    algorithms: frozenset[str] = field(
+        default=ALLOWED_ALGORITHMS,
+        metadata=setting(
+            Algorithms(), "Narrows the signature algorithms this issuer may use, never widens."
+        ),
+    )
+    token_type: str | None = field(
+        default=None,
+        metadata=setting(
+            Text(),
+            'When set, the token\'s "typ" header must equal it.',
+            unset='"typ" absent or "JWT"',
+        ),
+    )
 
     def __post_init__(self) -> None:
         unknown = self.algorithms - ALLOWED_ALGORITHMS
@@ -68,38 +389,174 @@ class Issuer:
 
 @dataclass(frozen=True)
 class VerifierSettings:
-    audience: str
-    issuers: Mapping[str, Issuer]
-    leeway: timedelta = DEFAULT_LEEWAY
-    max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
+    toml_section: ClassVar[str] = "tokens"
+
+    audience: str = field(metadata=setting(Text(), 'Tokens must name this in "aud".'))
+    issuers: Mapping[str, Issuer]  # [[tokens.issuers]]
+    leeway: timedelta = field(
+        default=timedelta(seconds=60),
+        metadata=setting(
+            Duration(unit="seconds"),
+            'Clock skew allowed for "exp", "nbf" and "iat".',
+            key="leeway_seconds",
+        ),
+    )
+    max_token_bytes: int = field(
+        default=16 * 1024,
+        metadata=setting(
+            Integer(minimum=256, unit="bytes"),
+            "Longer tokens are refused before any parsing.",
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class LimitSettings:
-    max_connections: int = 1000
-    max_connections_per_ip: int = 100
-    messages_per_user_per_minute: int = 60
-    auth_failures_per_ip: int = 20
-    auth_failure_window: float = 300.0  # seconds
-    max_errors: int = 10  # 5xx replies in one session before 421 and close
-    command_call_limit: int | dict[str, int] = 1000  # per command and connection (aiosmtpd)
+    toml_section: ClassVar[str] = "limits"
+
+    max_connections: int = field(
+        default=1000,
+        metadata=setting(
+            Integer(minimum=1), "Open SMTP sessions in total; beyond: 421 4.3.2 at connect."
+        ),
+    )
+    max_connections_per_ip: int = field(
+        default=100,
+        metadata=setting(
+            Integer(minimum=1),
+            """Open sessions from one client address; beyond: 421 4.7.0 at connect. Phones
+            behind carrier NAT share addresses: keep it generous.""",
+        ),
+    )
+    messages_per_user_per_minute: int = field(
+        default=60,
+        metadata=setting(
+            Integer(minimum=1),
+            """Messages per user: a burst of this many, then this many a minute; beyond: 450
+            4.7.1 at MAIL FROM.""",
+        ),
+    )
+    auth_failures_per_ip: int = field(
+        default=20,
+        metadata=setting(
+            Integer(minimum=1),
+            """Failed AUTHs from one address within `auth_failure_window_seconds`; then 421
+            4.7.0 at AUTH, and the connection closes.""",
+        ),
+    )
+    auth_failure_window: float = field(
+        default=300.0,
+        metadata=setting(
+            Number(minimum=1),
+            "How long failed AUTHs count against `auth_failures_per_ip`.",
+            key="auth_failure_window_seconds",
+        ),
+    )
+    max_errors: int = field(
+        default=10,
+        metadata=setting(
+            Integer(minimum=1), "5xx replies in one session; then 421 4.7.0 and close."
+        ),
+    )
+    command_call_limit: int | dict[str, int] = field(
+        default=1000,
+        metadata=setting(
+            CallLimit(),
+            """Calls of each command in one session (aiosmtpd's limit). A table sets it per
+            command; `"*"` covers the commands it does not name (without `"*"`: 20).""",
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class SmtpSettings:
-    hostname: str = "localhost"
-    listen: Endpoint = Endpoint("127.0.0.1", 2587)
-    implicit_tls_listen: Endpoint | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    allow_plaintext_auth: bool = False
-    max_message_size: int = 25 * 1024 * 1024
-    max_recipients: int = 100
-    max_auth_bytes: int = 24 * 1024  # an AUTH line or SASL response, base64 included
-    idle_timeout: float = 300.0
-    data_timeout: float = 600.0
-    bare_linefeeds: str = "reject"  # "reject" | "normalize"
-    greeting_delay: float = 0.0  # wait before the greeting; clients that talk first get 554
+    toml_section: ClassVar[str] = "smtp"
+
+    hostname: str = field(
+        default="localhost",
+        metadata=setting(
+            Text(blank_is_unset=True), "The gateway's name in the greeting and Received header."
+        ),
+    )
+    listen: Endpoint = field(
+        default=Endpoint("127.0.0.1", 2587),
+        metadata=setting(
+            HostPort(),
+            "Submission listener (587 in production); offers STARTTLS when `tls_cert` is set.",
+        ),
+    )
+    implicit_tls_listen: Endpoint | None = field(
+        default=None,
+        metadata=setting(
+            HostPort(),
+            "Submissions listener, implicit TLS (RFC 8314; 465 in production).",
+            unset="no such listener",
+        ),
+    )
+    tls_cert: Path | None = field(
+        default=None,
+        metadata=setting(
+            PathKind(must_exist=True),
+            "Certificate chain (PEM) for STARTTLS and implicit TLS; goes with `tls_key`.",
+            unset="no TLS",
+        ),
+    )
+    tls_key: Path | None = field(
+        default=None,
+        metadata=setting(
+            PathKind(must_exist=True), "Private key (PEM) of `tls_cert`.", unset="no TLS"
+        ),
+    )
+    allow_plaintext_auth: bool = field(
+        default=False,
+        metadata=setting(
+            Flag(), "Allow AUTH without TLS: for loopback tests and the demo, never in production."
+        ),
+    )
+    max_message_size: int = field(
+        default=25 * 1024 * 1024,
+        metadata=setting(
+            Integer(minimum=1024, unit="bytes"),
+            "Largest message; beyond: 552 5.3.4 (at `SIZE=` or after the final dot).",
+        ),
+    )
+    max_recipients: int = field(
+        default=100,
+        metadata=setting(Integer(minimum=1), "Recipients per message; the excess gets 452 4.5.3."),
+    )
+    max_auth_bytes: int = field(
+        default=24 * 1024,
+        metadata=setting(
+            Integer(minimum=1024, unit="bytes"),
+            "Longest AUTH line or SASL response, base64 included; beyond: 500 5.5.6.",
+        ),
+    )
+    idle_timeout: float = field(
+        default=300.0,
+        metadata=setting(
+            Number(minimum=1), "Silence allowed between commands; then 421 4.4.2 and close."
+        ),
+    )
+    data_timeout: float = field(
+        default=600.0,
+        metadata=setting(
+            Number(minimum=1), "Silence allowed inside DATA; then 421 4.4.2 and close."
+        ),
+    )
+    bare_linefeeds: BareLinefeeds = field(
+        default="reject",
+        metadata=setting(
+            Choice.of(BareLinefeeds),
+            """A line ending in a bare LF inside DATA (SMTP smuggling): `"reject"` with 550
+            5.5.2, or `"normalize"` to CRLF.""",
+        ),
+    )
+    greeting_delay: float = field(
+        default=0.0,
+        metadata=setting(
+            Number(), "Wait before the greeting; clients that talk first get 554 5.5.0."
+        ),
+    )
 
     @property
     def tls_enabled(self) -> bool:
@@ -108,13 +565,45 @@ class SmtpSettings:
 
 @dataclass(frozen=True)
 class Smarthost:
-    host: str
-    port: int = 25
-    tls: str = "starttls"  # "none" | "starttls" | "tls"
-    verify: bool = True
-    ca_file: Path | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
+    toml_section: ClassVar[str] = "upstream.smarthosts"
+
+    host: str = field(metadata=setting(Text(), "Host name or address of the relay."))
+    port: int = field(default=25, metadata=setting(Integer(minimum=1), "Its port."))
+    tls: SmarthostTls = field(
+        default="starttls",
+        metadata=setting(
+            Choice.of(SmarthostTls),
+            """`"none"`: plain; `"starttls"`: STARTTLS, required; `"tls"`: implicit TLS
+            (usually port 465).""",
+        ),
+    )
+    verify: bool = field(
+        default=True, metadata=setting(Flag(), "Verify the relay's certificate and name.")
+    )
+    ca_file: Path | None = field(
+        default=None,
+        metadata=setting(
+            PathKind(must_exist=True),
+            "CA certificates (PEM) to verify the relay with.",
+            unset="the system's CAs",
+        ),
+    )
+    username: str | None = field(
+        default=None,
+        metadata=setting(
+            Text(), "Log in (AUTH) as this user, with `password_file`.", unset="no AUTH"
+        ),
+    )
+    password: str | None = field(
+        default=None,
+        repr=False,
+        metadata=setting(
+            SecretFile(),
+            "The password for `username`, read from this file (a mounted secret).",
+            key="password_file",
+            unset="no password",
+        ),
+    )
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
@@ -122,44 +611,292 @@ class Smarthost:
 
 @dataclass(frozen=True)
 class UpstreamSettings:
-    mode: str = "smarthost"  # "smarthost" | "mx"
-    smarthosts: tuple[Smarthost, ...] = ()
-    timeout: float = 60.0
-    pool_size: int = 4
-    mx_port: int = 25
-    nameservers: tuple[Endpoint, ...] = ()  # mode "mx": resolvers to ask; () = the system's
-    helo_name: str | None = None
+    toml_section: ClassVar[str] = "upstream"
+
+    mode: UpstreamMode = field(
+        default="smarthost",
+        metadata=setting(
+            Choice.of(UpstreamMode),
+            """`"smarthost"`: relay through the `[[upstream.smarthosts]]`; `"mx"`: deliver
+            directly to each recipient domain's MX hosts, with opportunistic TLS.""",
+        ),
+    )
+    smarthosts: tuple[Smarthost, ...] = ()  # [[upstream.smarthosts]]
+    timeout: float = field(
+        default=60.0,
+        metadata=setting(
+            Number(minimum=1), "How long to wait for an upstream to connect or to reply."
+        ),
+    )
+    pool_size: int = field(
+        default=4,
+        metadata=setting(
+            Integer(minimum=1),
+            """Idle connections kept per upstream; set it to the peak of concurrent
+            transactions, or connections churn.""",
+        ),
+    )
+    mx_port: int = field(
+        default=25, metadata=setting(Integer(minimum=1), 'Mode `"mx"`: port of the MX hosts.')
+    )
+    nameservers: tuple[Endpoint, ...] = field(
+        default=(),
+        metadata=setting(
+            Nameservers(),
+            'Mode `"mx"`: the DNS resolvers to ask (port 53 unless given).',
+            unset="the system's (resolv.conf)",
+        ),
+    )
+    helo_name: str | None = field(
+        default=None,
+        metadata=setting(Text(), "The name to give in EHLO upstream.", unset="`smtp.hostname`"),
+    )
 
 
 @dataclass(frozen=True)
 class HoldSettings:
-    database: Path = Path("/var/lib/gateway/hold.db")
-    expire_after: timedelta = timedelta(days=5)
-    release_concurrency: int = 8  # devices whose held mail is relayed at once
+    toml_section: ClassVar[str] = "hold"
+
+    database: Path = field(
+        default=Path("/var/lib/gateway/hold.db"),
+        metadata=setting(PathKind(), "SQLite database of held mail and the device inventory."),
+    )
+    expire_after: timedelta = field(
+        default=timedelta(days=5),
+        metadata=setting(
+            Duration(minimum=0.01, unit="hours"),
+            "Held mail not released within this time is bounced to its sender.",
+            key="expire_after_hours",
+        ),
+    )
+    release_concurrency: int = field(
+        default=8,
+        metadata=setting(Integer(minimum=1), "Devices whose held mail is relayed at once."),
+    )
 
 
 @dataclass(frozen=True)
 class Settings:
+    toml_section: ClassVar[str] = "gateway"
+
     path: Path
-    policy_dir: Path
-    tokens: VerifierSettings
-    smtp: SmtpSettings
-    upstream: UpstreamSettings
-    hold: HoldSettings
-    limits: LimitSettings = field(default_factory=LimitSettings)
-    admin_listen: Endpoint | None = None  # /livez, /readyz, /metrics
-    reload_interval: float = 30.0  # seconds between periodic checks of the policy directory
-    max_newly_blocked_devices: int | None = None  # reload guard; None: no guard
-    inventory_retention: timedelta = timedelta(days=30)
-    notices: bool = True  # notice mails to users (warn, hold, released)
-    notice_sender: str | None = None  # default: compliance-gateway@<smtp.hostname>
-    groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
-    aliases: Mapping[str, frozenset[str]] = field(default_factory=dict)  # user -> extra senders
+    tokens: VerifierSettings  # [tokens]
+    smtp: SmtpSettings  # [smtp]
+    upstream: UpstreamSettings  # [upstream]
+    hold: HoldSettings  # [hold]
+    limits: LimitSettings = field(default_factory=LimitSettings)  # [limits]
+    policy_dir: Path = field(
+        default=Path("policies"),
+        metadata=setting(PathKind(), "Directory of the policy files; watched for changes."),
+    )
+    reload_interval: float = field(
+        default=30.0,
+        metadata=setting(
+            Number(minimum=0.1),
+            """How often the policy directory is checked for changes, besides watching it
+            (SIGHUP reloads at once).""",
+        ),
+    )
+    max_newly_blocked_devices: int | None = field(
+        default=None,
+        metadata=setting(
+            Integer(minimum=0),
+            """Reload guard: refuse a policy change that newly blocks more devices than this
+            (docs/lifecycle.md).""",
+            unset="no guard",
+        ),
+    )
+    inventory_retention: timedelta = field(
+        default=timedelta(days=30),
+        metadata=setting(
+            Duration(minimum=0.01, unit="days"),
+            "How long a device seen stays in the inventory that impact previews count.",
+            key="inventory_retention_days",
+        ),
+    )
+    notices: bool = field(
+        default=True,
+        metadata=setting(
+            Flag(),
+            "Send notice mails to users (warn, hold, released): one per device, policy and phase.",
+        ),
+    )
+    notice_sender: str | None = field(
+        default=None,
+        metadata=setting(
+            Text(),
+            "Sender address of notice mails.",
+            unset="`compliance-gateway@<smtp.hostname>`",
+        ),
+    )
+    admin_listen: Endpoint | None = field(
+        default=None,
+        metadata=setting(
+            HostPort(),
+            "The admin HTTP listener: /livez, /readyz, /metrics.",
+            key="listen",
+            section="admin",
+            unset="no admin port",
+        ),
+    )
+    groups: Mapping[str, frozenset[str]] = field(
+        default_factory=dict,
+        metadata=setting(
+            MailLists("<group name>"), "The group's members.", section="groups", unset="no groups"
+        ),
+    )
+    aliases: Mapping[str, frozenset[str]] = field(  # user -> extra senders
+        default_factory=dict,
+        metadata=setting(
+            MailLists('"<user address>"', casefold_names=True),
+            "Further addresses the user may use in MAIL FROM, besides their own.",
+            section="aliases",
+            unset="no aliases",
+        ),
+    )
 
     def may_send_as(self, user: str, sender: str) -> bool:
         """MAIL FROM must be the authenticated user or one of their configured aliases."""
         user, sender = user.casefold(), sender.casefold()
         return sender == user or sender in self.aliases.get(user, frozenset())
+
+
+# --- The sections of gateway.toml, and the keys in each ---------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    """One TOML table of gateway.toml."""
+
+    name: str  # dotted, as in its header
+    doc: str
+    array: bool = False  # [[name]]: any number of these tables
+    free_form: bool = False  # its keys are names chosen by the admin
+    required: bool = False
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section("gateway", "Policies, their reloading, the device inventory and notices."),
+    Section("tokens", "Device-compliance tokens: who may sign them, and for whom.", required=True),
+    Section(
+        "tokens.issuers",
+        "One table per trusted issuer; at least one.",
+        array=True,
+        required=True,
+    ),
+    Section("smtp", "The submission listeners, facing the devices."),
+    Section("upstream", "Where accepted mail goes."),
+    Section(
+        "upstream.smarthosts",
+        'The relays of mode `"smarthost"`, tried in order (failover); at least one in that mode.',
+        array=True,
+    ),
+    Section("hold", "Mail held by policies until the device complies."),
+    Section(
+        "limits",
+        "Limits per client, user and session. Replies and reasoning: docs/operations.md#limits.",
+    ),
+    Section(
+        "admin", "The admin HTTP port, for probes and metrics; keep it off the public network."
+    ),
+    Section(
+        "groups",
+        "Named lists of addresses, for policies' `groups` and `exempt.groups`.",
+        free_form=True,
+    ),
+    Section("aliases", "Extra MAIL FROM addresses a user may use.", free_form=True),
+)
+
+SETTINGS_CLASSES: tuple[type[Any], ...] = (
+    Settings,
+    VerifierSettings,
+    Issuer,
+    SmtpSettings,
+    UpstreamSettings,
+    Smarthost,
+    HoldSettings,
+    LimitSettings,
+)
+
+
+@dataclass(frozen=True)
+class Key:
+    """A documented key: where it is written, and the field it fills."""
+
+    section: Section
+    owner: type[Any]
+    field: dataclasses.Field[Any]
+    setting: Setting
+
+    @property
+    def name(self) -> str:
+        return self.setting.key or self.field.name
+
+    @property
+    def required(self) -> bool:
+        return _is_required(self.field)
+
+    @property
+    def default(self) -> Any:
+        """The field's default (before paths are resolved against gateway.toml's directory)."""
+        return _field_default(self.field)
+
+
+def _declared(cls: type[Any]) -> Iterator[tuple[dataclasses.Field[Any], Setting]]:
+    for each in dataclasses.fields(cls):
+        declared = each.metadata.get("setting")
+        if isinstance(declared, Setting):
+            yield each, declared
+
+
+def _section_of(cls: type[Any], declared: Setting) -> str:
+    section: str = declared.section or cls.toml_section
+    return section
+
+
+def _is_required(each: dataclasses.Field[Any]) -> bool:
+    return each.default is dataclasses.MISSING and each.default_factory is dataclasses.MISSING
+
+
+def _field_default(each: dataclasses.Field[Any]) -> Any:
+    if each.default_factory is not dataclasses.MISSING:
+        return each.default_factory()
+    return None if each.default is dataclasses.MISSING else each.default
+
+
+def documented_keys() -> list[Key]:
+    """Every key of gateway.toml, section by section in SECTIONS order."""
+    return [
+        Key(section, cls, each, declared)
+        for section in SECTIONS
+        for cls in SETTINGS_CLASSES
+        for each, declared in _declared(cls)
+        if _section_of(cls, declared) == section.name
+    ]
+
+
+# --- Reading -------------------------------------------------------------------------------
+
+
+def _read_keys(
+    table: Table | None, cls: type[Any], base: Path, section: str | None = None
+) -> dict[str, Any]:
+    """The declared fields of ``cls`` that live in ``section`` (default: the class's own),
+    each read as its kind says, or the field's default when the key is absent. A required
+    key that is missing or wrong is None (and a problem has been recorded)."""
+    wanted = section or cls.toml_section
+    values: dict[str, Any] = {}
+    for each, declared in _declared(cls):
+        if _section_of(cls, declared) != wanted:
+            continue
+        required = _is_required(each)
+        value = None
+        if table is not None:
+            value = declared.kind.read(table, declared.key or each.name, base, required=required)
+        if value is None and not required:
+            value = declared.kind.default(_field_default(each), base)
+        values[each.name] = value
+    return values
 
 
 def _endpoint(table: Table, key: str) -> Endpoint | None:
@@ -196,64 +933,89 @@ def _secret(table: Table, key: str, base: Path) -> str | None:
         return None
 
 
+def _nameservers(table: Table, key: str) -> tuple[Endpoint, ...]:
+    """IP addresses, each with an optional port (host:port as for listen; default 53)."""
+    found = []
+    for index, text in enumerate(table.texts(key) or []):
+        with_port = _HOSTPORT_RE.match(text)
+        address, port = (
+            (with_port.group("v6") or with_port.group("host"), int(with_port.group("port")))
+            if with_port
+            else (text, 53)
+        )
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            table.problems.append(
+                table.source.problem(
+                    (*table.path, key, index),
+                    f"'{text}' is not an IP address (with an optional :port)",
+                )
+            )
+            continue
+        if not 0 < port < 65536:
+            table.problem(key, f"'{text}' has an invalid port")
+            continue
+        found.append(Endpoint(address, port))
+    return tuple(found)
+
+
 def _read_smtp(table: Table | None, base: Path) -> SmtpSettings:
+    settings = SmtpSettings(**_read_keys(table, SmtpSettings, base))
     if table is None:
-        return SmtpSettings()
-    d = SmtpSettings()
-    tls_cert = _path(table, "tls_cert", base, must_exist=True)
-    tls_key = _path(table, "tls_key", base, must_exist=True)
-    if (tls_cert is None) != (tls_key is None) and not table.problems:
+        return settings
+    # One of the two given and the other absent (a given one that failed is reported already).
+    if (settings.tls_cert is None) != (settings.tls_key is None) and (
+        table.has("tls_cert") != table.has("tls_key")
+    ):
         table.problem("tls_cert", "tls_cert and tls_key go together")
-    settings = SmtpSettings(
-        hostname=table.text("hostname") or d.hostname,
-        listen=_endpoint(table, "listen") or d.listen,
-        implicit_tls_listen=_endpoint(table, "implicit_tls_listen"),
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        allow_plaintext_auth=bool(table.flag("allow_plaintext_auth")),
-        max_message_size=table.integer("max_message_size", minimum=1024) or d.max_message_size,
-        max_recipients=table.integer("max_recipients", minimum=1) or d.max_recipients,
-        max_auth_bytes=table.integer("max_auth_bytes", minimum=1024) or d.max_auth_bytes,
-        idle_timeout=table.number("idle_timeout", minimum=1) or d.idle_timeout,
-        data_timeout=table.number("data_timeout", minimum=1) or d.data_timeout,
-        bare_linefeeds=table.choice("bare_linefeeds", ["reject", "normalize"]) or d.bare_linefeeds,
-        greeting_delay=table.number("greeting_delay") or d.greeting_delay,
-    )
     if settings.implicit_tls_listen and not settings.tls_enabled:
         table.problem("implicit_tls_listen", "implicit TLS needs tls_cert and tls_key")
     table.finish()
     return settings
 
 
-def _read_limits(table: Table | None) -> LimitSettings:
+def _read_section(table: Table | None, cls: type[Any], base: Path) -> Any:
+    """A section whose every key is a declared field of ``cls``."""
+    values = _read_keys(table, cls, base)
+    if table is not None:
+        table.finish()
+    return cls(**values)
+
+
+def _read_upstream(table: Table | None, base: Path) -> UpstreamSettings:
     if table is None:
-        return LimitSettings()
-    d = LimitSettings()
-    call_limit: int | dict[str, int] | None
-    if isinstance(table.data.get("command_call_limit"), dict):
-        raw = table.mapping(
-            "command_call_limit",
-            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-            "a whole number of at least 1",
-        )
-        call_limit = {command.upper(): count for command, count in (raw or {}).items()}
-    else:
-        call_limit = table.integer("command_call_limit", minimum=1)
-    settings = LimitSettings(
-        max_connections=table.integer("max_connections", minimum=1) or d.max_connections,
-        max_connections_per_ip=table.integer("max_connections_per_ip", minimum=1)
-        or d.max_connections_per_ip,
-        messages_per_user_per_minute=table.integer("messages_per_user_per_minute", minimum=1)
-        or d.messages_per_user_per_minute,
-        auth_failures_per_ip=table.integer("auth_failures_per_ip", minimum=1)
-        or d.auth_failures_per_ip,
-        auth_failure_window=table.number("auth_failure_window_seconds", minimum=1)
-        or d.auth_failure_window,
-        max_errors=table.integer("max_errors", minimum=1) or d.max_errors,
-        command_call_limit=call_limit or d.command_call_limit,
-    )
+        return UpstreamSettings()
+    values = _read_keys(table, UpstreamSettings, base)
+    hosts = tuple(_read_section(t, Smarthost, base) for t in table.tables("smarthosts"))
+    settings = UpstreamSettings(**values, smarthosts=hosts)
+    if settings.mode == "smarthost" and not hosts:
+        table.problem("smarthosts", 'mode = "smarthost" needs at least one [[upstream.smarthosts]]')
     table.finish()
     return settings
+
+
+def _read_tokens(table: Table | None, base: Path) -> VerifierSettings | None:
+    if table is None:
+        return None
+    values = _read_keys(table, VerifierSettings, base)
+    issuers: dict[str, Issuer] = {}
+    for issuer_table in table.tables("issuers"):
+        issuer = _read_keys(issuer_table, Issuer, base)
+        issuer_table.finish()
+        name = issuer["issuer"]
+        if name is None:
+            continue
+        if name in issuers:
+            issuer_table.problem("issuer", f"issuer {name!r} is configured twice")
+            continue
+        issuers[name] = Issuer(**issuer)
+    if not issuers:
+        table.problem("issuers", "configure at least one [[tokens.issuers]]")
+    table.finish()
+    if values["audience"] is None:
+        return None
+    return VerifierSettings(**values, issuers=issuers)
 
 
 def _env_value(text: str) -> object:
@@ -314,141 +1076,6 @@ def _child(node: object, part: str | int, following: str | int) -> object:
     return None
 
 
-def _nameservers(table: Table) -> tuple[Endpoint, ...]:
-    """IP addresses, each with an optional port (host:port as for listen; default 53)."""
-    found = []
-    for index, text in enumerate(table.texts("nameservers") or []):
-        with_port = _HOSTPORT_RE.match(text)
-        address, port = (
-            (with_port.group("v6") or with_port.group("host"), int(with_port.group("port")))
-            if with_port
-            else (text, 53)
-        )
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            table.problems.append(
-                table.source.problem(
-                    (*table.path, "nameservers", index),
-                    f"'{text}' is not an IP address (with an optional :port)",
-                )
-            )
-            continue
-        if not 0 < port < 65536:
-            table.problem("nameservers", f"'{text}' has an invalid port")
-            continue
-        found.append(Endpoint(address, port))
-    return tuple(found)
-
-
-def _read_upstream(table: Table | None, base: Path) -> UpstreamSettings:
-    if table is None:
-        return UpstreamSettings()
-    d = UpstreamSettings()
-    mode = table.choice("mode", ["smarthost", "mx"]) or d.mode
-    hosts = []
-    for host_table in table.tables("smarthosts"):
-        host = host_table.text("host", required=True)
-        port = host_table.integer("port", minimum=1)
-        hosts.append(
-            Smarthost(
-                host=host or "",
-                port=port or 25,
-                tls=host_table.choice("tls", ["none", "starttls", "tls"]) or "starttls",
-                verify=host_table.flag("verify") is not False,
-                ca_file=_path(host_table, "ca_file", base, must_exist=True),
-                username=host_table.text("username"),
-                password=_secret(host_table, "password_file", base),
-            )
-        )
-        host_table.finish()
-    settings = UpstreamSettings(
-        mode=mode,
-        smarthosts=tuple(hosts),
-        timeout=table.number("timeout", minimum=1) or d.timeout,
-        pool_size=table.integer("pool_size", minimum=1) or d.pool_size,
-        mx_port=table.integer("mx_port", minimum=1) or d.mx_port,
-        nameservers=_nameservers(table),
-        helo_name=table.text("helo_name"),
-    )
-    if mode == "smarthost" and not hosts:
-        table.problem("smarthosts", 'mode = "smarthost" needs at least one [[upstream.smarthosts]]')
-    table.finish()
-    return settings
-
-
-def _read_tokens(table: Table | None, base: Path) -> VerifierSettings | None:
-    if table is None:
-        return None
-    audience = table.text("audience", required=True)
-    leeway = table.number("leeway_seconds")
-    max_bytes = table.integer("max_token_bytes", minimum=256)
-    issuers: dict[str, Issuer] = {}
-    for issuer_table in table.tables("issuers"):
-        name = issuer_table.text("issuer", required=True)
-        key_files = issuer_table.texts("keys", required=True) or []
-        algorithms = issuer_table.texts("algorithms")
-        token_type = issuer_table.text("token_type")
-        keys: dict[str, PublicKey] = {}
-        for index, key_file in enumerate(key_files):
-            path = base / key_file if not Path(key_file).is_absolute() else Path(key_file)
-            try:
-                loaded = load_key_file(path)
-            except KeyFileError as exc:
-                issuer_table.problem("keys", str(exc))
-                continue
-            for kid in loaded:
-                if kid in keys:
-                    issuer_table.problem(
-                        "keys",
-                        f"kid {kid!r} appears in more than one key file ({key_files[index]})",
-                    )
-            keys.update(loaded)
-        if algorithms is not None:
-            bad = sorted(set(algorithms) - ALLOWED_ALGORITHMS)
-            if bad:
-                issuer_table.problem(
-                    "algorithms",
-                    f"{', '.join(bad)} not allowed; choose from {', '.join(sorted(ALLOWED_ALGORITHMS))}",
-                )
-                algorithms = None
-        issuer_table.finish()
-        if name is None:
-            continue
-        if name in issuers:
-            issuer_table.problem("issuer", f"issuer {name!r} is configured twice")
-            continue
-        issuers[name] = Issuer(
-            issuer=name,
-            keys=keys,
-            algorithms=frozenset(algorithms) if algorithms else ALLOWED_ALGORITHMS,
-            token_type=token_type,
-        )
-    if not issuers:
-        table.problem("issuers", "configure at least one [[tokens.issuers]]")
-    table.finish()
-    if audience is None:
-        return None
-    return VerifierSettings(
-        audience=audience,
-        issuers=issuers,
-        leeway=timedelta(seconds=leeway if leeway is not None else 60),
-        max_token_bytes=max_bytes or DEFAULT_MAX_TOKEN_BYTES,
-    )
-
-
-def _string_lists(table: Table, key: str) -> dict[str, frozenset[str]]:
-    raw = table.mapping(
-        key,
-        lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
-        "a list of mail addresses",
-    )
-    return {
-        name.casefold() if key == "aliases" else name: frozenset(m.casefold() for m in members)
-        for name, members in (raw or {}).items()
-    }
-
-
 def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
     """Parse and validate gateway.toml plus GATEWAY_… overrides from ``environ``
     (default: the process environment); raises SettingsError naming file, line and key."""
@@ -459,52 +1086,23 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     problems = apply_environment(parsed, os.environ if environ is None else environ)
     root = Table(parsed, parsed.data, (), problems)
     gateway = root.table("gateway")
-    policy_dir = _path(gateway, "policy_dir", base) if gateway else None
-    reload_interval = gateway.number("reload_interval", minimum=0.1) if gateway else None
-    max_blocked = gateway.integer("max_newly_blocked_devices", minimum=0) if gateway else None
-    retention_days = gateway.number("inventory_retention_days", minimum=0.01) if gateway else None
-    notices_flag = gateway.flag("notices") if gateway else None
-    notice_sender = gateway.text("notice_sender") if gateway else None
+    values = _read_keys(gateway, Settings, base)
     if gateway:
         gateway.finish()
     tokens = _read_tokens(root.table("tokens", required=True), base)
     smtp = _read_smtp(root.table("smtp"), base)
     upstream = _read_upstream(root.table("upstream"), base)
-    limits = _read_limits(root.table("limits"))
-    hold_table = root.table("hold")
-    hold = HoldSettings()
-    if hold_table is not None:
-        expire_hours = hold_table.number("expire_after_hours", minimum=0.01)
-        hold = HoldSettings(
-            database=_path(hold_table, "database", base) or hold.database,
-            expire_after=timedelta(hours=expire_hours) if expire_hours else hold.expire_after,
-            release_concurrency=hold_table.integer("release_concurrency", minimum=1)
-            or hold.release_concurrency,
-        )
-        hold_table.finish()
-    admin_table = root.table("admin")
-    admin_listen = _endpoint(admin_table, "listen") if admin_table else None
-    if admin_table:
-        admin_table.finish()
-    groups = _string_lists(root, "groups")
-    aliases = _string_lists(root, "aliases")
+    limits: LimitSettings = _read_section(root.table("limits"), LimitSettings, base)
+    hold: HoldSettings = _read_section(root.table("hold"), HoldSettings, base)
+    admin = root.table("admin")
+    values |= _read_keys(admin, Settings, base, "admin")
+    if admin:
+        admin.finish()
+    values |= _read_keys(root, Settings, base, "groups")
+    values |= _read_keys(root, Settings, base, "aliases")
     root.finish()
     if problems or tokens is None:
         raise SettingsError(problems)
     return Settings(
-        path=path,
-        policy_dir=policy_dir or base / "policies",
-        reload_interval=reload_interval or 30.0,
-        max_newly_blocked_devices=max_blocked,
-        inventory_retention=timedelta(days=retention_days or 30),
-        notices=notices_flag is not False,
-        notice_sender=notice_sender,
-        tokens=tokens,
-        smtp=smtp,
-        upstream=upstream,
-        hold=hold,
-        limits=limits,
-        admin_listen=admin_listen,
-        groups=groups,
-        aliases=aliases,
+        path=path, tokens=tokens, smtp=smtp, upstream=upstream, hold=hold, limits=limits, **values
     )
