@@ -37,8 +37,8 @@ from gateway.hold.store import AsyncHoldStore, HoldFilter, HoldStore
 from gateway.testing.harness import write_config
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
+from tests.hold.test_durability import cli, serve
 from tests.stories import tiktok_ban
-from tests.test_hold_durability import cli, serve
 
 NOW = datetime.now(UTC)
 PAGE = 4096  # SQLite's default page size, which the store keeps

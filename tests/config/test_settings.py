@@ -19,7 +19,7 @@ from gateway.config.settings import (
 )
 from gateway.errors import SettingsError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

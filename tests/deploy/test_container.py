@@ -15,7 +15,7 @@ import pytest
 from gateway.testing.harness import write_config
 from gateway.testing.issuer import TestIssuer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def dockerfile_install_command() -> str:

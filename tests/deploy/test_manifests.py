@@ -18,7 +18,7 @@ from gateway.testing.device import FakeDevice
 from gateway.testing.harness import gateway_with_upstream
 from gateway.testing.issuer import TestIssuer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 GRACE = 30  # the --grace every deploy file passes to `gateway serve`
 
