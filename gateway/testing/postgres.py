@@ -82,11 +82,17 @@ class TemporaryPostgres:
     def url(self) -> str:
         return f"postgresql://gateway@127.0.0.1:{self.port}/postgres"
 
-    def _as_user(self) -> dict[str, object]:
-        """Keyword arguments that make a subprocess run as the unprivileged user."""
-        if self.user is None:
-            return {}
-        return {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+    @property
+    def _uid(self) -> int | None:
+        return None if self.user is None else self.user.pw_uid
+
+    @property
+    def _gid(self) -> int | None:
+        return None if self.user is None else self.user.pw_gid
+
+    @property
+    def _groups(self) -> list[int] | None:
+        return None if self.user is None else []
 
     def initdb(self) -> None:
         if self.user is not None:
@@ -97,7 +103,7 @@ class TemporaryPostgres:
                 "-A", "trust", "-E", "UTF8", "--no-sync", "--no-instructions",
             ],
             capture_output=True, text=True, timeout=120, check=False, cwd=self.root,
-            **self._as_user(),  # type: ignore[arg-type]
+            user=self._uid, group=self._gid, extra_groups=self._groups,
         )  # fmt: skip
         if result.returncode != 0:
             raise RuntimeError(f"initdb failed: {result.stderr.strip()[-2000:]}")
@@ -111,7 +117,7 @@ class TemporaryPostgres:
             "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL, cwd=self.root,
-            **self._as_user(),  # type: ignore[arg-type]
+            user=self._uid, group=self._gid, extra_groups=self._groups,
         )  # fmt: skip
         ready = str(self.binaries / "pg_isready")
         async with asyncio.timeout(START_TIMEOUT):
