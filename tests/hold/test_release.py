@@ -1,0 +1,68 @@
+"""Release over real sockets: pages, lanes and batched deletes keep each device's order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.hold.store import HoldStore
+from gateway.testing.device import FakeDevice, make_message
+from gateway.testing.harness import running_gateway, write_config
+from gateway.testing.issuer import TestIssuer
+from gateway.testing.upstream import FakeUpstream
+from tests.stories import TIKTOK, tiktok_ban
+
+BAN = tiktok_ban("hold")
+
+
+@pytest.fixture(scope="module")
+def issuer() -> TestIssuer:
+    return TestIssuer.generate("k1")
+
+
+async def test_release_pages_lanes_and_batched_deletes_keep_each_devices_order(
+    tmp_path: Path, issuer: TestIssuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small pages and delete batches force every path: a device whose mail stays held
+    blocks only its own lane; the others are released in their own arrival order."""
+    from gateway.hold import release
+
+    monkeypatch.setattr(release, "PAGE_SIZE", 2)
+    monkeypatch.setattr(release, "DELETE_BATCH", 3)
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            tmp_path, issuer=issuer, upstream_port=upstream.port, policies={"ban.toml": BAN}
+        )
+        async with running_gateway(config, release_tick=60) as gateway:
+            devices = {
+                name: FakeDevice(
+                    issuer, user=f"{name}@example.test", device_id=f"{name}-phone", apps={TIKTOK}
+                )
+                for name in ("ann", "ben", "cat")
+            }
+            order = ["ann", "ben", "cat", "ben", "ann", "cat", "ben", "cat", "ben"]
+            sent: dict[str, list[bytes]] = {name: [] for name in devices}
+            for n, name in enumerate(order):
+                content = make_message(subject=f"{name} #{n}", sender=f"{name}@example.test")
+                sent[name].append(content)
+                assert (await devices[name].send(gateway.port, message=content)).data == (
+                    250,
+                    "2.6.0 held: Remove TikTok.",
+                )
+            # Exempt Ben and Cat; Ann stays held.
+            exempt = 'exempt.users = ["ben@example.test", "cat@example.test"]\n'
+            (gateway.policy_dir / "ban.toml").write_text(tiktok_ban("hold", extra=exempt))
+            await gateway.server.reload("test")
+            report = await gateway.server.services.releaser.run()
+            assert len(report.released) == 7
+            assert report.still_held == 2
+            for name in ("ben", "cat"):
+                got = [
+                    m.content[m.content.index(b"From: ") :]
+                    for m in upstream.messages
+                    if m.sender == f"{name}@example.test"
+                ]
+                assert got == sent[name]
+            left = HoldStore(gateway.settings.hold.database).select()
+            assert [h.user for h in left] == ["ann@example.test", "ann@example.test"]
