@@ -12,12 +12,15 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config.settings import Settings, default_config_path, load_settings
 from gateway.errors import ConfigError, GatewayError, PolicyLoadError, TokenError
 from gateway.policy.engine import compile_policy_set, decide
 from gateway.policy.loader import load_policy_dir, policy_files
+
+if TYPE_CHECKING:
+    from gateway.tokens.keyring import KeyRing
 
 EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
 
@@ -117,6 +120,25 @@ def _read_token(source: str) -> str:
     return text.strip()
 
 
+def _keyring(settings: Settings) -> KeyRing:
+    """The key files, plus each JWKS-publishing issuer's current keys, fetched once (as
+    the server would at start)."""
+    from gateway.tokens.jwks import JwksFetchError, fetch_jwks
+    from gateway.tokens.keyring import KeyRing
+
+    keyring = KeyRing(settings.tokens.issuers)
+    for name, issuer in settings.tokens.issuers.items():
+        if issuer.jwks_url is None:
+            continue
+        try:
+            keys, _ = fetch_jwks(issuer.jwks_url)
+        except JwksFetchError as exc:
+            print(f"warning: JWKS of {name}: {exc}; using the key files only", file=sys.stderr)
+            continue
+        keyring.set_fetched(name, keys)
+    return keyring
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from gateway.tokens.verify import TokenVerifier
 
@@ -127,7 +149,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"--token: cannot read {args.token}: {exc.strerror or exc}") from exc
     try:
-        claims = TokenVerifier(settings.tokens).verify(raw, now)
+        claims = TokenVerifier(settings.tokens, keyring=_keyring(settings)).verify(raw, now)
     except TokenError as exc:
         if args.json:
             _print_json(

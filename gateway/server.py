@@ -4,7 +4,7 @@ startup   open the services (not ready before a good policy set; the hold store 
           opened and checked), bind listeners (submission with STARTTLS, optional
           implicit TLS, the admin port), start background tasks (policy watcher,
           periodic check, release/expiry ticker)
-serve     until stop() (SIGTERM/SIGINT) ; SIGHUP reloads policies
+serve     until stop() (SIGTERM/SIGINT) ; SIGHUP reloads policies and key files
 shutdown  stop accepting; let sessions in a transaction finish within the grace period;
           then answer 421 4.3.2 to everything still open and close; release upstreams.
 
@@ -172,9 +172,12 @@ class GatewayServer:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: self.spawn(self.reload("sighup"), "reload-sighup")
-        )
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+
+    def _sighup(self) -> None:
+        """SIGHUP: policies and the issuers' key files are read again."""
+        self.spawn(self.reload("sighup"), "reload-sighup")
+        self.spawn(self.services.reload_key_files(), "reload-key-files")
 
     def request_stop(self) -> None:
         self._stopped.set()

@@ -10,15 +10,16 @@ started through the ``spawn`` the server passes in, so every task is named and o
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
 
-from gateway.config.settings import Settings
+from gateway.config.settings import Settings, load_settings
 from gateway.devices.inventory import Inventory
 from gateway.devices.notices import Notifier
 from gateway.domain import Action, Clock, Decision, DeviceClaims
-from gateway.errors import HoldStoreError
+from gateway.errors import HoldStoreError, SettingsError
 from gateway.hold.release import Releaser, Spawn
 from gateway.hold.store import AsyncHoldStore, HeldMessage
 from gateway.ops.metrics import Metrics
@@ -28,6 +29,8 @@ from gateway.policy.impact import assess, blast_radius_refusal
 from gateway.policy.reload import Reloader
 from gateway.policy.store import PolicyStore, ReloadResult
 from gateway.submission import Submission
+from gateway.tokens.jwks import JwksRefresher
+from gateway.tokens.keyring import KeyRing
 from gateway.tokens.verify import TokenVerifier
 from gateway.upstream.mx import MxRouter, configured_resolver
 from gateway.upstream.relay import Relay
@@ -77,15 +80,22 @@ class Services:
             on_released=self._released,
             parallel=settings.hold.release_concurrency,
         )
+        self.keyring = KeyRing(settings.tokens.issuers)
+        self.jwks = JwksRefresher(
+            self.keyring,
+            settings.tokens.issuers,
+            on_fetch=lambda f: self.metrics.jwks_fetched(f.issuer, f.ok, f.keys),
+        )
         self.submission = Submission(
             settings,
-            TokenVerifier(settings.tokens),
+            TokenVerifier(settings.tokens, keyring=self.keyring),
             self.policies,
             self.relay,
             self.hold_store,
             events=self,
             clock=clock,
             metrics=self.metrics,
+            jwks=self.jwks,
         )
 
     async def open(self) -> None:
@@ -106,6 +116,22 @@ class Services:
         await self.releaser.start()
         await self.inventory.load()
         self.last_good_reload = time.time()
+        if self.jwks.enabled:
+            await self.jwks.start()
+            self.spawn(self.jwks.run(), "jwks-refresh")
+
+    async def reload_key_files(self) -> list[str]:
+        """SIGHUP: read the issuers' key files again (through gateway.toml, so paths and
+        environment overrides apply as at start). A file that fails keeps the keys in
+        force; issuers themselves are added or removed by a restart only."""
+        try:
+            settings = await asyncio.to_thread(load_settings, self.settings.path)
+        except SettingsError as exc:
+            log.error("key_files_reload_failed", problems=[str(p) for p in exc.problems][:10])
+            return []
+        changed = self.keyring.replace_files(settings.tokens.issuers)
+        log.info("key_files_reloaded", changed=changed)
+        return changed
 
     async def tick(self) -> None:
         """The periodic pass: retries and admin releases, expiry, the inventory flush."""

@@ -39,6 +39,7 @@ from gateway.ops.metrics import Metrics
 from gateway.policy.engine import decide
 from gateway.policy.store import PolicyStore
 from gateway.replies import Reply
+from gateway.tokens.jwks import JwksRefresher
 from gateway.tokens.verify import TokenVerifier
 from gateway.upstream.relay import Relay, RelayTransaction
 
@@ -131,9 +132,11 @@ class Submission:
         clock: Clock = utc_now,
         metrics: Metrics | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        jwks: JwksRefresher | None = None,
     ) -> None:
         self.settings = settings
         self.verifier = verifier
+        self.jwks = jwks
         self.policies = policies
         self.relay = relay
         self.holder = holder
@@ -173,6 +176,16 @@ class Submission:
     def note_auth_failure(self, facts: SessionFacts) -> None:
         """Failures the SMTP layer sees itself (bad base64, SASL syntax) count too."""
         self.auth_failures.record(facts.peer_ip, self.monotonic())
+
+    async def learn_key(self, credentials: Credentials) -> None:
+        """Before verifying: a token signed with a kid its issuer has not shown us yet
+        sends us to the issuer's JWKS once (rate-limited), so a freshly rotated key works
+        on its first use instead of after the next scheduled fetch."""
+        if self.jwks is None:
+            return
+        unknown = self.verifier.unknown_key(credentials.token)
+        if unknown is not None:
+            await self.jwks.unknown_kid(unknown[0])
 
     def authenticate(self, facts: SessionFacts, credentials: Credentials) -> AuthOutcome:
         try:

@@ -61,18 +61,41 @@ def load_key_file(path: Path) -> dict[str, PublicKey]:
         document = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise KeyFileError(f"{path}: neither PEM nor JSON (JWKS): {exc}") from exc
+    keys, _ = keys_from_jwks(document, str(path))
+    return keys
+
+
+def keys_from_jwks(
+    document: object, where: str, *, skip_unsupported: bool = False
+) -> tuple[dict[str, PublicKey], list[str]]:
+    """Keys by kid from a JWKS document (RFC 7517 §5), and what was skipped.
+
+    A key file is the admin's own, so anything unusable in it is an error. An issuer's
+    published JWKS may also carry keys for other consumers (RSA, HMAC secrets never, but
+    RSA often): with ``skip_unsupported`` those are skipped and named instead. Either way a
+    key's own ``alg`` member is ignored: the algorithms are the gateway's fixed allow-list.
+    """
     entries = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(entries, list):
-        raise KeyFileError(f'{path}: a JWKS file must be an object with a "keys" list')
+        raise KeyFileError(f'{where}: a JWKS document must be an object with a "keys" list')
     keys: dict[str, PublicKey] = {}
+    skipped: list[str] = []
     for index, entry in enumerate(entries):
-        where = f"{path} keys[{index}]"
+        at = f"{where} keys[{index}]"
         if not isinstance(entry, dict):
-            raise KeyFileError(f"{where}: not a JSON object")
+            raise KeyFileError(f"{at}: not a JSON object")
         kid = entry.get("kid")
         if not isinstance(kid, str) or not kid:
-            raise KeyFileError(f"{where}: every key in a JWKS needs a 'kid'")
+            raise KeyFileError(f"{at}: every key in a JWKS needs a 'kid'")
         if kid in keys:
-            raise KeyFileError(f"{where}: duplicate kid {kid!r}")
-        keys[kid] = _import_jwk(entry, where)
-    return keys
+            raise KeyFileError(f"{at}: duplicate kid {kid!r}")
+        if skip_unsupported and entry.get("use", "sig") != "sig":
+            skipped.append(f"{kid[:60]!r} (use {str(entry.get('use'))[:20]!r})")
+            continue
+        try:
+            keys[kid] = _import_jwk(entry, at)
+        except KeyFileError as exc:
+            if not skip_unsupported:
+                raise
+            skipped.append(f"{kid[:60]!r} ({str(exc).removeprefix(at + ': ')})")
+    return keys, skipped

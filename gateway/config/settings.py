@@ -19,6 +19,7 @@ import json
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -274,6 +275,28 @@ class KeyFiles(Kind):
             keys.update(loaded)
         return keys
 
+    def show(self, value: Any) -> str | None:
+        return None  # the keys are files an admin names; there is no default to show
+
+
+def jwks_url_problem(url: str) -> str | None:
+    """Why ``url`` may not be fetched for keys, or None. Plain http is allowed to loopback
+    only (a JWKS proxy beside the gateway, or a test): anywhere else a network attacker
+    could hand us keys."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "https" and parsed.hostname:
+        return None
+    if parsed.scheme == "http" and parsed.hostname:
+        host = parsed.hostname
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            return None
+        return f"'{url[:200]}': http is allowed to loopback addresses only; use https"
+    return f"'{url[:200]}' is not an https:// URL"
+
 
 @dataclass(frozen=True)
 class Algorithms(Kind):
@@ -360,11 +383,34 @@ class Issuer:
 
     issuer: str = field(metadata=setting(Text(), 'Must equal the token\'s "iss".'))
     keys: Mapping[str, PublicKey] = field(
+        default_factory=dict,
         metadata=setting(
             KeyFiles(),
             """The issuer's public keys: JWKS files (kid from the file) or PEM files (kid =
-            the file's name without extension). A kid may appear in one file only.""",
-        )
+            the file's name without extension). A kid may appear in one file only. SIGHUP
+            re-reads them. Required unless `jwks_url` is given.""",
+            unset="no key files (then `jwks_url` is required)",
+        ),
+    )
+    jwks_url: str | None = field(
+        default=None,
+        metadata=setting(
+            Text(),
+            """Where the issuer publishes its JWKS (RFC 7517): fetched at start, every
+            ``jwks_refresh_seconds``, and at once when a token names an unknown kid (at most
+            once per 10 s). The last good set is kept when a fetch fails. https, or http to
+            a loopback address only. Keys for other algorithms in it (RSA, HMAC) are
+            skipped; a key never chooses its algorithm.""",
+            unset="the key files only",
+        ),
+    )
+    jwks_refresh: timedelta = field(
+        default=timedelta(minutes=5),
+        metadata=setting(
+            Duration(minimum=1, unit="seconds"),
+            "How often the JWKS is fetched again.",
+            key="jwks_refresh_seconds",
+        ),
     )
     algorithms: frozenset[str] = field(
         default=ALLOWED_ALGORITHMS,
@@ -1008,6 +1054,13 @@ def _read_tokens(table: Table | None, base: Path) -> VerifierSettings | None:
             continue
         if name in issuers:
             issuer_table.problem("issuer", f"issuer {name!r} is configured twice")
+            continue
+        url = issuer["jwks_url"]
+        if url is not None and (problem := jwks_url_problem(url)):
+            issuer_table.problem("jwks_url", problem)
+            continue
+        if not issuer["keys"] and url is None and not issuer_table.has("keys"):
+            issuer_table.problem("keys", "give key files (keys) or a jwks_url")
             continue
         issuers[name] = Issuer(**issuer)
     if not issuers:

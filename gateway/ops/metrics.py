@@ -56,6 +56,28 @@ class Metrics:
             registry=r,
         )
 
+        self.jwks_fetches = Counter(
+            "gateway_jwks_fetches",
+            "Fetches of issuers' JWKS by result",
+            ["issuer", "result"],
+            registry=r,
+        )
+        self.jwks_keys = Gauge(
+            "gateway_jwks_keys", "Keys in force from each issuer's JWKS", ["issuer"], registry=r
+        )
+        self.jwks_last_success = Gauge(
+            "gateway_jwks_last_success_timestamp_seconds",
+            "Time of each issuer's last good JWKS fetch",
+            ["issuer"],
+            registry=r,
+        )
+
+    def jwks_fetched(self, issuer: str, ok: bool, keys: int) -> None:
+        self.jwks_fetches.labels(issuer, "ok" if ok else "failed").inc()
+        self.jwks_keys.labels(issuer).set(keys)
+        if ok:
+            self.jwks_last_success.labels(issuer).set_to_current_time()
+
     def decided(self, decision: Decision) -> None:
         policy = ",".join(decision.policy_ids) or "none"
         self.decisions.labels(decision.action.label, policy).inc()

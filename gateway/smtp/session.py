@@ -385,6 +385,7 @@ class SubmissionSMTP(SMTP):
             )
             await self.write_reply(replies.AUTH_BAD_SYNTAX)
             return
+        await self.submission.learn_key(credentials)
         outcome = self.submission.authenticate(session.facts, credentials)
         if outcome.claims is None:
             challenge = error_challenge(mechanism, self.submission.audience)

@@ -37,6 +37,7 @@ from gateway.errors import (
     InvalidClaim,
     MalformedToken,
     MissingClaim,
+    TokenError,
     TokenExpired,
     TokenNotYetValid,
     TokenTooLarge,
@@ -46,6 +47,7 @@ from gateway.errors import (
     WrongAudience,
     WrongTokenType,
 )
+from gateway.tokens.keyring import KeyRing
 
 
 class Ed25519Algorithm(JWSAlgModel):
@@ -225,8 +227,12 @@ class TokenVerifier:
     loop (the cache is not locked).
     """
 
-    def __init__(self, settings: VerifierSettings, cache_size: int = 4096) -> None:
+    def __init__(
+        self, settings: VerifierSettings, cache_size: int = 4096, keyring: KeyRing | None = None
+    ) -> None:
         self.settings = settings
+        self.keyring = keyring if keyring is not None else KeyRing(settings.issuers)
+        self._generation = self.keyring.generation
         self._registries = {alg: GatewayRegistry(frozenset([alg])) for alg in ALLOWED_ALGORITHMS}
         # Verified tokens: a device reconnecting with the same token skips the signature
         # check (about 60 µs for Ed25519) but never the time checks.
@@ -241,6 +247,10 @@ class TokenVerifier:
                 f"token is {len(raw)} bytes; the limit is {settings.max_token_bytes}"
             )
         raw = raw.strip()
+        if self._generation != self.keyring.generation:
+            # Keys were rotated: a token whose key was withdrawn must not live on here.
+            self._verified.clear()
+            self._generation = self.keyring.generation
         cached = self._verified.get(raw)
         if cached is not None:
             self._check_times(cached.expires_at, cached.issued_at, cached.not_before, now)
@@ -321,19 +331,39 @@ class TokenVerifier:
         elif typ is not None and (not isinstance(typ, str) or typ.upper() != "JWT"):
             raise WrongTokenType(f"token typ is {_printable(typ)}; expected JWT")
 
-    @staticmethod
-    def _select_key(header: Mapping[str, Any], issuer: Issuer) -> PublicKey:
+    def unknown_key(self, token: str | bytes) -> tuple[str, str] | None:
+        """(issuer, kid) when the token names a kid that a JWKS-publishing issuer has not
+        shown us yet: worth one fetch before verifying. Nothing is trusted from here on:
+        this only reads which issuer to ask; the full verification follows."""
+        raw = token.encode("ascii", "replace") if isinstance(token, str) else token
+        if len(raw) > self.settings.max_token_bytes:
+            return None
+        parts = raw.strip().split(b".")
+        if len(parts) != 3:
+            return None
+        try:
+            kid = _b64json(parts[0], "header").get("kid")
+            issuer_name = _b64json(parts[1], "payload").get("iss")
+        except TokenError:
+            return None
+        if not isinstance(kid, str) or not isinstance(issuer_name, str):
+            return None
+        issuer = self.settings.issuers.get(issuer_name)
+        if issuer is None or issuer.jwks_url is None or self.keyring.knows(issuer_name, kid):
+            return None
+        return issuer_name, kid
+
+    def _select_key(self, header: Mapping[str, Any], issuer: Issuer) -> PublicKey:
+        keys = self.keyring.keys_of(issuer.issuer)
         kid = header.get("kid")
         if kid is None:
-            if len(issuer.keys) == 1:
-                return next(iter(issuer.keys.values()))
-            raise UnknownKey(
-                f"token has no kid and issuer {issuer.issuer} has {len(issuer.keys)} keys"
-            )
+            if len(keys) == 1:
+                return next(iter(keys.values()))
+            raise UnknownKey(f"token has no kid and issuer {issuer.issuer} has {len(keys)} keys")
         if not isinstance(kid, str):
             raise UnknownKey("token kid must be a string")
         # kid is only ever a dictionary key: never a path, URL or query.
-        key = issuer.keys.get(kid)
+        key = keys.get(kid)
         if key is None:
             raise UnknownKey(f"unknown kid {_printable(kid, 60)} for issuer {issuer.issuer}")
         return key
