@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.config.settings import Settings, default_config_path, load_settings
-from gateway.errors import ConfigError, GatewayError, PolicyLoadError, TokenError
+from gateway.errors import ConfigError, GatewayError, PolicyLoadError, Problem, TokenError
 from gateway.policy.engine import compile_policy_set, decide
 from gateway.policy.loader import load_policy_dir, policy_files
 
@@ -259,6 +259,66 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------
 
 
+def _terminal_safe(text: str) -> str:
+    """Text from files shown on the admin's terminal: control characters as escapes, so a
+    case name cannot move the cursor or rewrite what was printed before it."""
+    return "".join(
+        c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in text
+    )
+
+
+# --- test --------------------------------------------------------------------------------
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """Decide each described device with the policies and compare with what was expected."""
+    from gateway.config.toml import read_toml
+    from gateway.policy.cases import junit_xml, read_cases, run_case
+
+    groups: dict[str, frozenset[str]] = {}
+    config_path = Path(args.config) if args.config else default_config_path()
+    if args.config or config_path.exists():
+        groups = dict(load_settings(config_path).groups)
+    compiled = compile_policy_set(load_policy_dir(Path(args.policy_dir), groups))
+    source = read_toml(Path(args.cases))
+    if isinstance(source, Problem):
+        raise ConfigError([source])
+    cases, problems = read_cases(source)
+    if problems:
+        raise ConfigError(problems)
+    results = [run_case(compiled, case) for case in cases]
+    failed = [r for r in results if not r.passed]
+    if args.junit:
+        Path(args.junit).write_bytes(junit_xml(results, suite=Path(args.cases).stem))
+    if args.json:
+        _print_json(
+            {
+                "schema": 1,
+                "ok": not failed,
+                "policy_version": compiled.version,
+                "cases": [
+                    {
+                        "name": r.case.name,
+                        "line": r.case.line,
+                        "passed": r.passed,
+                        "decision": r.decision.as_dict(),
+                        "differences": list(r.differences),
+                    }
+                    for r in results
+                ],
+            }
+        )
+    else:
+        for result in results:
+            where = f"{args.cases}:{result.case.line}" if result.case.line else args.cases
+            mark = "ok  " if result.passed else "FAIL"
+            print(f"{mark} {_terminal_safe(result.case.name)}  ({where})")
+            for difference in result.differences:
+                print(f"       {_terminal_safe(difference)}")
+        print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return EXIT_BAD if failed else EXIT_OK
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", help="gateway.toml (default: $GATEWAY_CONFIG or config/gateway.toml)"
@@ -364,6 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--json", action="store_true")
         _add_config(action)
         action.set_defaults(func=cmd_hold)
+
+    test = sub.add_parser(
+        "test",
+        help="run policy test cases: described devices and the decisions expected (exit 1 on a failure)",
+    )
+    test.add_argument("policy_dir", help="the policy directory to test")
+    test.add_argument("cases", help="a TOML file of [[case]] tables (docs/policies.md)")
+    test.add_argument("--junit", metavar="FILE", help="also write JUnit XML for CI")
+    test.add_argument("--json", action="store_true")
+    _add_config(test)
+    test.set_defaults(func=cmd_test)
 
     demo = sub.add_parser(
         "demo", help="play the story (ban, deadline, retraction) end to end on loopback"

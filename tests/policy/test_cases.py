@@ -1,0 +1,101 @@
+"""`gateway test`: policy test cases for admins, run through the real CLI on real files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+
+from gateway.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def story(tmp_path: Path) -> Path:
+    """A private copy of config/ (policies, cases, gateway.toml)."""
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    return tmp_path / "config"
+
+
+def run(capsys: pytest.CaptureFixture[str], config: Path, *extra: str) -> tuple[int, str, str]:
+    code = main(
+        [
+            "test", str(config / "policies"), str(config / "policy-tests" / "story.toml"),
+            "--config", str(config / "gateway.toml"), *extra,
+        ]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_shipped_story_cases_pass(capsys: pytest.CaptureFixture[str], story: Path) -> None:
+    code, out, _ = run(capsys, story)
+    assert code == 0
+    assert out.count("\nok   ") + out.startswith("ok   ") == 7
+    assert out.endswith("7 passed, 0 failed\n")
+
+
+def test_a_changed_case_fails_with_a_readable_diff_and_junit(
+    capsys: pytest.CaptureFixture[str], story: Path, tmp_path: Path
+) -> None:
+    cases = story / "policy-tests" / "story.toml"
+    text = cases.read_text()
+    held = 'name = "after the deadline the phone\'s mail is held"\napps = ["com.zhiliaoapp.musically"]\nexpect = "hold"'
+    assert held in text
+    cases.write_text(text.replace(held, held.replace('expect = "hold"', 'expect = "warn"')))
+    junit = tmp_path / "results.xml"
+    code, out, _ = run(capsys, story, "--junit", str(junit))
+    assert code == 1
+    assert "FAIL after the deadline the phone's mail is held  (" in out
+    assert "       expected warn, got hold by remove-tiktok (enforce)\n" in out
+    assert "       expected phase enforce" not in out  # the phase did match
+    assert out.endswith("6 passed, 1 failed\n")
+    suite = ElementTree.fromstring(junit.read_bytes())  # noqa: S314  # our own output
+    assert suite.get("tests") == "7"
+    assert suite.get("failures") == "1"
+    failed = [c for c in suite.iter("testcase") if c.find("failure") is not None]
+    assert [c.get("name") for c in failed] == ["after the deadline the phone's mail is held"]
+
+
+def test_json_output(capsys: pytest.CaptureFixture[str], story: Path) -> None:
+    code, out, _ = run(capsys, story, "--json")
+    report = json.loads(out)
+    assert code == 0
+    assert report["schema"] == 1
+    assert report["ok"] is True
+    exempt = next(c for c in report["cases"] if c["name"] == "IT's test phone is exempt")
+    assert exempt["decision"]["action"] == "allow"
+    assert exempt["decision"]["exempted"] == ["remove-tiktok"]
+
+
+def test_a_bad_cases_file_names_file_line_and_key(
+    capsys: pytest.CaptureFixture[str], story: Path
+) -> None:
+    cases = story / "policy-tests" / "story.toml"
+    cases.write_text(
+        '[[case]]\nname = "typo"\nuser = "a@example.test"\nclass = "mobile"\n'
+        'at = 2020-07-11T12:00:00Z\nexpct = "hold"\n'
+    )
+    code, _, err = run(capsys, story)
+    assert code == 2
+    assert f"{cases}:6: case[0].expct: unknown key (did you mean 'expect'?)" in err
+    assert "missing required key 'expect'" in err
+
+
+def test_case_names_cannot_write_control_characters_to_the_terminal(
+    capsys: pytest.CaptureFixture[str], story: Path
+) -> None:
+    cases = story / "policy-tests" / "story.toml"
+    cases.write_text(
+        '[[case]]\nname = "evil\\u001b[2J\\r"\nuser = "a@example.test"\nclass = "mobile"\n'
+        'at = 2020-07-11T12:00:00Z\nexpect = "reject"\n'
+    )
+    code, out, _ = run(capsys, story)
+    assert code == 1
+    assert "\x1b" not in out
+    assert "\r" not in out
+    assert "evil\\x1b[2J\\r" in out
