@@ -454,6 +454,17 @@ class VerifierSettings:
             "Longer tokens are refused before any parsing.",
         ),
     )
+    cache_entries: int = field(
+        default=10_000,
+        metadata=setting(
+            Integer(minimum=0, unit="tokens"),
+            """Verified tokens remembered (least recently used dropped first), so that a
+            device reconnecting with the same token skips the signature check; time claims
+            are checked on every use. Size it to the devices that connect within a token's
+            lifetime; about 2 KB per entry for a 600-byte token. 0 turns the cache off.""",
+            key="cache_entries",
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import binascii
 import json
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -228,7 +229,10 @@ class TokenVerifier:
     """
 
     def __init__(
-        self, settings: VerifierSettings, cache_size: int = 4096, keyring: KeyRing | None = None
+        self,
+        settings: VerifierSettings,
+        cache_size: int | None = None,
+        keyring: KeyRing | None = None,
     ) -> None:
         self.settings = settings
         self.keyring = keyring if keyring is not None else KeyRing(settings.issuers)
@@ -236,8 +240,10 @@ class TokenVerifier:
         self._registries = {alg: GatewayRegistry(frozenset([alg])) for alg in ALLOWED_ALGORITHMS}
         # Verified tokens: a device reconnecting with the same token skips the signature
         # check (about 60 µs for Ed25519) but never the time checks.
-        self._verified: dict[bytes, DeviceClaims] = {}
-        self._cache_size = cache_size
+        # Least recently used first: a fleet of devices larger than the cache keeps the
+        # ones that reconnect, instead of a FIFO evicting every device in turn.
+        self._verified: OrderedDict[bytes, DeviceClaims] = OrderedDict()
+        self._cache_size = settings.cache_entries if cache_size is None else cache_size
 
     def verify(self, token: str | bytes, now: datetime) -> DeviceClaims:
         settings = self.settings
@@ -253,14 +259,14 @@ class TokenVerifier:
             self._generation = self.keyring.generation
         cached = self._verified.get(raw)
         if cached is not None:
+            self._verified.move_to_end(raw)
             self._check_times(cached.expires_at, cached.issued_at, cached.not_before, now)
             return cached
         claims = self._verify_uncached(raw, now)
         if not self._cache_size:
             return claims
         if len(self._verified) >= self._cache_size:
-            # Drop the oldest entry (dicts keep insertion order): cheap and good enough.
-            del self._verified[next(iter(self._verified))]
+            self._verified.popitem(last=False)
         self._verified[raw] = claims
         return claims
 

@@ -73,6 +73,7 @@ NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("tokens", "audience"): ('"gw.example.com"', "gw.example.com"),
     ("tokens", "leeway_seconds"): ("0", timedelta(0)),
     ("tokens", "max_token_bytes"): ("4096", 4096),
+    ("tokens", "cache_entries"): ("50000", 50000),
     ("tokens.issuers", "issuer"): (f'"{ISSUER}"', ISSUER),
     ("tokens.issuers", "keys"): ('["mdm.jwks.json"]', ["k1"]),
     ("tokens.issuers", "jwks_url"): (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -279,3 +280,35 @@ def test_the_cache_never_admits_a_token_that_failed(issuer: TestIssuer) -> None:
     for index in range(3):  # the cache stays bounded
         verifier.verify(issuer.token(issued_at=NOW, device_id=f"d{index}"), NOW)
     assert len(verifier._verified) == 2
+
+
+def test_the_verified_token_cache_keeps_the_devices_that_reconnect() -> None:
+    """Least recently used is dropped first: with room for two, a device that keeps
+    reconnecting stays cached while new devices come and go (a FIFO would evict it)."""
+    from unittest import mock
+
+    issuer = TestIssuer.generate("lru")
+    verifier = TokenVerifier(issuer.verifier_settings(), cache_size=2)
+    now = datetime.now(UTC)
+    busy, *others = [issuer.token(device_id=f"device-{n}") for n in range(4)]
+    with mock.patch.object(
+        verifier, "_verify_uncached", wraps=verifier._verify_uncached
+    ) as signature_checks:
+        verifier.verify(busy, now)
+        for other in others:
+            verifier.verify(other, now)
+            verifier.verify(busy, now)  # reconnects between every other device
+        assert signature_checks.call_count == 1 + len(others)  # busy verified once only
+        verifier.verify(others[0], now)  # long evicted
+        assert signature_checks.call_count == 2 + len(others)
+
+
+def test_the_cache_is_sized_by_configuration() -> None:
+    issuer = TestIssuer.generate("size")
+    settings = dataclasses.replace(issuer.verifier_settings(), cache_entries=0)
+    verifier = TokenVerifier(settings)
+    token = issuer.token()
+    now = datetime.now(UTC)
+    verifier.verify(token, now)
+    verifier.verify(token, now)
+    assert len(verifier._verified) == 0
