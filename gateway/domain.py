@@ -32,6 +32,14 @@ class Action(enum.IntEnum):
         return cls[text.upper()]
 
 
+class Access(enum.Enum):
+    """What a device asks for: to send mail (SMTP submission) or to sync it (an IMAP or
+    POP3 login). Policies apply to both unless their scope names one."""
+
+    SEND = "send"
+    SYNC = "sync"
+
+
 class Phase(enum.Enum):
     """Where a policy is in its life at a given instant."""
 

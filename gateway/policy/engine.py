@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from gateway.domain import Action, Decision, DeviceClaims, Phase, PolicyMatch, PolicyState
+from gateway.domain import Access, Action, Decision, DeviceClaims, Phase, PolicyMatch, PolicyState
 from gateway.policy.model import Conditions, DeviceFacts, Policy, PolicySet
 from gateway.policy.versions import Version
 
@@ -203,8 +203,14 @@ def _contribution(policy: Policy, phase: Phase) -> Action:
     return policy.action
 
 
-def decide(compiled: CompiledPolicySet, claims: DeviceClaims, now: datetime) -> Decision:
-    """The one decision for a message from this device at ``now``."""
+def decide(
+    compiled: CompiledPolicySet,
+    claims: DeviceClaims,
+    now: datetime,
+    access: Access = Access.SEND,
+) -> Decision:
+    """The one decision for this device at ``now``: for a message it sends, or for a login
+    that syncs its mail (``access``)."""
     user_groups = compiled.groups_by_user.get(claims.user, frozenset())
     facts = DeviceFacts(claims, user_groups)
     in_force: list[PolicyMatch] = []
