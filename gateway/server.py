@@ -99,7 +99,7 @@ class GatewayServer:
 
     @property
     def ready(self) -> bool:
-        return self.services.policies.ready and bool(self._servers) and not self.draining
+        return self.services.unready_reason is None and bool(self._servers) and not self.draining
 
     def _factory(self, tls_context: ssl.SSLContext | None, implicit_tls: bool) -> SubmissionSMTP:
         return SubmissionSMTP(
@@ -211,7 +211,11 @@ class GatewayServer:
         if self.ready:
             version = self.services.policies.current.version
             return 200, "text/plain", f"ready {version}\n".encode()
-        reason = "draining" if self.draining else "starting"
+        reason = (
+            "draining"
+            if self.draining
+            else self.services.unready_reason or ("starting" if not self._servers else "")
+        )
         return 503, "text/plain", f"not ready: {reason}\n".encode()
 
     def _metrics(self) -> tuple[int, str, bytes]:

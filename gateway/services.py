@@ -61,7 +61,9 @@ class Services:
         self.reloader = Reloader(self.policies, self._after_reload, guard=self._blast_radius)
         self.last_good_reload = time.time()
         self.relay = build_relay(settings)
-        self.hold_store = AsyncHoldStore(settings.hold.database)
+        self.hold_store = AsyncHoldStore(
+            settings.hold.database, busy_timeout=settings.hold.busy_timeout
+        )
         self.inventory = Inventory(self.hold_store, settings.inventory_retention, clock)
         sender = settings.notice_sender or f"compliance-gateway@{settings.smtp.hostname}"
         self.notifier = (
@@ -79,7 +81,9 @@ class Services:
             spawn,
             on_released=self._released,
             parallel=settings.hold.release_concurrency,
+            on_event=lambda event: self.metrics.release_events.labels(event).inc(),
         )
+        self.store_problem: str | None = None  # why the hold store cannot be written now
         self.keyring = KeyRing(settings.tokens.issuers)
         self.jwks = JwksRefresher(
             self.keyring,
@@ -134,11 +138,40 @@ class Services:
         return changed
 
     async def tick(self) -> None:
-        """The periodic pass: retries and admin releases, expiry, the inventory flush."""
-        await self.releaser.run()
+        """The periodic pass: the store's write probe, expiry (its bounces go out in the
+        same tick), retries and admin releases, the inventory flush."""
+        await self.check_store()
         await self.releaser.expire()
+        await self.releaser.run()
         await self.inventory.flush()
         self.metrics.held.set(await self.hold_store.count())
+
+    async def check_store(self) -> None:
+        """Probe a write: readiness (/readyz) is off while the hold store cannot be
+        written, since a hold would then be refused with 451."""
+        try:
+            await self.hold_store.probe_write(time.time())
+        except HoldStoreError as exc:
+            if self.store_problem is None:
+                log.error("hold_store_not_writable", error=str(exc))
+            self.store_problem = str(exc)
+            self.metrics.hold_store_writable.set(0)
+            return
+        if self.store_problem is not None:
+            log.info("hold_store_writable_again")
+        self.store_problem = None
+        self.metrics.hold_store_writable.set(1)
+
+    @property
+    def unready_reason(self) -> str | None:
+        """Why the services cannot take mail as promised, or None."""
+        if not self.policies.ready:
+            return "starting"
+        if self.store_problem is not None:
+            return f"hold store cannot be written: {self.store_problem}"
+        if self.releaser.fault is not None:
+            return f"release of held mail stopped: {self.releaser.fault}"
+        return None
 
     async def close(self) -> None:
         await self.relay.close()

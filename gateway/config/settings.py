@@ -730,6 +730,16 @@ class HoldSettings:
         default=8,
         metadata=setting(Integer(minimum=1), "Devices whose held mail is relayed at once."),
     )
+    busy_timeout: float = field(
+        default=5.0,
+        metadata=setting(
+            Number(minimum=0.01, unit="seconds"),
+            "How long a write waits for another connection's lock on the store (a `gateway "
+            "hold` command, a backup) before it fails: a hold then gets 451, and release "
+            "stops until the store takes writes again.",
+            key="busy_timeout_seconds",
+        ),
+    )
 
 
 @dataclass(frozen=True)

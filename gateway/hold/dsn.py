@@ -1,4 +1,5 @@
-"""Delivery status notifications (RFC 3464) for held mail that expired.
+"""Delivery status notifications (RFC 3464) for held mail: expired, or refused for good
+by the upstream when it was released.
 
 Built with the email package (policy SMTP), never by formatting strings: addresses and
 policy ids from the store enter a header as one line of text, so they cannot add a header,
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import textwrap
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage, Message, MIMEPart
 from email.policy import SMTP
@@ -30,20 +33,77 @@ def _status_fields(*fields: tuple[str, str]) -> MIMEPart:
     return block
 
 
-def delivery_status_notification(
-    held: HeldMessage, hostname: str, now: datetime, held_for: timedelta
+@dataclass(frozen=True)
+class FailedRecipient:
+    """One recipient a bounce reports: its RFC 3463 status and the diagnostic reply."""
+
+    recipient: str
+    status: str  # e.g. 5.1.1
+    diagnostic: str  # an SMTP reply line: "550 5.1.1 no such user"
+
+
+def expiry_report(
+    held: HeldMessage, original_headers: bytes, hostname: str, now: datetime, held_for: timedelta
 ) -> bytes:
-    """A multipart/report bounce with the original headers (not the body) attached."""
-    hostname = _one_line(hostname)
+    """The bounce for held mail that was not released in time: every recipient failed."""
     policies = _one_line(", ".join(held.policy_ids))
     days = held_for.total_seconds() / 86400
-
-    explanation = MIMEPart(policy=SMTP)
     text = (
         f"Your message of {held.received_at.isoformat()} was held because the device it was"
         f" sent from did not comply with policy ({policies}), and it was not released within"
         f" {days:g} days. It has not been delivered."
     )
+    failed = [
+        FailedRecipient(r, "5.7.1", f"550 5.7.1 held by policy {policies} and expired")
+        for r in held.recipients
+    ]
+    return _report(held, original_headers, hostname, now, text, failed)
+
+
+def refusal_report(
+    held: HeldMessage,
+    original_headers: bytes,
+    hostname: str,
+    now: datetime,
+    failed: Sequence[FailedRecipient],
+) -> bytes:
+    """The bounce for recipients the upstream refused for good when held mail was
+    released (RFC 5321 s 6.1: the client heard 250 at hold time, so the gateway now owns
+    the message and must report its failure)."""
+    text = (
+        f"Your message of {held.received_at.isoformat()} was held for a while because of the"
+        f" compliance of the device it was sent from. When it was released, the receiving"
+        f" server refused {'this recipient' if len(failed) == 1 else 'these recipients'}"
+        f" permanently, so it was not delivered to "
+        f"{'it' if len(failed) == 1 else 'them'}. The server's reply is in the report."
+    )
+    return _report(held, original_headers, hostname, now, text, failed)
+
+
+def delivery_status_notification(
+    held: HeldMessage, hostname: str, now: datetime, held_for: timedelta
+) -> bytes:
+    """The expiry bounce for a message whose bytes are at hand (``held.content``)."""
+    return expiry_report(held, _header_block(held.content or b""), hostname, now, held_for)
+
+
+def _header_block(original: bytes) -> bytes:
+    header_end = original.find(b"\r\n\r\n")
+    return original[: header_end + 2] if header_end >= 0 else original
+
+
+def _report(
+    held: HeldMessage,
+    original_headers: bytes,
+    hostname: str,
+    now: datetime,
+    text: str,
+    failed: Sequence[FailedRecipient],
+) -> bytes:
+    """A multipart/report bounce (RFC 3464) with the original headers (not the body)."""
+    hostname = _one_line(hostname)
+
+    explanation = MIMEPart(policy=SMTP)
     body = textwrap.fill(text, 72, break_long_words=False, break_on_hyphens=False) + "\n"
     explanation.set_content(body, cte=None if body.isascii() else "quoted-printable")
 
@@ -55,19 +115,17 @@ def delivery_status_notification(
             ("Arrival-Date", format_datetime(held.received_at)),
         )
     )
-    for recipient in held.recipients:
+    for failure in failed:
         status.attach(
             _status_fields(
-                ("Final-Recipient", f"rfc822; {recipient}"),
+                ("Final-Recipient", f"rfc822; {failure.recipient}"),
                 ("Action", "failed"),
-                ("Status", "5.7.1"),
-                ("Diagnostic-Code", f"smtp; 550 5.7.1 held by policy {policies} and expired"),
+                ("Status", failure.status),
+                ("Diagnostic-Code", f"smtp; {failure.diagnostic}"),
             )
         )
 
-    original = held.content or b""
-    header_end = original.find(b"\r\n\r\n")
-    original_headers = original[: header_end + 2] if header_end >= 0 else original
+    original_headers = _header_block(original_headers)
     headers = MIMEPart(policy=SMTP)
     headers.set_content(
         original_headers,

@@ -4,17 +4,37 @@ When: after every policy reload that changed something, when a device authentica
 with a newer token, when an admin requested it (``gateway hold release``), and on a
 periodic tick (retries with backoff, expiry).
 
-Guarantee: at least once. A row is deleted only after the upstream said 250, so a crash
-between the two sends the message again after restart (a duplicate), never loses it. A
-device's messages go in arrival order: the first one that cannot be relayed stops that
-device's run and is retried with exponential backoff.
+Memory: a pass decides from metadata (ids, devices, claims, sizes: ``HoldStore.due``,
+paged) and loads one body at a time per upstream connection, only for a message it
+actually sends; expiry pages too and reads only a message's headers for its bounce. So
+memory does not grow with the number or size of held messages (bench/held_rss.py).
+
+Guarantee: at least once, never lost. Before a device's messages go upstream they are
+claimed in the store (one write); if that write fails nothing is sent. After the
+upstream answered, the outcome is recorded per recipient (RFC 5321 s 6.1: the client
+heard 250 at hold time, so each recipient is delivered, retried or bounced):
+
+2xx    done: the row is deleted (batched: one commit per DELETE_BATCH or quarter second)
+4xx    kept for those recipients, retried with exponential backoff
+5xx    bounced at once: one RFC 3464 DSN per message naming each failed recipient and
+       the upstream's reply, stored as a held message to the sender in the same
+       transaction, and released like any other
+
+When recording an outcome fails (disk full, a lock held past the busy timeout), release
+stops: the outcomes are kept in memory, never relayed again by this process, and written
+before anything else once a probe write succeeds; ``fault`` says why (``/readyz`` shows
+it). So duplicates come only from a crash: at most the messages in flight then, plus the
+last unflushed batch of deletions. A device's messages go in arrival order: the first one
+that stays held or is retried stops that device's run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Coroutine, Iterable
+import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,8 +42,9 @@ from typing import Any
 import structlog
 
 from gateway.domain import Action, Clock, DeviceClaims
-from gateway.hold.dsn import delivery_status_notification
-from gateway.hold.store import AsyncHoldStore, HeldMessage
+from gateway.errors import HoldStoreError
+from gateway.hold.dsn import FailedRecipient, expiry_report, refusal_report
+from gateway.hold.store import AsyncHoldStore, HeldMessage, Settlement
 from gateway.policy.engine import CompiledPolicySet, decide
 from gateway.policy.store import PolicyStore
 from gateway.replies import Reply
@@ -35,8 +56,8 @@ RELEASABLE = (Action.ALLOW, Action.WARN)
 BACKOFF_BASE = 5.0
 BACKOFF_MAX = 600.0
 
-
-PAGE_SIZE = 500  # held messages read per query
+PAGE_SIZE = 500  # held messages (metadata only) read per query
+EXPIRY_PAGE_SIZE = 100
 DELETE_BATCH = 64  # released rows deleted per transaction (one fsync)
 
 
@@ -45,35 +66,35 @@ class ReleaseReport:
     released: list[str] = field(default_factory=list)
     still_held: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    bounced: list[str] = field(default_factory=list)  # messages with a recipient refused for good
     expired: list[str] = field(default_factory=list)
     blocked: list[tuple[str, str]] = field(default_factory=list)  # (device, first hold_id)
 
 
-class _Deletions:
-    """Rows whose message the upstream accepted, deleted in batches: one commit (and fsync)
-    per batch instead of per message. Deletes are shielded from cancellation, because a
-    row kept after its message left would be sent again after a restart. A crash before
-    the batch commits can send up to DELETE_BATCH messages, or a quarter second's worth,
-    twice (at least once, never lost).
-    """
+@dataclass(frozen=True)
+class Outcome:
+    """Each recipient's fate in one release attempt."""
 
-    def __init__(self, store: AsyncHoldStore) -> None:
-        self.store = store
-        self.pending: list[str] = []
-        self._last_flush = time.monotonic()
+    delivered: tuple[str, ...]
+    retry: tuple[tuple[str, Reply], ...]
+    failed: tuple[tuple[str, Reply], ...]
 
-    async def add(self, hold_id: str) -> None:
-        self.pending.append(hold_id)
-        # Batch by count, and by age too, so that a crash re-sends little even when
-        # releases trickle out slowly.
-        if len(self.pending) >= DELETE_BATCH or time.monotonic() - self._last_flush > 0.25:
-            await self.flush()
+    @classmethod
+    def of(cls, recipients: tuple[str, ...], per_recipient: dict[str, Reply]) -> Outcome:
+        delivered, retry, failed = [], [], []
+        for recipient in recipients:
+            reply = per_recipient[recipient]
+            if reply.is_success:
+                delivered.append(recipient)
+            elif reply.code >= 500:
+                failed.append((recipient, reply))
+            else:  # 4xx, and anything unexpected: keep it and try again
+                retry.append((recipient, reply))
+        return cls(tuple(delivered), tuple(retry), tuple(failed))
 
-    async def flush(self) -> None:
-        batch, self.pending = self.pending, []
-        self._last_flush = time.monotonic()
-        if batch:
-            await asyncio.shield(self.store.remove(batch))
+
+class StoreFault(Exception):
+    """Recording a release's outcome failed; release stops until the store takes writes."""
 
 
 # Starts a named background task that the caller keeps referenced and logs if it fails.
@@ -92,6 +113,7 @@ class Releaser:
         spawn: Spawn,
         on_released: Callable[[HeldMessage], None] | None = None,
         parallel: int = 4,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.relay = relay
@@ -104,10 +126,25 @@ class Releaser:
         self.devices_with_mail: set[str] = set()
         self._device_releases: dict[str, asyncio.Task[Any]] = {}
         self.on_released = on_released
+        self.on_event = on_event
         self.parallel = parallel  # devices released at once (one upstream connection each)
+        self.fault: str | None = None  # why release is stopped (the store cannot be written)
+        # Outcomes known but not yet written (their write failed): never relayed again.
+        self._unsettled: dict[str, Settlement] = {}
+        self._deletions: list[str] = []
+        self._last_flush = time.monotonic()
+        self._flushing = asyncio.Lock()  # one deletion batch written at a time
 
     async def start(self) -> None:
         self.devices_with_mail = await self.store.device_ids()
+        claimed = await self.store.claimed()
+        if claimed:
+            log.warning(
+                "release_resumed_after_interruption",
+                messages=claimed,
+                note="these were being relayed when the gateway stopped; any that had "
+                "reached the upstream are sent again (at most once more each)",
+            )
 
     def note_held(self, device_id: str) -> None:
         self.devices_with_mail.add(device_id)
@@ -138,52 +175,100 @@ class Releaser:
         except Exception:  # the release goes on in the background; the new mail proceeds
             log.warning("release_wait_abandoned", device_id=device_id)
 
+    def _event(self, name: str) -> None:
+        if self.on_event is not None:
+            self.on_event(name)
+
     async def run(
         self, *, device_id: str | None = None, newer_claims: DeviceClaims | None = None
     ) -> ReleaseReport:
         """One pass; serialised, so a message is never relayed by two passes at once."""
         async with self._lock:
-            return await self._run(device_id, newer_claims)
+            report = ReleaseReport()
+            if not await self._recover():
+                return report
+            # A store fault is logged and counted where it happens; the next pass recovers.
+            with contextlib.suppress(StoreFault):
+                await self._run(device_id, newer_claims, report)
+            return report
 
-    async def _run(self, device_id: str | None, newer_claims: DeviceClaims | None) -> ReleaseReport:
+    async def _recover(self) -> bool:
+        """After a store fault: write what is known, if the store takes writes again."""
+        if self.fault is None:
+            return True
+        try:
+            await self.store.probe_write(time.time())
+            await self._flush_deletions()
+            for hold_id, settlement in list(self._unsettled.items()):
+                await self.store.settle(settlement)
+                del self._unsettled[hold_id]
+        except HoldStoreError as exc:
+            self.fault = str(exc)
+            return False
+        log.info("release_resumed", note="the hold store takes writes again")
+        self._event("store_recovered")
+        self.fault = None
+        return True
+
+    def _store_fault(self, exc: HoldStoreError) -> StoreFault:
+        if self.fault is None:
+            log.error("release_stopped", reason=str(exc))
+            self._event("store_fault")
+        self.fault = str(exc)
+        return StoreFault(str(exc))
+
+    async def _run(
+        self, device_id: str | None, newer_claims: DeviceClaims | None, report: ReleaseReport
+    ) -> None:
         """Page through due mail in arrival order; each page's devices are released as
         parallel lanes (up to ``parallel`` upstream connections), each lane in order."""
-        report = ReleaseReport()
         now = self.clock()
         compiled = self.policies.current  # one policy set for the whole pass
-        deletions = _Deletions(self.store)
         legs = asyncio.Semaphore(self.parallel)
         after = 0
-        while True:
-            page = await self.store.due(now, device_id, PAGE_SIZE, after)
-            if not page:
-                break
-            after = page[-1].seq
-            blocked_devices = {device for device, _ in report.blocked}
-            lanes: dict[str, list[HeldMessage]] = {}
-            for held in page:
-                if held.device_id in blocked_devices:
-                    report.still_held += 1  # behind a message of its device that stays
-                else:
-                    lanes.setdefault(held.device_id, []).append(held)
-            try:
-                await asyncio.gather(
-                    *(
-                        self._release_lane(
-                            lane, compiled, newer_claims, now, legs, deletions, report
+        try:
+            while True:
+                page = await self._read(self.store.due(now, device_id, PAGE_SIZE, after))
+                if not page:
+                    break
+                after = page[-1].seq
+                blocked_devices = {device for device, _ in report.blocked}
+                lanes: dict[str, list[HeldMessage]] = {}
+                for held in page:
+                    if held.hold_id in self._unsettled or held.hold_id in self._deletions:
+                        continue  # sent already; its outcome waits to be written
+                    if held.device_id in blocked_devices and not held.is_bounce:
+                        report.still_held += 1  # behind a message of its device that stays
+                    else:
+                        # Bounces are sent whatever the device's state, each on its own.
+                        lane = f"bounce:{held.hold_id}" if held.is_bounce else held.device_id
+                        lanes.setdefault(lane, []).append(held)
+                async with asyncio.TaskGroup() as lanes_running:
+                    for lane in lanes.values():
+                        lanes_running.create_task(
+                            self._release_lane(lane, compiled, newer_claims, now, legs, report)
                         )
-                        for lane in lanes.values()
-                    )
-                )
-            finally:
-                await deletions.flush()
-            if len(page) < PAGE_SIZE:
-                break
+                if len(page) < PAGE_SIZE:
+                    break
+        except* StoreFault as group:
+            raise group.exceptions[0] from None
+        finally:
+            await asyncio.shield(self._flush_deletions_or_fault())
+        await self._forget_devices_without_mail(device_id, now)
+
+    async def _forget_devices_without_mail(self, device_id: str | None, now: datetime) -> None:
         if device_id is None:
-            self.devices_with_mail = await self.store.device_ids()
-        elif not await self.store.due(datetime.max.replace(tzinfo=now.tzinfo), device_id, limit=1):
+            self.devices_with_mail = await self._read(self.store.device_ids())
+        elif not await self._read(
+            self.store.due(datetime.max.replace(tzinfo=now.tzinfo), device_id, limit=1)
+        ):
             self.devices_with_mail.discard(device_id)
-        return report
+
+    async def _read(self, query: Coroutine[Any, Any, Any]) -> Any:
+        try:
+            return await query
+        except HoldStoreError as exc:
+            raise self._store_fault(exc) from exc
 
     async def _release_lane(
         self,
@@ -192,71 +277,193 @@ class Releaser:
         newer_claims: DeviceClaims | None,
         now: datetime,
         legs: asyncio.Semaphore,
-        deletions: _Deletions,
         report: ReleaseReport,
     ) -> None:
-        """One device's due messages, in order; the first that stays held or fails stops
-        the lane, so that later mail never overtakes it."""
+        """One device's due messages, in order; the first that stays held or is retried
+        stops the lane, so that later mail never overtakes it."""
+        releasable: list[HeldMessage] = []
+        for index, held in enumerate(lane):
+            claims = (
+                newer_claims
+                if newer_claims is not None and newer_claims.device.id == held.device_id
+                else held.claims
+            )
+            if (
+                not held.release_requested
+                and decide(compiled, claims, now).action not in RELEASABLE
+            ):
+                report.still_held += len(lane) - index
+                report.blocked.append((held.device_id, held.hold_id))
+                break
+            releasable.append(held)
+        if not releasable:
+            return
         async with legs:
-            for index, held in enumerate(lane):
-                claims = (
-                    newer_claims
-                    if newer_claims is not None and newer_claims.device.id == held.device_id
-                    else held.claims
-                )
-                if (
-                    not held.release_requested
-                    and decide(compiled, claims, now).action not in RELEASABLE
-                ):
-                    report.still_held += len(lane) - index
-                    report.blocked.append((held.device_id, held.hold_id))
-                    return
-                reply = await self._relay(held, held.sender, held.recipients, held.content or b"")
-                if not reply.is_success:
-                    delay = min(BACKOFF_MAX, BACKOFF_BASE * 2**held.attempts)
-                    await self.store.postpone(held.hold_id, now.timestamp() + delay, reply.line())
-                    report.failed.append((held.hold_id, reply.line()))
-                    report.blocked.append((held.device_id, held.hold_id))
-                    log.warning(
-                        "release_failed", hold_id=held.hold_id, reply=reply.line(), retry_in=delay
-                    )
-                    return
-                await deletions.add(held.hold_id)
-                report.released.append(held.hold_id)
-                if self.on_released is not None:
-                    self.on_released(held)
-                log.info(
-                    "released",
-                    hold_id=held.hold_id,
-                    device_id=held.device_id,
-                    user=held.user,
-                    requested=held.release_requested,
-                    upstream_reply=reply.line(),
-                )
+            if self.fault is not None:
+                raise StoreFault(self.fault)  # another lane found the store failing
+            claim_id = uuid.uuid4().hex
+            try:
+                await self.store.claim([h.hold_id for h in releasable], claim_id, time.time())
+            except HoldStoreError as exc:
+                raise self._store_fault(exc) from exc
+            attempted = 0
+            try:
+                for held in releasable:
+                    if self.fault is not None:
+                        break
+                    attempted += 1
+                    if not await self._release_one(held, now, report):
+                        report.still_held += len(releasable) - attempted
+                        report.blocked.append((held.device_id, held.hold_id))
+                        break
+            finally:
+                await asyncio.shield(self._unclaim([h.hold_id for h in releasable[attempted:]]))
 
-    async def _relay(
-        self, held: HeldMessage, sender: str, recipients: Iterable[str], content: bytes
-    ) -> Reply:
-        """The message's outcome upstream in one reply (see ``Delivery.reply``)."""
-        delivery = await self.relay.deliver(sender, tuple(recipients), content)
-        return delivery.reply
+    async def _unclaim(self, hold_ids: list[str]) -> None:
+        """Claims of messages not sent after all: harmless if this fails (a claim only
+        says a message may have been sent)."""
+        if hold_ids:
+            try:
+                await self.store.unclaim(hold_ids)
+            except HoldStoreError as exc:
+                log.warning("release_unclaim_failed", error=str(exc))
+
+    async def _release_one(self, held: HeldMessage, now: datetime, report: ReleaseReport) -> bool:
+        """Relay one message and record what happened; False if it waits for a retry."""
+        try:
+            content = await self.store.content(held.hold_id)
+        except HoldStoreError as exc:
+            raise self._store_fault(exc) from exc
+        if content is None:
+            return True  # dropped by an admin meanwhile
+        delivery = await self.relay.deliver(held.sender, held.recipients, content, held.options)
+        del content
+        outcome = Outcome.of(held.recipients, delivery.per_recipient(held.recipients))
+        if outcome.delivered and not outcome.retry and not outcome.failed:
+            await self._delete(held.hold_id)
+            report.released.append(held.hold_id)
+            self._event("released")
+            log.info(
+                "released",
+                hold_id=held.hold_id,
+                device_id=held.device_id,
+                user=held.user,
+                requested=held.release_requested,
+                bounce=held.is_bounce,
+                upstream_reply=delivery.reply.line(),
+            )
+            if self.on_released is not None and not held.is_bounce:
+                self.on_released(held)
+            return True
+        await self._settle(held, outcome, now)
+        if outcome.failed:
+            report.bounced.append(held.hold_id)
+            self._event("bounced")
+            log.warning(
+                "release_refused",
+                hold_id=held.hold_id,
+                refused=[f"{r}: {reply.line()}" for r, reply in outcome.failed],
+                bounced=not held.is_bounce and bool(held.sender),
+            )
+        if outcome.delivered:
+            report.released.append(held.hold_id)
+        if outcome.retry:
+            _, first = outcome.retry[0]
+            report.failed.append((held.hold_id, first.line()))
+            self._event("retried")
+            log.warning(
+                "release_failed",
+                hold_id=held.hold_id,
+                reply=first.line(),
+                recipients=len(outcome.retry),
+            )
+            return False
+        return True
+
+    async def _settle(self, held: HeldMessage, outcome: Outcome, now: datetime) -> None:
+        """Write one outcome at once, with its bounce; if the write fails, keep it in memory
+        (so the message is not relayed again) and stop release."""
+        retry_at, error = 0.0, None
+        if outcome.retry:
+            delay = min(BACKOFF_MAX, BACKOFF_BASE * 2**held.attempts)
+            retry_at, error = now.timestamp() + delay, outcome.retry[0][1].line()
+        bounce = None
+        headers = b""
+        try:
+            if outcome.failed and held.sender and not held.is_bounce:
+                headers = await self.store.headers(held.hold_id)
+        except HoldStoreError:
+            pass  # the bounce goes without the original headers rather than not at all
+        if outcome.failed and held.sender and not held.is_bounce:
+            failed = [
+                FailedRecipient(r, reply.enhanced, reply.line()) for r, reply in outcome.failed
+            ]
+            bounce = refusal_report(held, headers, self.hostname, now, failed)
+        settlement = Settlement(
+            hold_id=held.hold_id,
+            at=now,
+            retry=tuple(recipient for recipient, _ in outcome.retry),
+            retry_at=retry_at,
+            error=error,
+            bounce=bounce,
+        )
+        try:
+            await self.store.settle(settlement)
+        except HoldStoreError as exc:
+            self._unsettled[held.hold_id] = settlement
+            raise self._store_fault(exc) from exc
+
+    async def _delete(self, hold_id: str) -> None:
+        """Batch deletions of delivered messages: one commit per batch, by count and by
+        age, so that a crash re-sends little even when releases trickle out slowly."""
+        self._deletions.append(hold_id)
+        if len(self._deletions) >= DELETE_BATCH or time.monotonic() - self._last_flush > 0.25:
+            await asyncio.shield(self._flush_deletions_or_fault())
+
+    async def _flush_deletions(self) -> None:
+        async with self._flushing:
+            batch = list(self._deletions)
+            self._last_flush = time.monotonic()
+            if batch:
+                await self.store.remove(batch)
+                del self._deletions[: len(batch)]  # lanes only append meanwhile
+
+    async def _flush_deletions_or_fault(self) -> None:
+        try:
+            await self._flush_deletions()
+        except HoldStoreError as exc:
+            raise self._store_fault(exc) from exc
 
     async def expire(self) -> ReleaseReport:
-        """Bounce (RFC 3464) and delete what has been held longer than allowed."""
+        """Turn what has been held longer than allowed into a bounce (RFC 3464) to its
+        sender, in one transaction per message; the bounce is then released like any
+        held message. Bounces that expire themselves are dropped (never bounce a bounce)."""
         report = ReleaseReport()
         async with self._lock:
+            if self.fault is not None:
+                return report
             now = self.clock()
-            for held in await self.store.expired(now - self.expire_after):
-                if held.sender:
-                    bounce = delivery_status_notification(
-                        held, self.hostname, now, self.expire_after
+            after = 0
+            try:
+                while True:
+                    page = await self.store.expired(
+                        now - self.expire_after, EXPIRY_PAGE_SIZE, after
                     )
-                    reply = (await self.relay.deliver("", [held.sender], bounce)).reply
-                    if not reply.is_success and reply.is_temporary:
-                        continue  # try the bounce again on the next tick
-                await self.store.remove([held.hold_id])
-                report.expired.append(held.hold_id)
-                log.info(
-                    "expired", hold_id=held.hold_id, sender=held.sender, bounced=bool(held.sender)
-                )
+                    for held in page:
+                        await self._expire_one(held, now)
+                        report.expired.append(held.hold_id)
+                    if len(page) < EXPIRY_PAGE_SIZE:
+                        break
+                    after = page[-1].seq
+            except HoldStoreError as exc:
+                self._store_fault(exc)
         return report
+
+    async def _expire_one(self, held: HeldMessage, now: datetime) -> None:
+        bounce = None
+        if held.sender and not held.is_bounce:
+            headers = await self.store.headers(held.hold_id)
+            bounce = expiry_report(held, headers, self.hostname, now, self.expire_after)
+        await self.store.settle(Settlement(held.hold_id, now, bounce=bounce))
+        self._event("expired")
+        log.info("expired", hold_id=held.hold_id, sender=held.sender, bounced=bounce is not None)

@@ -63,7 +63,11 @@ CREATE TABLE IF NOT EXISTS held (
     attempts       INTEGER NOT NULL DEFAULT 0,
     next_attempt   REAL NOT NULL DEFAULT 0,            -- unix time
     last_error     TEXT,
-    release_requested INTEGER NOT NULL DEFAULT 0       -- set by `gateway hold release`
+    release_requested INTEGER NOT NULL DEFAULT 0,      -- set by `gateway hold release`
+    options        TEXT NOT NULL DEFAULT '[]',         -- JSON list: MAIL parameters (BODY=)
+    claim_id       TEXT,                               -- the release attempt relaying it
+    claimed_at     REAL,                               -- unix time of that claim
+    bounce_of      TEXT                                -- a bounce (DSN): the hold_id it reports
 );
 CREATE INDEX IF NOT EXISTS held_device ON held (device_id, seq);
 CREATE INDEX IF NOT EXISTS held_user ON held (user);
@@ -78,6 +82,11 @@ CREATE TABLE IF NOT EXISTS notices (
     sent_at    REAL NOT NULL,
     PRIMARY KEY (device_id, policy_id, phase)
 );
+-- One row, rewritten by the write probe that tells whether the store can be written.
+CREATE TABLE IF NOT EXISTS health (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    written_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS devices (
     device_id  TEXT PRIMARY KEY,
     user       TEXT NOT NULL,
@@ -86,10 +95,23 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 """
 
+# Columns added after the first release of the store: (name, declaration). A store written
+# by an older gateway gains them at open (ALTER TABLE ... ADD COLUMN keeps its rows).
+_ADDED_COLUMNS = (
+    ("options", "TEXT NOT NULL DEFAULT '[]'"),
+    ("claim_id", "TEXT"),
+    ("claimed_at", "REAL"),
+    ("bounce_of", "TEXT"),
+)
+
+HEADER_LIMIT = 64 * 1024  # bytes of a held message read for a bounce's header part
+
 
 @dataclass(frozen=True)
 class HeldMessage:
-    """One held message as stored (the bytes are loaded only where needed)."""
+    """One held message as stored, without its bytes: release and expiry decide from
+    this, and load a body (``HoldStore.content``) only for a message actually sent, so
+    memory does not grow with the number or size of held messages."""
 
     seq: int
     hold_id: str
@@ -106,6 +128,13 @@ class HeldMessage:
     last_error: str | None
     release_requested: bool
     content: bytes | None = None
+    options: tuple[str, ...] = ()  # MAIL parameters for the upstream (BODY=8BITMIME)
+    claim_id: str | None = None  # set while (or since) a release attempt relays it
+    bounce_of: str | None = None  # this is a bounce (DSN) reporting on that hold_id
+
+    @property
+    def is_bounce(self) -> bool:
+        return self.bounce_of is not None
 
     def summary(self) -> dict[str, object]:
         return {
@@ -121,12 +150,14 @@ class HeldMessage:
             "attempts": self.attempts,
             "last_error": self.last_error,
             "release_requested": self.release_requested,
+            "options": list(self.options),
+            "bounce_of": self.bounce_of,
         }
 
 
 _COLUMNS = (
     "seq, hold_id, received_at, sender, recipients, user, device_id, claims, policy_ids, "
-    "policy_version, size, attempts, last_error, release_requested"
+    "policy_version, size, attempts, last_error, release_requested, options, claim_id, bounce_of"
 )
 
 
@@ -147,6 +178,9 @@ def _row(row: sqlite3.Row, content: bytes | None = None) -> HeldMessage:
         last_error=row["last_error"],
         release_requested=bool(row["release_requested"]),
         content=content,
+        options=tuple(json.loads(row["options"])),
+        claim_id=row["claim_id"],
+        bounce_of=row["bounce_of"],
     )
 
 
@@ -370,6 +404,7 @@ class HoldStore:
                 if check:
                     self._check()
                 self._db.executescript(SCHEMA)
+                self._migrate()
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
@@ -381,6 +416,23 @@ class HoldStore:
         if result != "ok":  # "*** in database main ***" then one problem per line
             problems = [line for line in str(result).splitlines() if not line.startswith("***")]
             raise _damaged(self.path, problems[0] if problems else str(result))
+
+    def _migrate(self) -> None:
+        """Add the columns a store written by an older gateway lacks (one transaction)."""
+        present = {row["name"] for row in self._db.execute("PRAGMA table_info(held)")}
+        missing = [(name, kind) for name, kind in _ADDED_COLUMNS if name not in present]
+        if not missing:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for name, kind in missing:  # fixed names and declarations, nothing from input
+                self._db.execute(f"ALTER TABLE held ADD COLUMN {name} {kind}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            raise
 
     def _errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
         return _errors(self.path, doing, self.busy_timeout)
@@ -426,7 +478,8 @@ class HoldStore:
         claims = held.claims
         self._write(
             "INSERT INTO held (hold_id, received_at, sender, recipients, user, device_id, claims, "
-            "policy_ids, policy_version, message, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "policy_ids, policy_version, message, size, options) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 hold_id,
                 held.received_at.astimezone(UTC).isoformat(),
@@ -439,6 +492,7 @@ class HoldStore:
                 held.decision.policy_version,
                 held.content,
                 len(held.content),
+                json.dumps(list(held.options)),
             ),
         )
         return hold_id
@@ -464,15 +518,108 @@ class HoldStore:
     def due(
         self, now: datetime, device_id: str | None = None, limit: int = 500, after: int = 0
     ) -> list[HeldMessage]:
-        """Held messages whose retry time has come, oldest first, with their bytes; ``after``
-        pages on by arrival order (seq)."""
-        sql = f"SELECT {_COLUMNS}, message FROM held WHERE next_attempt <= ? AND seq > ?"
+        """Held messages whose retry time has come, oldest first, without their bytes;
+        ``after`` pages on by arrival order (seq)."""
+        sql = f"SELECT {_COLUMNS} FROM held WHERE next_attempt <= ? AND seq > ?"
         params: list[object] = [now.timestamp(), after]
         if device_id is not None:
             sql += " AND device_id = ?"
             params.append(device_id)
         rows = self._read(sql + " ORDER BY seq LIMIT ?", [*params, limit])
-        return [_row(r, bytes(r["message"])) for r in rows]
+        return [_row(r) for r in rows]
+
+    def content(self, hold_id: str) -> bytes | None:
+        """One held message's bytes (None if it is gone: released or dropped meanwhile)."""
+        rows = self._read("SELECT message FROM held WHERE hold_id = ?", (hold_id,))
+        return bytes(rows[0][0]) if rows else None
+
+    def headers(self, hold_id: str) -> bytes:
+        """The header block of a held message (for a bounce), at most HEADER_LIMIT bytes
+        read, whatever the message's size."""
+        rows = self._read(
+            "SELECT substr(message, 1, ?) FROM held WHERE hold_id = ?", (HEADER_LIMIT, hold_id)
+        )
+        if not rows:
+            return b""
+        start = bytes(rows[0][0])
+        end = start.find(b"\r\n\r\n")
+        return start[: end + 2] if end >= 0 else start
+
+    def claim(self, hold_ids: Sequence[str], claim_id: str, at: float) -> int:
+        """Mark messages as being relayed by one release attempt, before they go upstream:
+        if this write fails, nothing is sent that could not be recorded afterwards."""
+        if not hold_ids:
+            return 0
+        marks = ",".join("?" * len(hold_ids))
+        return self._write(
+            f"UPDATE held SET claim_id = ?, claimed_at = ? WHERE hold_id IN ({marks})",
+            [claim_id, at, *hold_ids],
+        )
+
+    def unclaim(self, hold_ids: Sequence[str]) -> int:
+        """Claimed messages that were not sent after all (their device's run stopped)."""
+        if not hold_ids:
+            return 0
+        marks = ",".join("?" * len(hold_ids))
+        return self._write(
+            f"UPDATE held SET claim_id = NULL, claimed_at = NULL WHERE hold_id IN ({marks})",
+            list(hold_ids),
+        )
+
+    def claimed(self) -> int:
+        """Messages claimed by a release attempt that never settled them: after a crash,
+        these may have reached the upstream and are sent again (a duplicate at most)."""
+        return int(self._read("SELECT COUNT(*) FROM held WHERE claim_id IS NOT NULL")[0][0])
+
+    def settle(self, settlement: Settlement) -> None:
+        """Record a release attempt's outcome in one transaction: the bounce (if any) is
+        stored as a new held message addressed to the sender, and the original is deleted
+        or keeps only the recipients to retry."""
+        with self._errors("write"):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._settle(settlement)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise
+
+    def _settle(self, settlement: Settlement) -> None:
+        hold_id = settlement.hold_id
+        if settlement.bounce is not None:
+            self._db.execute(
+                "INSERT INTO held (hold_id, received_at, sender, recipients, user, device_id, "
+                "claims, policy_ids, policy_version, message, size, release_requested, "
+                "bounce_of) SELECT ?, ?, '', json_array(sender), user, device_id, claims, "
+                "policy_ids, policy_version, ?, ?, 1, hold_id FROM held WHERE hold_id = ?",
+                (
+                    uuid.uuid4().hex,
+                    settlement.at.astimezone(UTC).isoformat(),
+                    settlement.bounce,
+                    len(settlement.bounce),
+                    hold_id,
+                ),
+            )
+        if settlement.retry:
+            self._db.execute(
+                "UPDATE held SET recipients = ?, attempts = attempts + 1, next_attempt = ?, "
+                "last_error = ?, claim_id = NULL, claimed_at = NULL WHERE hold_id = ?",
+                (
+                    json.dumps(list(settlement.retry)),
+                    settlement.retry_at,
+                    settlement.error,
+                    hold_id,
+                ),
+            )
+        else:
+            self._db.execute("DELETE FROM held WHERE hold_id = ?", (hold_id,))
+
+    def probe_write(self, at: float) -> None:
+        """A small write that fails when the store cannot be written (full disk, lock,
+        read-only file): what readiness and a faulted release check before going on."""
+        self._write("INSERT OR REPLACE INTO health (id, written_at) VALUES (1, ?)", (at,))
 
     def device_ids(self) -> set[str]:
         return {r[0] for r in self._read("SELECT DISTINCT device_id FROM held")}
@@ -508,7 +655,8 @@ class HoldStore:
 
     def postpone(self, hold_id: str, next_attempt: float, error: str) -> None:
         self._write(
-            "UPDATE held SET attempts = attempts + 1, next_attempt = ?, last_error = ? WHERE hold_id = ?",
+            "UPDATE held SET attempts = attempts + 1, next_attempt = ?, last_error = ?, "
+            "claim_id = NULL, claimed_at = NULL WHERE hold_id = ?",
             (next_attempt, error, hold_id),
         )
 
@@ -549,12 +697,30 @@ class HoldStore:
     def prune_devices(self, seen_before: datetime) -> int:
         return self._write("DELETE FROM devices WHERE last_seen < ?", (seen_before.timestamp(),))
 
-    def expired(self, before: datetime) -> list[HeldMessage]:
+    def expired(self, before: datetime, limit: int = 100, after: int = 0) -> list[HeldMessage]:
+        """Held longer than allowed, oldest first, without their bytes; paged by seq."""
         rows = self._read(
-            f"SELECT {_COLUMNS}, message FROM held WHERE received_at < ? ORDER BY seq",
-            (before.astimezone(UTC).isoformat(),),
+            f"SELECT {_COLUMNS} FROM held WHERE received_at < ? AND seq > ? ORDER BY seq LIMIT ?",
+            (before.astimezone(UTC).isoformat(), after, limit),
         )
-        return [_row(r, bytes(r["message"])) for r in rows]
+        return [_row(r) for r in rows]
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """The outcome of one release attempt for one held message, recorded at once.
+
+    ``retry``: the recipients to try again (4xx) at ``retry_at``, with ``error``; none
+    means the message is done. ``bounce``: a DSN for the recipients that failed for good
+    (5xx), stored as a held message to the sender and released like any other.
+    """
+
+    hold_id: str
+    at: datetime
+    retry: tuple[str, ...] = ()
+    retry_at: float = 0.0
+    error: str | None = None
+    bounce: bytes | None = None
 
 
 class AsyncHoldStore:
@@ -601,11 +767,34 @@ class AsyncHoldStore:
     async def remove(self, hold_ids: Sequence[str]) -> int:
         return await self._run(lambda store: store.remove(hold_ids))
 
+    async def content(self, hold_id: str) -> bytes | None:
+        return await self._run(lambda store: store.content(hold_id))
+
+    async def headers(self, hold_id: str) -> bytes:
+        return await self._run(lambda store: store.headers(hold_id))
+
+    async def claim(self, hold_ids: Sequence[str], claim_id: str, at: float) -> int:
+        return await self._run(lambda store: store.claim(hold_ids, claim_id, at))
+
+    async def unclaim(self, hold_ids: Sequence[str]) -> int:
+        return await self._run(lambda store: store.unclaim(hold_ids))
+
+    async def claimed(self) -> int:
+        return await self._run(lambda store: store.claimed())
+
+    async def settle(self, settlement: Settlement) -> None:
+        await self._run(lambda store: store.settle(settlement))
+
+    async def probe_write(self, at: float) -> None:
+        await self._run(lambda store: store.probe_write(at))
+
     async def postpone(self, hold_id: str, next_attempt: float, error: str) -> None:
         await self._run(lambda store: store.postpone(hold_id, next_attempt, error))
 
-    async def expired(self, before: datetime) -> list[HeldMessage]:
-        return await self._run(lambda store: store.expired(before))
+    async def expired(
+        self, before: datetime, limit: int = 100, after: int = 0
+    ) -> list[HeldMessage]:
+        return await self._run(lambda store: store.expired(before, limit, after))
 
     async def record_devices(self, seen: Sequence[tuple[DeviceClaims, float]]) -> None:
         await self._run(lambda store: store.record_devices(seen))

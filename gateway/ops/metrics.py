@@ -39,6 +39,18 @@ class Metrics:
             registry=r,
         )
         self.held = Gauge("gateway_held_messages", "Messages in the hold store", registry=r)
+        self.release_events = Counter(
+            "gateway_release_events",
+            "Release of held mail: released, retried, bounced, expired, store_fault, "
+            "store_recovered",
+            ["event"],
+            registry=r,
+        )
+        self.hold_store_writable = Gauge(
+            "gateway_hold_store_writable",
+            "1 if the last write probe of the hold store succeeded",
+            registry=r,
+        )
         self.reload_success = Gauge(
             "gateway_policy_reload_last_success",
             "1 if the last policy reload succeeded",

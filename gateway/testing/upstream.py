@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -16,6 +16,7 @@ class ReceivedMessage:
     sender: str
     recipients: tuple[str, ...]
     content: bytes  # exactly the bytes of the DATA phase, dot-unstuffed
+    options: tuple[str, ...] = ()  # the MAIL FROM parameters (BODY=8BITMIME)
 
     @property
     def headers(self) -> str:
@@ -32,6 +33,8 @@ class Faults:
     delay: float = 0.0  # seconds before answering DATA
     drop_after_data: bool = False  # close the connection instead of answering DATA
     delay_after_accept: float = 0.0  # record the message, then wait before the 250
+    # Called with each message recorded, before the 250 (a test's moment to break something).
+    on_accept: Callable[[ReceivedMessage], None] | None = None
 
 
 class _Recorder:
@@ -73,9 +76,12 @@ class _Recorder:
                 "" if sender == "<>" else sender,
                 tuple(envelope.rcpt_tos),
                 envelope.original_content or b"",
+                tuple(envelope.mail_options),
             )
         )
         self.upstream.received.set()
+        if faults.on_accept is not None:
+            faults.on_accept(self.upstream.messages[-1])
         if faults.delay_after_accept:
             await asyncio.sleep(faults.delay_after_accept)
         return f"250 2.0.0 queued as {len(self.upstream.messages)}"

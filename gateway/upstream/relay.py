@@ -261,8 +261,12 @@ class RelayTransaction:
 
     async def send(self, message: bytes) -> Reply:
         """DATA on every leg with recipients; 250 only if every upstream said 250."""
-        worst: Reply | None = None
-        first_ok: Reply | None = None
+        return _aggregate([reply for _, reply in await self.send_each(message)])
+
+    async def send_each(self, message: bytes) -> list[tuple[tuple[str, ...], Reply]]:
+        """DATA on every leg with recipients: each leg's recipients with its reply (in MX
+        mode one domain may accept what another refuses)."""
+        outcomes: list[tuple[tuple[str, ...], Reply]] = []
         for leg in self._legs.values():
             if not leg.recipients:
                 continue
@@ -274,22 +278,27 @@ class RelayTransaction:
             else:
                 reply = upstream_reply(response.code, response.message)
                 self._pool.release(leg.target, leg.client, reusable=True)
-            if reply.is_success:
-                first_ok = first_ok or reply
-            elif (
-                worst is None or reply.code < worst.code
-            ):  # a 4xx outranks a 5xx: retry beats bounce
-                worst = reply
+            outcomes.append((tuple(leg.recipients), reply))
         self._legs.clear()
-        if worst is not None:
-            return worst
-        return first_ok or replies.UPSTREAM_LOST
+        return outcomes
 
     async def abort(self) -> None:
         """The client gave up (RSET, QUIT, disconnect, or a local decision): release cleanly."""
         for leg in self._legs.values():
             self._pool.release(leg.target, leg.client, reusable=await _rset(leg.client))
         self._legs.clear()
+
+
+def _aggregate(leg_replies: Sequence[Reply]) -> Reply:
+    """One reply for several legs: the first failure that ranks worst (a 4xx outranks a
+    5xx: retry beats bounce), else the first success."""
+    worst: Reply | None = None
+    for reply in leg_replies:
+        if not reply.is_success and (worst is None or reply.code < worst.code):
+            worst = reply
+    if worst is not None:
+        return worst
+    return next(iter(leg_replies), replies.UPSTREAM_LOST)
 
 
 async def _rset(client: aiosmtplib.SMTP) -> bool:
@@ -316,6 +325,18 @@ class Delivery:
     accepted: tuple[str, ...] = ()
     refused: tuple[tuple[str, Reply], ...] = ()
     data: Reply | None = None
+    sent: tuple[tuple[tuple[str, ...], Reply], ...] = ()  # DATA's reply per upstream leg
+
+    def per_recipient(self, recipients: Sequence[str]) -> dict[str, Reply]:
+        """What happened to each recipient: its DATA reply if it was accepted at RCPT, its
+        RCPT refusal otherwise, MAIL's refusal if MAIL was refused."""
+        outcome = {recipient: self.mail for recipient in recipients}
+        outcome.update(self.refused)
+        for leg_recipients, reply in self.sent:
+            outcome.update(dict.fromkeys(leg_recipients, reply))
+        if self.data is not None and not self.sent:
+            outcome.update(dict.fromkeys(self.accepted, self.data))
+        return outcome
 
     @property
     def reply(self) -> Reply:
@@ -381,8 +402,9 @@ class Relay:
             if not accepted:
                 return Delivery(mail, (), tuple(refused))
             sending = True  # from here send() ends the transaction (it releases every leg)
-            data = await transaction.send(content)
-            return Delivery(mail, tuple(accepted), tuple(refused), data)
+            sent = await transaction.send_each(content)
+            data = _aggregate([reply for _, reply in sent])
+            return Delivery(mail, tuple(accepted), tuple(refused), data, tuple(sent))
         finally:
             if not sending:
                 await transaction.abort()

@@ -115,6 +115,7 @@ NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("hold", "database"): ('"hold.db"', Path("base/hold.db")),
     ("hold", "expire_after_hours"): ("1.5", timedelta(hours=1.5)),
     ("hold", "release_concurrency"): ("1", 1),
+    ("hold", "busy_timeout_seconds"): ("0.5", 0.5),
     ("limits", "max_connections"): ("5", 5),
     ("limits", "max_connections_per_ip"): ("2", 2),
     ("limits", "messages_per_user_per_minute"): ("3", 3),

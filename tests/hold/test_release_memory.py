@@ -1,0 +1,110 @@
+"""Release and expiry decide from metadata and load one body at a time (defect 1 of the
+durability issue): memory does not grow with the number or size of held messages.
+
+Measured with tracemalloc around one pass, in the gateway's own process; the held mail
+went in over real SMTP sessions into a real SQLite file. bench/held_rss.py measures the
+RSS of a serving process across release ticks.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.testing.device import FakeDevice, make_message
+from gateway.testing.harness import RunningGateway, running_gateway, write_config
+from gateway.testing.issuer import TestIssuer
+from gateway.testing.upstream import FakeUpstream, ReceivedMessage
+from tests.stories import TIKTOK, tiktok_ban
+
+MESSAGES = 16
+MIB = 1024 * 1024
+BIG = make_message(body=("x" * 510 + "\r\n") * 2048)  # 1 MiB
+
+
+@pytest.fixture(scope="module")
+def issuer() -> TestIssuer:
+    return TestIssuer.generate("k1")
+
+
+async def _peak(during: Callable[[], Awaitable[object]]) -> int:
+    """Peak bytes allocated by Python while ``during`` runs (the body bytes included)."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        await during()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak - before
+
+
+async def _hold_big_messages(gateway: RunningGateway, issuer: TestIssuer) -> None:
+    device = FakeDevice(issuer, apps={TIKTOK})
+    for _ in range(MESSAGES):
+        assert (await device.send(gateway.port, message=BIG, timeout=30)).accepted
+
+
+async def test_a_pass_over_mail_that_stays_held_loads_no_bodies(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            tmp_path, issuer=issuer, upstream_port=upstream.port,
+            policies={"ban.toml": tiktok_ban("hold")},
+        )  # fmt: skip
+        async with running_gateway(config, release_tick=60) as gateway:
+            await _hold_big_messages(gateway, issuer)
+            releaser = gateway.server.services.releaser
+            peak = await _peak(releaser.run)
+            assert peak < 2 * MIB, f"{peak / MIB:.1f} MiB for {MESSAGES} MiB held"
+
+
+async def test_releasing_loads_one_body_at_a_time(tmp_path: Path, issuer: TestIssuer) -> None:
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            tmp_path, issuer=issuer, upstream_port=upstream.port,
+            policies={"ban.toml": tiktok_ban("hold")},
+        )  # fmt: skip
+        async with running_gateway(config, release_tick=60) as gateway:
+            await _hold_big_messages(gateway, issuer)
+            (gateway.policy_dir / "ban.toml").write_text(tiktok_ban("hold", state="retracted"))
+            await gateway.server.reload("test")
+            await gateway.server.services.releaser.idle()
+            releaser = gateway.server.services.releaser
+            received: list[int] = []
+
+            def count_and_forget(message: ReceivedMessage) -> None:
+                # The fake upstream runs in this process: keep only sizes, not 16 MiB.
+                received.append(len(message.content))
+                upstream.messages.remove(message)
+
+            upstream.faults.on_accept = count_and_forget
+            peak = await _peak(releaser.run)
+            assert len(received) == MESSAGES
+            # A body, and the copies both ends of the SMTP connection make of it.
+            assert peak < 6 * MIB, f"{peak / MIB:.1f} MiB to release {MESSAGES} x 1 MiB"
+
+
+async def test_expiry_pages_and_reads_only_headers(tmp_path: Path, issuer: TestIssuer) -> None:
+    clock = [datetime.now(UTC)]
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            tmp_path, issuer=issuer, upstream_port=upstream.port,
+            policies={"ban.toml": tiktok_ban("hold")}, extra="expire_after_hours = 1\n",
+        )  # fmt: skip
+        async with running_gateway(config, clock=lambda: clock[0], release_tick=60) as gateway:
+            await _hold_big_messages(gateway, issuer)
+            clock[0] += timedelta(hours=2)
+            releaser = gateway.server.services.releaser
+            peak = await _peak(releaser.expire)
+            assert peak < 2 * MIB, f"{peak / MIB:.1f} MiB to expire {MESSAGES} x 1 MiB"
+            await releaser.run()  # the bounces (headers only) go out
+            bounces = await upstream.wait_for(MESSAGES)
+    assert {b.sender for b in bounces} == {""}
+    assert max(len(b.content) for b in bounces) < 16 * 1024
