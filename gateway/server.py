@@ -34,8 +34,6 @@ from gateway.replies import Reply
 from gateway.services import Services
 from gateway.smtp.session import SubmissionSMTP
 
-RELEASE_TICK = 5.0  # seconds between retry/expiry passes
-
 log = structlog.get_logger("gateway.server")
 
 
@@ -59,10 +57,14 @@ class GatewayServer:
     """Everything `gateway serve` runs, startable and stoppable from tests."""
 
     def __init__(
-        self, settings: Settings, *, clock: Clock = utc_now, release_tick: float = RELEASE_TICK
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = utc_now,
+        release_tick: float | None = None,  # tests: instead of [hold] release_interval
     ) -> None:
         self.settings = settings
-        self.release_tick = release_tick
+        self.release_tick = settings.hold.release_interval if release_tick is None else release_tick
         self._tasks: set[asyncio.Task[Any]] = set()
         self.services = Services(settings, clock=clock, spawn=self.spawn)
         self.admin = AdminServer(

@@ -81,6 +81,7 @@ class Services:
             spawn,
             on_released=self._released,
             parallel=settings.hold.release_concurrency,
+            backoff=(settings.hold.retry_min, settings.hold.retry_max),
             on_event=lambda event: self.metrics.release_events.labels(event).inc(),
         )
         self.store_problem: str | None = None  # why the hold store cannot be written now

@@ -740,6 +740,32 @@ class HoldSettings:
             key="busy_timeout_seconds",
         ),
     )
+    release_interval: float = field(
+        default=5.0,
+        metadata=setting(
+            Number(minimum=0.01, unit="seconds"),
+            "Time between periodic release passes (retries, admin releases, expiry, the "
+            "store's write probe). Reloads and a device's new token start a pass at once.",
+            key="release_interval_seconds",
+        ),
+    )
+    retry_min: float = field(
+        default=5.0,
+        metadata=setting(
+            Number(minimum=0.01, unit="seconds"),
+            "Wait before retrying held mail the upstream deferred (4xx); doubles with each "
+            "attempt up to `retry_max_seconds` (as Postfix's minimal_backoff_time).",
+            key="retry_min_seconds",
+        ),
+    )
+    retry_max: float = field(
+        default=600.0,
+        metadata=setting(
+            Number(minimum=0.01, unit="seconds"),
+            "Longest wait between retries of deferred held mail.",
+            key="retry_max_seconds",
+        ),
+    )
 
 
 @dataclass(frozen=True)

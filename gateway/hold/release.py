@@ -53,8 +53,6 @@ from gateway.upstream.relay import Relay
 log = structlog.get_logger("gateway.release")
 
 RELEASABLE = (Action.ALLOW, Action.WARN)
-BACKOFF_BASE = 5.0
-BACKOFF_MAX = 600.0
 
 PAGE_SIZE = 500  # held messages (metadata only) read per query
 EXPIRY_PAGE_SIZE = 100
@@ -114,6 +112,7 @@ class Releaser:
         on_released: Callable[[HeldMessage], None] | None = None,
         parallel: int = 4,
         on_event: Callable[[str], None] | None = None,
+        backoff: tuple[float, float] = (5.0, 600.0),  # first and longest retry wait, seconds
     ) -> None:
         self.store = store
         self.relay = relay
@@ -128,6 +127,7 @@ class Releaser:
         self.on_released = on_released
         self.on_event = on_event
         self.parallel = parallel  # devices released at once (one upstream connection each)
+        self.backoff = backoff
         self.fault: str | None = None  # why release is stopped (the store cannot be written)
         # Outcomes known but not yet written (their write failed): never relayed again.
         self._unsettled: dict[str, Settlement] = {}
@@ -385,7 +385,8 @@ class Releaser:
         (so the message is not relayed again) and stop release."""
         retry_at, error = 0.0, None
         if outcome.retry:
-            delay = min(BACKOFF_MAX, BACKOFF_BASE * 2**held.attempts)
+            first, longest = self.backoff
+            delay = min(longest, first * 2 ** min(held.attempts, 32))
             retry_at, error = now.timestamp() + delay, outcome.retry[0][1].line()
         bounce = None
         headers = b""

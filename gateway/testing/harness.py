@@ -28,12 +28,13 @@ def write_config(
     notices: bool = False,
     limits: Mapping[str, object] | None = None,
     upstream: Mapping[str, object] | None = None,
+    hold: Mapping[str, object] | None = None,
 ) -> Path:
     """Write gateway.toml, the issuer's JWKS and policy files; returns the config path.
 
     Notice mails are off unless ``notices=True``, so tests count only their own mail.
 
-    ``smtp``, ``limits`` and ``upstream`` entries override keys of those sections (values
+    ``smtp``, ``limits``, ``upstream`` and ``hold`` entries override keys of those sections (values
     are written as TOML literals). The message rate limit is lifted unless ``limits`` sets it, so that
     tests which send a lot are not throttled.
     """
@@ -53,6 +54,8 @@ def write_config(
     limit_values.update(limits or {})
     upstream_values: dict[str, object] = {"timeout": 10}
     upstream_values.update(upstream or {})
+    hold_values: dict[str, object] = {"database": "hold.db"}
+    hold_values.update(hold or {})
     groups = "\n".join(f"{name} = {json.dumps(members)}" for name, members in TEST_GROUPS.items())
     config = directory / "gateway.toml"
     config.write_text(
@@ -92,7 +95,7 @@ tls = "none"
 listen = "127.0.0.1:0"
 
 [hold]
-database = "hold.db"
+{_toml_lines(hold_values)}
 {extra}
 """
     )
