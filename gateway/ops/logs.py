@@ -42,3 +42,6 @@ def configure(level: str = "info", stream: Any = None, json: bool = True) -> Non
     )
     # aiosmtpd logs every command at INFO through stdlib logging: keep it quiet.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiohttp's access log is off (gateway/ops/http.py); its server logger reports only
+    # what our error middleware cannot catch (a client's broken HTTP is logged at DEBUG).
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
