@@ -11,10 +11,13 @@ seconds, and the whole stop is bounded by ``stop_timeout``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+
+from gateway.ops.logs import printable
 
 log = structlog.get_logger("gateway.http")
 
@@ -39,6 +42,29 @@ async def contain_errors(request: web.Request, handler: Handler) -> web.StreamRe
         return web.Response(status=500, text="internal error\n")
 
 
+class _ToStructlog(logging.Handler):
+    """aiohttp reports a client's broken HTTP (a control character in a header, a bad
+    request line) through stdlib logging, with a traceback quoting the raw bytes. Here it
+    becomes one structured event, its text escaped and bounded."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        log.warning(
+            "http_error",
+            message=printable(record.getMessage(), 200),
+            error=type(error).__name__ if error else None,
+            detail=printable(str(error), 300) if error else None,
+        )
+
+
+def _server_logger() -> logging.Logger:
+    logger = logging.getLogger("gateway.http.server")
+    logger.propagate = False
+    if not logger.handlers:
+        logger.addHandler(_ToStructlog())
+    return logger
+
+
 class HttpListener:
     """One aiohttp application on one TCP listener; start() returns the bound port."""
 
@@ -59,6 +85,7 @@ class HttpListener:
             keepalive_timeout=KEEPALIVE_SECONDS,
             max_line_size=MAX_LINE_BYTES,
             max_field_size=MAX_LINE_BYTES,
+            logger=_server_logger(),
         )
         self._started = False
 
