@@ -65,7 +65,11 @@ def write_secrets(directory: Path) -> dict[str, object]:
 async def sync_gateway(
     directory: Path, issuer: TestIssuer, sync: Mapping[str, object] | None = None
 ) -> AsyncIterator[tuple[RunningGateway, aiohttp.ClientSession]]:
-    keys = write_secrets(directory) | dict(sync or {})
+    keys = {  # None: leave the key out
+        key: value
+        for key, value in (write_secrets(directory) | dict(sync or {})).items()
+        if value is not None
+    }
     async with (
         gateway_with_upstream(directory, issuer, POLICIES, sync=keys) as (gateway, _),
         aiohttp.ClientSession(
