@@ -2,7 +2,7 @@
 
 startup   open the services (not ready before a good policy set; the hold store is
           opened and checked), bind listeners (submission with STARTTLS, optional
-          implicit TLS, the admin port), start background tasks (policy watcher,
+          implicit TLS, the admin port, the sync endpoint), start background tasks (policy watcher,
           periodic check, release/expiry ticker)
 serve     until stop() (SIGTERM/SIGINT) ; SIGHUP reloads policies and key files
 shutdown  stop accepting; let sessions in a transaction finish within the grace period;
@@ -33,6 +33,7 @@ from gateway.policy.store import ReloadResult
 from gateway.replies import Reply
 from gateway.services import Services
 from gateway.smtp.session import SubmissionSMTP
+from gateway.sync.http import SyncServer
 
 log = structlog.get_logger("gateway.server")
 
@@ -71,6 +72,8 @@ class GatewayServer:
             {"/livez": self._livez, "/readyz": self._readyz, "/metrics": self._metrics}
         )
         self.admin_port: int | None = None
+        self.sync = SyncServer(self.services.logins, settings.sync)
+        self.sync_port: int | None = None
         self.sessions: set[SubmissionSMTP] = set()
         self.connection_limits = ConnectionLimits(
             settings.limits.max_connections, settings.limits.max_connections_per_ip
@@ -145,6 +148,10 @@ class GatewayServer:
             log.info(
                 "admin_listening", admin=f"{self.settings.admin_listen.host}:{self.admin_port}"
             )
+        sync = self.settings.sync
+        if sync.enabled:
+            self.sync_port = await self.sync.start(sync.listen.host, sync.listen.port)
+            log.info("sync_listening", sync=str(Endpoint(sync.listen.host, self.sync_port)))
         stop = self._background_stop
         reloader = self.services.reloader
         self.spawn(reloader.watch(stop), "policy-watch")
@@ -251,6 +258,7 @@ class GatewayServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.sync.stop()
         await self.admin.stop()
         await self.services.close()
         log.info("stopped")

@@ -1,8 +1,9 @@
 """The services one gateway process runs, built from its settings and wired together.
 
 policies (store + reload triggers + blast-radius guard), relay (smarthosts or MX), hold
-store, releaser, device inventory, notices, metrics, and the Submission stages that the
-SMTP adapter drives. This is also where submissions' events land (:class:`Services`
+store, releaser, device inventory, notices, metrics, the Submission stages that the
+SMTP adapter drives, and the Logins that the sync adapter asks (one token verifier for
+both). This is also where submissions' events land (:class:`Services`
 implements :class:`~gateway.submission.SubmissionEvents`). Nothing here listens on a
 socket or handles a signal: that is the server's lifecycle (server.py). Background work is
 started through the ``spawn`` the server passes in, so every task is named and owned.
@@ -22,6 +23,7 @@ from gateway.domain import Action, Clock, Decision, DeviceClaims
 from gateway.errors import HoldStoreError, SettingsError
 from gateway.hold.release import Releaser, Spawn
 from gateway.hold.store import AsyncHoldStore, HeldMessage
+from gateway.logins import Logins
 from gateway.ops.metrics import Metrics
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet
@@ -91,15 +93,26 @@ class Services:
             settings.tokens.issuers,
             on_fetch=lambda f: self.metrics.jwks_fetched(f.issuer, f.ok, f.keys),
         )
+        # One verifier (and one cache of verified tokens) for SMTP AUTH and sync logins.
+        self.verifier = TokenVerifier(settings.tokens, keyring=self.keyring)
         self.submission = Submission(
             settings,
-            TokenVerifier(settings.tokens, keyring=self.keyring),
+            self.verifier,
             self.policies,
             self.relay,
             self.hold_store,
             events=self,
             clock=clock,
             metrics=self.metrics,
+            jwks=self.jwks,
+        )
+        self.logins = Logins(
+            settings.sync,
+            self.verifier,
+            self.policies,
+            clock=clock,
+            metrics=self.metrics,
+            events=self,
             jwks=self.jwks,
         )
 

@@ -60,6 +60,7 @@ ALLOWED_ALGORITHMS: frozenset[str] = frozenset(get_args(Algorithm))
 BareLinefeeds = Literal["reject", "normalize"]
 UpstreamMode = Literal["smarthost", "mx"]
 SmarthostTls = Literal["none", "starttls", "tls"]
+HoldAtLogin = Literal["quarantine", "refuse"]
 
 
 # --- How an admin writes a value ---------------------------------------------------------
@@ -769,6 +770,122 @@ class HoldSettings:
 
 
 @dataclass(frozen=True)
+class SyncSettings:
+    """The sync decision endpoint that Dovecot and nginx call at every IMAP/POP3 login
+    (docs/sync.md)."""
+
+    toml_section: ClassVar[str] = "sync"
+
+    enabled: bool = field(
+        default=False,
+        metadata=setting(
+            Flag(),
+            """Serve the sync decision endpoint (Dovecot's oauth2 passdb, nginx's
+            `auth_http`) on `listen`.""",
+        ),
+    )
+    listen: Endpoint = field(
+        default=Endpoint("127.0.0.1", 9588),
+        metadata=setting(
+            HostPort(),
+            """Its HTTP listener. Off a loopback address it needs client credentials
+            (`client_id` and `client_secret_file`, or `nginx_secret_file`).""",
+        ),
+    )
+    client_id: str | None = field(
+        default=None,
+        metadata=setting(
+            Text(),
+            """Dovecot's `client_id`: accepted in the form body or HTTP Basic auth, with
+            `client_secret_file`; other clients get 401.""",
+            unset="no client authentication for Dovecot (loopback only)",
+        ),
+    )
+    client_secret: str | None = field(
+        default=None,
+        repr=False,
+        metadata=setting(
+            SecretFile(),
+            "Dovecot's `client_secret`, read from this file; goes with `client_id`.",
+            key="client_secret_file",
+            unset="no client authentication for Dovecot (loopback only)",
+        ),
+    )
+    nginx_secret: str | None = field(
+        default=None,
+        repr=False,
+        metadata=setting(
+            SecretFile(),
+            """The secret nginx sends in the `X-Gateway-Secret` header (`auth_http_header`),
+            read from this file.""",
+            key="nginx_secret_file",
+            unset="no client authentication for nginx (loopback only)",
+        ),
+    )
+    hold: HoldAtLogin = field(
+        default="quarantine",
+        metadata=setting(
+            Choice.of(HoldAtLogin),
+            """What a `hold` decision does to a login: `"quarantine"` logs the device in to
+            the user's quarantine mailbox (`quarantine+<local>@<domain>`), `"refuse"`
+            refuses the login with the policy's message.""",
+        ),
+    )
+    imap_backend: Endpoint | None = field(
+        default=None,
+        metadata=setting(
+            HostPort(),
+            """nginx `auth_http`: the IMAP server (an IP address, as nginx requires) that
+            allowed logins are proxied to.""",
+            unset="no nginx endpoint",
+        ),
+    )
+    backend_password: str | None = field(
+        default=None,
+        repr=False,
+        metadata=setting(
+            SecretFile(),
+            """nginx `auth_http`: the password nginx logs in to `imap_backend` with, in place
+            of the token (which never goes back to nginx). Required with `imap_backend`.""",
+            key="backend_password_file",
+            unset="none",
+        ),
+    )
+    backend_master_user: str | None = field(
+        default=None,
+        metadata=setting(
+            Text(),
+            """nginx `auth_http`: log in to the backend as `<mailbox user>*<this>`, a Dovecot
+            master user (`auth_master_user_separator = *`) whose password is
+            `backend_password_file`.""",
+            unset="the mailbox user itself",
+        ),
+    )
+    auth_wait: int = field(
+        default=3,
+        metadata=setting(
+            Integer(minimum=0, unit="seconds"),
+            "nginx `auth_http`: `Auth-Wait` sent with a temporary refusal (`defer`).",
+            key="auth_wait_seconds",
+        ),
+    )
+
+    @property
+    def on_loopback(self) -> bool:
+        return is_loopback(self.listen.host)
+
+
+def is_loopback(host: str) -> bool:
+    """A listener only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
 class Settings:
     toml_section: ClassVar[str] = "gateway"
 
@@ -778,6 +895,7 @@ class Settings:
     upstream: UpstreamSettings  # [upstream]
     hold: HoldSettings  # [hold]
     limits: LimitSettings = field(default_factory=LimitSettings)  # [limits]
+    sync: SyncSettings = field(default_factory=SyncSettings)  # [sync]
     policy_dir: Path = field(
         default=Path("policies"),
         metadata=setting(PathKind(), "Directory of the policy files; watched for changes."),
@@ -893,6 +1011,11 @@ SECTIONS: tuple[Section, ...] = (
         "admin", "The admin HTTP port, for probes and metrics; keep it off the public network."
     ),
     Section(
+        "sync",
+        "The sync decision endpoint: IMAP and POP3 logins decided by the same tokens and "
+        "policies (docs/sync.md).",
+    ),
+    Section(
         "groups",
         "Named lists of addresses, for policies' `groups` and `exempt.groups`.",
         free_form=True,
@@ -909,6 +1032,7 @@ SETTINGS_CLASSES: tuple[type[Any], ...] = (
     Smarthost,
     HoldSettings,
     LimitSettings,
+    SyncSettings,
 )
 
 
@@ -1068,6 +1192,47 @@ def _read_smtp(table: Table | None, base: Path) -> SmtpSettings:
     return settings
 
 
+def _read_sync(table: Table | None, base: Path) -> SyncSettings:
+    settings = SyncSettings(**_read_keys(table, SyncSettings, base))
+    if table is None:
+        return settings
+    for key, secret in (
+        ("client_secret_file", settings.client_secret),
+        ("nginx_secret_file", settings.nginx_secret),
+        ("backend_password_file", settings.backend_password),
+    ):
+        if secret == "":
+            table.problem(key, "the file is empty")
+    if (settings.client_id is None) != (settings.client_secret is None) and (
+        table.has("client_id") != table.has("client_secret_file")
+    ):
+        table.problem("client_id", "client_id and client_secret_file go together")
+    backend = settings.imap_backend
+    if backend is not None:
+        try:
+            ipaddress.ip_address(backend.host)
+        except ValueError:
+            table.problem(
+                "imap_backend",
+                f"'{backend.host}' is not an IP address; nginx connects to the address it is given",
+            )
+        if settings.backend_password is None and not table.has("backend_password_file"):
+            table.problem(
+                "backend_password_file",
+                "imap_backend needs backend_password_file (nginx never gets the token back)",
+            )
+    has_credentials = settings.client_secret is not None or settings.nginx_secret is not None
+    if settings.enabled and not settings.on_loopback and not has_credentials:
+        table.problem(
+            "listen",
+            f"the sync listener {settings.listen} is reachable from other hosts, and anyone "
+            "who reaches it can ask about any token: set client_id and client_secret_file "
+            "(Dovecot) or nginx_secret_file (nginx), or listen on a loopback address",
+        )
+    table.finish()
+    return settings
+
+
 def _read_section(table: Table | None, cls: type[Any], base: Path) -> Any:
     """A section whose every key is a declared field of ``cls``."""
     values = _read_keys(table, cls, base)
@@ -1194,6 +1359,7 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     upstream = _read_upstream(root.table("upstream"), base)
     limits: LimitSettings = _read_section(root.table("limits"), LimitSettings, base)
     hold: HoldSettings = _read_section(root.table("hold"), HoldSettings, base)
+    sync = _read_sync(root.table("sync"), base)
     admin = root.table("admin")
     values |= _read_keys(admin, Settings, base, "admin")
     if admin:
@@ -1204,5 +1370,12 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     if problems or tokens is None:
         raise SettingsError(problems)
     return Settings(
-        path=path, tokens=tokens, smtp=smtp, upstream=upstream, hold=hold, limits=limits, **values
+        path=path,
+        tokens=tokens,
+        smtp=smtp,
+        upstream=upstream,
+        hold=hold,
+        limits=limits,
+        sync=sync,
+        **values,
     )

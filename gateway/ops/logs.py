@@ -14,6 +14,17 @@ _SECRET_KEYS = {"token", "password", "authorization", "auth", "secret"}
 _JWS_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 
 
+def printable(text: str | None, limit: int = 256) -> str | None:
+    """Client-supplied text as it may appear in a log line or a metric: control and other
+    unprintable characters escaped (``\\x1b``), at most ``limit`` characters."""
+    if text is None:
+        return None
+    cleaned = "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
+
+
 def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Drop secret-named fields and mask anything that looks like a compact JWS."""
     for key in list(event):
@@ -42,3 +53,6 @@ def configure(level: str = "info", stream: Any = None, json: bool = True) -> Non
     )
     # aiosmtpd logs every command at INFO through stdlib logging: keep it quiet.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiohttp's access log is off (gateway/ops/http.py); its server logger reports only
+    # what our error middleware cannot catch (a client's broken HTTP is logged at DEBUG).
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

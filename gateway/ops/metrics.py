@@ -25,6 +25,12 @@ class Metrics:
             ["action", "policy"],
             registry=r,
         )
+        self.sync_decisions = Counter(
+            "gateway_sync_decisions",
+            "Sync logins (IMAP, POP3) by access, protocol and decision (or invalid_token)",
+            ["access", "protocol", "action"],
+            registry=r,
+        )
         self.relay = Counter("gateway_relay", "Relay attempts by result", ["result"], registry=r)
         self.relay_seconds = Histogram(
             "gateway_relay_seconds",

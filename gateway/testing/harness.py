@@ -29,13 +29,16 @@ def write_config(
     limits: Mapping[str, object] | None = None,
     upstream: Mapping[str, object] | None = None,
     hold: Mapping[str, object] | None = None,
+    sync: Mapping[str, object] | None = None,
 ) -> Path:
     """Write gateway.toml, the issuer's JWKS and policy files; returns the config path.
 
     Notice mails are off unless ``notices=True``, so tests count only their own mail.
 
-    ``smtp``, ``limits``, ``upstream`` and ``hold`` entries override keys of those sections (values
-    are written as TOML literals). The message rate limit is lifted unless ``limits`` sets it, so that
+    ``smtp``, ``limits``, ``upstream`` and ``hold`` entries override keys of those sections
+    (values are written as TOML literals); ``extra`` is written into ``[hold]``. ``sync``
+    turns the sync endpoint on (a free loopback port) with these keys. The message rate
+    limit is lifted unless ``limits`` sets it, so that
     tests which send a lot are not throttled.
     """
     directory.mkdir(parents=True, exist_ok=True)
@@ -56,6 +59,11 @@ def write_config(
     upstream_values.update(upstream or {})
     hold_values: dict[str, object] = {"database": "hold.db"}
     hold_values.update(hold or {})
+    sync_section = ""
+    if sync is not None:
+        sync_values: dict[str, object] = {"enabled": True, "listen": "127.0.0.1:0"}
+        sync_values.update(sync)
+        sync_section = f"[sync]\n{_toml_lines(sync_values)}\n"
     groups = "\n".join(f"{name} = {json.dumps(members)}" for name, members in TEST_GROUPS.items())
     config = directory / "gateway.toml"
     config.write_text(
@@ -97,6 +105,8 @@ listen = "127.0.0.1:0"
 [hold]
 {_toml_lines(hold_values)}
 {extra}
+
+{sync_section}
 """
     )
     return config
@@ -115,6 +125,7 @@ class RunningGateway:
     port: int
     implicit_tls_port: int | None
     admin_port: int | None = None
+    sync_port: int | None = None
 
     @property
     def policy_dir(self) -> Path:
@@ -138,6 +149,7 @@ async def running_gateway(
             addresses.submission.port,
             addresses.implicit_tls.port if addresses.implicit_tls else None,
             server.admin_port,
+            server.sync_port,
         )
     finally:
         await server.stop(grace=grace)
@@ -153,6 +165,7 @@ async def gateway_with_upstream(
     smtp: Mapping[str, object] | None = None,
     extra: str = "",
     limits: Mapping[str, object] | None = None,
+    sync: Mapping[str, object] | None = None,
 ) -> AsyncIterator[tuple[RunningGateway, FakeUpstream]]:
     """The usual pair: a fake upstream, and a gateway relaying to it."""
     async with FakeUpstream.running() as upstream:
@@ -164,6 +177,7 @@ async def gateway_with_upstream(
             smtp=smtp,
             extra=extra,
             limits=limits,
+            sync=sync,
         )
         async with running_gateway(config, clock=clock) as gateway:
             yield gateway, upstream

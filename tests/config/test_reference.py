@@ -36,6 +36,7 @@ from gateway.config.settings import (
     Settings,
     Smarthost,
     SmtpSettings,
+    SyncSettings,
     UpstreamSettings,
     VerifierSettings,
     documented_keys,
@@ -57,6 +58,7 @@ NOT_KEYS = {
     (Settings, "upstream"),
     (Settings, "hold"),
     (Settings, "limits"),
+    (Settings, "sync"),
     (VerifierSettings, "issuers"),
     (UpstreamSettings, "smarthosts"),
 }
@@ -127,6 +129,16 @@ NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("limits", "max_errors"): ("2", 2),
     ("limits", "command_call_limit"): ('{ "*" = 50, noop = 5 }', {"*": 50, "NOOP": 5}),
     ("admin", "listen"): ('"127.0.0.1:9000"', Endpoint("127.0.0.1", 9000)),
+    ("sync", "enabled"): ("true", True),
+    ("sync", "listen"): ('"[::1]:9589"', Endpoint("::1", 9589)),
+    ("sync", "client_id"): ('"dovecot"', "dovecot"),
+    ("sync", "client_secret_file"): ('"password"', "s3cret"),
+    ("sync", "nginx_secret_file"): ('"password"', "s3cret"),
+    ("sync", "hold"): ('"refuse"', "refuse"),
+    ("sync", "imap_backend"): ('"10.0.0.143:143"', Endpoint("10.0.0.143", 143)),
+    ("sync", "backend_password_file"): ('"password"', "s3cret"),
+    ("sync", "backend_master_user"): ('"gateway"', "gateway"),
+    ("sync", "auth_wait_seconds"): ("0", 0),
     # Free-form sections: the admin picks the key.
     ("groups", "<group name>"): (
         'it-staff = ["IT@example.com"]',
@@ -191,6 +203,7 @@ def value_of(settings: Settings, key: Key) -> Any:
         Smarthost: settings.upstream.smarthosts[0],
         HoldSettings: settings.hold,
         LimitSettings: settings.limits,
+        SyncSettings: settings.sync,
     }[key.owner]
     value = getattr(owner, key.field.name)
     return sorted(value) if key.owner is Issuer and key.field.name == "keys" else value

@@ -6,8 +6,10 @@ import asyncio
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
+from gateway.ops.admin_http import AdminServer
 from gateway.testing.device import FakeDevice
 from gateway.testing.harness import gateway_with_upstream, write_config
 from gateway.testing.issuer import TestIssuer
@@ -17,7 +19,7 @@ from tests.stories import TIKTOK, tiktok_ban
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()
     response = await reader.read()
     writer.close()
@@ -106,3 +108,63 @@ async def test_sigterm_drains_a_message_in_flight(tmp_path: Path) -> None:
                 process.kill()
                 await process.wait()
     assert len(upstream.messages) == 1
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {
+        name.lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines[1:] if line)
+    }
+    body = await reader.readexactly(int(headers["content-length"]))
+    return int(lines[0].split()[1]), headers, body
+
+
+async def test_keep_alive_clients_do_not_hold_up_stop() -> None:
+    """A scraper keeping its connection open (and one that connected but sent nothing)
+    must not delay the gateway's shutdown: stop() closes them and returns promptly."""
+    server = AdminServer({"/livez": lambda: (200, "text/plain", b"ok\n")})
+    port = await server.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(2):  # two requests on one connection: it is kept alive
+            writer.write(b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            await writer.drain()
+            status, headers, body = await asyncio.wait_for(_read_response(reader), timeout=5)
+            assert (status, body) == (200, b"ok\n")
+            assert headers.get("connection", "keep-alive").lower() != "close"
+        started = time.monotonic()
+        await asyncio.wait_for(server.stop(), timeout=10)
+        assert time.monotonic() - started < 2.0
+        # Both connections were closed by the server, not left dangling.
+        assert await asyncio.wait_for(reader.read(), timeout=5) == b""
+        assert await asyncio.wait_for(idle_reader.read(), timeout=5) == b""
+    finally:
+        writer.close()
+        idle_writer.close()
+
+
+async def test_only_get_and_head_on_known_paths() -> None:
+    server = AdminServer({"/livez": lambda: (200, "text/plain", b"ok\n")})
+    port = await server.start("127.0.0.1", 0)
+    try:
+        for request, expected in (
+            (b"HEAD /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 200),
+            (
+                b"POST /livez HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                405,
+            ),
+            (b"GET /livez?probe=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 200),
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            await writer.drain()
+            response = await asyncio.wait_for(reader.read(), timeout=5)
+            writer.close()
+            assert int(response.split()[1]) == expected, request
+            if request.startswith(b"HEAD"):
+                assert response.endswith(b"\r\n\r\n")  # no body
+    finally:
+        await server.stop()
