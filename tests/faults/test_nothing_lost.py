@@ -19,3 +19,30 @@ async def test_nothing_lost_under_faults_and_kills(tmp_path: Path) -> None:
     assert report.accepted + report.refused + report.gave_up == report.messages
     assert report.accepted >= report.messages * 0.9  # retries get nearly everything through
     assert report.held > 0
+
+
+@pytest.mark.slow
+async def test_release_under_store_faults_kills_and_refusals_loses_nothing(tmp_path: Path) -> None:
+    """The held mail is released while the store's lock is taken and (as root) its disk
+    fills, the proxy cuts connections and the gateway is killed; half the held messages
+    name a recipient the upstream now refuses; three large ones are held under a memory
+    cgroup where the machine has one."""
+    from gateway.config.settings import HoldSettings
+    from gateway.hold.release import DELETE_BATCH
+
+    report = await run(
+        tmp_path, messages=80, clients=4, kills=1, release=True, release_kills=1,
+        chaos_seconds=5, large=3, large_size=4 << 20, memory_limit_mib=256,
+    )  # fmt: skip
+    print(report.summary())
+    assert report.violations == []
+    assert report.unexpected_exits == 0  # never killed for memory, never crashed
+    assert report.held == report.released > 0  # the store is empty: all of it went out
+    assert report.bounced > 0  # each refused recipient got its DSN (else a violation)
+    assert report.lock_faults > 0
+    if report.disk_full.startswith("on"):
+        assert report.disk_full_faults > 0
+    # Duplicates only from what was in flight at a kill or a cut connection.
+    in_flight = HoldSettings().release_concurrency + DELETE_BATCH
+    assert report.release_duplicates <= report.release_kills * in_flight + report.release_cuts
+    assert report.peak_rss_mib < 256
