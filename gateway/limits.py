@@ -1,4 +1,4 @@
-"""Abuse limits: connections, messages per user, AUTH failures per client address.
+"""Abuse limits: connections, messages per user, the delay after a failed AUTH.
 
 Pure bookkeeping: callers pass the monotonic time in, so the limits are trivial to test
 and immune to wall-clock jumps. Mobile carriers put many phones behind one address
@@ -8,7 +8,6 @@ and immune to wall-clock jumps. Mobile carriers put many phones behind one addre
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
 
 from gateway import replies
 from gateway.replies import Reply
@@ -99,37 +98,11 @@ class MessageRate:
         self._sweep_at = _next_sweep(len(self._buckets))
 
 
-class AuthFailures:
-    """Failed AUTH attempts per client address in a sliding window."""
-
-    def __init__(self, limit: int, window: float) -> None:
-        self.limit = limit
-        self.window = window
-        self._failures: dict[str, deque[float]] = {}
-        self._sweep_at = _PRUNE_AT
-
-    def _recent(self, ip: str, now: float) -> deque[float] | None:
-        times = self._failures.get(ip)
-        if times is None:
-            return None
-        while times and now - times[0] >= self.window:
-            times.popleft()
-        if not times:
-            del self._failures[ip]
-            return None
-        return times
-
-    def blocked(self, ip: str, now: float) -> bool:
-        times = self._recent(address_key(ip), now)
-        return times is not None and len(times) >= self.limit
-
-    def record(self, ip: str, now: float) -> None:
-        ip = address_key(ip)
-        times = self._recent(ip, now)
-        if times is None:
-            times = self._failures[ip] = deque(maxlen=self.limit)
-        times.append(now)
-        if len(self._failures) > self._sweep_at:
-            for other in list(self._failures):
-                self._recent(other, now)  # drops addresses whose failures all expired
-            self._sweep_at = _next_sweep(len(self._failures))
+def auth_failure_delay(failures: int, first: float, longest: float) -> float:
+    """Seconds to wait before answering a session's ``failures``-th failed AUTH: ``first``,
+    doubling with each further failure, never more than ``longest``. The delay slows the
+    failing session only; other sessions from the same address (carrier NAT) are not
+    touched, and a valid token is never refused."""
+    if failures <= 0:
+        return 0.0
+    return min(longest, first * 2.0 ** min(failures - 1, 32))

@@ -70,9 +70,7 @@ TOO_MANY_FROM_ADDRESS = Reply(
     421, "4.7.0", "Too many connections from your address; please try again later"
 )
 TOO_MANY_MESSAGES = Reply(450, "4.7.1", "Too many messages; please try again in a minute")
-TOO_MANY_AUTH_FAILURES = Reply(
-    421, "4.7.0", "Too many authentication failures from your address; try again later"
-)
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures; closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors; closing connection")
 EARLY_TALKER = Reply(554, "5.5.0", "Protocol error: command sent before the server's reply")
 

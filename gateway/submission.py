@@ -34,7 +34,7 @@ from gateway.domain import (
     utc_now,
 )
 from gateway.errors import HoldStoreError, TokenError
-from gateway.limits import AuthFailures, MessageRate
+from gateway.limits import MessageRate, auth_failure_delay
 from gateway.ops.metrics import Metrics
 from gateway.policy.engine import decide
 from gateway.policy.store import PolicyStore
@@ -92,6 +92,15 @@ class AuthOutcome:
     failure_reason: str | None = None  # the TokenError reason code, for logs and metrics
 
 
+@dataclass(frozen=True)
+class AuthPenalty:
+    """What a failed AUTH costs the session: a wait before the reply, and after too many
+    failures the 421 that closes it."""
+
+    delay: float
+    close: Reply | None = None
+
+
 @dataclass
 class SessionFacts:
     """What the SMTP layer knows about one connection."""
@@ -103,6 +112,7 @@ class SessionFacts:
     tls: bool = False
     claims: DeviceClaims | None = None
     mechanism: str | None = None
+    auth_failures: int = 0
 
 
 @dataclass
@@ -146,7 +156,6 @@ class Submission:
         self.monotonic = monotonic  # rate limits: immune to wall-clock jumps
         limits = settings.limits
         self.message_rate = MessageRate(limits.messages_per_user_per_minute)
-        self.auth_failures = AuthFailures(limits.auth_failures_per_ip, limits.auth_failure_window)
 
     @property
     def audience(self) -> str:
@@ -165,17 +174,27 @@ class Submission:
 
     # --- AUTH ---------------------------------------------------------------------------
 
-    def auth_refused(self, facts: SessionFacts) -> Reply | None:
-        """421 4.7.0 while the client's address is over its AUTH-failure budget."""
-        if self.auth_failures.blocked(facts.peer_ip, self.monotonic()):
-            log.warning("auth_failures_limit", session=facts.session_id, peer=facts.peer)
-            self.metrics.limited.labels("auth_failures_per_ip").inc()
-            return replies.TOO_MANY_AUTH_FAILURES
-        return None
-
-    def note_auth_failure(self, facts: SessionFacts) -> None:
-        """Failures the SMTP layer sees itself (bad base64, SASL syntax) count too."""
-        self.auth_failures.record(facts.peer_ip, self.monotonic())
+    def auth_failure(self, facts: SessionFacts) -> AuthPenalty:
+        """A failed AUTH in this session (a refused token, bad base64, SASL syntax): the
+        session waits longer with each one, and after ``auth_failures_per_session`` it is
+        closed with 421 4.7.0. Per session, never per address: behind carrier NAT one
+        stale phone must not lock out its neighbours, and a signed token cannot be
+        guessed, so slowing the failing session down is all a limit needs to do."""
+        limits = self.settings.limits
+        facts.auth_failures += 1
+        delay = auth_failure_delay(
+            facts.auth_failures, limits.auth_failure_delay, limits.auth_failure_delay_max
+        )
+        if facts.auth_failures < limits.auth_failures_per_session:
+            return AuthPenalty(delay)
+        log.warning(
+            "auth_failures_limit",
+            session=facts.session_id,
+            peer=facts.peer,
+            failures=facts.auth_failures,
+        )
+        self.metrics.limited.labels("auth_failures_per_session").inc()
+        return AuthPenalty(delay, replies.TOO_MANY_AUTH_FAILURES)
 
     async def learn_key(self, credentials: Credentials) -> None:
         """Before verifying: a token signed with a kid its issuer has not shown us yet
@@ -234,7 +253,6 @@ class Submission:
             **details,
         )
         self.metrics.authenticated(False, reason)
-        self.note_auth_failure(facts)
         return AuthOutcome(replies.AUTH_FAILED.with_text(text), None, reason)
 
     # --- MAIL ---------------------------------------------------------------------------

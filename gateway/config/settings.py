@@ -493,20 +493,30 @@ class LimitSettings:
             4.7.1 at MAIL FROM.""",
         ),
     )
-    auth_failures_per_ip: int = field(
-        default=20,
+    auth_failures_per_session: int = field(
+        default=3,
         metadata=setting(
             Integer(minimum=1),
-            """Failed AUTHs from one address within `auth_failure_window_seconds`; then 421
-            4.7.0 at AUTH, and the connection closes.""",
+            """Failed AUTHs in one session; the last one is followed by 421 4.7.0 and the
+            session closes. Counted per session, never per address: phones behind carrier
+            NAT share addresses, and one stale phone must not lock out its neighbours.""",
         ),
     )
-    auth_failure_window: float = field(
-        default=300.0,
+    auth_failure_delay: float = field(
+        default=0.5,
         metadata=setting(
-            Number(minimum=1),
-            "How long failed AUTHs count against `auth_failures_per_ip`.",
-            key="auth_failure_window_seconds",
+            Number(),
+            """Wait before answering a session's first failed AUTH; it doubles with each
+            further failure in that session, up to `auth_failure_delay_max_seconds`.""",
+            key="auth_failure_delay_seconds",
+        ),
+    )
+    auth_failure_delay_max: float = field(
+        default=4.0,
+        metadata=setting(
+            Number(),
+            "The longest wait before answering a failed AUTH.",
+            key="auth_failure_delay_max_seconds",
         ),
     )
     max_errors: int = field(

@@ -341,10 +341,6 @@ class SubmissionSMTP(SMTP):
         if session.authenticated:
             await self.write_reply(replies.AUTH_ALREADY)
             return
-        refusal = self.submission.auth_refused(session.facts)
-        if refusal is not None:
-            await self.write_reply(refusal)
-            return
         if not arg:
             await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
             return
@@ -362,28 +358,27 @@ class SubmissionSMTP(SMTP):
         if initial:
             data = b"" if initial == "=" else self._decode(initial)
             if data is None:
-                self.submission.note_auth_failure(session.facts)
-                await self.write_reply(replies.AUTH_BAD_BASE64)
+                await self._auth_failed(replies.AUTH_BAD_BASE64)
                 return
         else:
             response = await self._challenge(b"")
             if isinstance(response, Reply):
-                if response is not replies.AUTH_ABORTED:
-                    self.submission.note_auth_failure(session.facts)
-                await self.write_reply(response)
+                if response is replies.AUTH_ABORTED:
+                    await self.write_reply(response)  # RFC 4954 s 4: no failure, no delay
+                else:
+                    await self._auth_failed(response)
                 return
             data = response
         try:
             credentials = PARSERS[mechanism](data)
         except SaslSyntaxError as exc:
-            self.submission.note_auth_failure(session.facts)
             log.info(
                 "auth_syntax",
                 session=session.facts.session_id,
                 mechanism=mechanism,
                 detail=str(exc),
             )
-            await self.write_reply(replies.AUTH_BAD_SYNTAX)
+            await self._auth_failed(replies.AUTH_BAD_SYNTAX)
             return
         await self.submission.learn_key(credentials)
         outcome = self.submission.authenticate(session.facts, credentials)
@@ -394,12 +389,26 @@ class SubmissionSMTP(SMTP):
                 # response (^A), and only then gets the final 535.
                 answer = await self._challenge(challenge)
                 if isinstance(answer, Reply) and answer is replies.AUTH_TOO_LONG:
-                    await self.write_reply(answer)
+                    await self._auth_failed(answer)
                     return
-            await self.write_reply(outcome.reply)
+            await self._auth_failed(outcome.reply)
             return
         session.authenticated = True
         await self.write_reply(outcome.reply)
+
+    async def _auth_failed(self, reply: Reply) -> None:
+        """Answer a failed AUTH after the session's growing delay; after too many failures
+        in this session, 421 4.7.0 follows and the session closes. Only this session
+        waits: other clients behind the same address are not slowed down."""
+        penalty = self.submission.auth_failure(self.gsession().facts)
+        if penalty.delay > 0:
+            await asyncio.sleep(penalty.delay)
+        if self.transport is None or self.transport.is_closing():
+            return
+        await self.write_reply(reply)
+        transport = self.transport  # the reply may have closed it (max_errors)
+        if penalty.close is not None and transport is not None and not transport.is_closing():
+            await self.write_reply(penalty.close)  # a 421: push() closes the connection
 
     @staticmethod
     def _decode(text: str) -> bytes | None:

@@ -15,6 +15,9 @@ from gateway.testing.issuer import TestIssuer
 from gateway.testing.raw import RawSmtp
 from tests.security.test_smtp_input import authenticated, start_data
 
+# Failed AUTHs wait 0.5 s, doubling, by default; tests keep the delays short.
+FAST_AUTH_FAILURES = {"auth_failure_delay_seconds": 0.01, "auth_failure_delay_max_seconds": 0.02}
+
 
 @pytest.fixture(scope="module")
 def issuer() -> TestIssuer:
@@ -72,44 +75,81 @@ async def test_messages_per_user_per_minute(tmp_path: Path, issuer: TestIssuer) 
         assert len(upstream.messages) == 3
 
 
-async def test_auth_failures_per_address_then_421_and_close(
+async def test_a_stale_phone_behind_nat_does_not_lock_out_its_neighbours(
     tmp_path: Path, issuer: TestIssuer
 ) -> None:
+    """Phones behind carrier NAT share an address: a stale phone failing AUTH over and
+    over (more often than the old per-address budget of 20) must not cost a valid token
+    from the same address its session. A signed token cannot be guessed anyway."""
     stranger = TestIssuer.generate("k1")  # signs with a key the gateway does not trust
-    async with gateway_with_upstream(tmp_path, issuer, limits={"auth_failures_per_ip": 2}) as (
+    async with gateway_with_upstream(tmp_path, issuer, limits=FAST_AUTH_FAILURES) as (
         gw,
-        _,
+        upstream,
     ):
-        for _ in range(2):
-            failed = await FakeDevice(stranger).send(gw.port)
+        for _ in range(25):
+            failed = await FakeDevice(stranger, device_id="stale-phone").send(gw.port)
             assert failed.auth is not None
             assert failed.auth[0] == 535
-        # Even a good token is refused now: the address is over its budget.
-        async with await RawSmtp.connect(gw.port) as client:
-            await client.reply()
-            assert (await client.command("EHLO device.test"))[0] == 250
-            blob = base64.b64encode(
-                plain_response("alice@example.test", FakeDevice(issuer).token())
-            )
-            assert await client.command(b"AUTH PLAIN " + blob) == (
-                421,
-                "4.7.0 Too many authentication failures from your address; try again later",
-            )
-            assert await client.closed()
+        sent = await FakeDevice(issuer).send(gw.port)  # from 127.0.0.1 too
+        assert sent.auth == (235, "2.7.0 Authentication successful")
+        assert sent.accepted
+        assert len(upstream.messages) == 1
+
+
+async def test_failed_auths_slow_the_session_down_then_421_and_close(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    stranger = TestIssuer.generate("k1")
+    limits = {
+        "auth_failures_per_session": 3,
+        "auth_failure_delay_seconds": 0.2,
+        "auth_failure_delay_max_seconds": 0.3,
+    }
+    async with (
+        gateway_with_upstream(tmp_path, issuer, limits=limits) as (gw, _),
+        await RawSmtp.connect(gw.port) as client,
+    ):
+        await client.reply()
+        await client.command("EHLO device.test")
+        bad = b"AUTH PLAIN " + base64.b64encode(
+            plain_response("alice@example.test", FakeDevice(stranger).token())
+        )
+        loop = asyncio.get_running_loop()
+        waited = []
+        for _ in range(2):
+            started = loop.time()
+            assert (await client.command(bad))[0] == 535
+            waited.append(loop.time() - started)
+        assert waited[0] >= 0.2
+        assert waited[1] >= 0.3  # 0.4, capped at 0.3
+        started = loop.time()
+        assert (await client.command(bad))[0] == 535
+        assert loop.time() - started >= 0.3
+        assert await client.reply() == (
+            421,
+            "4.7.0 Too many authentication failures; closing connection",
+        )
+        assert await client.closed()
+        # Another session from the same address starts afresh and is not slowed down.
+        async with await authenticated(gw, issuer) as other:
+            assert (await other.command("NOOP"))[0] == 250
+        metrics = gw.server.services.metrics.render().decode()
+        assert 'gateway_limit_refusals_total{limit="auth_failures_per_session"} 1.0' in metrics
 
 
 async def test_bad_base64_counts_as_an_auth_failure(tmp_path: Path, issuer: TestIssuer) -> None:
     async with (
-        gateway_with_upstream(tmp_path, issuer, limits={"auth_failures_per_ip": 1}) as (
-            gw,
-            _,
-        ),
+        gateway_with_upstream(
+            tmp_path, issuer, limits={"auth_failures_per_session": 2, **FAST_AUTH_FAILURES}
+        ) as (gw, _),
         await RawSmtp.connect(gw.port) as client,
     ):
         await client.reply()
         await client.command("EHLO device.test")
         assert await client.command("AUTH PLAIN !!!") == (501, "5.5.2 Cannot decode base64")
-        assert (await client.command("AUTH PLAIN AGFAYg=="))[0] == 421
+        assert (await client.command("AUTH PLAIN AGFAYg=="))[0] == 501  # SASL syntax
+        assert (await client.reply())[0] == 421
+        assert await client.closed()
 
 
 async def test_command_call_limit(tmp_path: Path, issuer: TestIssuer) -> None:
