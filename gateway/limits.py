@@ -1,4 +1,5 @@
-"""Abuse limits: connections, messages per user, the delay after a failed AUTH.
+"""Abuse limits: connections (with a budget for unauthenticated ones), messages per user,
+the delay after a failed AUTH.
 
 Pure bookkeeping: callers pass the monotonic time in, so the limits are trivial to test
 and immune to wall-clock jumps. Mobile carriers put many phones behind one address
@@ -8,6 +9,10 @@ and immune to wall-clock jumps. Mobile carriers put many phones behind one addre
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from gateway import replies
 from gateway.replies import Reply
@@ -37,35 +42,129 @@ def address_key(ip: str) -> str:
     return ip
 
 
-class ConnectionLimits:
-    """Concurrent connections in total and per client address."""
+K = TypeVar("K", bound=Hashable)
 
-    def __init__(self, total: int, per_ip: int) -> None:
+
+@dataclass(frozen=True)
+class Admission(Generic[K]):
+    """The answer to a new connection: refused (nothing counted), or admitted, possibly at
+    the cost of ``shed``, an idle unauthenticated session the caller must close."""
+
+    refusal: Reply | None = None
+    shed: K | None = None
+
+
+class ConnectionLimits(Generic[K]):
+    """Concurrent connections in total, per client address, and before AUTH.
+
+    A connection that has not authenticated is cheap to open and holds a slot for up to
+    the idle timeout, so idle sockets from a handful of addresses could fill every slot
+    and lock out devices with valid tokens. Unauthenticated sessions therefore have their
+    own budget (``unauthenticated``, within ``total``), and when a newcomer finds the total,
+    that budget or its address's share full, the unauthenticated session idle the longest
+    (in the same address for the per-address limit) is shed to make room. Authenticated
+    sessions are never shed: only they can be told from an attacker's sockets. The
+    pre-AUTH idle timeout shortens while the unauthenticated budget is half used.
+
+    Keys are the caller's (one per session); times are monotonic seconds passed in.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        per_ip: int,
+        unauthenticated: int | None = None,
+        pre_auth_timeout_under_load: float | None = None,
+    ) -> None:
         self.total = total
         self.per_ip = per_ip
+        self.unauthenticated = min(total, unauthenticated or total)
+        self.pre_auth_timeout_under_load = pre_auth_timeout_under_load
         self.open = 0
         self._by_ip: dict[str, int] = {}
+        self._ip_of: dict[K, str] = {}
+        # Unauthenticated sessions by last activity, the longest idle first: in all, and
+        # per address.
+        self._idle: OrderedDict[K, float] = OrderedDict()
+        self._idle_by_ip: dict[str, OrderedDict[K, float]] = {}
 
-    def admit(self, ip: str) -> Reply | None:
-        """Count the connection in and return None, or return the refusal (nothing counted)."""
-        if self.open >= self.total:
-            return replies.TOO_MANY_CONNECTIONS
+    def admit(self, key: K, ip: str, now: float) -> Admission[K]:
+        """Count the session in (unauthenticated, active at ``now``), or say why not."""
         ip = address_key(ip)
-        current = self._by_ip.get(ip, 0)
-        if current >= self.per_ip:
-            return replies.TOO_MANY_FROM_ADDRESS
+        shed: K | None = None
+        if self._by_ip.get(ip, 0) >= self.per_ip:
+            shed = _first(self._idle_by_ip.get(ip))
+            if shed is None:
+                return Admission(refusal=replies.TOO_MANY_FROM_ADDRESS)
+            self.release(shed)
+        elif self.open >= self.total or len(self._idle) >= self.unauthenticated:
+            shed = _first(self._idle)
+            if shed is None:
+                return Admission(refusal=replies.TOO_MANY_CONNECTIONS)
+            self.release(shed)
         self.open += 1
-        self._by_ip[ip] = current + 1
+        self._by_ip[ip] = self._by_ip.get(ip, 0) + 1
+        self._ip_of[key] = ip
+        self._idle[key] = now
+        self._idle_by_ip.setdefault(ip, OrderedDict())[key] = now
+        return Admission(shed=shed)
+
+    def active(self, key: K, now: float) -> None:
+        """An unauthenticated session sent a command: it is no longer the longest idle."""
+        if key not in self._idle:
+            return
+        self._idle[key] = now
+        self._idle.move_to_end(key)
+        by_ip = self._idle_by_ip[self._ip_of[key]]
+        by_ip[key] = now
+        by_ip.move_to_end(key)
+
+    def authenticated(self, key: K) -> None:
+        """The session proved who it is: never shed from now on."""
+        if self._idle.pop(key, None) is not None:
+            self._forget_idle(key)
+
+    def pre_auth_timeout(self) -> float | None:
+        """The idle timeout for unauthenticated sessions while the unauthenticated budget
+        is at least half used; None otherwise (the usual idle timeout applies)."""
+        if self.pre_auth_timeout_under_load is None:
+            return None
+        if 2 * len(self._idle) >= self.unauthenticated:
+            return self.pre_auth_timeout_under_load
         return None
 
-    def release(self, ip: str) -> None:
+    @property
+    def unauthenticated_open(self) -> int:
+        return len(self._idle)
+
+    def release(self, key: K) -> None:
+        """The session ended (or was shed); a key already released is ignored."""
+        ip = self._ip_of.pop(key, None)
+        if ip is None:
+            return
         self.open -= 1
-        ip = address_key(ip)
         left = self._by_ip.get(ip, 1) - 1
         if left > 0:
             self._by_ip[ip] = left
         else:
             self._by_ip.pop(ip, None)
+        if self._idle.pop(key, None) is not None:
+            self._forget_idle(key, ip)
+
+    def _forget_idle(self, key: K, ip: str | None = None) -> None:
+        if ip is None:
+            ip = self._ip_of[key]
+        by_ip = self._idle_by_ip.get(ip)
+        if by_ip is not None:
+            by_ip.pop(key, None)
+            if not by_ip:
+                del self._idle_by_ip[ip]
+
+
+def _first(ordered: OrderedDict[K, float] | None) -> K | None:
+    if not ordered:
+        return None
+    return next(iter(ordered))
 
 
 class MessageRate:

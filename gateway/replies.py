@@ -66,6 +66,9 @@ IDLE_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 BYE = Reply(221, "2.0.0", "Bye")
 TOO_MANY_CONNECTIONS = Reply(421, "4.3.2", "Too many connections; please try again later")
+IDLE_UNAUTHENTICATED_SHED = Reply(
+    421, "4.3.2", "Too many connections; closing an idle unauthenticated connection"
+)
 TOO_MANY_FROM_ADDRESS = Reply(
     421, "4.7.0", "Too many connections from your address; please try again later"
 )

@@ -485,6 +485,27 @@ class LimitSettings:
             behind carrier NAT share addresses: keep it generous.""",
         ),
     )
+    max_unauthenticated_connections: int = field(
+        default=500,
+        metadata=setting(
+            Integer(minimum=1),
+            """Open sessions that have not authenticated yet (at most `max_connections`).
+            When this, `max_connections` or an address's share is full, a new connection
+            sheds the unauthenticated session idle the longest (421 4.3.2 to it) instead
+            of being refused; authenticated sessions are never shed. Idle sockets cannot
+            lock out devices with valid tokens.""",
+        ),
+    )
+    pre_auth_timeout_under_load: float = field(
+        default=10.0,
+        metadata=setting(
+            Number(minimum=1),
+            """Idle timeout before AUTH while at least half of
+            `max_unauthenticated_connections` are in use (else `[smtp] idle_timeout`).
+            A phone needs a few round trips to authenticate, never seconds of silence.""",
+            key="pre_auth_timeout_under_load_seconds",
+        ),
+    )
     messages_per_user_per_minute: int = field(
         default=60,
         metadata=setting(

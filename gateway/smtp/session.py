@@ -118,11 +118,14 @@ class SubmissionSMTP(SMTP):
         limits: LimitSettings | None = None,
         on_open: Callable[[SubmissionSMTP], Reply | None] | None = None,
         on_close: Callable[[SubmissionSMTP], None] | None = None,
+        on_activity: Callable[[SubmissionSMTP], float | None] | None = None,
+        on_authenticated: Callable[[SubmissionSMTP], None] | None = None,
     ) -> None:
         # The stream reader's limit must admit an AUTH line up to twice the cap, so that
         # we can read it whole and answer 500 5.5.6 rather than a generic error.
         self.line_length_limit = 2 * settings.max_auth_bytes + 64
         self._relaying = False  # set before aiosmtpd's __init__ evaluates our properties
+        self._on_activity = on_activity  # used by _reset_timeout, which connection_made calls
         limits = limits or LimitSettings()
         super().__init__(
             _Hooks(),
@@ -145,6 +148,7 @@ class SubmissionSMTP(SMTP):
         self._implicit_tls = implicit_tls
         self._on_open = on_open
         self._on_close = on_close
+        self._on_authenticated = on_authenticated
         self._last_timer_reset = 0.0
         self._max_errors = limits.max_errors
         self._errors = 0
@@ -178,6 +182,8 @@ class SubmissionSMTP(SMTP):
         facts.tls = self.is_tls
         if first and self._on_open:
             self._refusal = self._on_open(self)
+            if self._refusal is None:
+                self._reset_timeout()  # now counted: the pre-AUTH timeout may be shorter
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -242,6 +248,20 @@ class SubmissionSMTP(SMTP):
         if self._relaying:
             return True
         return isinstance(self.session, GatewaySession) and self.session.transaction is not None
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd calls this after every command line. Before AUTH it also tells the
+        connection limits the session is active, and uses the idle timeout they give
+        (shorter under load); DATA's and the relay's own timeouts pass a duration."""
+        session = self.session
+        if (
+            duration is None
+            and self._on_activity is not None
+            and isinstance(session, GatewaySession)
+            and not session.authenticated
+        ):
+            duration = self._on_activity(self)
+        super()._reset_timeout(duration)
 
     def _timeout_cb(self) -> None:
         log.info("idle_timeout", session=self.gsession().facts.session_id)
@@ -394,6 +414,9 @@ class SubmissionSMTP(SMTP):
             await self._auth_failed(outcome.reply)
             return
         session.authenticated = True
+        if self._on_authenticated is not None:
+            self._on_authenticated(self)
+        self._reset_timeout()  # the usual idle timeout from now on, not the pre-AUTH one
         await self.write_reply(outcome.reply)
 
     async def _auth_failed(self, reply: Reply) -> None:

@@ -117,6 +117,8 @@ NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("hold", "release_concurrency"): ("1", 1),
     ("limits", "max_connections"): ("5", 5),
     ("limits", "max_connections_per_ip"): ("2", 2),
+    ("limits", "max_unauthenticated_connections"): ("3", 3),
+    ("limits", "pre_auth_timeout_under_load_seconds"): ("5", 5.0),
     ("limits", "messages_per_user_per_minute"): ("3", 3),
     ("limits", "auth_failures_per_session"): ("4", 4),
     ("limits", "auth_failure_delay_seconds"): ("0.25", 0.25),

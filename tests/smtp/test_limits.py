@@ -25,13 +25,13 @@ def issuer() -> TestIssuer:
 
 
 async def test_connections_per_address_are_limited(tmp_path: Path, issuer: TestIssuer) -> None:
+    """Authenticated sessions are never shed: with the address's share taken by them, a
+    newcomer is refused."""
     async with gateway_with_upstream(tmp_path, issuer, limits={"max_connections_per_ip": 2}) as (
         gw,
         _,
     ):
-        first, second = await RawSmtp.connect(gw.port), await RawSmtp.connect(gw.port)
-        assert (await first.reply())[0] == 220
-        assert (await second.reply())[0] == 220
+        first, second = await authenticated(gw, issuer), await authenticated(gw, issuer)
         async with await RawSmtp.connect(gw.port) as third:
             assert await third.reply() == (
                 421,
@@ -42,19 +42,20 @@ async def test_connections_per_address_are_limited(tmp_path: Path, issuer: TestI
         await asyncio.sleep(0.1)
         async with await RawSmtp.connect(gw.port) as fourth:  # a slot is free again
             assert (await fourth.reply())[0] == 220
+        assert (await second.command("NOOP"))[0] == 250
         await second.__aexit__(None, None, None)
 
 
 async def test_connections_in_total_are_limited(tmp_path: Path, issuer: TestIssuer) -> None:
     async with gateway_with_upstream(tmp_path, issuer, limits={"max_connections": 1}) as (gw, _):
-        async with await RawSmtp.connect(gw.port) as first:
-            assert (await first.reply())[0] == 220
+        async with await authenticated(gw, issuer) as first:
             async with await RawSmtp.connect(gw.port) as second:
                 assert await second.reply() == (
                     421,
                     "4.3.2 Too many connections; please try again later",
                 )
                 assert await second.closed()
+            assert (await first.command("NOOP"))[0] == 250
         metrics = gw.server.services.metrics.render().decode()
         assert 'gateway_limit_refusals_total{limit="connections"} 1.0' in metrics
 
@@ -192,3 +193,53 @@ async def test_data_timeout_gives_421_4_4_2(tmp_path: Path, issuer: TestIssuer) 
             )
         await asyncio.sleep(0.1)
         assert upstream.messages == []
+
+
+async def test_idle_unauthenticated_connections_do_not_lock_out_a_valid_device(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    """max_connections full of idle sockets that never authenticate: a device with a valid
+    token still gets in, and the oldest idle unauthenticated session makes room."""
+    async with gateway_with_upstream(tmp_path, issuer, limits={"max_connections": 4}) as (
+        gw,
+        upstream,
+    ):
+        idle = []
+        for _ in range(4):
+            client = await RawSmtp.connect(gw.port)
+            assert (await client.reply())[0] == 220
+            idle.append(client)
+            await asyncio.sleep(0.02)  # a distinct age for each
+        assert (await idle[1].command("EHLO idle.test"))[0] == 250  # active, not the oldest
+        sent = await FakeDevice(issuer).send(gw.port)
+        assert sent.auth == (235, "2.7.0 Authentication successful")
+        assert sent.accepted
+        assert len(upstream.messages) == 1
+        assert await idle[0].reply() == (
+            421,
+            "4.3.2 Too many connections; closing an idle unauthenticated connection",
+        )
+        assert await idle[0].closed()
+        await idle[0].__aexit__(None, None, None)
+        for client in idle[1:]:
+            assert (await client.command("NOOP"))[0] == 250  # the others were left alone
+            await client.__aexit__(None, None, None)
+        metrics = gw.server.services.metrics.render().decode()
+        assert 'gateway_limit_refusals_total{limit="unauthenticated_shed"} 1.0' in metrics
+
+
+async def test_the_pre_auth_timeout_is_shorter_under_load(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    limits = {"max_unauthenticated_connections": 2, "pre_auth_timeout_under_load_seconds": 1}
+    async with (
+        gateway_with_upstream(tmp_path, issuer, limits=limits) as (gw, _),
+        await authenticated(gw, issuer) as device,
+        await RawSmtp.connect(gw.port) as idle,
+    ):
+        assert (await idle.reply())[0] == 220  # one of two unauthenticated slots: under load
+        assert (await idle.command("EHLO idle.test"))[0] == 250
+        assert await idle.reply(timeout=5) == (421, "4.4.2 Timeout exceeded, closing connection")
+        assert await idle.closed()
+        # The authenticated session keeps [smtp] idle_timeout (30 s in the test kit).
+        assert (await device.command("NOOP"))[0] == 250
