@@ -205,3 +205,52 @@ def auth_failure_delay(failures: int, first: float, longest: float) -> float:
     if failures <= 0:
         return 0.0
     return min(longest, first * 2.0 ** min(failures - 1, 32))
+
+
+class DataBudget:
+    """Message bytes in memory across all sessions (``[limits] data_bytes_in_flight``).
+
+    Each transaction takes a :class:`Reservation`, grows it as DATA arrives and gives it
+    back when the transaction ends, whatever happens. A message that does not fit is
+    refused with 452 4.3.1 rather than risking the whole process (and every session in
+    it) to the kernel's OOM killer."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def available(self) -> int:
+        return self.limit - self.used
+
+    def reservation(self) -> Reservation:
+        return Reservation(self)
+
+
+class Reservation:
+    """One transaction's share of the :class:`DataBudget`. Grown in steps, so that the
+    budget is not touched for every line of a message."""
+
+    STEP = 64 * 1024
+
+    def __init__(self, budget: DataBudget) -> None:
+        self._budget = budget
+        self.held = 0
+
+    def cover(self, total: int) -> bool:
+        """Hold at least ``total`` bytes; False (and nothing more taken) if the budget
+        cannot cover them."""
+        if total <= self.held:
+            return True
+        budget = self._budget
+        want = total - self.held
+        if want > budget.available():
+            return False
+        take = min(max(want, self.STEP), budget.available())
+        budget.used += take
+        self.held += take
+        return True
+
+    def release(self) -> None:
+        """Give everything back; safe to call more than once."""
+        self._budget.used -= self.held
+        self.held = 0

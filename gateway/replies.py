@@ -47,6 +47,8 @@ AUTH_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
 AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 NEED_EHLO = Reply(503, "5.5.1", "Send EHLO first")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
+# RFC 3463 s 3.4 X.3.1 "mail system full"; 452 per RFC 5321 s 4.2.3 / RFC 1870 s 6.1.
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage; please try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long (RFC 5321 s 4.5.3.1.6)")

@@ -34,7 +34,7 @@ from gateway.domain import (
     utc_now,
 )
 from gateway.errors import HoldStoreError, TokenError
-from gateway.limits import MessageRate, auth_failure_delay
+from gateway.limits import DataBudget, MessageRate, auth_failure_delay
 from gateway.ops.metrics import Metrics
 from gateway.policy.engine import decide
 from gateway.policy.store import PolicyStore
@@ -126,6 +126,14 @@ class Transaction:
     options: tuple[str, ...] = ()  # the MAIL parameters passed upstream (BODY=)
     recipients: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
+    declared_size: int | None = None  # MAIL FROM's SIZE= (RFC 1870)
+
+    @property
+    def copies_in_memory(self) -> int:
+        """How many times the message is in memory at its peak: once when relayed (it is
+        streamed upstream from the buffer it arrived in), twice when held (the copy
+        handed to the hold store)."""
+        return 2 if self.decision.action is Action.HOLD else 1
 
 
 class Submission:
@@ -156,6 +164,7 @@ class Submission:
         self.monotonic = monotonic  # rate limits: immune to wall-clock jumps
         limits = settings.limits
         self.message_rate = MessageRate(limits.messages_per_user_per_minute)
+        self.data_budget = DataBudget(limits.data_bytes_in_flight)
 
     @property
     def audience(self) -> str:
@@ -285,6 +294,7 @@ class Submission:
             decision=decision,
             started=time.monotonic(),
             options=relayed_options(options),
+            declared_size=declared_size(options),
         )
         if decision.action is Action.DEFER:
             self._log_decision(facts, transaction, result="deferred")
@@ -292,6 +302,13 @@ class Submission:
         if decision.action is Action.REJECT:
             self._log_decision(facts, transaction, result="rejected")
             return Reply(550, "5.7.1", decision.message or "Rejected by policy"), None
+        declared = transaction.declared_size
+        if declared and declared * transaction.copies_in_memory > self.data_budget.available():
+            # RFC 1870 s 6.1: the size the client announced does not fit now; say so before
+            # it sends a byte.
+            self._log_decision(facts, transaction, result="data_bytes_in_flight")
+            self.metrics.limited.labels("data_bytes_in_flight").inc()
+            return replies.INSUFFICIENT_STORAGE, None
         if decision.action is Action.HOLD:
             return replies.OK.with_text("Sender OK"), transaction
         relay, reply = await self.relay.begin(sender, transaction.options)
@@ -343,15 +360,20 @@ class Submission:
             received += f"X-Compliance-Notice: {', '.join(decision.policy_ids)}; {notice}\r\n"
         return received.encode()
 
-    async def data(self, facts: SessionFacts, transaction: Transaction, content: bytes) -> Reply:
+    async def data(
+        self, facts: SessionFacts, transaction: Transaction, content: bytes | bytearray
+    ) -> Reply:
+        """``content`` is the message as received (the SMTP layer's buffer, not copied):
+        relayed, it is streamed upstream behind the trace headers; held, the hold store
+        gets one copy with them in front."""
         now = self.clock()
-        message = self.trace_headers(facts, transaction, now) + content
+        trace = self.trace_headers(facts, transaction, now)
         decision = transaction.decision
         if decision.action is Action.HOLD:
-            return await self._hold(facts, transaction, message, now)
+            return await self._hold(facts, transaction, trace + content, now)
         assert transaction.relay is not None
         relay_started = time.monotonic()
-        upstream = await transaction.relay.send(message)
+        upstream = await transaction.relay.send(trace, content)
         self.metrics.relay_seconds.observe(time.monotonic() - relay_started)
         self.metrics.relay.labels(
             "accepted" if upstream.is_success else f"{upstream.code // 100}xx"
@@ -418,6 +440,16 @@ class Submission:
             elapsed_ms=round((time.monotonic() - transaction.started) * 1000, 2),
             **fields,
         )
+
+
+def declared_size(options: Sequence[str]) -> int | None:
+    """MAIL FROM's SIZE= parameter (RFC 1870 s 6), None when absent or malformed
+    (aiosmtpd has already refused a malformed or too large one)."""
+    for option in options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
 
 
 def relayed_options(options: Sequence[str]) -> tuple[str, ...]:

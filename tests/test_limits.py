@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from gateway import replies
-from gateway.limits import Admission, ConnectionLimits, MessageRate, auth_failure_delay
+from gateway.limits import (
+    Admission,
+    ConnectionLimits,
+    DataBudget,
+    MessageRate,
+    Reservation,
+    auth_failure_delay,
+)
 from gateway.replies import Reply
 
 
@@ -135,3 +142,23 @@ def test_sweeps_of_idle_entries_stay_cheap_when_most_entries_are_live(
     assert len(rate._buckets) == 200
     assert sweeps <= 5  # after each sweep, the next waits until the table has doubled
     assert not rate.allow("user0", 1.0)  # sweeping never lifts a limit
+
+
+def test_the_data_budget_is_taken_in_steps_and_given_back_whole() -> None:
+    budget = DataBudget(limit=200 * 1024)
+    first, second = budget.reservation(), budget.reservation()
+    assert first.cover(100)
+    assert budget.used == Reservation.STEP  # a step at a time, not per line
+    assert first.cover(Reservation.STEP)
+    assert budget.used == Reservation.STEP
+    assert first.cover(150 * 1024)
+    assert second.cover(50 * 1024)
+    assert budget.used == 200 * 1024
+    assert not second.cover(50 * 1024 + 1)  # over the budget: refused, nothing taken
+    assert budget.used == 200 * 1024
+    first.release()
+    first.release()  # twice is harmless
+    assert budget.used == 50 * 1024
+    assert second.cover(120 * 1024)
+    second.release()
+    assert budget.used == 0

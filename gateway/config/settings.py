@@ -540,6 +540,19 @@ class LimitSettings:
             key="auth_failure_delay_max_seconds",
         ),
     )
+    data_bytes_in_flight: int = field(
+        default=256 * 1024 * 1024,
+        metadata=setting(
+            Integer(minimum=64 * 1024, unit="bytes"),
+            """Message bytes held in memory across all sessions, counted as DATA arrives
+            (or as `SIZE=` declares): a message is kept once while it arrives and is
+            relayed, and counts twice when it is held (the copy written to the hold
+            store). Beyond: 452 4.3.1 at `MAIL … SIZE=` or after the final dot. The
+            default, 256 MiB, with the process's own 60 MiB and allocator slack stays
+            well below the 512 MiB memory limit of deploy/kubernetes, so clients can
+            fill the budget but never get the gateway OOM-killed; raise both together.""",
+        ),
+    )
     max_errors: int = field(
         default=10,
         metadata=setting(

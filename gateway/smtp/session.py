@@ -34,6 +34,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway import replies
 from gateway.config.settings import LimitSettings, SmtpSettings
+from gateway.limits import Reservation
 from gateway.replies import Reply, add_enhanced_code
 from gateway.smtp.sasl import MECHANISMS, PARSERS, SaslSyntaxError, error_challenge
 from gateway.submission import SessionFacts, Submission, Transaction, new_session_id
@@ -519,35 +520,56 @@ class SubmissionSMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._reset_timeout(self.settings.data_timeout)
         self._last_timer_reset = time.monotonic()
-        content, problem = await self._read_data()
-        if problem is not None:
-            await self.end_transaction(session)
-            self._reset_envelope()
-            await self.write_reply(problem)
-            return
-        # The client is now waiting on us, not idle: give the relay its own timeout.
-        self._reset_timeout(self.submission.data_reply_within)
-        session.transaction = None
-        self._relaying = True
+        # The message's share of [limits] data_bytes_in_flight, given back when the
+        # transaction ends, however it ends (reply, error, disconnect, cancellation).
+        reservation = self.submission.data_budget.reservation()
         try:
-            reply = await self.submission.data(session.facts, transaction, content)
-        except Exception:
-            await self.submission.abort(transaction)
-            raise
+            if transaction.declared_size:
+                reservation.cover(
+                    min(transaction.declared_size, self.data_size_limit or 0)
+                    * transaction.copies_in_memory
+                )
+            content, problem = await self._read_data(reservation, transaction.copies_in_memory)
+            if problem is not None:
+                if problem is replies.INSUFFICIENT_STORAGE:
+                    log.info("data_bytes_in_flight", session=session.facts.session_id)
+                    self.submission.limit_refused("data_bytes_in_flight")
+                await self.end_transaction(session)
+                self._reset_envelope()
+                await self.write_reply(problem)
+                return
+            # The client is now waiting on us, not idle: give the relay its own timeout.
+            self._reset_timeout(self.submission.data_reply_within)
+            session.transaction = None
+            self._relaying = True
+            try:
+                reply = await self.submission.data(session.facts, transaction, content)
+            except Exception:
+                await self.submission.abort(transaction)
+                raise
+            finally:
+                del content  # the budget is given back below: free the buffer first
+                self._reset_envelope()
+                self._reset_timeout()
+            try:
+                await self.write_reply(reply)
+            finally:
+                self._relaying = False
         finally:
-            self._reset_envelope()
-            self._reset_timeout()
-        try:
-            await self.write_reply(reply)
-        finally:
-            self._relaying = False
+            reservation.release()
 
-    async def _read_data(self) -> tuple[bytes, Reply | None]:
-        """Read up to the lone dot. Only CRLF.CRLF ends DATA; everything else is content."""
+    async def _read_data(
+        self, reservation: Reservation, copies: int
+    ) -> tuple[bytes | bytearray, Reply | None]:
+        """Read up to the lone dot. Only CRLF.CRLF ends DATA; everything else is content.
+
+        The message is kept once, in the bytearray returned (never copied to bytes), and
+        counted against the data budget as it arrives: ``copies`` bytes of budget per
+        byte received. Over the budget, the rest is read and dropped, then 452 4.3.1."""
         limit = self.data_size_limit
         data = bytearray()
         size = 0
-        too_long = too_big = bare = False
+        too_long = too_big = bare = full = False
         reader = self._reader
         data_timeout = self.settings.data_timeout
         while True:
@@ -563,29 +585,38 @@ class SubmissionSMTP(SMTP):
                 break
             self._keep_alive(data_timeout)
             size += len(line)
-            if too_long or too_big:
+            if too_long or too_big or full:
                 continue
             if limit and size > limit:
                 too_big = True
-                data.clear()
+                data = bytearray()
                 continue
             if len(line) > RFC5321_LINE_LIMIT:
                 too_long = True
-                data.clear()
+                data = bytearray()
+                continue
+            if not reservation.cover(size * copies):
+                full = True
+                data = bytearray()
                 continue
             body_end = len(line) - 2
             if line.find(b"\n", 0, body_end) != -1 or line.find(b"\r", 0, body_end) != -1:
                 bare = True
             data += line[1:] if line[:1] == b"." else line
         if too_long:
-            return b"", replies.LINE_TOO_LONG
+            return bytearray(), replies.LINE_TOO_LONG
         if too_big:
-            return b"", replies.MESSAGE_TOO_BIG
+            return bytearray(), replies.MESSAGE_TOO_BIG
+        if full:
+            return bytearray(), replies.INSUFFICIENT_STORAGE
         if bare:
             if self.settings.bare_linefeeds == "reject":
-                return b"", replies.BARE_LINEFEED
-            return _LINE_ENDINGS_RE.sub(b"\r\n", bytes(data)), None
-        return bytes(data), None
+                return bytearray(), replies.BARE_LINEFEED
+            # Normalising makes a second copy for a moment: count it too.
+            if not reservation.cover(size * (copies + 1)):
+                return bytearray(), replies.INSUFFICIENT_STORAGE
+            return _LINE_ENDINGS_RE.sub(b"\r\n", data), None
+        return data, None
 
 
 _METHOD_NAMES: dict[type, list[str]] = {}

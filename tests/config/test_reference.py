@@ -123,6 +123,7 @@ NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("limits", "auth_failures_per_session"): ("4", 4),
     ("limits", "auth_failure_delay_seconds"): ("0.25", 0.25),
     ("limits", "auth_failure_delay_max_seconds"): ("2", 2.0),
+    ("limits", "data_bytes_in_flight"): ("1048576", 1048576),
     ("limits", "max_errors"): ("2", 2),
     ("limits", "command_call_limit"): ('{ "*" = 50, noop = 5 }', {"*": 50, "NOOP": 5}),
     ("admin", "listen"): ('"127.0.0.1:9000"', Endpoint("127.0.0.1", 9000)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,65 @@ async def test_the_pre_auth_timeout_is_shorter_under_load(
         assert await idle.closed()
         # The authenticated session keeps [smtp] idle_timeout (30 s in the test kit).
         assert (await device.command("NOOP"))[0] == 250
+
+
+def _body(kib: int, tag: str) -> bytes:
+    """A message of about ``kib`` KiB whose lines sometimes start with a dot (they are
+    stuffed on the wire, RFC 5321 s 4.5.2, and must arrive upstream unstuffed)."""
+    head = f"From: <alice@example.test>\r\nTo: <bob@example.test>\r\nSubject: {tag}\r\n\r\n"
+    lines = [
+        (("." if n % 7 == 0 else "") + f"{tag} line {n:06d} ").ljust(78, "x")
+        for n in range(kib * 1024 // 80)
+    ]
+    return head.encode() + "".join(line + "\r\n" for line in lines).encode()
+
+
+def _stuffed(body: bytes) -> bytes:
+    return body.replace(b"\r\n.", b"\r\n..")
+
+
+async def _wait_for(condition: Callable[[], bool], within: float = 5.0) -> None:
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110  # polls gateway state, no event to wait on
+            await asyncio.sleep(0.01)
+
+
+async def test_data_bytes_in_flight_have_a_budget(tmp_path: Path, issuer: TestIssuer) -> None:
+    """Two big messages at once under a 1 MiB budget: the second gets 452 4.3.1, the first
+    is delivered intact, and once it is through the budget admits the next one."""
+    async with gateway_with_upstream(
+        tmp_path, issuer, limits={"data_bytes_in_flight": 1024 * 1024}
+    ) as (gw, upstream):
+        budget = gw.server.services.submission.data_budget
+        first_body, second_body = _body(700, "first"), _body(700, "second")
+        async with await authenticated(gw, issuer) as first:
+            await start_data(first)
+            half = _stuffed(first_body)[: 600 * 1024]
+            half = half[: half.rindex(b"\r\n") + 2]
+            await first.send(half)
+            await _wait_for(lambda: budget.used >= 500 * 1024)
+            async with await authenticated(gw, issuer) as second:
+                await start_data(second)
+                await second.send(_stuffed(second_body) + b".\r\n")
+                assert await second.reply(timeout=10) == (
+                    452,
+                    "4.3.1 Insufficient system storage; please try again later",
+                )
+                # SIZE= says it up front (RFC 1870 s 6.1): refused at MAIL, nothing sent.
+                assert await second.command("MAIL FROM:<alice@example.test> SIZE=700000") == (
+                    452,
+                    "4.3.1 Insufficient system storage; please try again later",
+                )
+                await first.send(_stuffed(first_body)[len(half) :] + b".\r\n")
+                assert (await first.reply(timeout=10))[0] == 250
+                await _wait_for(lambda: budget.used == 0)
+                await start_data(second)
+                await second.send(_stuffed(second_body) + b".\r\n")
+                assert (await second.reply(timeout=10))[0] == 250
+        assert len(upstream.messages) == 2
+        for received, body in zip(upstream.messages, (first_body, second_body), strict=True):
+            assert received.content.startswith(b"Received: from device.test")
+            assert received.content.endswith(body)  # intact: unstuffed, byte for byte
+            assert len(received.content) - len(body) < 300  # only the trace header added
+        metrics = gw.server.services.metrics.render().decode()
+        assert 'gateway_limit_refusals_total{limit="data_bytes_in_flight"} 2.0' in metrics
