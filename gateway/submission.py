@@ -33,7 +33,7 @@ from gateway.domain import (
     HeldSubmission,
     utc_now,
 )
-from gateway.errors import HoldStoreError, TokenError
+from gateway.errors import HoldStoreError, HoldStoreLowOnSpace, TokenError
 from gateway.limits import DataBudget, MessageRate, auth_failure_delay
 from gateway.ops.metrics import Metrics
 from gateway.policy.engine import decide
@@ -404,6 +404,10 @@ class Submission:
         )
         try:
             hold_id = await self.holder.hold(held)
+        except HoldStoreLowOnSpace as exc:
+            log.warning("hold_refused_low_on_space", session=facts.session_id, reason=str(exc))
+            self._log_decision(facts, transaction, result="hold_refused_low_on_space")
+            return replies.INSUFFICIENT_STORAGE
         except HoldStoreError:
             log.exception("hold_failed", session=facts.session_id)
             self._log_decision(facts, transaction, result="hold_failed")

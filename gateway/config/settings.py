@@ -785,6 +785,16 @@ class HoldSettings:
             key="busy_timeout_seconds",
         ),
     )
+    min_free_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=setting(
+            Integer(minimum=0),
+            "Free space to keep on the store's disk: a hold that would leave less is "
+            "refused with 452 4.3.1 and the client keeps its message (as Postfix's "
+            "queue_minfree). It keeps room for release, expiry and the database's own "
+            "growth; 0 turns the check off.",
+        ),
+    )
     release_interval: float = field(
         default=5.0,
         metadata=setting(

@@ -118,6 +118,7 @@ NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("hold", "expire_after_hours"): ("1.5", timedelta(hours=1.5)),
     ("hold", "release_concurrency"): ("1", 1),
     ("hold", "busy_timeout_seconds"): ("0.5", 0.5),
+    ("hold", "min_free_bytes"): ("0", 0),
     ("hold", "release_interval_seconds"): ("1", 1.0),
     ("hold", "retry_min_seconds"): ("1", 1.0),
     ("hold", "retry_max_seconds"): ("60", 60.0),
