@@ -521,9 +521,13 @@ def cmd_impact(args: argparse.Namespace) -> int:
     store = HoldStore(settings.hold.database)
     try:
         devices = store.devices(now - settings.inventory_retention)
+        accesses = store.device_accesses(now - settings.inventory_retention)
     finally:
         store.close()
-    report = assess(live, candidate, devices, now)
+    every = frozenset(Access)
+    report = assess(
+        live, candidate, devices, now, accesses_of=lambda c: accesses.get(c.device.id, every)
+    )
     if args.json:
         _print_json(
             {
@@ -539,8 +543,8 @@ def cmd_impact(args: argparse.Namespace) -> int:
     )
     if live.narrowed or candidate.narrowed:
         print(
-            "access: some policies gate sending or syncing only; the inventory does not "
-            "record yet which devices sync, so every device counts as sending and syncing"
+            "access: some policies gate sending or syncing only; each device counts for what "
+            "it was seen doing (devices recorded before that was tracked count as both)"
         )
     for title, key in (
         ("newly warned", "newly_warned"),

@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from gateway.domain import DeviceClaims, HeldSubmission
+from gateway.domain import Access, DeviceClaims, HeldSubmission
 from gateway.errors import HoldStoreDamaged, HoldStoreError, HoldStoreInUse, HoldStoreLowOnSpace
 
 T = TypeVar("T")
@@ -91,17 +91,21 @@ CREATE TABLE IF NOT EXISTS devices (
     device_id  TEXT PRIMARY KEY,
     user       TEXT NOT NULL,
     claims     TEXT NOT NULL,
-    last_seen  REAL NOT NULL
+    last_seen  REAL NOT NULL,
+    last_send  REAL,                                   -- unix time of its last SMTP AUTH
+    last_sync  REAL                                    -- and of its last IMAP/POP3 login
 );
 """
 
-# Columns added after the first release of the store: (name, declaration). A store written
-# by an older gateway gains them at open (ALTER TABLE ... ADD COLUMN keeps its rows).
+# Columns added after the first release of the store: (table, name, declaration). A store
+# written by an older gateway gains them at open (ALTER TABLE ... ADD COLUMN keeps its rows).
 _ADDED_COLUMNS = (
-    ("options", "TEXT NOT NULL DEFAULT '[]'"),
-    ("claim_id", "TEXT"),
-    ("claimed_at", "REAL"),
-    ("bounce_of", "TEXT"),
+    ("held", "options", "TEXT NOT NULL DEFAULT '[]'"),
+    ("held", "claim_id", "TEXT"),
+    ("held", "claimed_at", "REAL"),
+    ("held", "bounce_of", "TEXT"),
+    ("devices", "last_send", "REAL"),
+    ("devices", "last_sync", "REAL"),
 )
 
 HEADER_LIMIT = 64 * 1024  # bytes of a held message read for a bounce's header part
@@ -425,14 +429,18 @@ class HoldStore:
 
     def _migrate(self) -> None:
         """Add the columns a store written by an older gateway lacks (one transaction)."""
-        present = {row["name"] for row in self._db.execute("PRAGMA table_info(held)")}
-        missing = [(name, kind) for name, kind in _ADDED_COLUMNS if name not in present]
+        present = {
+            (table, row["name"])
+            for table in ("held", "devices")
+            for row in self._db.execute(f"PRAGMA table_info({table})")
+        }
+        missing = [added for added in _ADDED_COLUMNS if (added[0], added[1]) not in present]
         if not missing:
             return
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            for name, kind in missing:  # fixed names and declarations, nothing from input
-                self._db.execute(f"ALTER TABLE held ADD COLUMN {name} {kind}")
+            for table, name, kind in missing:  # fixed names and declarations, nothing from input
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
             self._db.execute("COMMIT")
         except BaseException:
             if self._db.in_transaction:
@@ -682,15 +690,29 @@ class HoldStore:
             (next_attempt, error, hold_id),
         )
 
-    def record_devices(self, seen: Sequence[tuple[DeviceClaims, float]]) -> None:
-        """Upsert the inventory in one transaction (called in batches, not per AUTH)."""
+    def record_devices(self, seen: Sequence[tuple[DeviceClaims, float, Access]]) -> None:
+        """Upsert the inventory in one transaction (called in batches, not per AUTH): the
+        claims, and when the device last sent or synced mail."""
         if not seen:
             return
         self._write(
-            "INSERT INTO devices (device_id, user, claims, last_seen) VALUES (?, ?, ?, ?) "
+            "INSERT INTO devices (device_id, user, claims, last_seen, last_send, last_sync) "
+            "VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(device_id) DO UPDATE SET user = excluded.user, claims = excluded.claims, "
-            "last_seen = excluded.last_seen",
-            many=[(c.device.id, c.user, json.dumps(c.to_json()), at) for c, at in seen],
+            "last_seen = max(devices.last_seen, excluded.last_seen), "
+            "last_send = coalesce(excluded.last_send, devices.last_send), "
+            "last_sync = coalesce(excluded.last_sync, devices.last_sync)",
+            many=[
+                (
+                    c.device.id,
+                    c.user,
+                    json.dumps(c.to_json()),
+                    at,
+                    at if access is Access.SEND else None,
+                    at if access is Access.SYNC else None,
+                )
+                for c, at, access in seen
+            ],
         )
 
     def claim_notice(self, device_id: str, policy_id: str, phase: str, now: datetime) -> bool:
@@ -715,6 +737,23 @@ class HoldStore:
             (seen_since.timestamp(),),
         )
         return [DeviceClaims.from_json(json.loads(row[0])) for row in rows]
+
+    def device_accesses(self, seen_since: datetime) -> dict[str, frozenset[Access]]:
+        """What each device seen since then used the gateway for. A device recorded before
+        the gateway told sending from syncing apart has neither: it counts as both."""
+        rows = self._read(
+            "SELECT device_id, last_send, last_sync FROM devices WHERE last_seen >= ?",
+            (seen_since.timestamp(),),
+        )
+        accesses: dict[str, frozenset[Access]] = {}
+        for row in rows:
+            used = frozenset(
+                access
+                for access, at in ((Access.SEND, row["last_send"]), (Access.SYNC, row["last_sync"]))
+                if at is not None
+            )
+            accesses[row["device_id"]] = used or frozenset(Access)
+        return accesses
 
     def prune_devices(self, seen_before: datetime) -> int:
         return self._write("DELETE FROM devices WHERE last_seen < ?", (seen_before.timestamp(),))
@@ -826,8 +865,11 @@ class AsyncHoldStore:
     ) -> list[HeldMessage]:
         return await self._run(lambda store: store.expired(before, limit, after))
 
-    async def record_devices(self, seen: Sequence[tuple[DeviceClaims, float]]) -> None:
+    async def record_devices(self, seen: Sequence[tuple[DeviceClaims, float, Access]]) -> None:
         await self._run(lambda store: store.record_devices(seen))
+
+    async def device_accesses(self, seen_since: datetime) -> dict[str, frozenset[Access]]:
+        return await self._run(lambda store: store.device_accesses(seen_since))
 
     async def claim_notice(self, device_id: str, policy_id: str, phase: str, now: datetime) -> bool:
         return await self._run(lambda store: store.claim_notice(device_id, policy_id, phase, now))
