@@ -30,6 +30,7 @@ from gateway.testing.dovecot import (
     DovecotUnavailable,
     TemporaryDovecot,
     dovecot_binary,
+    free_port,
     temporary_dovecot,
 )
 from gateway.testing.harness import RunningGateway
@@ -83,6 +84,14 @@ async def real_stack(tmp_path: Path, issuer: TestIssuer) -> AsyncIterator[Stack]
             ports=ports,
         ) as dovecot:
             yield Stack(gateway, dovecot)
+
+
+async def admin_metrics(gateway: RunningGateway) -> str:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client,
+        client.get(f"http://127.0.0.1:{gateway.admin_port}/metrics") as response,
+    ):
+        return await response.text()
 
 
 def deliver(dovecot: TemporaryDovecot, to: str, subject: str) -> None:
@@ -246,9 +255,40 @@ async def test_refusals_reach_imap_and_pop3_clients_with_the_policy_message(
                 "[AUTHENTICATIONFAILED] "
             )
             assert (await thread(pop3_refusal, pop3, USER, token)).startswith("-ERR [AUTH] ")
-        # another user's token does not open alice's mailbox
+        # another user's token does not open alice's mailbox (Dovecot compares the
+        # answer's email with the login name)
         bob = issuer.token(subject="bob@example.test")
         assert (await thread(imap_refusal, imap, USER, bob)).startswith("[AUTHENTICATIONFAILED] ")
+        # The two-passdb chain makes one decision per login: the refusal check logs and
+        # counts only the refusals, introspection everything else.
+        metrics = await admin_metrics(stack.gateway)
+        line = 'gateway_sync_decisions_total{access="sync",action="%s",protocol="%s"} %s'
+        for action, protocol, count in (
+            ("reject", "imap", "1.0"),
+            ("reject", "pop3", "1.0"),
+            ("defer", "imap", "1.0"),
+            ("defer", "pop3", "1.0"),
+            ("invalid_token", "imap", "3.0"),
+            ("invalid_token", "pop3", "3.0"),
+        ):
+            assert line % (action, protocol, count) in metrics
+
+
+async def test_a_gateway_that_does_not_answer_is_a_temporary_failure(tmp_path: Path) -> None:
+    """Never a login, never a permanent refusal: the device retries later."""
+    try:
+        dovecot_binary()
+    except DovecotUnavailable as exc:
+        pytest.skip(str(exc))
+    nobody_listens = f"http://127.0.0.1:{free_port()}/"
+    async with temporary_dovecot(gateway_url=nobody_listens, client_secret="s") as dovecot:
+        token = TestIssuer.generate("k1").token(subject=USER)
+        assert (await thread(imap_refusal, dovecot.ports.imap, USER, token)).startswith(
+            "[UNAVAILABLE] "
+        )
+        assert (await thread(pop3_refusal, dovecot.ports.pop3, USER, token)).startswith(
+            "-ERR [SYS/TEMP] "
+        )
 
 
 async def test_a_held_phone_reads_the_quarantine_mailbox_until_the_retraction(
