@@ -69,6 +69,17 @@ CREATE TABLE IF NOT EXISTS held (
     claimed_at     REAL,                               -- unix time of that claim
     bounce_of      TEXT                                -- a bounce (DSN): the hold_id it reports
 );
+-- The bytes of each held message, apart from its metadata: SQLite reads a row's columns
+-- in order, so metadata stored after a large BLOB would walk the BLOB's overflow pages on
+-- every release pass. held.message stays empty for rows written since; a store written
+-- by an older gateway keeps its bytes there until they are released (read with coalesce).
+CREATE TABLE IF NOT EXISTS held_bodies (
+    seq            INTEGER PRIMARY KEY,                -- held.seq
+    message        BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS held_bodies_follow AFTER DELETE ON held BEGIN
+    DELETE FROM held_bodies WHERE seq = OLD.seq;
+END;
 CREATE INDEX IF NOT EXISTS held_device ON held (device_id, seq);
 CREATE INDEX IF NOT EXISTS held_user ON held (user);
 
@@ -109,6 +120,18 @@ _ADDED_COLUMNS = (
 )
 
 HEADER_LIMIT = 64 * 1024  # bytes of a held message read for a bounce's header part
+
+_INSERT = (
+    "INSERT INTO held (hold_id, received_at, sender, recipients, user, device_id, claims, "
+    "policy_ids, policy_version, size, options, release_requested, bounce_of, message) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, x'')"
+)
+# One held message's bytes: from held_bodies, or from held.message in a row written by an
+# older gateway. Formatted with fixed expressions only; values are bound parameters.
+_BODY = (
+    "SELECT coalesce({}, {}) FROM held h LEFT JOIN held_bodies b ON b.seq = h.seq "
+    "WHERE h.hold_id = ?"
+)
 
 
 @dataclass(frozen=True)
@@ -470,13 +493,20 @@ class HoldStore:
     ) -> int:
         """One statement (or one statement over ``many`` rows) in one transaction; rolled
         back on any failure. Returns the number of rows changed."""
+
+        def statement() -> int:
+            if many is None:
+                return self._db.execute(sql, params).rowcount
+            return self._db.executemany(sql, many).rowcount
+
+        return self._transaction(statement)
+
+    def _transaction(self, work: Callable[[], T]) -> T:
+        """``work`` in one write transaction, committed, or rolled back on any failure."""
         with self._errors("write"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                if many is None:
-                    cursor = self._db.execute(sql, params)
-                else:
-                    cursor = self._db.executemany(sql, many)
+                result = work()
                 self._db.execute("COMMIT")
             except BaseException:
                 # Some failures (a full disk, an I/O error) end the transaction already;
@@ -485,7 +515,12 @@ class HoldStore:
                     with contextlib.suppress(sqlite3.Error):
                         self._db.execute("ROLLBACK")
                 raise
-            return cursor.rowcount
+            return result
+
+    def _insert_held(self, values: Sequence[object], message: bytes) -> None:
+        """One held row (metadata, ``values`` in _INSERT order) and its body."""
+        seq = self._db.execute(_INSERT, values).lastrowid
+        self._db.execute("INSERT INTO held_bodies (seq, message) VALUES (?, ?)", (seq, message))
 
     def _room_for(self, size: int) -> None:
         """Refuse a hold that would leave less than ``min_free_bytes`` on the disk (the
@@ -506,25 +541,22 @@ class HoldStore:
         self._room_for(len(held.content))
         hold_id = uuid.uuid4().hex
         claims = held.claims
-        self._write(
-            "INSERT INTO held (hold_id, received_at, sender, recipients, user, device_id, claims, "
-            "policy_ids, policy_version, message, size, options) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                hold_id,
-                held.received_at.astimezone(UTC).isoformat(),
-                held.sender,
-                json.dumps(list(held.recipients)),
-                claims.user,
-                claims.device.id,
-                json.dumps(claims.to_json()),
-                json.dumps(list(held.decision.policy_ids)),
-                held.decision.policy_version,
-                held.content,
-                len(held.content),
-                json.dumps(list(held.options)),
-            ),
+        values = (
+            hold_id,
+            held.received_at.astimezone(UTC).isoformat(),
+            held.sender,
+            json.dumps(list(held.recipients)),
+            claims.user,
+            claims.device.id,
+            json.dumps(claims.to_json()),
+            json.dumps(list(held.decision.policy_ids)),
+            held.decision.policy_version,
+            len(held.content),
+            json.dumps(list(held.options)),
+            0,
+            None,
         )
+        self._transaction(lambda: self._insert_held(values, held.content))
         return hold_id
 
     def select(self, where: HoldFilter = HoldFilter(), limit: int = 1000) -> list[HeldMessage]:
@@ -537,13 +569,13 @@ class HoldStore:
 
     def get(self, hold_id: str, with_content: bool = True) -> HeldMessage | None:
         rows = self._read(
-            f"SELECT {_COLUMNS}, message FROM held WHERE hold_id = ?",
+            f"SELECT {_COLUMNS} FROM held WHERE hold_id = ?",
             (hold_id,),  # fixed column list, values bound as parameters
         )
         if not rows:
             return None
         (row,) = rows
-        return _row(row, bytes(row["message"]) if with_content else None)
+        return _row(row, self.content(hold_id) if with_content else None)
 
     def due(
         self, now: datetime, device_id: str | None = None, limit: int = 500, after: int = 0
@@ -560,14 +592,15 @@ class HoldStore:
 
     def content(self, hold_id: str) -> bytes | None:
         """One held message's bytes (None if it is gone: released or dropped meanwhile)."""
-        rows = self._read("SELECT message FROM held WHERE hold_id = ?", (hold_id,))
+        rows = self._read(_BODY.format("b.message", "h.message"), (hold_id,))
         return bytes(rows[0][0]) if rows else None
 
     def headers(self, hold_id: str) -> bytes:
         """The header block of a held message (for a bounce), at most HEADER_LIMIT bytes
         read, whatever the message's size."""
         rows = self._read(
-            "SELECT substr(message, 1, ?) FROM held WHERE hold_id = ?", (HEADER_LIMIT, hold_id)
+            _BODY.format("substr(b.message, 1, ?)", "substr(h.message, 1, ?)"),
+            (HEADER_LIMIT, HEADER_LIMIT, hold_id),
         )
         if not rows:
             return b""
@@ -605,33 +638,33 @@ class HoldStore:
         """Record a release attempt's outcome in one transaction: the bounce (if any) is
         stored as a new held message addressed to the sender, and the original is deleted
         or keeps only the recipients to retry."""
-        with self._errors("write"):
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._settle(settlement)
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                raise
+        self._transaction(lambda: self._settle(settlement))
 
     def _settle(self, settlement: Settlement) -> None:
         hold_id = settlement.hold_id
         if settlement.bounce is not None:
-            self._db.execute(
-                "INSERT INTO held (hold_id, received_at, sender, recipients, user, device_id, "
-                "claims, policy_ids, policy_version, message, size, release_requested, "
-                "bounce_of) SELECT ?, ?, '', json_array(sender), user, device_id, claims, "
-                "policy_ids, policy_version, ?, ?, 1, hold_id FROM held WHERE hold_id = ?",
-                (
+            rows = self._db.execute(
+                "SELECT sender, user, device_id, claims, policy_ids, policy_version FROM held "
+                "WHERE hold_id = ?",
+                (hold_id,),
+            ).fetchall()
+            for row in rows:  # none if an admin dropped it meanwhile: no bounce then
+                values = (
                     uuid.uuid4().hex,
                     settlement.at.astimezone(UTC).isoformat(),
-                    settlement.bounce,
+                    "",
+                    json.dumps([row["sender"]]),
+                    row["user"],
+                    row["device_id"],
+                    row["claims"],
+                    row["policy_ids"],
+                    row["policy_version"],
                     len(settlement.bounce),
+                    "[]",
+                    1,  # released whatever the device's state: it goes to the sender
                     hold_id,
-                ),
-            )
+                )
+                self._insert_held(values, settlement.bounce)
         if settlement.retry:
             self._db.execute(
                 "UPDATE held SET recipients = ?, attempts = attempts + 1, next_attempt = ?, "
