@@ -335,9 +335,6 @@ class Submission:
         relay_started = time.monotonic()
         upstream = await transaction.relay.send(message)
         self.metrics.relay_seconds.observe(time.monotonic() - relay_started)
-        self.metrics.relay.labels(
-            "accepted" if upstream.is_success else f"{upstream.code // 100}xx"
-        ).inc()
         transaction.relay = None
         result = "relayed" if upstream.is_success else "upstream_failed"
         self._log_decision(
