@@ -49,7 +49,7 @@ async def test_an_upstream_outage_counts_at_connect_and_marks_the_target_down(
         assert (await phone.send(gateway.port)).accepted
         up = await scrape(gateway.admin_port)
         await upstream.stop()
-        gateway.server.services.relay.pool._idle.clear()  # no pooled connection hides it
+        await gateway.server.services.relay.pool.close()  # its pooled connections die with it
         results = [await phone.send(gateway.port) for _ in range(3)]
         down = await scrape(gateway.admin_port)
     assert [r.mail[0] if r.mail else None for r in results] == [451, 451, 451]
