@@ -623,9 +623,36 @@ def cmd_hold(args: argparse.Namespace) -> int:
         else:
             count = store.drop(where, ids)
             print(f"{count} message(s) dropped")
+        _audit_hold(args, where, ids, count, settings.hold.database)
         return EXIT_OK
     finally:
         store.close()
+
+
+def _audit_hold(
+    args: argparse.Namespace, where: Any, ids: list[str], count: int, database: Path
+) -> None:
+    """Who did what to held mail: one JSON line on stderr (the server logs each release
+    it then makes as ``released`` with ``requested: true``)."""
+    import getpass
+    import os
+
+    from gateway.ops import logs
+
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        who = f"uid {os.getuid()}"
+    chosen = {k: v for k, v in vars(where).items() if v is not None}
+    logs.audit(
+        f"admin_hold_{args.hold_command}",
+        os_user=who,
+        hold_ids=ids[:100],
+        filter=chosen,
+        all=bool(args.all),
+        count=count,
+        database=str(database),
+    )
 
 
 # --- serve / demo ------------------------------------------------------------------------
@@ -639,6 +666,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logs.configure(args.log_level)
+    logs.route_uncaught()
 
     async def serve() -> None:
         server = GatewayServer(settings)

@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from gateway import replies
+from gateway import __version__, replies
 from gateway.config.settings import Endpoint, Settings
 from gateway.domain import Clock, utc_now
 from gateway.errors import HoldStoreError
@@ -166,10 +166,17 @@ class GatewayServer:
         self.spawn(self._release_ticker(), "release-ticker")
         if self.services.releaser.devices_with_mail:
             self.spawn(self.services.releaser.run(), "release-at-startup")
-        log.info(
+        log.info(  # the start-up event: what runs, from where, on which addresses
             "listening",
+            version=__version__,
+            config=str(self.settings.path),
             submission=str(self.addresses.submission),
             implicit_tls=str(implicit) if implicit else None,
+            admin=f"{self.settings.admin_listen.host}:{self.admin_port}"
+            if self.settings.admin_listen is not None
+            else None,
+            sync=str(Endpoint(sync.listen.host, self.sync_port)) if self.sync_port else None,
+            policy_version=self.services.policies.current.version,
         )
         return self.addresses
 

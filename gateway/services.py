@@ -35,12 +35,12 @@ from gateway.tokens.jwks import JwksRefresher
 from gateway.tokens.keyring import KeyRing
 from gateway.tokens.verify import TokenVerifier
 from gateway.upstream.mx import MxRouter, configured_resolver
-from gateway.upstream.relay import Relay
+from gateway.upstream.relay import Relay, RelayObserver
 
 log = structlog.get_logger("gateway.server")
 
 
-def build_relay(settings: Settings) -> Relay:
+def build_relay(settings: Settings, observer: RelayObserver | None = None) -> Relay:
     upstream = settings.upstream
     mx_router = (
         MxRouter(
@@ -50,7 +50,7 @@ def build_relay(settings: Settings) -> Relay:
         if upstream.mode == "mx"
         else None
     )
-    return Relay(upstream, settings.smtp.hostname, mx_router)
+    return Relay(upstream, settings.smtp.hostname, mx_router, observer)
 
 
 class Services:
@@ -62,7 +62,7 @@ class Services:
         self.policies = PolicyStore(settings.policy_dir, settings.groups)
         self.reloader = Reloader(self.policies, self._after_reload, guard=self._blast_radius)
         self.last_good_reload = time.time()
-        self.relay = build_relay(settings)
+        self.relay = build_relay(settings, self.metrics)
         self.hold_store = AsyncHoldStore(
             settings.hold.database,
             busy_timeout=settings.hold.busy_timeout,
@@ -135,6 +135,7 @@ class Services:
         )
         await self.releaser.start()
         await self.inventory.load()
+        await self.measure_held()
         self.last_good_reload = time.time()
         if self.jwks.enabled:
             await self.jwks.start()
@@ -160,7 +161,12 @@ class Services:
         await self.releaser.expire()
         await self.releaser.run()
         await self.inventory.flush()
-        self.metrics.held.set(await self.hold_store.count())
+        await self.measure_held()
+
+    async def measure_held(self) -> None:
+        """The held-mail gauges, from one aggregate query."""
+        stats = await self.hold_store.stats()
+        self.metrics.held_now(stats.messages, stats.bytes, stats.oldest, self.clock())
 
     async def check_store(self) -> None:
         """Probe a write: readiness (/readyz) is off while the hold store cannot be

@@ -35,6 +35,7 @@ from gateway.domain import (
 )
 from gateway.errors import HoldStoreError, HoldStoreLowOnSpace, TokenError
 from gateway.limits import DataBudget, MessageRate, auth_failure_delay
+from gateway.ops.logs import message_id
 from gateway.ops.metrics import Metrics
 from gateway.policy.engine import decide
 from gateway.policy.store import PolicyStore
@@ -375,13 +376,15 @@ class Submission:
         relay_started = time.monotonic()
         upstream = await transaction.relay.send(trace, content)
         self.metrics.relay_seconds.observe(time.monotonic() - relay_started)
-        self.metrics.relay.labels(
-            "accepted" if upstream.is_success else f"{upstream.code // 100}xx"
-        ).inc()
         transaction.relay = None
         result = "relayed" if upstream.is_success else "upstream_failed"
         self._log_decision(
-            facts, transaction, result=result, upstream_reply=upstream.line(), size=len(content)
+            facts,
+            transaction,
+            result=result,
+            upstream_reply=upstream.line(),
+            size=len(content),
+            message_id=message_id(content),
         )
         if not upstream.is_success:
             return upstream
@@ -413,7 +416,14 @@ class Submission:
             self._log_decision(facts, transaction, result="hold_failed")
             return replies.STORE_FAILED
         self.events.held(facts.claims.device.id)
-        self._log_decision(facts, transaction, result="held", hold_id=hold_id, size=len(message))
+        self._log_decision(
+            facts,
+            transaction,
+            result="held",
+            hold_id=hold_id,
+            size=len(message),
+            message_id=message_id(message),
+        )
         return Reply(250, "2.6.0", f"held: {transaction.decision.message}")
 
     async def abort(self, transaction: Transaction | None) -> None:

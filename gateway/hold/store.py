@@ -690,6 +690,14 @@ class HoldStore:
     def count(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM held")[0][0])
 
+    def stats(self) -> HeldStats:
+        """Count, bytes and the oldest arrival in one aggregate (a metrics tick's read).
+        ISO 8601 UTC texts order as their times, so MIN finds the oldest."""
+        count, size, oldest = self._read(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at) FROM held"
+        )[0]
+        return HeldStats(int(count), int(size), datetime.fromisoformat(oldest) if oldest else None)
+
     def remove(self, hold_ids: Sequence[str]) -> int:
         if not hold_ids:
             return 0
@@ -817,6 +825,15 @@ class Settlement:
     bounce: bytes | None = None
 
 
+@dataclass(frozen=True)
+class HeldStats:
+    """What the hold store holds, in brief (metrics)."""
+
+    messages: int
+    bytes: int
+    oldest: datetime | None  # arrival of the oldest held message
+
+
 class AsyncHoldStore:
     """The hold store for the event loop (``gateway serve``): every call runs on one
     dedicated thread. Opening takes the store's :class:`StoreLock` and checks the file;
@@ -921,6 +938,9 @@ class AsyncHoldStore:
 
     async def count(self) -> int:
         return await self._run(lambda store: store.count())
+
+    async def stats(self) -> HeldStats:
+        return await self._run(lambda store: store.stats())
 
     async def close(self) -> None:
         def close(store: HoldStore) -> None:

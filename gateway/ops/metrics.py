@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from gateway import __version__
 from gateway.domain import Decision
 
 
@@ -31,7 +34,20 @@ class Metrics:
             ["access", "protocol", "action"],
             registry=r,
         )
-        self.relay = Counter("gateway_relay", "Relay attempts by result", ["result"], registry=r)
+        self.relay = Counter(
+            "gateway_relay",
+            "Upstream steps (stage: connect, mail, rcpt, data) by result (accepted, 4xx, "
+            "5xx, failed: no answer)",
+            ["stage", "result"],
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "gateway_upstream_up",
+            "1 after a smarthost's last step succeeded or got a reply, 0 after it could not "
+            "be connected to or stopped answering",
+            ["target"],
+            registry=r,
+        )
         self.relay_seconds = Histogram(
             "gateway_relay_seconds",
             "Time from the end of DATA to the upstream's final reply",
@@ -45,6 +61,18 @@ class Metrics:
             registry=r,
         )
         self.held = Gauge("gateway_held_messages", "Messages in the hold store", registry=r)
+        self.held_bytes = Gauge(
+            "gateway_held_bytes", "Bytes of the messages in the hold store", registry=r
+        )
+        self.held_oldest_age = Gauge(
+            "gateway_held_oldest_age_seconds",
+            "Age of the oldest message in the hold store (0 when it is empty)",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "gateway_build_info", "The gateway's version (label); always 1", ["version"], registry=r
+        )
+        self.build_info.labels(__version__).set(1)
         self.release_events = Counter(
             "gateway_release_events",
             "Release of held mail: released, retried, bounced, expired, store_fault, "
@@ -96,9 +124,25 @@ class Metrics:
         if ok:
             self.jwks_last_success.labels(issuer).set_to_current_time()
 
+    def relay_step(self, stage: str, result: str, target: str | None) -> None:
+        """One upstream step (gateway.upstream.relay.RelayObserver)."""
+        self.relay.labels(stage, result).inc()
+        if target is not None:
+            down = result == "failed" or (stage == "connect" and result != "accepted")
+            self.upstream_up.labels(target).set(0 if down else 1)
+
     def decided(self, decision: Decision) -> None:
-        policy = ",".join(decision.policy_ids) or "none"
-        self.decisions.labels(decision.action.label, policy).inc()
+        """One series per policy id (a decision by several policies counts once for each),
+        so the label's values are bounded by the number of policies, not combinations."""
+        action = decision.action.label
+        for policy in dict.fromkeys(decision.policy_ids) or ("none",):
+            self.decisions.labels(action, policy).inc()
+
+    def held_now(self, messages: int, size: int, oldest: datetime | None, now: datetime) -> None:
+        """The hold store's contents, measured once per release tick."""
+        self.held.set(messages)
+        self.held_bytes.set(size)
+        self.held_oldest_age.set(max(0.0, (now - oldest).total_seconds()) if oldest else 0)
 
     def authenticated(self, ok: bool, reason: str | None = None) -> None:
         self.auth.labels("ok" if ok else "failed").inc()

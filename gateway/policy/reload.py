@@ -65,6 +65,11 @@ class Reloader:
         self.settle = settle
         self._lock = asyncio.Lock()
 
+    @property
+    def _last_ok(self) -> bool:
+        last = self.store.last_result
+        return last is None or last.ok
+
     async def reload(self, trigger: str) -> ReloadResult:
         """Build and apply now (start-up is the store's; this is SIGHUP's and tests')."""
         result = await self._reload(trigger, settled=None)
@@ -95,8 +100,10 @@ class Reloader:
             await asyncio.sleep(self.settle)
             second = await asyncio.to_thread(directory_fingerprint, self.store)
             if first == second:
-                if second == self.store.current.version:
+                if second == self.store.current.version and self._last_ok:
                     return None  # back to what is in force: nothing to do
+                # (after a failed reload, a revert to the set in force is a good load:
+                # recorded as one, so the failure stops showing)
                 return await self._reload(trigger, settled=second)
             first = second
         log.warning("policy_directory_keeps_changing", trigger=trigger, settle=self.settle)
@@ -118,6 +125,8 @@ class Reloader:
                 await asyncio.wait_for(stop.wait(), timeout=wait)
             except TimeoutError:
                 fingerprint = await asyncio.to_thread(directory_fingerprint, self.store)
-                if fingerprint is not None and fingerprint != self.store.current.version:
+                if fingerprint is not None and (
+                    fingerprint != self.store.current.version or not self._last_ok
+                ):
                     await self.reload_when_settled("periodic")
             wait = interval

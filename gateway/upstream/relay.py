@@ -9,6 +9,10 @@ Mail that is already whole (released held mail, notices, bounces) goes in one ca
 
 Upstream trouble becomes a 4xx for the client (its message stays in the outbox); an
 upstream 5xx is passed through. Connections are pooled per target and reused.
+
+Every step's outcome (connect, MAIL, RCPT, DATA) is reported to the relay's observer, so
+an upstream that refuses connections shows in the metrics as plainly as one that refuses
+DATA (a full outage never reaches DATA: clients get 451 at MAIL FROM).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 import aiosmtplib
 import aiosmtplib.protocol
@@ -95,6 +99,37 @@ def _translate(exc: BaseException) -> Reply:
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
         return replies.UPSTREAM_TIMEOUT
     return replies.UPSTREAM_LOST
+
+
+STAGES = ("connect", "mail", "rcpt", "data")
+RESULTS = ("accepted", "4xx", "5xx", "failed")
+
+
+def step_result(outcome: BaseException | Reply) -> str:
+    """An upstream step's outcome as a metric label: ``accepted``, ``4xx`` or ``5xx`` (the
+    upstream answered so), or ``failed`` (no answer: refused connection, timeout, lost
+    connection, TLS failure)."""
+    if isinstance(outcome, Reply):
+        return "accepted" if outcome.is_success else f"{outcome.code // 100}xx"
+    if isinstance(outcome, aiosmtplib.SMTPResponseException) and 400 <= outcome.code < 600:
+        return f"{outcome.code // 100}xx"
+    return "failed"
+
+
+class RelayObserver(Protocol):
+    """Hears each upstream step's outcome (the wiring counts them in metrics)."""
+
+    def relay_step(self, stage: str, result: str, target: str | None) -> None:
+        """``stage`` in STAGES, ``result`` in RESULTS; ``target`` is "host:port" of a
+        configured smarthost, None for an MX host (unbounded: not reported per target)."""
+
+
+class _NoObserver:
+    def relay_step(self, stage: str, result: str, target: str | None) -> None:
+        pass
+
+
+Note = Callable[[str, Target, BaseException | Reply], None]
 
 
 @dataclass
@@ -192,16 +227,23 @@ class Leg:
 
 
 Router = Callable[[str], Awaitable[Sequence[Target] | Reply]]
+_NO_TARGET = Target("", 0)  # a step that failed before any target was chosen
 
 
 class RelayTransaction:
     """Mirrors one client transaction upstream. Always end it with send() or abort()."""
 
     def __init__(
-        self, pool: UpstreamPool, route: Router, sender: str, options: Sequence[str]
+        self,
+        pool: UpstreamPool,
+        route: Router,
+        sender: str,
+        options: Sequence[str],
+        note: Note | None = None,
     ) -> None:
         self._pool = pool
         self._route = route
+        self._note: Note = note or (lambda stage, target, outcome: None)
         self._sender = sender
         self._options = list(options)
         self._legs: dict[tuple[Target, ...], Leg] = {}
@@ -210,7 +252,8 @@ class RelayTransaction:
     async def open(self, recipient_domain: str = "") -> Reply:
         """Open (or find) the leg for a domain; for smarthosts, call once at MAIL."""
         targets = await self._route(recipient_domain)
-        if isinstance(targets, Reply):
+        if isinstance(targets, Reply):  # no route (MX lookup failed): nothing to connect to
+            self._note("connect", _NO_TARGET, targets)
             return targets
         key = tuple(targets)
         if key in self._legs:
@@ -233,18 +276,25 @@ class RelayTransaction:
             try:
                 client, pooled = await self._pool.acquire(target)
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+                self._note("connect", target, exc)
                 return _translate(exc), None
+            if not pooled:
+                self._note("connect", target, replies.OK)
             try:
                 response = await client.mail(self._sender, options=self._options)
-            except aiosmtplib.SMTPServerDisconnected:
+            except aiosmtplib.SMTPServerDisconnected as exc:
                 self._pool.release(target, client, reusable=False)
                 if pooled and attempt == 0:
                     continue  # a stale pooled connection: try once with a fresh one
+                self._note("mail", target, exc)
                 return replies.UPSTREAM_LOST, None
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+                self._note("mail", target, exc)
                 self._pool.release(target, client, reusable=await _rset(client))
                 return _translate(exc), None
-            return upstream_reply(response.code, response.message), Leg(target, client)
+            reply = upstream_reply(response.code, response.message)
+            self._note("mail", target, reply)
+            return reply, Leg(target, client)
         return replies.UPSTREAM_LOST, None
 
     async def add_recipient(self, recipient: str, domain_routing: bool) -> Reply:
@@ -260,9 +310,12 @@ class RelayTransaction:
         try:
             response = await leg.client.rcpt(recipient)
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            self._note("rcpt", leg.target, exc)
             return _translate(exc)
         leg.recipients.append(recipient)
-        return upstream_reply(response.code, response.message)
+        reply = upstream_reply(response.code, response.message)
+        self._note("rcpt", leg.target, reply)
+        return reply
 
     async def send(self, *parts: bytes | bytearray) -> Reply:
         """DATA on every leg with recipients; 250 only if every upstream said 250.
@@ -281,10 +334,12 @@ class RelayTransaction:
             try:
                 response = await send_data(leg.client, parts)
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+                self._note("data", leg.target, exc)
                 reply = _translate(exc)
                 self._pool.release(leg.target, leg.client, reusable=False)
             else:
                 reply = upstream_reply(response.code, response.message)
+                self._note("data", leg.target, reply)
                 self._pool.release(leg.target, leg.client, reusable=True)
             outcomes.append((tuple(leg.recipients), reply))
         self._legs.clear()
@@ -437,12 +492,22 @@ class Relay:
     """Opens relay transactions towards the configured smarthosts or MX hosts."""
 
     def __init__(
-        self, settings: UpstreamSettings, local_hostname: str, mx_router: Router | None = None
+        self,
+        settings: UpstreamSettings,
+        local_hostname: str,
+        mx_router: Router | None = None,
+        observer: RelayObserver | None = None,
     ) -> None:
         self.settings = settings
         self.pool = UpstreamPool(settings, local_hostname)
         self._smarthosts = tuple(Target.from_smarthost(h) for h in settings.smarthosts)
         self._mx_router = mx_router
+        self.observer: RelayObserver = observer or _NoObserver()
+
+    def _note(self, stage: str, target: Target, outcome: BaseException | Reply) -> None:
+        """Report one step; MX hosts are not named (their number has no bound)."""
+        name = str(target) if target in self._smarthosts else None
+        self.observer.relay_step(stage, step_result(outcome), name)
 
     @property
     def routes_by_domain(self) -> bool:
@@ -455,7 +520,7 @@ class Relay:
         return self._smarthosts
 
     async def begin(self, sender: str, options: Sequence[str]) -> tuple[RelayTransaction, Reply]:
-        transaction = RelayTransaction(self.pool, self._route, sender, options)
+        transaction = RelayTransaction(self.pool, self._route, sender, options, self._note)
         if self.routes_by_domain:
             return transaction, replies.OK  # legs open per recipient domain
         return transaction, await transaction.open()

@@ -436,6 +436,10 @@ async def release_chaos(
             store.clear()
             await gateway.start()
         roll = rng.random()
+        if store.locks == 0:
+            roll = 0.0  # every run has each store fault at least once: a lock first,
+        elif store.disk_fulls == 0 and store.ballast is not None:
+            roll = 0.3  # then a full disk, then whatever the dice say
         store.clear()
         if roll < 0.2:
             await asyncio.to_thread(store.lock)  # waits up to 0.5 s for the gateway's writes

@@ -67,7 +67,7 @@ async def test_health_and_metrics_after_real_traffic(tmp_path: Path) -> None:
     assert metric(text, 'gateway_token_failures_total{reason="malformed"}') == 1
     assert metric(text, 'gateway_decisions_total{action="allow",policy="none"}') == 1
     assert metric(text, 'gateway_decisions_total{action="hold",policy="remove-tiktok"}') == 1
-    assert metric(text, 'gateway_relay_total{result="accepted"}') == 1
+    assert metric(text, 'gateway_relay_total{result="accepted",stage="data"}') == 1
     assert metric(text, "gateway_relay_seconds_count") == 1
     assert metric(text, "gateway_held_messages") == 1
     assert metric(text, "gateway_policy_reload_last_success") == 1
