@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gateway.config.settings import Settings, default_config_path, load_settings
 from gateway.errors import ConfigError, GatewayError, PolicyLoadError, Problem, TokenError
@@ -20,6 +20,7 @@ from gateway.policy.engine import compile_policy_set, decide
 from gateway.policy.loader import load_policy_dir, policy_files
 
 if TYPE_CHECKING:
+    from gateway.hold.store import HeldMessage, HoldFilter, HoldStore
     from gateway.tokens.keyring import KeyRing
 
 EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
@@ -502,12 +503,48 @@ def cmd_impact(args: argparse.Namespace) -> int:
 # --- hold --------------------------------------------------------------------------------
 
 
-def _hold_filter(args: argparse.Namespace) -> tuple[Any, list[str]]:
+def _hold_filter(args: argparse.Namespace) -> tuple[HoldFilter, list[str]]:
     from gateway.hold.store import HoldFilter
 
-    return HoldFilter(user=args.user, device_id=args.device, policy_id=args.policy), list(
-        getattr(args, "ids", []) or []
+    return HoldFilter(
+        user=getattr(args, "user", None),
+        device_id=getattr(args, "device", None),
+        policy_id=getattr(args, "policy", None),
+    ), list(getattr(args, "ids", []) or [])
+
+
+def _hold_line(held: HeldMessage) -> str:
+    flag = " (release requested)" if held.release_requested else ""
+    return _terminal_safe(
+        f"{held.hold_id}  {held.received_at:%Y-%m-%d %H:%M}  {held.user:<28} {held.device_id:<16} "
+        f"{','.join(held.policy_ids):<20} {held.size:>8} B{flag}"
     )
+
+
+def _hold_show(store: HoldStore, args: argparse.Namespace) -> int:
+    message = store.get(args.hold_id)
+    if message is None:
+        print(
+            f"gateway: no held message {_terminal_safe(repr(args.hold_id))} "
+            "(gateway hold list shows the ids)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD
+    if args.json:
+        _print_json(
+            {"schema": 1, "message": {**message.summary(), "claims": message.claims.summary()}}
+        )
+        return EXIT_OK
+    for key, value in message.summary().items():
+        print(_terminal_safe(f"{key + ':':<18} {value}"))
+    for key, value in message.claims.summary().items():
+        if key not in ("user", "device_id"):
+            print(_terminal_safe(f"{key + ':':<18} {value}"))
+    print()
+    headers = (message.content or b"").split(b"\r\n\r\n", 1)[0]
+    for line in headers.decode("utf-8", "replace").split("\r\n"):
+        print(_terminal_safe(line))
+    return EXIT_OK
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
@@ -516,43 +553,30 @@ def cmd_hold(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = HoldStore(settings.hold.database)
     try:
+        if args.hold_command == "show":
+            return _hold_show(store, args)
         where, ids = _hold_filter(args)
         if args.hold_command == "list":
             held = store.select(where)
             if args.json:
-                _print_json([h.summary() for h in held])
+                _print_json({"schema": 1, "messages": [h.summary() for h in held]})
             else:
                 for h in held:
-                    flag = " (release requested)" if h.release_requested else ""
-                    print(
-                        f"{h.hold_id}  {h.received_at:%Y-%m-%d %H:%M}  {h.user:<28} {h.device_id:<16} "
-                        f"{','.join(h.policy_ids):<20} {h.size:>8} B{flag}"
-                    )
+                    print(_hold_line(h))
                 print(f"{len(held)} held message(s)", file=sys.stderr)
-            return EXIT_OK
-        if args.hold_command == "show":
-            message = store.get(args.hold_id)
-            if message is None:
-                raise CliError(f"no held message {args.hold_id}")
-            if args.json:
-                _print_json({**message.summary(), "claims": message.claims.summary()})
-            else:
-                for key, value in message.summary().items():
-                    print(f"{key + ':':<18} {value}")
-                print()
-                headers = (message.content or b"").split(b"\r\n\r\n", 1)[0]
-                print(headers.decode("utf-8", "replace"))
             return EXIT_OK
         if not ids and where == type(where)() and not args.all:
             raise CliError("name hold ids, or a filter (--user, --device, --policy), or --all")
         if args.hold_command == "release":
             count = store.request_release(where, ids)
-            print(
-                f"{count} message(s) marked for release; the running gateway relays them within seconds"
-            )
+            text = f"{count} message(s) marked for release; the running gateway relays them within seconds"
         else:
             count = store.drop(where, ids)
-            print(f"{count} message(s) dropped")
+            text = f"{count} message(s) dropped"
+        if args.json:
+            _print_json({"schema": 1, "action": args.hold_command, "count": count})
+        else:
+            print(text)
         return EXIT_OK
     finally:
         store.close()
