@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from gateway.config.settings import Settings, default_config_path, load_settings
 from gateway.errors import ConfigError, GatewayError, PolicyLoadError, Problem, TokenError
 from gateway.policy.engine import compile_policy_set, decide
-from gateway.policy.loader import load_policy_dir, policy_files
+from gateway.policy.loader import ignored_files, load_policy_dir, policy_files
 
 if TYPE_CHECKING:
     from gateway.hold.store import HeldMessage, HoldFilter, HoldStore
@@ -56,59 +56,116 @@ def _print_json(value: object) -> None:
 # --- check -------------------------------------------------------------------------------
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _check_target(
+    args: argparse.Namespace,
+) -> tuple[Path, list[Path] | None, dict[str, frozenset[str]]]:
+    """(directory, the one file to check or None for the whole directory, groups)."""
     config_path = Path(args.config) if args.config else default_config_path()
     groups: dict[str, frozenset[str]] = {}
-    directory: Path | None = Path(args.policy_dir) if args.policy_dir else None
+    target: Path | None = Path(args.policy_dir) if args.policy_dir else None
     if config_path.exists():
         settings = load_settings(config_path)
         groups = dict(settings.groups)
-        directory = directory or settings.policy_dir
-    elif directory is None:
+        target = target or settings.policy_dir
+    elif target is None:
         raise CliError(f"no policy directory given and no configuration at {config_path}")
-    assert directory is not None
+    assert target is not None
+    if target.is_file():
+        return target.parent, [target], groups
+    if target.exists() and not target.is_dir():
+        raise CliError(f"{target} is neither a policy directory nor a policy file")
+    return target, None, groups
+
+
+def _check_warnings(
+    directory: Path, files: list[Path] | None, policies: int
+) -> list[dict[str, str]]:
+    warnings: list[dict[str, str]] = []
+    if files is None:
+        warnings = [
+            {"file": str(path), "message": f"ignored: {why}"}
+            for path, why in ignored_files(directory)
+        ]
+        if policies == 0:
+            warnings.append(
+                {
+                    "file": str(directory),
+                    "message": "no policies: deployed, this set would end every policy in force",
+                }
+            )
+    elif not files[0].name.endswith(".toml") or files[0].name.startswith("."):
+        warnings.append(
+            {
+                "file": str(files[0]),
+                "message": "the gateway ignores this file in a policy directory (only *.toml are read)",
+            }
+        )
+    return warnings
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    directory, files, groups = _check_target(args)
+    shown = str(files[0]) if files else str(directory)
     try:
-        policy_set = load_policy_dir(directory, groups)
+        policy_set = load_policy_dir(directory, groups, files=files)
     except PolicyLoadError as exc:
+        warnings = _check_warnings(directory, files, policies=-1)
         if args.json:
             _print_json(
                 {
+                    "schema": 1,
                     "ok": False,
-                    "directory": str(directory),
+                    "directory": shown,
                     "problems": [
                         {"file": p.file, "line": p.line, "key": p.key, "message": p.message}
                         for p in exc.problems
                     ],
+                    "warnings": warnings,
                 }
             )
         else:
             for problem in exc.problems:
-                print(problem)
+                print(_terminal_safe(str(problem)))
+            for warning in warnings:
+                print(
+                    _terminal_safe(f"warning: {warning['file']}: {warning['message']}"),
+                    file=sys.stderr,
+                )
             print(
-                f"{len(exc.problems)} problem(s) in {directory}; nothing was changed",
+                f"{len(exc.problems)} problem(s) in {_terminal_safe(shown)}; nothing was changed",
                 file=sys.stderr,
             )
         return EXIT_BAD
-    files = policy_files(directory)
+    checked = files if files is not None else policy_files(directory)
+    warnings = _check_warnings(directory, files, len(policy_set.policies))
     states: dict[str, int] = {}
     for policy in policy_set.policies:
         states[policy.state.value] = states.get(policy.state.value, 0) + 1
     if args.json:
         _print_json(
             {
+                "schema": 1,
                 "ok": True,
-                "directory": str(directory),
+                "directory": shown,
                 "version": policy_set.version,
-                "files": len(files),
+                "files": len(checked),
                 "policies": len(policy_set.policies),
                 "states": states,
+                "warnings": warnings,
             }
         )
     else:
+        for warning in warnings:
+            print(
+                _terminal_safe(f"warning: {warning['file']}: {warning['message']}"), file=sys.stderr
+            )
         summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no policies"
+        version = f", version {policy_set.version}" if files is None else ""
         print(
-            f"{directory}: OK, {len(policy_set.policies)} policies in {len(files)} file(s) "
-            f"({summary}), version {policy_set.version}"
+            _terminal_safe(
+                f"{shown}: OK, {len(policy_set.policies)} policies in {len(checked)} file(s) "
+                f"({summary}){version}"
+            )
         )
     return EXIT_OK
 
@@ -336,7 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check", help="validate a policy directory (exit 1 listing every problem)"
     )
-    check.add_argument("policy_dir", nargs="?", help="default: policy_dir from the configuration")
+    check.add_argument(
+        "policy_dir",
+        nargs="?",
+        metavar="PATH",
+        help="a policy directory, or one policy file (default: policy_dir from the configuration)",
+    )
     check.add_argument("--json", action="store_true")
     _add_config(check)
     check.set_defaults(func=cmd_check)
