@@ -262,7 +262,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_token_keygen(args: argparse.Namespace) -> int:
     from gateway.tokens.mint import write_dev_key_pair
 
-    private_path, public_path = write_dev_key_pair(Path(args.out), kid=args.kid)
+    out = Path(args.out)
+    existing = [
+        path
+        for path in (out / "dev-issuer.private.jwk.json", out / "dev-issuer.jwks.json")
+        if path.exists()
+    ]
+    if existing and not args.force:
+        print(
+            f"gateway: {', '.join(map(str, existing))} already exist(s); "
+            "tokens signed with the old key would stop verifying. Add --force to replace.",
+            file=sys.stderr,
+        )
+        return EXIT_BAD
+    private_path, public_path = write_dev_key_pair(out, kid=args.kid)
     print(f"wrote {private_path} (DEVELOPMENT private key: NOT FOR PRODUCTION)")
     print(f"wrote {public_path} (public JWKS: list it under [[tokens.issuers]] keys)")
     return EXIT_OK
@@ -417,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = token_sub.add_parser("keygen", help="write a development Ed25519 key pair")
     keygen.add_argument("--out", default="config/keys", help="directory (default: config/keys)")
     keygen.add_argument("--kid", default="dev-1")
+    keygen.add_argument(
+        "--force", action="store_true", help="replace a key pair that is already there"
+    )
     _add_config(keygen)
     keygen.set_defaults(func=cmd_token_keygen)
 
