@@ -73,10 +73,16 @@ def memory_mb(pid: int, key: str) -> float:
 
 
 def process_running(name: str) -> bool:
-    """Like `pgrep -x`, from /proc (procps is not on every minimal machine)."""
-    for comm in Path("/proc").glob("[0-9]*/comm"):
-        with suppress(OSError):
-            if comm.read_text().strip() == name:
+    """Like `pgrep -x -P <this process>`, from /proc (procps is not on every minimal
+    machine): a child of this run with that name. Other programs' processes of the same
+    name (another benchmark, a developer's own smtp-sink) are not this run's leftovers."""
+    me = os.getpid()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            parent = int(text[text.rindex(")") + 2 :].split()[1])
+            if comm == name and parent == me:
                 return True
     return False
 

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.config.settings import Settings, default_config_path, load_settings
+from gateway.domain import Access, PolicyMatch
 from gateway.errors import ConfigError, GatewayError, PolicyLoadError, Problem, TokenError
 from gateway.policy.engine import compile_policy_set, decide
 from gateway.policy.loader import ignored_files, load_policy_dir, policy_files
 
 if TYPE_CHECKING:
     from gateway.hold.store import HeldMessage, HoldFilter, HoldStore
+    from gateway.policy.model import PolicySet
     from gateway.tokens.keyring import KeyRing
 
 EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
@@ -141,6 +143,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     states: dict[str, int] = {}
     for policy in policy_set.policies:
         states[policy.state.value] = states.get(policy.state.value, 0) + 1
+    narrowed = _narrowed_by_access(policy_set)
     if args.json:
         _print_json(
             {
@@ -151,6 +154,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                 "files": len(checked),
                 "policies": len(policy_set.policies),
                 "states": states,
+                # Policies narrowed by scope.access; every other one gates both.
+                "access_only": narrowed,
                 "warnings": warnings,
             }
         )
@@ -167,7 +172,22 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"({summary}){version}"
             )
         )
+        if any(narrowed.values()):
+            counts = ", ".join(
+                f"{len(ids)} {access} only ({', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})"
+                for access, ids in narrowed.items()
+                if ids
+            )
+            print(f"access: {counts}; the others gate sending and syncing")
     return EXIT_OK
+
+
+def _narrowed_by_access(policy_set: PolicySet) -> dict[str, list[str]]:
+    """Ids of the policies whose scope.access names one access only, per access."""
+    return {
+        access.value: [p.id for p in policy_set.policies if p.access == frozenset({access})]
+        for access in Access
+    }
 
 
 # --- explain -----------------------------------------------------------------------------
@@ -202,6 +222,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     now = _parse_time(args.at) if args.at else datetime.now(UTC)
+    access = Access(args.access)
     try:
         raw = _read_token(args.token)
     except OSError as exc:
@@ -218,17 +239,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
             )
         else:
             print(f"token refused ({exc.reason}): {exc}")
-            print("SMTP: AUTH fails with 535 5.7.8")
+            if access is Access.SEND:
+                print("SMTP: AUTH fails with 535 5.7.8")
+            else:
+                print("IMAP/POP3: the login fails (the token is not active)")
         return EXIT_BAD
     policy_set = load_policy_dir(settings.policy_dir, settings.groups)
-    decision = decide(compile_policy_set(policy_set), claims, now)
+    compiled = compile_policy_set(policy_set)
+    decision = decide(compiled, claims, now, access)
+    # Policies that would apply to the other access only: the answer to "why does the
+    # sync ban not show here?". Empty unless some policy narrows scope.access.
+    other = Access.SYNC if access is Access.SEND else Access.SEND
+    other_only: list[str] = []
+    other_matches: dict[str, PolicyMatch] = {}
+    if compiled.narrowed:
+        here = {m.policy_id for m in (*decision.matches, *decision.audit)} | set(decision.exempted)
+        there = decide(compiled, claims, now, other)
+        other_matches = {m.policy_id: m for m in (*there.matches, *there.audit)}
+        other_only = sorted((set(other_matches) | set(there.exempted)) - here)
     sources = {p.id: str(p.source) for p in policy_set.policies}
     if args.json:
         _print_json(
             {
                 "at": now.isoformat(),
+                "access": access.value,
                 "token": {"valid": True, "claims": claims.summary()},
                 "decision": decision.as_dict(),
+                # Policies that would apply for the other access: narrowed away from this one.
+                "other_access_only": other_only,
             }
         )
         return EXIT_OK
@@ -240,6 +278,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         f"{len(claims.apps)} app(s)"
     )
     print(f"policies:  version {decision.policy_version}")
+    print(f"access:    {_ACCESS_TEXT[access]}")
     phase = f" ({decision.phase.value} phase)" if decision.phase else ""
     print(
         f"decision:  {decision.action.label.upper()}{phase}"
@@ -253,7 +292,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
             )
     for policy_id in decision.exempted:
         print(f"  {'exempted':<20} {policy_id:<24} {'':<7} {'':<9} {sources.get(policy_id, '')}")
+    for policy_id in other_only:
+        title = f"{other.value} only"
+        found = other_matches.get(policy_id)
+        action, phase_text = (found.action.label, found.phase.value) if found else ("", "")
+        print(
+            f"  {title:<20} {policy_id:<24} {action:<7} {phase_text:<9} {sources.get(policy_id, '')}"
+        )
     return EXIT_OK
+
+
+_ACCESS_TEXT = {
+    Access.SEND: "send (SMTP submission; --access sync decides an IMAP or POP3 login)",
+    Access.SYNC: "sync (an IMAP or POP3 login; --access send decides SMTP submission)",
+}
 
 
 # --- token -------------------------------------------------------------------------------
@@ -371,6 +423,7 @@ def cmd_test(args: argparse.Namespace) -> int:
                     {
                         "name": r.case.name,
                         "line": r.case.line,
+                        "access": r.case.access.value,
                         "passed": r.passed,
                         "decision": r.decision.as_dict(),
                         "differences": list(r.differences),
@@ -420,6 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--token", required=True, help="token file, or - for standard input")
     explain.add_argument(
         "--at", help="evaluate as if now were this ISO 8601 time (token checks too)"
+    )
+    explain.add_argument(
+        "--access",
+        choices=[a.value for a in Access],
+        default=Access.SEND.value,
+        help="decide for sending (SMTP, the default) or for syncing (an IMAP or POP3 login)",
     )
     explain.add_argument("--json", action="store_true")
     _add_config(explain)
@@ -557,6 +616,11 @@ def cmd_impact(args: argparse.Namespace) -> int:
     print(
         f"{report.devices} device(s) seen in the last {settings.inventory_retention.days} days, at {now.isoformat()}"
     )
+    if live.narrowed or candidate.narrowed:
+        print(
+            "access: some policies gate sending or syncing only; the inventory does not "
+            "record yet which devices sync, so every device counts as sending and syncing"
+        )
     for title, key in (
         ("newly warned", "newly_warned"),
         ("newly deferred", "newly_deferred"),
@@ -566,10 +630,12 @@ def cmd_impact(args: argparse.Namespace) -> int:
     ):
         rows = report.as_dict()[key]
         assert isinstance(rows, list)
-        print(f"{title + ':':<16} {len(rows)} device(s), {len({r['user'] for r in rows})} user(s)")
+        devices_in = len({r["device_id"] for r in rows})
+        print(f"{title + ':':<16} {devices_in} device(s), {len({r['user'] for r in rows})} user(s)")
         for row in rows:
             print(
-                f"    {row['device_id']:<24} {row['user']:<30} {row['before']} -> {row['after']}  {','.join(row['policy_ids'])}"
+                f"    {row['device_id']:<24} {row['user']:<30} {'+'.join(row['access']):<10} "
+                f"{row['before']} -> {row['after']}  {','.join(row['policy_ids'])}"
             )
     diff = PolicyDiff.between(live.source, candidate.source)
     refusal = blast_radius_refusal(report, candidate, diff, settings.max_newly_blocked_devices)

@@ -134,6 +134,11 @@ class HoldStoreDamaged(HoldStoreError):
     """The database file is corrupt: restore it from a backup or move it aside."""
 
 
+class HoldStoreLowOnSpace(HoldStoreError):
+    """The store's disk is below its free-space floor: holds get 452 4.3.1 (as Postfix's
+    queue_minfree) so that the disk never fills, and the client keeps its message."""
+
+
 class HoldStoreInUse(HoldStoreError):
     """Another gateway holds the store's lock: one serving gateway per store."""
 

@@ -1,4 +1,5 @@
-"""Abuse limits: connections, messages per user, AUTH failures per client address.
+"""Abuse limits: connections (with a budget for unauthenticated ones), messages per user,
+the delay after a failed AUTH.
 
 Pure bookkeeping: callers pass the monotonic time in, so the limits are trivial to test
 and immune to wall-clock jumps. Mobile carriers put many phones behind one address
@@ -8,7 +9,10 @@ and immune to wall-clock jumps. Mobile carriers put many phones behind one addre
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from gateway import replies
 from gateway.replies import Reply
@@ -38,35 +42,129 @@ def address_key(ip: str) -> str:
     return ip
 
 
-class ConnectionLimits:
-    """Concurrent connections in total and per client address."""
+K = TypeVar("K", bound=Hashable)
 
-    def __init__(self, total: int, per_ip: int) -> None:
+
+@dataclass(frozen=True)
+class Admission(Generic[K]):
+    """The answer to a new connection: refused (nothing counted), or admitted, possibly at
+    the cost of ``shed``, an idle unauthenticated session the caller must close."""
+
+    refusal: Reply | None = None
+    shed: K | None = None
+
+
+class ConnectionLimits(Generic[K]):
+    """Concurrent connections in total, per client address, and before AUTH.
+
+    A connection that has not authenticated is cheap to open and holds a slot for up to
+    the idle timeout, so idle sockets from a handful of addresses could fill every slot
+    and lock out devices with valid tokens. Unauthenticated sessions therefore have their
+    own budget (``unauthenticated``, within ``total``), and when a newcomer finds the total,
+    that budget or its address's share full, the unauthenticated session idle the longest
+    (in the same address for the per-address limit) is shed to make room. Authenticated
+    sessions are never shed: only they can be told from an attacker's sockets. The
+    pre-AUTH idle timeout shortens while the unauthenticated budget is half used.
+
+    Keys are the caller's (one per session); times are monotonic seconds passed in.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        per_ip: int,
+        unauthenticated: int | None = None,
+        pre_auth_timeout_under_load: float | None = None,
+    ) -> None:
         self.total = total
         self.per_ip = per_ip
+        self.unauthenticated = min(total, unauthenticated or total)
+        self.pre_auth_timeout_under_load = pre_auth_timeout_under_load
         self.open = 0
         self._by_ip: dict[str, int] = {}
+        self._ip_of: dict[K, str] = {}
+        # Unauthenticated sessions by last activity, the longest idle first: in all, and
+        # per address.
+        self._idle: OrderedDict[K, float] = OrderedDict()
+        self._idle_by_ip: dict[str, OrderedDict[K, float]] = {}
 
-    def admit(self, ip: str) -> Reply | None:
-        """Count the connection in and return None, or return the refusal (nothing counted)."""
-        if self.open >= self.total:
-            return replies.TOO_MANY_CONNECTIONS
+    def admit(self, key: K, ip: str, now: float) -> Admission[K]:
+        """Count the session in (unauthenticated, active at ``now``), or say why not."""
         ip = address_key(ip)
-        current = self._by_ip.get(ip, 0)
-        if current >= self.per_ip:
-            return replies.TOO_MANY_FROM_ADDRESS
+        shed: K | None = None
+        if self._by_ip.get(ip, 0) >= self.per_ip:
+            shed = _first(self._idle_by_ip.get(ip))
+            if shed is None:
+                return Admission(refusal=replies.TOO_MANY_FROM_ADDRESS)
+            self.release(shed)
+        elif self.open >= self.total or len(self._idle) >= self.unauthenticated:
+            shed = _first(self._idle)
+            if shed is None:
+                return Admission(refusal=replies.TOO_MANY_CONNECTIONS)
+            self.release(shed)
         self.open += 1
-        self._by_ip[ip] = current + 1
+        self._by_ip[ip] = self._by_ip.get(ip, 0) + 1
+        self._ip_of[key] = ip
+        self._idle[key] = now
+        self._idle_by_ip.setdefault(ip, OrderedDict())[key] = now
+        return Admission(shed=shed)
+
+    def active(self, key: K, now: float) -> None:
+        """An unauthenticated session sent a command: it is no longer the longest idle."""
+        if key not in self._idle:
+            return
+        self._idle[key] = now
+        self._idle.move_to_end(key)
+        by_ip = self._idle_by_ip[self._ip_of[key]]
+        by_ip[key] = now
+        by_ip.move_to_end(key)
+
+    def authenticated(self, key: K) -> None:
+        """The session proved who it is: never shed from now on."""
+        if self._idle.pop(key, None) is not None:
+            self._forget_idle(key)
+
+    def pre_auth_timeout(self) -> float | None:
+        """The idle timeout for unauthenticated sessions while the unauthenticated budget
+        is at least half used; None otherwise (the usual idle timeout applies)."""
+        if self.pre_auth_timeout_under_load is None:
+            return None
+        if 2 * len(self._idle) >= self.unauthenticated:
+            return self.pre_auth_timeout_under_load
         return None
 
-    def release(self, ip: str) -> None:
+    @property
+    def unauthenticated_open(self) -> int:
+        return len(self._idle)
+
+    def release(self, key: K) -> None:
+        """The session ended (or was shed); a key already released is ignored."""
+        ip = self._ip_of.pop(key, None)
+        if ip is None:
+            return
         self.open -= 1
-        ip = address_key(ip)
         left = self._by_ip.get(ip, 1) - 1
         if left > 0:
             self._by_ip[ip] = left
         else:
             self._by_ip.pop(ip, None)
+        if self._idle.pop(key, None) is not None:
+            self._forget_idle(key, ip)
+
+    def _forget_idle(self, key: K, ip: str | None = None) -> None:
+        if ip is None:
+            ip = self._ip_of[key]
+        by_ip = self._idle_by_ip.get(ip)
+        if by_ip is not None:
+            by_ip.pop(key, None)
+            if not by_ip:
+                del self._idle_by_ip[ip]
+
+
+def _first(ordered: OrderedDict[K, float] | None) -> K | None:
+    if not ordered:
+        return None
+    return next(iter(ordered))
 
 
 class MessageRate:
@@ -99,37 +197,60 @@ class MessageRate:
         self._sweep_at = _next_sweep(len(self._buckets))
 
 
-class AuthFailures:
-    """Failed AUTH attempts per client address in a sliding window."""
+def auth_failure_delay(failures: int, first: float, longest: float) -> float:
+    """Seconds to wait before answering a session's ``failures``-th failed AUTH: ``first``,
+    doubling with each further failure, never more than ``longest``. The delay slows the
+    failing session only; other sessions from the same address (carrier NAT) are not
+    touched, and a valid token is never refused."""
+    if failures <= 0:
+        return 0.0
+    return min(longest, first * 2.0 ** min(failures - 1, 32))
 
-    def __init__(self, limit: int, window: float) -> None:
+
+class DataBudget:
+    """Message bytes in memory across all sessions (``[limits] data_bytes_in_flight``).
+
+    Each transaction takes a :class:`Reservation`, grows it as DATA arrives and gives it
+    back when the transaction ends, whatever happens. A message that does not fit is
+    refused with 452 4.3.1 rather than risking the whole process (and every session in
+    it) to the kernel's OOM killer."""
+
+    def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.window = window
-        self._failures: dict[str, deque[float]] = {}
-        self._sweep_at = _PRUNE_AT
+        self.used = 0
 
-    def _recent(self, ip: str, now: float) -> deque[float] | None:
-        times = self._failures.get(ip)
-        if times is None:
-            return None
-        while times and now - times[0] >= self.window:
-            times.popleft()
-        if not times:
-            del self._failures[ip]
-            return None
-        return times
+    def available(self) -> int:
+        return self.limit - self.used
 
-    def blocked(self, ip: str, now: float) -> bool:
-        times = self._recent(address_key(ip), now)
-        return times is not None and len(times) >= self.limit
+    def reservation(self) -> Reservation:
+        return Reservation(self)
 
-    def record(self, ip: str, now: float) -> None:
-        ip = address_key(ip)
-        times = self._recent(ip, now)
-        if times is None:
-            times = self._failures[ip] = deque(maxlen=self.limit)
-        times.append(now)
-        if len(self._failures) > self._sweep_at:
-            for other in list(self._failures):
-                self._recent(other, now)  # drops addresses whose failures all expired
-            self._sweep_at = _next_sweep(len(self._failures))
+
+class Reservation:
+    """One transaction's share of the :class:`DataBudget`. Grown in steps, so that the
+    budget is not touched for every line of a message."""
+
+    STEP = 64 * 1024
+
+    def __init__(self, budget: DataBudget) -> None:
+        self._budget = budget
+        self.held = 0
+
+    def cover(self, total: int) -> bool:
+        """Hold at least ``total`` bytes; False (and nothing more taken) if the budget
+        cannot cover them."""
+        if total <= self.held:
+            return True
+        budget = self._budget
+        want = total - self.held
+        if want > budget.available():
+            return False
+        take = min(max(want, self.STEP), budget.available())
+        budget.used += take
+        self.held += take
+        return True
+
+    def release(self) -> None:
+        """Give everything back; safe to call more than once."""
+        self._budget.used -= self.held
+        self.held = 0

@@ -69,6 +69,8 @@ AUTH_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
 AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 NEED_EHLO = Reply(503, "5.5.1", "Send EHLO first")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
+# RFC 3463 s 3.4 X.3.1 "mail system full"; 452 per RFC 5321 s 4.2.3 / RFC 1870 s 6.1.
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage; please try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long (RFC 5321 s 4.5.3.1.6)")
@@ -88,13 +90,14 @@ IDLE_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 BYE = Reply(221, "2.0.0", "Bye")
 TOO_MANY_CONNECTIONS = Reply(421, "4.3.2", "Too many connections; please try again later")
+IDLE_UNAUTHENTICATED_SHED = Reply(
+    421, "4.3.2", "Too many connections; closing an idle unauthenticated connection"
+)
 TOO_MANY_FROM_ADDRESS = Reply(
     421, "4.7.0", "Too many connections from your address; please try again later"
 )
 TOO_MANY_MESSAGES = Reply(450, "4.7.1", "Too many messages; please try again in a minute")
-TOO_MANY_AUTH_FAILURES = Reply(
-    421, "4.7.0", "Too many authentication failures from your address; try again later"
-)
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures; closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors; closing connection")
 EARLY_TALKER = Reply(554, "5.5.0", "Protocol error: command sent before the server's reply")
 

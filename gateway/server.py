@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -75,8 +76,12 @@ class GatewayServer:
         self.sync = SyncServer(self.services.logins, settings.sync)
         self.sync_port: int | None = None
         self.sessions: set[SubmissionSMTP] = set()
-        self.connection_limits = ConnectionLimits(
-            settings.limits.max_connections, settings.limits.max_connections_per_ip
+        limits = settings.limits
+        self.connection_limits: ConnectionLimits[SubmissionSMTP] = ConnectionLimits(
+            limits.max_connections,
+            limits.max_connections_per_ip,
+            limits.max_unauthenticated_connections,
+            limits.pre_auth_timeout_under_load,
         )
         self._servers: list[asyncio.base_events.Server] = []
         self._stopped = asyncio.Event()
@@ -115,6 +120,8 @@ class GatewayServer:
             limits=self.settings.limits,
             on_open=self._session_opened,
             on_close=self._session_closed,
+            on_activity=self._session_active,
+            on_authenticated=self.connection_limits.authenticated,
         )
 
     async def start(self) -> BoundAddresses:
@@ -195,22 +202,35 @@ class GatewayServer:
         await self._stopped.wait()
 
     def _session_opened(self, session: SubmissionSMTP) -> Reply | None:
-        """Count the session in, or return why it is refused (421: too many)."""
+        """Count the session in, or return why it is refused (421: too many). Admitting
+        it may shed the longest-idle unauthenticated session (docs/operations.md#limits)."""
         metrics = self.services.metrics
-        refusal = self.connection_limits.admit(session.gsession().facts.peer_ip)
-        if refusal is not None:
-            log.info("connection_refused", peer=session.gsession().facts.peer, reply=refusal.line())
+        facts = session.gsession().facts
+        admission = self.connection_limits.admit(session, facts.peer_ip, time.monotonic())
+        if admission.refusal is not None:
+            log.info("connection_refused", peer=facts.peer, reply=admission.refusal.line())
             metrics.limited.labels("connections").inc()
-            return refusal
+            return admission.refusal
+        if admission.shed is not None:
+            shed = admission.shed.gsession().facts
+            log.info("idle_unauthenticated_shed", session=shed.session_id, peer=shed.peer)
+            metrics.limited.labels("unauthenticated_shed").inc()
+            admission.shed.close_with(replies.IDLE_UNAUTHENTICATED_SHED)
         self.sessions.add(session)
         metrics.sessions.inc()
         metrics.sessions_active.set(len(self.sessions))
         return None
 
+    def _session_active(self, session: SubmissionSMTP) -> float | None:
+        """An unauthenticated session sent a command; returns its idle timeout (shorter
+        under load, None for the usual one)."""
+        limits = self.connection_limits
+        limits.active(session, time.monotonic())
+        return limits.pre_auth_timeout()
+
     def _session_closed(self, session: SubmissionSMTP) -> None:
-        if session in self.sessions:
-            self.sessions.discard(session)
-            self.connection_limits.release(session.gsession().facts.peer_ip)
+        self.sessions.discard(session)
+        self.connection_limits.release(session)  # ignored for a refused or shed session
         self.services.metrics.sessions_active.set(len(self.sessions))
 
     def _livez(self) -> tuple[int, str, bytes]:

@@ -64,7 +64,9 @@ class Services:
         self.last_good_reload = time.time()
         self.relay = build_relay(settings)
         self.hold_store = AsyncHoldStore(
-            settings.hold.database, busy_timeout=settings.hold.busy_timeout
+            settings.hold.database,
+            busy_timeout=settings.hold.busy_timeout,
+            min_free_bytes=settings.hold.min_free_bytes,
         )
         self.inventory = Inventory(self.hold_store, settings.inventory_retention, clock)
         sender = settings.notice_sender or f"compliance-gateway@{settings.smtp.hostname}"

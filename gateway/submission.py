@@ -33,8 +33,8 @@ from gateway.domain import (
     HeldSubmission,
     utc_now,
 )
-from gateway.errors import HoldStoreError, TokenError
-from gateway.limits import AuthFailures, MessageRate
+from gateway.errors import HoldStoreError, HoldStoreLowOnSpace, TokenError
+from gateway.limits import DataBudget, MessageRate, auth_failure_delay
 from gateway.ops.metrics import Metrics
 from gateway.policy.engine import decide
 from gateway.policy.store import PolicyStore
@@ -92,6 +92,15 @@ class AuthOutcome:
     failure_reason: str | None = None  # the TokenError reason code, for logs and metrics
 
 
+@dataclass(frozen=True)
+class AuthPenalty:
+    """What a failed AUTH costs the session: a wait before the reply, and after too many
+    failures the 421 that closes it."""
+
+    delay: float
+    close: Reply | None = None
+
+
 @dataclass
 class SessionFacts:
     """What the SMTP layer knows about one connection."""
@@ -103,6 +112,7 @@ class SessionFacts:
     tls: bool = False
     claims: DeviceClaims | None = None
     mechanism: str | None = None
+    auth_failures: int = 0
 
 
 @dataclass
@@ -116,6 +126,14 @@ class Transaction:
     options: tuple[str, ...] = ()  # the MAIL parameters passed upstream (BODY=)
     recipients: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
+    declared_size: int | None = None  # MAIL FROM's SIZE= (RFC 1870)
+
+    @property
+    def copies_in_memory(self) -> int:
+        """How many times the message is in memory at its peak: once when relayed (it is
+        streamed upstream from the buffer it arrived in), twice when held (the copy
+        handed to the hold store)."""
+        return 2 if self.decision.action is Action.HOLD else 1
 
 
 class Submission:
@@ -146,7 +164,7 @@ class Submission:
         self.monotonic = monotonic  # rate limits: immune to wall-clock jumps
         limits = settings.limits
         self.message_rate = MessageRate(limits.messages_per_user_per_minute)
-        self.auth_failures = AuthFailures(limits.auth_failures_per_ip, limits.auth_failure_window)
+        self.data_budget = DataBudget(limits.data_bytes_in_flight)
 
     @property
     def audience(self) -> str:
@@ -165,17 +183,27 @@ class Submission:
 
     # --- AUTH ---------------------------------------------------------------------------
 
-    def auth_refused(self, facts: SessionFacts) -> Reply | None:
-        """421 4.7.0 while the client's address is over its AUTH-failure budget."""
-        if self.auth_failures.blocked(facts.peer_ip, self.monotonic()):
-            log.warning("auth_failures_limit", session=facts.session_id, peer=facts.peer)
-            self.metrics.limited.labels("auth_failures_per_ip").inc()
-            return replies.TOO_MANY_AUTH_FAILURES
-        return None
-
-    def note_auth_failure(self, facts: SessionFacts) -> None:
-        """Failures the SMTP layer sees itself (bad base64, SASL syntax) count too."""
-        self.auth_failures.record(facts.peer_ip, self.monotonic())
+    def auth_failure(self, facts: SessionFacts) -> AuthPenalty:
+        """A failed AUTH in this session (a refused token, bad base64, SASL syntax): the
+        session waits longer with each one, and after ``auth_failures_per_session`` it is
+        closed with 421 4.7.0. Per session, never per address: behind carrier NAT one
+        stale phone must not lock out its neighbours, and a signed token cannot be
+        guessed, so slowing the failing session down is all a limit needs to do."""
+        limits = self.settings.limits
+        facts.auth_failures += 1
+        delay = auth_failure_delay(
+            facts.auth_failures, limits.auth_failure_delay, limits.auth_failure_delay_max
+        )
+        if facts.auth_failures < limits.auth_failures_per_session:
+            return AuthPenalty(delay)
+        log.warning(
+            "auth_failures_limit",
+            session=facts.session_id,
+            peer=facts.peer,
+            failures=facts.auth_failures,
+        )
+        self.metrics.limited.labels("auth_failures_per_session").inc()
+        return AuthPenalty(delay, replies.TOO_MANY_AUTH_FAILURES)
 
     async def learn_key(self, credentials: Credentials) -> None:
         """Before verifying: a token signed with a kid its issuer has not shown us yet
@@ -234,7 +262,6 @@ class Submission:
             **details,
         )
         self.metrics.authenticated(False, reason)
-        self.note_auth_failure(facts)
         return AuthOutcome(replies.AUTH_FAILED.with_text(text), None, reason)
 
     # --- MAIL ---------------------------------------------------------------------------
@@ -267,6 +294,7 @@ class Submission:
             decision=decision,
             started=time.monotonic(),
             options=relayed_options(options),
+            declared_size=declared_size(options),
         )
         if decision.action is Action.DEFER:
             self._log_decision(facts, transaction, result="deferred")
@@ -274,6 +302,13 @@ class Submission:
         if decision.action is Action.REJECT:
             self._log_decision(facts, transaction, result="rejected")
             return Reply(550, "5.7.1", decision.message or "Rejected by policy"), None
+        declared = transaction.declared_size
+        if declared and declared * transaction.copies_in_memory > self.data_budget.available():
+            # RFC 1870 s 6.1: the size the client announced does not fit now; say so before
+            # it sends a byte.
+            self._log_decision(facts, transaction, result="data_bytes_in_flight")
+            self.metrics.limited.labels("data_bytes_in_flight").inc()
+            return replies.INSUFFICIENT_STORAGE, None
         if decision.action is Action.HOLD:
             return replies.OK.with_text("Sender OK"), transaction
         relay, reply = await self.relay.begin(sender, transaction.options)
@@ -325,15 +360,20 @@ class Submission:
             received += f"X-Compliance-Notice: {', '.join(decision.policy_ids)}; {notice}\r\n"
         return received.encode()
 
-    async def data(self, facts: SessionFacts, transaction: Transaction, content: bytes) -> Reply:
+    async def data(
+        self, facts: SessionFacts, transaction: Transaction, content: bytes | bytearray
+    ) -> Reply:
+        """``content`` is the message as received (the SMTP layer's buffer, not copied):
+        relayed, it is streamed upstream behind the trace headers; held, the hold store
+        gets one copy with them in front."""
         now = self.clock()
-        message = self.trace_headers(facts, transaction, now) + content
+        trace = self.trace_headers(facts, transaction, now)
         decision = transaction.decision
         if decision.action is Action.HOLD:
-            return await self._hold(facts, transaction, message, now)
+            return await self._hold(facts, transaction, trace + content, now)
         assert transaction.relay is not None
         relay_started = time.monotonic()
-        upstream = await transaction.relay.send(message)
+        upstream = await transaction.relay.send(trace, content)
         self.metrics.relay_seconds.observe(time.monotonic() - relay_started)
         self.metrics.relay.labels(
             "accepted" if upstream.is_success else f"{upstream.code // 100}xx"
@@ -364,6 +404,10 @@ class Submission:
         )
         try:
             hold_id = await self.holder.hold(held)
+        except HoldStoreLowOnSpace as exc:
+            log.warning("hold_refused_low_on_space", session=facts.session_id, reason=str(exc))
+            self._log_decision(facts, transaction, result="hold_refused_low_on_space")
+            return replies.INSUFFICIENT_STORAGE
         except HoldStoreError:
             log.exception("hold_failed", session=facts.session_id)
             self._log_decision(facts, transaction, result="hold_failed")
@@ -400,6 +444,16 @@ class Submission:
             elapsed_ms=round((time.monotonic() - transaction.started) * 1000, 2),
             **fields,
         )
+
+
+def declared_size(options: Sequence[str]) -> int | None:
+    """MAIL FROM's SIZE= parameter (RFC 1870 s 6), None when absent or malformed
+    (aiosmtpd has already refused a malformed or too large one)."""
+    for option in options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
 
 
 def relayed_options(options: Sequence[str]) -> tuple[str, ...]:

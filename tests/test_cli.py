@@ -272,3 +272,98 @@ def test_demo_command_plays_the_story() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Every step behaved as the story says." in result.stdout
     assert "retracted ['remove-tiktok']" in result.stdout
+
+
+# --- scope.access: policies that gate sending or syncing only --------------------------
+
+SYNC_BAN = """
+[[policy]]
+id = "no-sync-with-tiktok"
+match.apps_any = ["com.zhiliaoapp.musically"]
+scope.access = ["sync"]
+action = "reject"
+message = "No mail sync on a phone with TikTok."
+"""
+
+
+def add_sync_ban(config: Path) -> None:
+    (config.parent / "policies" / "no-sync.toml").write_text(SYNC_BAN)
+
+
+def test_check_reports_access_only_when_a_policy_narrows_it(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    code, out, _ = run(capsys, "check", "--config", str(config))
+    assert code == 0
+    assert "access:" not in out
+    add_sync_ban(config)
+    code, out, _ = run(capsys, "check", "--config", str(config))
+    assert code == 0
+    assert "OK, 2 policies in 2 file(s)" in out
+    assert "access: 1 sync only (no-sync-with-tiktok); the others gate sending and syncing" in out
+    code, out, _ = run(capsys, "check", "--json", "--config", str(config))
+    assert json.loads(out)["access_only"] == {"send": [], "sync": ["no-sync-with-tiktok"]}
+
+
+def test_check_bad_access_names_file_line_and_key(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    add_sync_ban(config)
+    policy = config.parent / "policies" / "no-sync.toml"
+    policy.write_text(SYNC_BAN.replace('["sync"]', '["imap"]'))
+    code, out, _ = run(capsys, "check", "--config", str(config))
+    assert code == 1
+    assert f"{policy}:5: policy[0].scope.access: 'imap' is not one of: send, sync" in out
+
+
+def test_explain_decides_for_the_access_asked(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    add_sync_ban(config)
+    token = mint(capsys, config, tmp_path, "--sub", "alice@example.test", "--device-id",
+                 "phone-1", "--app", TIKTOK, at=ENFORCED)  # fmt: skip
+    send = explain(capsys, config, token, ENFORCED)  # --access defaults to send
+    assert send["access"] == "send"
+    assert send["decision"]["action"] == "hold"
+    assert send["decision"]["policy_ids"] == ["remove-tiktok"]
+    assert send["other_access_only"] == ["no-sync-with-tiktok"]
+    code, out, err = run(capsys, "explain", "--config", str(config), "--token", str(token),
+                         "--at", ENFORCED, "--access", "sync", "--json")  # fmt: skip
+    assert code == 0, err
+    sync = json.loads(out)
+    assert sync["access"] == "sync"
+    assert sync["decision"]["action"] == "reject"
+    assert [m["policy_id"] for m in sync["decision"]["matches"]] == [
+        "no-sync-with-tiktok",
+        "remove-tiktok",
+    ]
+    assert sync["other_access_only"] == []
+
+
+def test_explain_access_over_the_real_command_line(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    add_sync_ban(config)
+    token = mint(capsys, config, tmp_path, "--sub", "alice@example.test", "--device-id",
+                 "phone-1", "--app", TIKTOK, at=ENFORCED)  # fmt: skip
+
+    def explain_cli(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", "explain", "--config", str(config),
+             "--token", str(token), "--at", ENFORCED, *extra],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    sync = explain_cli("--access", "sync")
+    assert sync.returncode == 0, sync.stderr
+    assert "access:    sync (an IMAP or POP3 login" in sync.stdout
+    assert "decision:  REJECT (enforce phase): No mail sync on a phone with TikTok." in sync.stdout
+    send = explain_cli()
+    assert send.returncode == 0, send.stderr
+    assert "access:    send (SMTP submission" in send.stdout
+    assert "decision:  HOLD (enforce phase)" in send.stdout
+    assert "sync only            no-sync-with-tiktok      reject  enforce" in send.stdout
+    assert "no-sync.toml:2" in send.stdout
+    bad = explain_cli("--access", "imap")
+    assert bad.returncode == 2
+    assert "argument --access: invalid choice: 'imap' (choose from 'send', 'sync')" in bad.stderr

@@ -486,6 +486,27 @@ class LimitSettings:
             behind carrier NAT share addresses: keep it generous.""",
         ),
     )
+    max_unauthenticated_connections: int = field(
+        default=500,
+        metadata=setting(
+            Integer(minimum=1),
+            """Open sessions that have not authenticated yet (at most `max_connections`).
+            When this, `max_connections` or an address's share is full, a new connection
+            sheds the unauthenticated session idle the longest (421 4.3.2 to it) instead
+            of being refused; authenticated sessions are never shed. Idle sockets cannot
+            lock out devices with valid tokens.""",
+        ),
+    )
+    pre_auth_timeout_under_load: float = field(
+        default=10.0,
+        metadata=setting(
+            Number(minimum=1),
+            """Idle timeout before AUTH while at least half of
+            `max_unauthenticated_connections` are in use (else `[smtp] idle_timeout`).
+            A phone needs a few round trips to authenticate, never seconds of silence.""",
+            key="pre_auth_timeout_under_load_seconds",
+        ),
+    )
     messages_per_user_per_minute: int = field(
         default=60,
         metadata=setting(
@@ -494,20 +515,43 @@ class LimitSettings:
             4.7.1 at MAIL FROM.""",
         ),
     )
-    auth_failures_per_ip: int = field(
-        default=20,
+    auth_failures_per_session: int = field(
+        default=3,
         metadata=setting(
             Integer(minimum=1),
-            """Failed AUTHs from one address within `auth_failure_window_seconds`; then 421
-            4.7.0 at AUTH, and the connection closes.""",
+            """Failed AUTHs in one session; the last one is followed by 421 4.7.0 and the
+            session closes. Counted per session, never per address: phones behind carrier
+            NAT share addresses, and one stale phone must not lock out its neighbours.""",
         ),
     )
-    auth_failure_window: float = field(
-        default=300.0,
+    auth_failure_delay: float = field(
+        default=0.5,
         metadata=setting(
-            Number(minimum=1),
-            "How long failed AUTHs count against `auth_failures_per_ip`.",
-            key="auth_failure_window_seconds",
+            Number(),
+            """Wait before answering a session's first failed AUTH; it doubles with each
+            further failure in that session, up to `auth_failure_delay_max_seconds`.""",
+            key="auth_failure_delay_seconds",
+        ),
+    )
+    auth_failure_delay_max: float = field(
+        default=4.0,
+        metadata=setting(
+            Number(),
+            "The longest wait before answering a failed AUTH.",
+            key="auth_failure_delay_max_seconds",
+        ),
+    )
+    data_bytes_in_flight: int = field(
+        default=256 * 1024 * 1024,
+        metadata=setting(
+            Integer(minimum=64 * 1024, unit="bytes"),
+            """Message bytes held in memory across all sessions, counted as DATA arrives
+            (or as `SIZE=` declares): a message is kept once while it arrives and is
+            relayed, and counts twice when it is held (the copy written to the hold
+            store). Beyond: 452 4.3.1 at `MAIL … SIZE=` or after the final dot. The
+            default, 256 MiB, with the process's own 60 MiB and allocator slack stays
+            well below the 512 MiB memory limit of deploy/kubernetes, so clients can
+            fill the budget but never get the gateway OOM-killed; raise both together.""",
         ),
     )
     max_errors: int = field(
@@ -739,6 +783,16 @@ class HoldSettings:
             "hold` command, a backup) before it fails: a hold then gets 451, and release "
             "stops until the store takes writes again.",
             key="busy_timeout_seconds",
+        ),
+    )
+    min_free_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=setting(
+            Integer(minimum=0),
+            "Free space to keep on the store's disk: a hold that would leave less is "
+            "refused with 452 4.3.1 and the client keeps its message (as Postfix's "
+            "queue_minfree). It keeps room for release, expiry and the database's own "
+            "growth; 0 turns the check off.",
         ),
     )
     release_interval: float = field(

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gateway.domain import DeviceClaims, HeldSubmission
-from gateway.errors import HoldStoreDamaged, HoldStoreError, HoldStoreInUse
+from gateway.errors import HoldStoreDamaged, HoldStoreError, HoldStoreInUse, HoldStoreLowOnSpace
 
 T = TypeVar("T")
 
@@ -383,10 +383,16 @@ class HoldStore:
     """
 
     def __init__(
-        self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, check: bool = False
+        self,
+        path: Path,
+        *,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        check: bool = False,
+        min_free_bytes: int = 0,
     ) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
+        self.min_free_bytes = min_free_bytes
         with self._errors("open"):
             _private_directory(path.parent)
             _private_file(path)  # SQLite gives -wal and -shm this file's mode
@@ -473,7 +479,23 @@ class HoldStore:
                 raise
             return cursor.rowcount
 
+    def _room_for(self, size: int) -> None:
+        """Refuse a hold that would leave less than ``min_free_bytes`` on the disk (the
+        message is written twice, to the WAL and then the database)."""
+        if not self.min_free_bytes:
+            return
+        with self._errors("checking free space"):
+            disk = os.statvfs(self.path.parent)
+        free = disk.f_bavail * disk.f_frsize
+        if free - 2 * size < self.min_free_bytes:
+            raise HoldStoreLowOnSpace(
+                f"hold store {self.path}: {free // 2**20} MiB free, below the floor of "
+                f"{self.min_free_bytes // 2**20} MiB ([hold] min_free_bytes) with this "
+                f"message; free space on the disk holding {self.path.parent}"
+            )
+
     def hold(self, held: HeldSubmission) -> str:
+        self._room_for(len(held.content))
         hold_id = uuid.uuid4().hex
         claims = held.claims
         self._write(
@@ -728,7 +750,10 @@ class AsyncHoldStore:
     dedicated thread. Opening takes the store's :class:`StoreLock` and checks the file;
     closing releases the lock."""
 
-    def __init__(self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+    def __init__(
+        self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, min_free_bytes: int = 0
+    ) -> None:
+        self.min_free_bytes = min_free_bytes
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hold-store")
         self._store: HoldStore | None = None
         self._lock = StoreLock(path)
@@ -738,7 +763,12 @@ class AsyncHoldStore:
     def _open(self) -> HoldStore:
         self._lock.acquire()
         try:
-            return HoldStore(self.path, busy_timeout=self.busy_timeout, check=True)
+            return HoldStore(
+                self.path,
+                busy_timeout=self.busy_timeout,
+                check=True,
+                min_free_bytes=self.min_free_bytes,
+            )
         except BaseException:
             self._lock.release()
             raise

@@ -18,6 +18,7 @@ A cases file::
     expect = "hold"                # allow, warn, defer, hold, reject
     expect_policy = "remove-tiktok"  # optional: the deciding policy
     expect_phase = "enforce"       # optional: announce or enforce
+    access = "sync"                # optional: decide a login that syncs (default: "send")
 """
 
 from __future__ import annotations
@@ -28,13 +29,22 @@ from datetime import datetime, timedelta
 from xml.etree import ElementTree
 
 from gateway.config.toml import Table, TomlFile
-from gateway.domain import Action, Decision, Device, DeviceClaims, DeviceClass, Phase, Platform
+from gateway.domain import (
+    Access,
+    Action,
+    Decision,
+    Device,
+    DeviceClaims,
+    DeviceClass,
+    Phase,
+    Platform,
+)
 from gateway.errors import Problem
 from gateway.policy.engine import CompiledPolicySet, decide
 
 CASE_KEYS_WITH_DEFAULTS = (
     "at", "user", "device_id", "platform", "class", "apps", "posture", "model",
-    "os_version", "managed",
+    "os_version", "managed", "access",
 )  # fmt: skip
 ACTIONS = [a.label for a in Action]
 PHASES = [p.value for p in Phase]
@@ -49,6 +59,7 @@ class Case:
     expect: Action
     expect_policy: str | None = None
     expect_phase: Phase | None = None
+    access: Access = Access.SEND
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,7 @@ def _read_case(table: Table, defaults: Mapping[str, object]) -> Case | None:
     model = table.text("model")
     os_version = table.text("os_version")
     managed = table.flag("managed")
+    access = table.choice("access", [a.value for a in Access])
     expect = table.choice("expect", ACTIONS, required=True)
     expect_policy = table.text("expect_policy")
     expect_phase = table.choice("expect_phase", PHASES)
@@ -140,14 +152,16 @@ def _read_case(table: Table, defaults: Mapping[str, object]) -> Case | None:
         expect=Action.parse(expect),
         expect_policy=expect_policy,
         expect_phase=Phase(expect_phase) if expect_phase else None,
+        access=Access(access) if access else Access.SEND,
     )
 
 
 def run_case(compiled: CompiledPolicySet, case: Case) -> CaseResult:
-    decision = decide(compiled, case.claims, case.at)
+    decision = decide(compiled, case.claims, case.at, case.access)
     differences = []
     if decision.action is not case.expect:
-        differences.append(f"expected {case.expect.label}, got {_describe(decision)}")
+        syncing = " for sync" if case.access is Access.SYNC else ""
+        differences.append(f"expected {case.expect.label}{syncing}, got {_describe(decision)}")
     if case.expect_policy is not None and case.expect_policy not in decision.policy_ids:
         deciding = ", ".join(decision.policy_ids) or "no policy"
         differences.append(f"expected policy {case.expect_policy}, decided by {deciding}")

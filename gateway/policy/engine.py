@@ -1,7 +1,8 @@
 """The evaluator: a pure function of (compiled policy set, verified claims, now) -> Decision.
 
 Precedence (documented in docs/policies.md):
-1. Draft and retracted policies are ignored.
+1. Draft and retracted policies are ignored, and so are policies whose ``scope.access``
+   leaves out the access being decided (sending or syncing).
 2. A policy applies when its scope and match conditions all hold and its phase at ``now``
    is announce (contributes WARN) or enforce (contributes its action).
 3. An exemption (user, group or device id) removes that policy, and only that policy.
@@ -15,6 +16,8 @@ device's own keys, so a 200-app token against 10,000 app bans costs a set inters
 and a handful of full checks, not 2,000,000 comparisons. Policies with no anchor at all
 (say, "posture.jailbroken = true" on every platform) are checked for every device:
 their cost is linear, which is fine for the dozens an organisation writes.
+The index is shared by both accesses: a candidate narrowed to the other access is skipped
+with one attribute test before anything else is looked at.
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ class CompiledPolicy:
     checks: tuple[Callable[[DeviceFacts], bool], ...]
     announce_message: str
     is_audit: bool
+    for_send: bool
+    for_sync: bool
 
     @classmethod
     def of(cls, policy: Policy) -> CompiledPolicy:
@@ -107,6 +112,8 @@ class CompiledPolicy:
             checks=policy.scope.checks + policy.match.checks,
             announce_message=policy.message_for(Phase.ANNOUNCE),
             is_audit=policy.state is PolicyState.AUDIT,
+            for_send=Access.SEND in policy.access,
+            for_sync=Access.SYNC in policy.access,
         )
 
 
@@ -125,6 +132,9 @@ class CompiledPolicySet:
     app_keys: frozenset[str]
     active: tuple[CompiledPolicy, ...]
     groups_by_user: dict[str, frozenset[str]]
+    # Some active policy gates only sending or only syncing, so a device's send and sync
+    # decisions can differ (an impact preview decides both only then).
+    narrowed: bool
 
     @property
     def version(self) -> str:
@@ -194,6 +204,7 @@ def compile_policy_set(policy_set: PolicySet) -> CompiledPolicySet:
         app_keys=frozenset(by_app),
         active=tuple(CompiledPolicy.of(p) for p in active),
         groups_by_user={u: frozenset(g) for u, g in groups_by_user.items()},
+        narrowed=any(p.is_narrowed for p in active),
     )
 
 
@@ -216,8 +227,11 @@ def decide(
     in_force: list[PolicyMatch] = []
     audit: list[PolicyMatch] = []
     exempted: list[str] = []
+    sync = access is Access.SYNC
     for position in compiled.candidates(facts):
         entry = compiled.active[position]
+        if not (entry.for_sync if sync else entry.for_send):
+            continue  # scope.access leaves this access out
         policy = entry.policy
         phase = policy.phase_at(now)
         if phase is None:

@@ -6,15 +6,21 @@ set, and classify the change: newly warned, deferred, held or rejected, or relea
 run it before a ban is enforced, and let the reload guard refuse a change that would
 newly block more devices than configured, unless the change says it knows
 (``confirm_impact = N``).
+
+Access: a policy narrowed by ``scope.access`` changes only the decisions of devices that
+do that (a send-only ban counts devices that send), so each device is decided for each
+access it uses, and a change row says for which access(es) it holds. The inventory does
+not record yet whether a device sends or syncs: until it does, callers pass no
+``accesses_of`` and every inventoried device counts as doing both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from gateway.domain import Action, DeviceClaims
+from gateway.domain import Access, Action, DeviceClaims
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet, decide
 
@@ -28,6 +34,8 @@ class DeviceChange:
     before: Action
     after: Action
     policy_ids: tuple[str, ...]
+    # The accesses (send, sync) whose decision went from ``before`` to ``after``.
+    access: tuple[Access, ...] = tuple(Access)
 
 
 @dataclass(frozen=True)
@@ -40,12 +48,17 @@ class ImpactReport:
 
     @property
     def newly_blocked(self) -> list[DeviceChange]:
-        """Devices that could send before and would be held or rejected after."""
+        """Changes that newly hold or reject a device's sending or syncing."""
         return [
             c
             for c in self.changes
             if c.after in (Action.HOLD, Action.REJECT) and c.before not in BLOCKING
         ]
+
+    @property
+    def newly_blocked_devices(self) -> int:
+        """Distinct devices newly held or rejected, for sending, syncing or both."""
+        return len({c.device_id for c in self.newly_blocked})
 
     @property
     def released(self) -> list[DeviceChange]:
@@ -55,7 +68,7 @@ class ImpactReport:
         def rows(changes: list[DeviceChange]) -> list[dict[str, object]]:
             return [
                 {"device_id": c.device_id, "user": c.user, "before": c.before.label, "after": c.after.label,
-                 "policy_ids": list(c.policy_ids)}
+                 "policy_ids": list(c.policy_ids), "access": [a.value for a in c.access]}
                 for c in changes
             ]  # fmt: skip
 
@@ -66,8 +79,13 @@ class ImpactReport:
             "newly_held": rows(self.newly(Action.HOLD)),
             "newly_rejected": rows(self.newly(Action.REJECT)),
             "released": rows(self.released),
-            "newly_blocked_devices": len(self.newly_blocked),
+            "newly_blocked_devices": self.newly_blocked_devices,
         }
+
+
+def every_access(claims: DeviceClaims) -> frozenset[Access]:
+    """What the inventory can say today: nothing, so a device counts as sending and syncing."""
+    return frozenset(Access)
 
 
 def assess(
@@ -75,24 +93,57 @@ def assess(
     candidate: CompiledPolicySet,
     devices: Iterable[DeviceClaims],
     now: datetime,
+    accesses_of: Callable[[DeviceClaims], Iterable[Access]] = every_access,
 ) -> ImpactReport:
+    """Decide every device under both sets, for each access it uses (``accesses_of``)."""
+    # Without a narrowed policy on either side, send and sync decide alike: decide once.
+    alike = not (live.narrowed or candidate.narrowed)
     changes = []
     count = 0
     for claims in devices:
         count += 1
-        before = decide(live, claims, now)
-        after = decide(candidate, claims, now)
-        if before.action is not after.action:
-            changes.append(
-                DeviceChange(
-                    claims.device.id,
-                    claims.subject,
-                    before.action,
-                    after.action,
-                    after.policy_ids or before.policy_ids,
+        uses = set(accesses_of(claims))
+        accesses = tuple(a for a in Access if a in uses)
+        if not accesses:
+            continue
+        if alike:
+            before = decide(live, claims, now)
+            after = decide(candidate, claims, now)
+            if before.action is not after.action:
+                ids = after.policy_ids or before.policy_ids
+                changes.append(
+                    DeviceChange(
+                        claims.device.id, claims.subject, before.action, after.action, ids, accesses
+                    )
                 )
-            )
+            continue
+        changes.extend(_changes_by_access(live, candidate, claims, now, accesses))
     return ImpactReport(count, tuple(changes))
+
+
+def _changes_by_access(
+    live: CompiledPolicySet,
+    candidate: CompiledPolicySet,
+    claims: DeviceClaims,
+    now: datetime,
+    accesses: tuple[Access, ...],
+) -> list[DeviceChange]:
+    """One row per distinct (before, after) of this device, naming the accesses it holds for."""
+    rows: dict[tuple[Action, Action], tuple[list[Access], set[str]]] = {}
+    for access in accesses:
+        before = decide(live, claims, now, access)
+        after = decide(candidate, claims, now, access)
+        if before.action is after.action:
+            continue
+        found, ids = rows.setdefault((before.action, after.action), ([], set()))
+        found.append(access)
+        ids.update(after.policy_ids or before.policy_ids)
+    return [
+        DeviceChange(
+            claims.device.id, claims.subject, before, after, tuple(sorted(ids)), tuple(found)
+        )
+        for (before, after), (found, ids) in rows.items()
+    ]
 
 
 def confirmed_impact(candidate: CompiledPolicySet, diff: PolicyDiff) -> int:
@@ -112,7 +163,7 @@ def blast_radius_refusal(
     many. None: the change may go ahead. Used by the reload guard and `gateway impact`."""
     if limit is None:
         return None
-    blocked = len(report.newly_blocked)
+    blocked = report.newly_blocked_devices
     if blocked <= limit or confirmed_impact(candidate, diff) >= blocked:
         return None
     return (

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config.toml import Table, TomlFile, parse_toml
-from gateway.domain import Action, DeviceClass, Platform, PolicyState
+from gateway.domain import Access, Action, DeviceClass, Platform, PolicyState
 from gateway.errors import PolicyLoadError, Problem
 from gateway.policy.model import (
+    ALL_ACCESS,
     Conditions,
     Exemptions,
     ModelPattern,
@@ -214,8 +215,12 @@ def _read_policy(table: Table, groups: Mapping[str, frozenset[str]]) -> Policy |
     exempt_table = table.table("exempt")
 
     problems_before_match = len(table.problems)
+    if match_table is not None and match_table.has("access"):
+        match_table.problem("access", "access belongs in scope: write scope.access instead")
+        match_table._seen.add("access")
     match = _read_conditions(match_table, _MATCH_KEYS, groups) if match_table else None
     match_had_problems = len(table.problems) > problems_before_match
+    access = _read_access(scope_table) if scope_table else ALL_ACCESS
     scope = _read_conditions(scope_table, _SCOPE_KEYS, groups) if scope_table else Conditions()
     exempt = _read_exemptions(exempt_table, groups) if exempt_table else Exemptions()
     table.finish()
@@ -249,7 +254,7 @@ def _read_policy(table: Table, groups: Mapping[str, frozenset[str]]) -> Policy |
                     f"match.{name} and scope.{name} share no value: the policy matches nothing",
                 )
 
-    if policy_id is None or action_text is None or match is None:
+    if policy_id is None or action_text is None or match is None or access is None:
         return None
     action = Action.parse(action_text)
     state = PolicyState(state_text) if state_text else PolicyState.ENFORCE
@@ -261,6 +266,7 @@ def _read_policy(table: Table, groups: Mapping[str, frozenset[str]]) -> Policy |
         match=match,
         scope=scope,
         exempt=exempt,
+        access=access,
         title=title,
         announce_at=announce_at,
         enforce_at=enforce_at,
@@ -268,6 +274,32 @@ def _read_policy(table: Table, groups: Mapping[str, frozenset[str]]) -> Policy |
         confirm_impact=confirm_impact,
         source=SourceRef(table.source.display_name, table.source.line_of(table.path)),
     )
+
+
+def _read_access(scope: Table) -> frozenset[Access] | None:
+    """``scope.access``: what the policy gates. Absent means both sending and syncing;
+    None (after a problem) when the value is not a non-empty list of known accesses."""
+    allowed = [a.value for a in Access]
+    raw = scope.data.get("access")
+    if isinstance(raw, str):  # the likeliest slip: a bare string instead of a list
+        scope._seen.add("access")
+        scope.problem("access", f'expected a list of strings, got a string: write ["{raw}"]')
+        return None
+    if raw == []:
+        scope._seen.add("access")
+        scope.problem(
+            "access",
+            "empty list gates nothing; list send, sync or both, or leave the key out for both",
+        )
+        return None
+    values = scope.texts("access")
+    if values is None:
+        return None if scope.has("access") else ALL_ACCESS
+    for value in values:
+        if value not in allowed:
+            scope.problem("access", f"'{value}' is not one of: {', '.join(allowed)}")
+            return None
+    return frozenset(Access(v) for v in values)
 
 
 def _enum_set(

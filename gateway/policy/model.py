@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 
-from gateway.domain import Action, DeviceClaims, DeviceClass, Phase, Platform, PolicyState
+from gateway.domain import Access, Action, DeviceClaims, DeviceClass, Phase, Platform, PolicyState
 from gateway.policy.versions import Version, VersionRange, parse_version
 
 
@@ -137,6 +137,10 @@ class SourceRef:
         return f"{self.file}:{self.line}" if self.line else self.file
 
 
+ALL_ACCESS: frozenset[Access] = frozenset(Access)
+"""A policy's access when its scope does not narrow it: sending and syncing."""
+
+
 @dataclass(frozen=True)
 class Policy:
     """One admin-written policy, validated."""
@@ -148,6 +152,7 @@ class Policy:
     match: Conditions
     scope: Conditions = Conditions()
     exempt: Exemptions = Exemptions()
+    access: frozenset[Access] = ALL_ACCESS  # scope.access: what the policy gates
     title: str | None = None
     announce_at: datetime | None = None
     enforce_at: datetime | None = None
@@ -168,8 +173,13 @@ class Policy:
             return Phase.ANNOUNCE
         return None
 
-    def applies_to(self, facts: DeviceFacts) -> bool:
-        return self.scope.holds(facts) and self.match.holds(facts)
+    @property
+    def is_narrowed(self) -> bool:
+        """True when ``scope.access`` leaves out sending or syncing."""
+        return self.access != ALL_ACCESS
+
+    def applies_to(self, facts: DeviceFacts, access: Access = Access.SEND) -> bool:
+        return access in self.access and self.scope.holds(facts) and self.match.holds(facts)
 
     def message_for(self, phase: Phase) -> str:
         if phase is Phase.ANNOUNCE and self.enforce_at is not None:

@@ -34,6 +34,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway import replies
 from gateway.config.settings import LimitSettings, SmtpSettings
+from gateway.limits import Reservation
 from gateway.replies import Reply, add_enhanced_code
 from gateway.smtp.sasl import MECHANISMS, PARSERS, SaslSyntaxError, error_challenge
 from gateway.submission import SessionFacts, Submission, Transaction, new_session_id
@@ -118,11 +119,14 @@ class SubmissionSMTP(SMTP):
         limits: LimitSettings | None = None,
         on_open: Callable[[SubmissionSMTP], Reply | None] | None = None,
         on_close: Callable[[SubmissionSMTP], None] | None = None,
+        on_activity: Callable[[SubmissionSMTP], float | None] | None = None,
+        on_authenticated: Callable[[SubmissionSMTP], None] | None = None,
     ) -> None:
         # The stream reader's limit must admit an AUTH line up to twice the cap, so that
         # we can read it whole and answer 500 5.5.6 rather than a generic error.
         self.line_length_limit = 2 * settings.max_auth_bytes + 64
         self._relaying = False  # set before aiosmtpd's __init__ evaluates our properties
+        self._on_activity = on_activity  # used by _reset_timeout, which connection_made calls
         limits = limits or LimitSettings()
         super().__init__(
             _Hooks(),
@@ -145,6 +149,7 @@ class SubmissionSMTP(SMTP):
         self._implicit_tls = implicit_tls
         self._on_open = on_open
         self._on_close = on_close
+        self._on_authenticated = on_authenticated
         self._last_timer_reset = 0.0
         self._max_errors = limits.max_errors
         self._errors = 0
@@ -178,6 +183,8 @@ class SubmissionSMTP(SMTP):
         facts.tls = self.is_tls
         if first and self._on_open:
             self._refusal = self._on_open(self)
+            if self._refusal is None:
+                self._reset_timeout()  # now counted: the pre-AUTH timeout may be shorter
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -242,6 +249,20 @@ class SubmissionSMTP(SMTP):
         if self._relaying:
             return True
         return isinstance(self.session, GatewaySession) and self.session.transaction is not None
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd calls this after every command line. Before AUTH it also tells the
+        connection limits the session is active, and uses the idle timeout they give
+        (shorter under load); DATA's and the relay's own timeouts pass a duration."""
+        session = self.session
+        if (
+            duration is None
+            and self._on_activity is not None
+            and isinstance(session, GatewaySession)
+            and not session.authenticated
+        ):
+            duration = self._on_activity(self)
+        super()._reset_timeout(duration)
 
     def _timeout_cb(self) -> None:
         log.info("idle_timeout", session=self.gsession().facts.session_id)
@@ -341,10 +362,6 @@ class SubmissionSMTP(SMTP):
         if session.authenticated:
             await self.write_reply(replies.AUTH_ALREADY)
             return
-        refusal = self.submission.auth_refused(session.facts)
-        if refusal is not None:
-            await self.write_reply(refusal)
-            return
         if not arg:
             await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
             return
@@ -362,28 +379,27 @@ class SubmissionSMTP(SMTP):
         if initial:
             data = b"" if initial == "=" else self._decode(initial)
             if data is None:
-                self.submission.note_auth_failure(session.facts)
-                await self.write_reply(replies.AUTH_BAD_BASE64)
+                await self._auth_failed(replies.AUTH_BAD_BASE64)
                 return
         else:
             response = await self._challenge(b"")
             if isinstance(response, Reply):
-                if response is not replies.AUTH_ABORTED:
-                    self.submission.note_auth_failure(session.facts)
-                await self.write_reply(response)
+                if response is replies.AUTH_ABORTED:
+                    await self.write_reply(response)  # RFC 4954 s 4: no failure, no delay
+                else:
+                    await self._auth_failed(response)
                 return
             data = response
         try:
             credentials = PARSERS[mechanism](data)
         except SaslSyntaxError as exc:
-            self.submission.note_auth_failure(session.facts)
             log.info(
                 "auth_syntax",
                 session=session.facts.session_id,
                 mechanism=mechanism,
                 detail=str(exc),
             )
-            await self.write_reply(replies.AUTH_BAD_SYNTAX)
+            await self._auth_failed(replies.AUTH_BAD_SYNTAX)
             return
         await self.submission.learn_key(credentials)
         outcome = self.submission.authenticate(session.facts, credentials)
@@ -394,12 +410,29 @@ class SubmissionSMTP(SMTP):
                 # response (^A), and only then gets the final 535.
                 answer = await self._challenge(challenge)
                 if isinstance(answer, Reply) and answer is replies.AUTH_TOO_LONG:
-                    await self.write_reply(answer)
+                    await self._auth_failed(answer)
                     return
-            await self.write_reply(outcome.reply)
+            await self._auth_failed(outcome.reply)
             return
         session.authenticated = True
+        if self._on_authenticated is not None:
+            self._on_authenticated(self)
+        self._reset_timeout()  # the usual idle timeout from now on, not the pre-AUTH one
         await self.write_reply(outcome.reply)
+
+    async def _auth_failed(self, reply: Reply) -> None:
+        """Answer a failed AUTH after the session's growing delay; after too many failures
+        in this session, 421 4.7.0 follows and the session closes. Only this session
+        waits: other clients behind the same address are not slowed down."""
+        penalty = self.submission.auth_failure(self.gsession().facts)
+        if penalty.delay > 0:
+            await asyncio.sleep(penalty.delay)
+        if self.transport is None or self.transport.is_closing():
+            return
+        await self.write_reply(reply)
+        transport = self.transport  # the reply may have closed it (max_errors)
+        if penalty.close is not None and transport is not None and not transport.is_closing():
+            await self.write_reply(penalty.close)  # a 421: push() closes the connection
 
     @staticmethod
     def _decode(text: str) -> bytes | None:
@@ -487,35 +520,56 @@ class SubmissionSMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._reset_timeout(self.settings.data_timeout)
         self._last_timer_reset = time.monotonic()
-        content, problem = await self._read_data()
-        if problem is not None:
-            await self.end_transaction(session)
-            self._reset_envelope()
-            await self.write_reply(problem)
-            return
-        # The client is now waiting on us, not idle: give the relay its own timeout.
-        self._reset_timeout(self.submission.data_reply_within)
-        session.transaction = None
-        self._relaying = True
+        # The message's share of [limits] data_bytes_in_flight, given back when the
+        # transaction ends, however it ends (reply, error, disconnect, cancellation).
+        reservation = self.submission.data_budget.reservation()
         try:
-            reply = await self.submission.data(session.facts, transaction, content)
-        except Exception:
-            await self.submission.abort(transaction)
-            raise
+            if transaction.declared_size:
+                reservation.cover(
+                    min(transaction.declared_size, self.data_size_limit or 0)
+                    * transaction.copies_in_memory
+                )
+            content, problem = await self._read_data(reservation, transaction.copies_in_memory)
+            if problem is not None:
+                if problem is replies.INSUFFICIENT_STORAGE:
+                    log.info("data_bytes_in_flight", session=session.facts.session_id)
+                    self.submission.limit_refused("data_bytes_in_flight")
+                await self.end_transaction(session)
+                self._reset_envelope()
+                await self.write_reply(problem)
+                return
+            # The client is now waiting on us, not idle: give the relay its own timeout.
+            self._reset_timeout(self.submission.data_reply_within)
+            session.transaction = None
+            self._relaying = True
+            try:
+                reply = await self.submission.data(session.facts, transaction, content)
+            except Exception:
+                await self.submission.abort(transaction)
+                raise
+            finally:
+                del content  # the budget is given back below: free the buffer first
+                self._reset_envelope()
+                self._reset_timeout()
+            try:
+                await self.write_reply(reply)
+            finally:
+                self._relaying = False
         finally:
-            self._reset_envelope()
-            self._reset_timeout()
-        try:
-            await self.write_reply(reply)
-        finally:
-            self._relaying = False
+            reservation.release()
 
-    async def _read_data(self) -> tuple[bytes, Reply | None]:
-        """Read up to the lone dot. Only CRLF.CRLF ends DATA; everything else is content."""
+    async def _read_data(
+        self, reservation: Reservation, copies: int
+    ) -> tuple[bytes | bytearray, Reply | None]:
+        """Read up to the lone dot. Only CRLF.CRLF ends DATA; everything else is content.
+
+        The message is kept once, in the bytearray returned (never copied to bytes), and
+        counted against the data budget as it arrives: ``copies`` bytes of budget per
+        byte received. Over the budget, the rest is read and dropped, then 452 4.3.1."""
         limit = self.data_size_limit
         data = bytearray()
         size = 0
-        too_long = too_big = bare = False
+        too_long = too_big = bare = full = False
         reader = self._reader
         data_timeout = self.settings.data_timeout
         while True:
@@ -531,29 +585,38 @@ class SubmissionSMTP(SMTP):
                 break
             self._keep_alive(data_timeout)
             size += len(line)
-            if too_long or too_big:
+            if too_long or too_big or full:
                 continue
             if limit and size > limit:
                 too_big = True
-                data.clear()
+                data = bytearray()
                 continue
             if len(line) > RFC5321_LINE_LIMIT:
                 too_long = True
-                data.clear()
+                data = bytearray()
+                continue
+            if not reservation.cover(size * copies):
+                full = True
+                data = bytearray()
                 continue
             body_end = len(line) - 2
             if line.find(b"\n", 0, body_end) != -1 or line.find(b"\r", 0, body_end) != -1:
                 bare = True
             data += line[1:] if line[:1] == b"." else line
         if too_long:
-            return b"", replies.LINE_TOO_LONG
+            return bytearray(), replies.LINE_TOO_LONG
         if too_big:
-            return b"", replies.MESSAGE_TOO_BIG
+            return bytearray(), replies.MESSAGE_TOO_BIG
+        if full:
+            return bytearray(), replies.INSUFFICIENT_STORAGE
         if bare:
             if self.settings.bare_linefeeds == "reject":
-                return b"", replies.BARE_LINEFEED
-            return _LINE_ENDINGS_RE.sub(b"\r\n", bytes(data)), None
-        return bytes(data), None
+                return bytearray(), replies.BARE_LINEFEED
+            # Normalising makes a second copy for a moment: count it too.
+            if not reservation.cover(size * (copies + 1)):
+                return bytearray(), replies.INSUFFICIENT_STORAGE
+            return _LINE_ENDINGS_RE.sub(b"\r\n", data), None
+        return data, None
 
 
 _METHOD_NAMES: dict[type, list[str]] = {}

@@ -18,10 +18,12 @@ import re
 import ssl
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import aiosmtplib
+import aiosmtplib.protocol
 import structlog
 
 from gateway import replies
@@ -32,6 +34,9 @@ log = structlog.get_logger("gateway.relay")
 
 _ENHANCED_RE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
 IDLE_CONNECTION_MAX_AGE = 30.0  # seconds an idle pooled connection is trusted
+DATA_CHUNK = 256 * 1024  # bytes written to an upstream before waiting for it to drain
+_BARE_LINE_ENDING_RE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_LINE_ENDINGS_RE = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -285,11 +290,14 @@ class RelayTransaction:
         leg.recipients.append(recipient)
         return upstream_reply(response.code, response.message)
 
-    async def send(self, message: bytes) -> Reply:
-        """DATA on every leg with recipients; 250 only if every upstream said 250."""
-        return _aggregate([reply for _, reply in await self.send_each(message)])
+    async def send(self, *parts: bytes | bytearray) -> Reply:
+        """DATA on every leg with recipients; 250 only if every upstream said 250.
 
-    async def send_each(self, message: bytes) -> list[tuple[tuple[str, ...], Reply]]:
+        The message is ``parts`` joined (the trace headers, then the client's buffer),
+        with CRLF line endings only; it is streamed, never copied (:func:`send_data`)."""
+        return _aggregate([reply for _, reply in await self.send_each(*parts)])
+
+    async def send_each(self, *parts: bytes | bytearray) -> list[tuple[tuple[str, ...], Reply]]:
         """DATA on every leg with recipients: each leg's recipients with its reply (in MX
         mode one domain may accept what another refuses)."""
         outcomes: list[tuple[tuple[str, ...], Reply]] = []
@@ -297,7 +305,7 @@ class RelayTransaction:
             if not leg.recipients:
                 continue
             try:
-                response = await leg.client.data(message)
+                response = await send_data(leg.client, parts)
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 reply = _translate(exc)
                 self._pool.release(leg.target, leg.client, reusable=False)
@@ -325,6 +333,82 @@ def _aggregate(leg_replies: Sequence[Reply]) -> Reply:
     if worst is not None:
         return worst
     return next(iter(leg_replies), replies.UPSTREAM_LOST)
+
+
+def dot_stuffed(parts: Sequence[bytes | bytearray]) -> Iterator[bytes | memoryview]:
+    """The DATA stream of a message given in parts: dot-stuffed (RFC 5321 s 4.5.2), ended
+    by CRLF and the lone dot; slices of the parts (at most DATA_CHUNK each), never a copy.
+    The parts must use CRLF line endings only."""
+    line_start = True
+    for part in parts:
+        if not part:
+            continue
+        view = memoryview(part)
+        position = 0
+        if line_start and part[0] == 0x2E:  # "."
+            yield b"."
+        while (found := part.find(b"\n.", position)) != -1:
+            yield from _slices(view, position, found + 1)
+            yield b"."
+            position = found + 1
+        yield from _slices(view, position, len(part))
+        line_start = part[-1] == 0x0A  # "\n"
+    if not line_start:
+        yield b"\r\n"
+    yield b".\r\n"
+
+
+def _slices(view: memoryview, start: int, end: int) -> Iterator[memoryview]:
+    for at in range(start, end, DATA_CHUNK):
+        yield view[at : min(end, at + DATA_CHUNK)]
+
+
+async def send_data(
+    client: aiosmtplib.SMTP, parts: Sequence[bytes | bytearray]
+) -> aiosmtplib.SMTPResponse:
+    """DATA with the message streamed from the caller's buffers.
+
+    aiosmtplib's ``data()`` takes one whole message and makes three more of it (line
+    endings normalised, dots stuffed, the final dot appended) before the transport
+    buffers a fourth: with big messages in flight that is what gets a gateway
+    OOM-killed. Here slices of the parts are written and the transport is let drain
+    whenever it is full. aiosmtplib has no public API for that, so this uses its
+    protocol's own write, drain and read_response; tests/smtp/test_limits.py and every
+    relay test run it against a real SMTP server."""
+    start = await client.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    timeout = client.timeout
+    # Keep a reply the upstream sends before the final dot (it may refuse mid-stream).
+    protocol._response_pending = True
+    if sum(len(part) for part in parts) <= DATA_CHUNK:
+        _write(protocol, b"".join(dot_stuffed(parts)))  # small: one write is cheaper
+    else:
+        for piece in dot_stuffed(parts):
+            _write(protocol, piece)
+            async with asyncio.timeout(timeout):  # no progress for `timeout`: give up
+                await protocol._drain_helper()
+    response = await protocol.read_response(timeout=timeout)
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
+
+
+def _write(protocol: aiosmtplib.protocol.SMTPProtocol, data: bytes | memoryview) -> None:
+    transport = protocol.transport
+    if transport is None or transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    cast(asyncio.WriteTransport, transport).write(data)
+
+
+def crlf_only(content: bytes) -> bytes:
+    """``content`` with bare CR and LF turned into CRLF (a copy only when there are any)."""
+    if _BARE_LINE_ENDING_RE.search(content) is None:
+        return content
+    return _LINE_ENDINGS_RE.sub(b"\r\n", content)
 
 
 async def _rset(client: aiosmtplib.SMTP) -> bool:
@@ -428,7 +512,7 @@ class Relay:
             if not accepted:
                 return Delivery(mail, (), tuple(refused))
             sending = True  # from here send() ends the transaction (it releases every leg)
-            sent = await transaction.send_each(content)
+            sent = await transaction.send_each(crlf_only(content))
             data = _aggregate([reply for _, reply in sent])
             return Delivery(mail, tuple(accepted), tuple(refused), data, tuple(sent))
         finally:

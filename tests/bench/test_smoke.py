@@ -3,6 +3,7 @@ checked here; speed is judged by the full run, never by a test)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -34,3 +35,27 @@ def test_bench_smoke_run_completes_without_failed_messages() -> None:
     assert all(line.rstrip(" |").endswith(" 0") for line in rows[:8])  # no failed message
     assert "0 failed messages" in report  # reload under load
     assert report.rstrip().endswith("smtp-sink left running: no")
+
+
+@pytest.mark.slow
+def test_inflight_rss_bench_runs_and_reports_figures() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.inflight_rss",
+            "--messages",
+            "2",
+            "--size-mib",
+            "1",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    figures = json.loads(done.stdout)
+    assert figures["accepted"] == figures["upstream_accepted"] == 2
+    assert figures["peak_rss_mib"] >= figures["rss_before_mib"] > 0

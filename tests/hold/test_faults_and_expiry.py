@@ -70,3 +70,22 @@ async def test_expired_held_mail_bounces_with_a_dsn(tmp_path: Path, issuer: Test
         b"Final-Recipient: rfc822; bob@example.test\r\nAction: failed\r\nStatus: 5.7.1"
         in bounce.content
     )
+
+
+async def test_a_hold_below_the_free_space_floor_gets_452_4_3_1_and_no_row(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    """Defect 6's second half: a floor for the store's disk (Postfix's queue_minfree),
+    checked with the disk's real free space; the client keeps its message."""
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            tmp_path, issuer=issuer, upstream_port=upstream.port,
+            policies={"ban.toml": tiktok_ban("hold", phones_only=False)},
+            hold={"min_free_bytes": 2**62},  # more than any disk here has free
+        )  # fmt: skip
+        async with running_gateway(config) as gateway:
+            result = await FakeDevice(issuer, apps={TIKTOK}).send(gateway.port)
+            assert result.data == (452, "4.3.1 Insufficient system storage; please try again later")
+            assert HoldStore(gateway.settings.hold.database).select() == []
+            # Allowed mail is not held, so it is not refused.
+            assert (await FakeDevice(issuer).send(gateway.port)).accepted

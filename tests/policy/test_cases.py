@@ -35,8 +35,8 @@ def run(capsys: pytest.CaptureFixture[str], config: Path, *extra: str) -> tuple[
 def test_the_shipped_story_cases_pass(capsys: pytest.CaptureFixture[str], story: Path) -> None:
     code, out, _ = run(capsys, story)
     assert code == 0
-    assert out.count("\nok   ") + out.startswith("ok   ") == 7
-    assert out.endswith("7 passed, 0 failed\n")
+    assert out.count("\nok   ") + out.startswith("ok   ") == 8
+    assert out.endswith("8 passed, 0 failed\n")
 
 
 def test_a_changed_case_fails_with_a_readable_diff_and_junit(
@@ -53,9 +53,9 @@ def test_a_changed_case_fails_with_a_readable_diff_and_junit(
     assert "FAIL after the deadline the phone's mail is held  (" in out
     assert "       expected warn, got hold by remove-tiktok (enforce)\n" in out
     assert "       expected phase enforce" not in out  # the phase did match
-    assert out.endswith("6 passed, 1 failed\n")
+    assert out.endswith("7 passed, 1 failed\n")
     suite = ElementTree.fromstring(junit.read_bytes())  # noqa: S314  # our own output
-    assert suite.get("tests") == "7"
+    assert suite.get("tests") == "8"
     assert suite.get("failures") == "1"
     failed = [c for c in suite.iter("testcase") if c.find("failure") is not None]
     assert [c.get("name") for c in failed] == ["after the deadline the phone's mail is held"]
@@ -99,3 +99,47 @@ def test_case_names_cannot_write_control_characters_to_the_terminal(
     assert "\x1b" not in out
     assert "\r" not in out
     assert "evil\\x1b[2J\\r" in out
+
+
+def test_a_case_may_decide_for_sync(capsys: pytest.CaptureFixture[str], story: Path) -> None:
+    (story / "policies" / "no-sync.toml").write_text(
+        '[[policy]]\nid = "no-sync-with-tiktok"\nmatch.apps_any = ["com.zhiliaoapp.musically"]\n'
+        'scope.access = ["sync"]\naction = "reject"\n'
+    )
+    cases = story / "policy-tests" / "story.toml"
+    cases.write_text(
+        '[defaults]\nuser = "carol@example.test"\nclass = "mobile"\nat = 2020-07-11T12:00:00Z\n'
+        'apps = ["com.zhiliaoapp.musically"]\n\n'
+        '[[case]]\nname = "sending is held"\nexpect = "hold"\nexpect_policy = "remove-tiktok"\n\n'
+        '[[case]]\nname = "syncing is refused"\naccess = "sync"\nexpect = "reject"\n'
+        'expect_policy = "no-sync-with-tiktok"\n\n'
+        '[[case]]\nname = "wrongly expects sync to be held"\naccess = "sync"\nexpect = "hold"\n'
+    )
+    code, out, _ = run(capsys, story, "--json")
+    assert code == 1
+    report = {c["name"]: c for c in json.loads(out)["cases"]}
+    assert report["sending is held"]["access"] == "send"  # the default
+    assert report["sending is held"]["passed"] is True
+    assert report["syncing is refused"]["access"] == "sync"
+    assert report["syncing is refused"]["passed"] is True
+    assert report["wrongly expects sync to be held"]["differences"] == [
+        "expected hold for sync, got reject by no-sync-with-tiktok (enforce)"
+    ]
+    # [defaults] may give the access too.
+    cases.write_text(cases.read_text().replace("[defaults]\n", '[defaults]\naccess = "sync"\n', 1))
+    code, out, _ = run(capsys, story)
+    assert "FAIL sending is held" in out
+    assert "expected hold for sync, got reject by no-sync-with-tiktok" in out
+
+
+def test_a_bad_access_in_a_case_names_file_line_and_key(
+    capsys: pytest.CaptureFixture[str], story: Path
+) -> None:
+    cases = story / "policy-tests" / "story.toml"
+    cases.write_text(
+        '[[case]]\nname = "x"\nuser = "a@example.test"\nclass = "mobile"\n'
+        'at = 2020-07-11T12:00:00Z\naccess = "imap"\nexpect = "allow"\n'
+    )
+    code, _, err = run(capsys, story)
+    assert code == 2
+    assert f"{cases}:6: case[0].access: 'imap' is not one of: send, sync" in err

@@ -7,7 +7,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.domain import Action, Device, DeviceClaims, DeviceClass, Phase, Platform, PolicyState
+from gateway.domain import (
+    Access,
+    Action,
+    Device,
+    DeviceClaims,
+    DeviceClass,
+    Phase,
+    Platform,
+    PolicyState,
+)
 from gateway.policy.engine import compile_policy_set, decide
 from gateway.policy.model import Conditions, Exemptions, ModelPattern, Policy, PolicySet
 from gateway.policy.versions import parse_range, parse_version
@@ -57,9 +66,10 @@ def run(
     device: DeviceClaims,
     at: datetime,
     groups: dict[str, frozenset[str]] | None = None,
+    access: Access = Access.SEND,
 ):  # type: ignore[no-untyped-def]
     policy_set = PolicySet(tuple(policies), version="v1", groups=groups or {})
-    return decide(compile_policy_set(policy_set), device, at)
+    return decide(compile_policy_set(policy_set), device, at, access)
 
 
 @pytest.mark.parametrize(
@@ -248,3 +258,80 @@ def test_os_ceiling_index_finds_exactly_the_policies_a_version_can_meet() -> Non
         run(*policies, device=claims(platform=Platform.IOS, os_version="11"), at=ENFORCE).action
         is Action.ALLOW
     )
+
+
+# --- scope.access: what a policy gates -------------------------------------------------
+
+SEND_ONLY, SYNC_ONLY = frozenset({Access.SEND}), frozenset({Access.SYNC})
+
+# The same ban filed under each kind of index entry, so the access check is seen to hold
+# whichever way the candidate was found.
+ANCHORED_BANS = {
+    "app": BAN,
+    "device": replace(BAN, match=Conditions(device_ids=frozenset({"phone-1"}))),
+    "user": replace(BAN, match=Conditions(users=frozenset({"alice@example.test"}))),
+    "platform": replace(BAN, match=Conditions(platforms=frozenset({Platform.IOS}))),
+    "os-ceiling": replace(
+        BAN, match=Conditions(platforms=frozenset({Platform.IOS}), os_version=parse_range("<17"))
+    ),
+    "unanchored": replace(BAN, match=Conditions(all_devices=True), scope=Conditions()),
+}
+
+
+@pytest.mark.parametrize("anchor", sorted(ANCHORED_BANS))
+def test_a_send_only_policy_does_not_touch_sync_and_vice_versa(anchor: str) -> None:
+    ban = ANCHORED_BANS[anchor]
+    device = claims(os_version="16")
+    for at in (ANNOUNCE, ENFORCE):
+        for narrowed_to, other in ((Access.SEND, Access.SYNC), (Access.SYNC, Access.SEND)):
+            narrowed = replace(ban, access=frozenset({narrowed_to}))
+            gated = run(narrowed, device=device, at=at, access=narrowed_to)
+            assert gated.action is (Action.WARN if at == ANNOUNCE else Action.HOLD)
+            assert gated.policy_ids == ("remove-tiktok",)
+            untouched = run(narrowed, device=device, at=at, access=other)
+            assert untouched.action is Action.ALLOW
+            assert (untouched.matches, untouched.audit, untouched.exempted) == ((), (), ())
+
+
+@pytest.mark.parametrize("anchor", sorted(ANCHORED_BANS))
+def test_by_default_a_policy_gates_sending_and_syncing_alike(anchor: str) -> None:
+    ban = ANCHORED_BANS[anchor]
+    assert not ban.is_narrowed
+    device = claims(os_version="16")
+    send = run(ban, device=device, at=ENFORCE, access=Access.SEND)
+    assert send.action is Action.HOLD
+    assert run(ban, device=device, at=ENFORCE, access=Access.SYNC) == send
+    assert run(ban, device=device, at=ENFORCE) == send  # decide() defaults to send
+
+
+def test_ban_for_syncing_only_next_to_a_general_warning() -> None:
+    """The docs' example: the phone still sends (warned), but may not sync."""
+    sync_ban = replace(BAN, id="no-sync-with-tiktok", action=Action.REJECT, access=SYNC_ONLY,
+                       message="No mail sync with TikTok.", announce_at=None, enforce_at=None)  # fmt: skip
+    warning = replace(BAN, id="tiktok-warning", action=Action.WARN, message="Please remove TikTok.")
+    send = run(sync_ban, warning, device=claims(), at=ENFORCE, access=Access.SEND)
+    assert (send.action, send.policy_ids) == (Action.WARN, ("tiktok-warning",))
+    sync = run(sync_ban, warning, device=claims(), at=ENFORCE, access=Access.SYNC)
+    assert (sync.action, sync.message) == (Action.REJECT, "No mail sync with TikTok.")
+    assert [m.policy_id for m in sync.matches] == ["no-sync-with-tiktok", "tiktok-warning"]
+
+
+def test_audit_and_exemptions_of_a_narrowed_policy_stay_with_its_access() -> None:
+    audit = replace(BAN, state=PolicyState.AUDIT, access=SYNC_ONLY)
+    assert run(audit, device=claims(), at=ENFORCE, access=Access.SEND).audit == ()
+    assert run(audit, device=claims(), at=ENFORCE, access=Access.SYNC).audit != ()
+    exempt = replace(BAN, access=SEND_ONLY, exempt=Exemptions(device_ids=frozenset({"phone-1"})))
+    assert run(exempt, device=claims(), at=ENFORCE, access=Access.SEND).exempted == (
+        "remove-tiktok",
+    )
+    assert run(exempt, device=claims(), at=ENFORCE, access=Access.SYNC).exempted == ()
+
+
+def test_compiled_set_knows_whether_any_policy_is_narrowed() -> None:
+    def compiled(*policies: Policy) -> bool:
+        return compile_policy_set(PolicySet(policies, "v")).narrowed
+
+    assert not compiled(BAN)
+    assert compiled(BAN, replace(BAN, id="sync-ban", access=SYNC_ONLY))
+    # A draft or retracted narrowed policy never decides anything, so it does not count.
+    assert not compiled(BAN, replace(BAN, id="d", access=SEND_ONLY, state=PolicyState.DRAFT))

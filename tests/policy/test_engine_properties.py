@@ -13,9 +13,18 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.domain import Action, Device, DeviceClaims, DeviceClass, Phase, Platform, PolicyState
+from gateway.domain import (
+    Access,
+    Action,
+    Device,
+    DeviceClaims,
+    DeviceClass,
+    Phase,
+    Platform,
+    PolicyState,
+)
 from gateway.policy.engine import compile_policy_set, decide
-from gateway.policy.model import Conditions, DeviceFacts, Exemptions, Policy, PolicySet
+from gateway.policy.model import ALL_ACCESS, Conditions, DeviceFacts, Exemptions, Policy, PolicySet
 from gateway.policy.versions import parse_range
 
 APPS = [f"app.{n}" for n in range(6)]
@@ -25,6 +34,8 @@ USERS = ["alice@x.test", "bob@x.test", "carol@x.test"]
 DEVICES = ["d1", "d2", "d3"]
 GROUPS = {"g1": frozenset({"alice@x.test"}), "g2": frozenset({"bob@x.test", "carol@x.test"})}
 BASE = datetime(2020, 7, 10, tzinfo=UTC)
+
+ACCESS_SCOPES = [ALL_ACCESS, frozenset({Access.SEND}), frozenset({Access.SYNC})]
 
 maybe = st.none() | st.just(None)
 
@@ -79,6 +90,7 @@ def policies(draw: st.DrawFn, index: int) -> Policy:
         ),
         announce_at=None if announce is None else BASE + timedelta(days=announce),
         enforce_at=None if enforce is None else BASE + timedelta(days=enforce),
+        access=draw(st.sampled_from(ACCESS_SCOPES)),
     )
 
 
@@ -110,7 +122,9 @@ def devices(draw: st.DrawFn) -> DeviceClaims:
 moments = st.integers(-4, 7).map(lambda d: BASE + timedelta(days=d, hours=12))
 
 
-def reference_action(policy_set: PolicySet, claims: DeviceClaims, now: datetime) -> Action:
+def reference_action(
+    policy_set: PolicySet, claims: DeviceClaims, now: datetime, access: Access = Access.SEND
+) -> Action:
     """Brute force: every policy, no index, straight from the documented precedence."""
     user_groups = frozenset(g for g, members in policy_set.groups.items() if claims.user in members)
     facts = DeviceFacts(claims, user_groups)
@@ -119,7 +133,7 @@ def reference_action(policy_set: PolicySet, claims: DeviceClaims, now: datetime)
         if policy.state is not PolicyState.ENFORCE:
             continue
         phase = policy.phase_at(now)
-        if phase is None or not policy.applies_to(facts):
+        if phase is None or not policy.applies_to(facts, access):
             continue
         if policy.exempt.covers(facts):
             continue
@@ -128,14 +142,45 @@ def reference_action(policy_set: PolicySet, claims: DeviceClaims, now: datetime)
     return best
 
 
-@settings(deadline=None)
+@settings(deadline=None, max_examples=200)
 @given(policy_sets(), devices(), moments)
 def test_most_severe_action_wins_as_in_the_reference(
     policy_set: PolicySet, claims: DeviceClaims, now: datetime
 ) -> None:
-    decision = decide(compile_policy_set(policy_set), claims, now)
-    assert decision.action is reference_action(policy_set, claims, now)
-    assert all(m.action <= decision.action for m in decision.matches)
+    compiled = compile_policy_set(policy_set)
+    for access in Access:
+        decision = decide(compiled, claims, now, access)
+        assert decision.action is reference_action(policy_set, claims, now, access)
+        assert all(m.action <= decision.action for m in decision.matches)
+
+
+@settings(deadline=None)
+@given(policy_sets(), devices(), moments, st.sampled_from(list(Access)), st.data())
+def test_policies_narrowed_to_the_other_access_never_change_a_decision(
+    policy_set: PolicySet, claims: DeviceClaims, now: datetime, access: Access, data: st.DataObject
+) -> None:
+    """A send-only policy does not affect sync decisions, and a sync-only one send decisions."""
+    other = Access.SYNC if access is Access.SEND else Access.SEND
+    count = data.draw(st.integers(1, 4))
+    extra = tuple(
+        replace(data.draw(policies(60 + i)), access=frozenset({other})) for i in range(count)
+    )
+    before = decide(compile_policy_set(policy_set), claims, now, access)
+    after = decide(
+        compile_policy_set(PolicySet(policy_set.policies + extra, "v", GROUPS)), claims, now, access
+    )
+    assert after == before
+
+
+@settings(deadline=None)
+@given(policy_sets(), devices(), moments)
+def test_policies_that_do_not_narrow_access_decide_sending_and_syncing_alike(
+    policy_set: PolicySet, claims: DeviceClaims, now: datetime
+) -> None:
+    both = PolicySet(tuple(replace(p, access=ALL_ACCESS) for p in policy_set.policies), "v", GROUPS)
+    compiled = compile_policy_set(both)
+    assert not compiled.narrowed
+    assert decide(compiled, claims, now, Access.SYNC) == decide(compiled, claims, now, Access.SEND)
 
 
 @settings(deadline=None)

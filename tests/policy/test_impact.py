@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from gateway.cli import main
+from gateway.domain import Access, Action, Device, DeviceClaims, DeviceClass, Platform, PolicyState
+from gateway.policy.diff import PolicyDiff
+from gateway.policy.engine import CompiledPolicySet, compile_policy_set
+from gateway.policy.impact import assess, blast_radius_refusal
+from gateway.policy.model import Conditions, Policy, PolicySet
 from gateway.testing.device import FakeDevice
 from gateway.testing.harness import running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
@@ -89,3 +96,109 @@ async def test_guard_refuses_an_over_broad_ban_until_confirmed(tmp_path: Path) -
             assert accepted.ok
             assert accepted.diff.added == ("remove-tiktok",)
             assert (await devices[0].send(gateway.port)).data == (250, "2.6.0 held: Remove TikTok.")
+
+
+# --- scope.access --------------------------------------------------------------------
+
+NOW = datetime(2020, 7, 11, 12, tzinfo=UTC)
+SEND, SYNC = frozenset({Access.SEND}), frozenset({Access.SYNC})
+HOLD_TIKTOK = Policy(
+    id="remove-tiktok",
+    action=Action.HOLD,
+    state=PolicyState.ENFORCE,
+    message="Remove TikTok.",
+    match=Conditions(apps_any=frozenset({TIKTOK})),
+)
+
+
+def phone(device_id: str, user: str = "alice@example.test") -> DeviceClaims:
+    return DeviceClaims(
+        issuer="i", subject=user, audience=("gw",), issued_at=NOW,
+        expires_at=NOW + timedelta(hours=1),
+        device=Device(device_id, Platform.IOS, DeviceClass.MOBILE), apps=frozenset({TIKTOK}),
+    )  # fmt: skip
+
+
+def compiled(*policies: Policy) -> CompiledPolicySet:
+    return compile_policy_set(PolicySet(policies, "v"))
+
+
+def rows(report_rows: object) -> list[tuple[str, list[str]]]:
+    assert isinstance(report_rows, list)
+    return [(r["device_id"], r["access"]) for r in report_rows]
+
+
+def test_impact_of_a_sync_only_ban_names_the_access_it_changes() -> None:
+    """Until the inventory records last send and last sync, every device counts as both."""
+    devices = [phone("p1"), phone("p2", "bob@example.test")]
+    report = assess(compiled(), compiled(replace(HOLD_TIKTOK, access=SYNC)), devices, NOW)
+    found = report.as_dict()
+    assert rows(found["newly_held"]) == [("p1", ["sync"]), ("p2", ["sync"])]
+    assert found["newly_blocked_devices"] == 2
+    # The default (both) reports one row per device naming both accesses.
+    found = assess(compiled(), compiled(HOLD_TIKTOK), devices, NOW).as_dict()
+    assert rows(found["newly_held"]) == [("p1", ["send", "sync"]), ("p2", ["send", "sync"])]
+
+
+def test_impact_counts_only_the_devices_that_use_the_access_a_policy_gates() -> None:
+    """With an inventory that knows what each device does, a send-only ban does not count
+    a phone that only syncs, and a sync-only ban counts it."""
+    devices = [phone("sender"), phone("syncer"), phone("both")]
+    uses = {"sender": SEND, "syncer": SYNC, "both": SEND | SYNC}
+
+    def accesses_of(claims: DeviceClaims) -> frozenset[Access]:
+        return uses[claims.device.id]
+
+    send_ban = compiled(replace(HOLD_TIKTOK, access=SEND))
+    report = assess(compiled(), send_ban, devices, NOW, accesses_of)
+    assert report.devices == 3
+    assert rows(report.as_dict()["newly_held"]) == [("sender", ["send"]), ("both", ["send"])]
+    sync_ban = compiled(replace(HOLD_TIKTOK, access=SYNC))
+    report = assess(compiled(), sync_ban, devices, NOW, accesses_of)
+    assert rows(report.as_dict()["newly_held"]) == [("syncer", ["sync"]), ("both", ["sync"])]
+    # Moving a ban from sending to syncing releases senders and holds syncers.
+    report = assess(send_ban, sync_ban, devices, NOW, accesses_of)
+    assert rows(report.as_dict()["released"]) == [("sender", ["send"]), ("both", ["send"])]
+    assert rows(report.as_dict()["newly_held"]) == [("syncer", ["sync"]), ("both", ["sync"])]
+
+
+def test_the_guard_counts_a_device_blocked_for_both_accesses_once() -> None:
+    candidate = compiled(
+        replace(HOLD_TIKTOK, access=SEND),
+        replace(HOLD_TIKTOK, id="no-sync", action=Action.REJECT, access=SYNC),
+    )
+    report = assess(compiled(), candidate, [phone("p1"), phone("p2")], NOW)
+    assert len(report.newly_blocked) == 4  # held for sending, rejected for syncing, twice
+    assert report.newly_blocked_devices == 2
+    diff = PolicyDiff.between(compiled().source, candidate.source)
+    assert blast_radius_refusal(report, candidate, diff, limit=2) is None
+    refusal = blast_radius_refusal(report, candidate, diff, limit=1)
+    assert refusal is not None
+    assert "would newly hold or reject 2 devices (limit 1)" in refusal
+
+
+async def test_impact_command_shows_the_access_of_each_change(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    issuer = TestIssuer.generate("k1")
+    async with FakeUpstream.running() as upstream:
+        config = write_config(tmp_path, issuer=issuer, upstream_port=upstream.port)
+        async with running_gateway(config) as gateway:
+            for device in fleet(issuer):
+                assert (await device.send(gateway.port)).data is not None
+        candidate = tmp_path / "candidate"
+        shutil.copytree(tmp_path / "policies", candidate)
+        (candidate / "ban.toml").write_text(BAN + 'scope.access = ["sync"]\n')
+        capsys.readouterr()
+        assert main(["impact", str(candidate), "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert "every device counts as sending and syncing" in out
+        assert "newly held:      2 device(s), 2 user(s)" in out
+        assert "alice-phone" in out
+        held = [line for line in out.splitlines() if "alice-phone" in line]
+        assert held == [held[0]]
+        assert " sync " in held[0]
+        assert "allow -> hold  remove-tiktok" in held[0]
+        assert main(["impact", str(candidate), "--json", "--config", str(config)]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert rows(report["newly_held"]) == [("alice-phone", ["sync"]), ("carol-tablet", ["sync"])]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.domain import Action, PolicyState
+from gateway.domain import Access, Action, PolicyState
 from gateway.errors import PolicyLoadError
 from gateway.policy.loader import load_policy_dir
 
@@ -211,6 +211,57 @@ def test_exemptions_and_groups(tmp_path: Path) -> None:
     policy = load_policy_dir(tmp_path, GROUPS).policies[0]
     assert policy.exempt.groups == frozenset({"it-staff"})
     assert policy.exempt.users == frozenset({"boss@example.test"})
+
+
+def test_scope_access_narrows_a_policy_and_defaults_to_both(tmp_path: Path) -> None:
+    write(tmp_path, "ban.toml", BAN)
+    (policy,) = load_policy_dir(tmp_path, GROUPS).policies
+    assert policy.access == frozenset({Access.SEND, Access.SYNC})  # key absent: both
+    assert not policy.is_narrowed
+    write(tmp_path, "ban.toml", BAN + 'scope.access = ["sync"]\n')
+    (policy,) = load_policy_dir(tmp_path, GROUPS).policies
+    assert policy.access == frozenset({Access.SYNC})
+    assert policy.is_narrowed
+    # A scope that says nothing but access is a valid scope.
+    write(tmp_path, "ban.toml", BAN.replace("scope.device_class", 'scope.access = ["send"]\n#'))
+    (policy,) = load_policy_dir(tmp_path, GROUPS).policies
+    assert policy.access == frozenset({Access.SEND})
+    assert policy.scope.is_empty()
+    write(tmp_path, "ban.toml", BAN + 'scope.access = ["send", "sync"]\n')
+    assert not load_policy_dir(tmp_path, GROUPS).policies[0].is_narrowed
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('["imap"]', "policy[0].scope.access: 'imap' is not one of: send, sync"),
+        ('["send", "Sync"]', "policy[0].scope.access: 'Sync' is not one of: send, sync"),
+        (
+            "[]",
+            "policy[0].scope.access: empty list gates nothing; list send, sync or both, "
+            "or leave the key out for both",
+        ),
+        (
+            '"sync"',
+            'policy[0].scope.access: expected a list of strings, got a string: write ["sync"]',
+        ),
+        ("true", "policy[0].scope.access: expected a list of strings, got a boolean"),
+        ('["send", 1]', "policy[0].scope.access[1]: expected a string, got an integer"),
+    ],
+)
+def test_bad_scope_access_names_file_line_and_key(
+    tmp_path: Path, value: str, expected: str
+) -> None:
+    write(tmp_path, "ban.toml", BAN + f"scope.access = {value}\n")
+    assert problems_of(tmp_path) == [f"{tmp_path / 'ban.toml'}:9: {expected}"]
+
+
+def test_access_in_match_points_to_scope(tmp_path: Path) -> None:
+    write(tmp_path, "ban.toml", BAN + 'match.access = ["sync"]\n')
+    assert problems_of(tmp_path) == [
+        f"{tmp_path / 'ban.toml'}:9: policy[0].match.access: access belongs in scope: "
+        "write scope.access instead"
+    ]
 
 
 def test_missing_directory(tmp_path: Path) -> None:

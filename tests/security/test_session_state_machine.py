@@ -53,7 +53,11 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         nonlocal stop
         stop = asyncio.Event()
         directory: Path = tmp_path_factory.mktemp("state-machine")
-        limits = {"max_errors": 100_000, "auth_failures_per_ip": 100_000}
+        limits = {
+            "max_errors": 100_000,
+            "auth_failures_per_session": 100_000,
+            "auth_failure_delay_seconds": 0,
+        }
         smtp = {"max_recipients": MAX_RECIPIENTS}
         async with gateway_with_upstream(directory, issuer, smtp=smtp, limits=limits) as (gw, up):
             ready.append(Running(gw.port, issuer, up))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from gateway.config.settings import Smarthost, UpstreamSettings
 from gateway.replies import Reply
 from gateway.testing.upstream import FakeUpstream
-from gateway.upstream.relay import Relay, Target
+from gateway.upstream.relay import DATA_CHUNK, Relay, Target, crlf_only, dot_stuffed
 
 MESSAGE = b"From: alice@example.test\r\nSubject: hello\r\n\r\nHello, Bob.\r\n"
 
@@ -120,3 +121,31 @@ async def test_mx_mode_routes_each_recipient_by_domain(upstream: FakeUpstream) -
     assert delivery.reply.is_success
     (received,) = upstream.messages
     assert received.recipients == ("bob@a.test", "dave@a.test")
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        (b"",),
+        (b"Subject: x\r\n\r\n.\r\n..two\r\n",),
+        (b".starts with a dot\r\nno final CRLF",),
+        (b"Received: x\r\n", b".dot at the start of the second part\r\n.\r\n"),
+        (b"a\r\n", bytearray(b"x" * (2 * DATA_CHUNK + 5) + b"\r\n.y\r\n")),
+    ],
+)
+def test_the_data_stream_is_dot_stuffed_without_copying_the_message(
+    parts: tuple[bytes | bytearray, ...],
+) -> None:
+    pieces = list(dot_stuffed(parts))
+    assert all(len(piece) <= DATA_CHUNK for piece in pieces)
+    message = b"".join(parts)
+    expected = re.sub(rb"(?m)^\.", b"..", message)
+    if not expected.endswith(b"\r\n") and expected:
+        expected += b"\r\n"
+    assert b"".join(pieces) == expected + b".\r\n"  # as aiosmtplib's data() would send
+
+
+def test_bare_line_endings_are_made_crlf_before_streaming() -> None:
+    crlf = b"a\r\nb\r\n"
+    assert crlf_only(crlf) is crlf  # no copy when there is nothing to change
+    assert crlf_only(b"a\nb\rc\r\n") == b"a\r\nb\r\nc\r\n"
