@@ -536,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="candidate policy directory (default: impact of the live set)",
     )
     impact.add_argument("--at", help="evaluate at this ISO 8601 time (default: now)")
+    impact.add_argument(
+        "--inventory",
+        metavar="FILE",
+        help="the hold database holding the device inventory (default: [hold] database)",
+    )
     impact.add_argument("--json", action="store_true")
     _add_config(impact)
     impact.set_defaults(func=cmd_impact)
@@ -597,24 +602,60 @@ def cmd_impact(args: argparse.Namespace) -> int:
         candidate = compile_policy_set(load_policy_dir(Path(args.candidate_dir), settings.groups))
     else:  # no candidate: what the live policies do, compared with having none
         candidate, live = live, compile_policy_set(PolicySet((), "none", settings.groups))
-    store = HoldStore(settings.hold.database)
+    inventory = Path(args.inventory) if args.inventory else settings.hold.database
+    since = now - settings.inventory_retention
+    source = {
+        "source": str(inventory),
+        "seen_since": since.isoformat(),
+        "retention_days": settings.inventory_retention.days,
+    }
+    if not inventory.is_file():
+        return _impact_refused(
+            args,
+            source,
+            f"no device inventory at {inventory}: it is the hold database a running gateway "
+            "writes ([hold] database); run impact where the gateway runs, or give --inventory",
+        )
+    store = HoldStore(inventory)
     try:
-        devices = store.devices(now - settings.inventory_retention)
+        devices = store.devices(since)
+        known = 0 if devices else len(store.devices(datetime.fromtimestamp(0, UTC)))
     finally:
         store.close()
+    if not devices:
+        older = f" ({known} seen before then)" if known else ""
+        return _impact_refused(
+            args,
+            source,
+            f"the inventory at {inventory} has no device seen since {since:%Y-%m-%d}{older}: "
+            "impact cannot say whom a change affects (the gateway records each device as it "
+            "authenticates)",
+        )
     report = assess(live, candidate, devices, now)
+    diff = PolicyDiff.between(live.source, candidate.source)
+    refusal = blast_radius_refusal(report, candidate, diff, settings.max_newly_blocked_devices)
+    code = EXIT_BAD if refusal is not None else EXIT_OK
     if args.json:
         _print_json(
             {
+                "schema": 1,
+                "ok": refusal is None,
                 "at": now.isoformat(),
+                "inventory": {**source, "devices": len(devices)},
                 "live_version": live.version,
                 "candidate_version": candidate.version,
                 **report.as_dict(),
+                "guard": {
+                    "limit": settings.max_newly_blocked_devices,
+                    "refused": refusal is not None,
+                    "reason": refusal,
+                },
             }
         )
-        return EXIT_OK
+        return code
     print(
-        f"{report.devices} device(s) seen in the last {settings.inventory_retention.days} days, at {now.isoformat()}"
+        f"{report.devices} device(s) seen in the last {settings.inventory_retention.days} days, "
+        f"at {now.isoformat()} (inventory: {inventory})"
     )
     if live.narrowed or candidate.narrowed:
         print(
@@ -634,14 +675,25 @@ def cmd_impact(args: argparse.Namespace) -> int:
         print(f"{title + ':':<16} {devices_in} device(s), {len({r['user'] for r in rows})} user(s)")
         for row in rows:
             print(
-                f"    {row['device_id']:<24} {row['user']:<30} {'+'.join(row['access']):<10} "
-                f"{row['before']} -> {row['after']}  {','.join(row['policy_ids'])}"
+                _terminal_safe(
+                    f"    {row['device_id']:<24} {row['user']:<30} {'+'.join(row['access']):<10} "
+                    f"{row['before']} -> {row['after']}  {','.join(row['policy_ids'])}"
+                )
             )
-    diff = PolicyDiff.between(live.source, candidate.source)
-    refusal = blast_radius_refusal(report, candidate, diff, settings.max_newly_blocked_devices)
     if refusal is not None:
         print(f"guard: the reload will be refused: {refusal}")
-    return EXIT_OK
+    return code
+
+
+def _impact_refused(args: argparse.Namespace, source: dict[str, object], reason: str) -> int:
+    """No inventory to assess against: saying "0 devices affected" would be a lie."""
+    if args.json:
+        _print_json(
+            {"schema": 1, "ok": False, "inventory": {**source, "devices": 0}, "error": reason}
+        )
+    else:
+        print(f"gateway: impact: {reason}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 # --- hold --------------------------------------------------------------------------------
