@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway import __version__
 from gateway.config.settings import Settings, default_config_path, load_settings
 from gateway.domain import Access, PolicyMatch
 from gateway.errors import ConfigError, GatewayError, PolicyLoadError, Problem, TokenError
@@ -233,6 +234,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(
                 {
+                    "schema": 1,
                     "at": now.isoformat(),
                     "token": {"valid": False, "reason": exc.reason, "error": str(exc)},
                 }
@@ -261,6 +263,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(
             {
+                "schema": 1,
                 "at": now.isoformat(),
                 "access": access.value,
                 "token": {"valid": True, "claims": claims.summary()},
@@ -443,9 +446,23 @@ def cmd_test(args: argparse.Namespace) -> int:
     return EXIT_BAD if failed else EXIT_OK
 
 
+# What shtab completes an argument with (shtab.FILE and shtab.DIRECTORY, spelled out so
+# that only `gateway completion` imports shtab).
+_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+_DIRECTORY = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/", "tcsh": "d"}
+
+
+def _completes(action: argparse.Action, what: dict[str, str]) -> argparse.Action:
+    action.complete = what  # type: ignore[attr-defined]  # read by shtab
+    return action
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", help="gateway.toml (default: $GATEWAY_CONFIG or config/gateway.toml)"
+    _completes(
+        parser.add_argument(
+            "--config", help="gateway.toml (default: $GATEWAY_CONFIG or config/gateway.toml)"
+        ),
+        _FILE,
     )
 
 
@@ -454,23 +471,30 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gateway",
         description="Compliance Gateway: SMTP submission gated on device compliance.",
     )
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser(
         "check", help="validate a policy directory (exit 1 listing every problem)"
     )
-    check.add_argument(
-        "policy_dir",
-        nargs="?",
-        metavar="PATH",
-        help="a policy directory, or one policy file (default: policy_dir from the configuration)",
+    _completes(
+        check.add_argument(
+            "policy_dir",
+            nargs="?",
+            metavar="PATH",
+            help="a policy directory, or one policy file (default: policy_dir from the configuration)",
+        ),
+        _FILE,
     )
     check.add_argument("--json", action="store_true")
     _add_config(check)
     check.set_defaults(func=cmd_check)
 
     explain = sub.add_parser("explain", help="verify a token and explain the decision for it")
-    explain.add_argument("--token", required=True, help="token file, or - for standard input")
+    _completes(
+        explain.add_argument("--token", required=True, help="token file, or - for standard input"),
+        _FILE,
+    )
     explain.add_argument(
         "--at", help="evaluate as if now were this ISO 8601 time (token checks too)"
     )
@@ -487,7 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="development tokens (never for production)")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     keygen = token_sub.add_parser("keygen", help="write a development Ed25519 key pair")
-    keygen.add_argument("--out", default="config/keys", help="directory (default: config/keys)")
+    _completes(
+        keygen.add_argument(
+            "--out", default="config/keys", help="directory (default: config/keys)"
+        ),
+        _DIRECTORY,
+    )
     keygen.add_argument("--kid", default="dev-1")
     keygen.add_argument(
         "--force", action="store_true", help="replace a key pair that is already there"
@@ -509,8 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--posture", action="append", default=[], help="FLAG=true|false (repeat)")
     mint.add_argument("--lifetime", type=int, default=900, help="seconds (default 900)")
     mint.add_argument("--at", help="issue time, ISO 8601 (default: now)")
-    mint.add_argument(
-        "--key", help="private JWK (default: keys/dev-issuer.private.jwk.json beside the config)"
+    _completes(
+        mint.add_argument(
+            "--key",
+            help="private JWK (default: keys/dev-issuer.private.jwk.json beside the config)",
+        ),
+        _FILE,
     )
     mint.add_argument("--issuer", help="default: the first configured issuer")
     mint.add_argument("--audience", help="default: the configured audience")
@@ -530,16 +563,22 @@ def build_parser() -> argparse.ArgumentParser:
     impact = sub.add_parser(
         "impact", help="who a policy change would newly block or release (device inventory)"
     )
-    impact.add_argument(
-        "candidate_dir",
-        nargs="?",
-        help="candidate policy directory (default: impact of the live set)",
+    _completes(
+        impact.add_argument(
+            "candidate_dir",
+            nargs="?",
+            help="candidate policy directory (default: impact of the live set)",
+        ),
+        _DIRECTORY,
     )
     impact.add_argument("--at", help="evaluate at this ISO 8601 time (default: now)")
-    impact.add_argument(
-        "--inventory",
-        metavar="FILE",
-        help="the hold database holding the device inventory (default: [hold] database)",
+    _completes(
+        impact.add_argument(
+            "--inventory",
+            metavar="FILE",
+            help="the hold database holding the device inventory (default: [hold] database)",
+        ),
+        _FILE,
     )
     impact.add_argument("--json", action="store_true")
     _add_config(impact)
@@ -572,12 +611,23 @@ def build_parser() -> argparse.ArgumentParser:
         "test",
         help="run policy test cases: described devices and the decisions expected (exit 1 on a failure)",
     )
-    test.add_argument("policy_dir", help="the policy directory to test")
-    test.add_argument("cases", help="a TOML file of [[case]] tables (docs/policies.md)")
-    test.add_argument("--junit", metavar="FILE", help="also write JUnit XML for CI")
+    _completes(test.add_argument("policy_dir", help="the policy directory to test"), _DIRECTORY)
+    _completes(
+        test.add_argument("cases", help="a TOML file of [[case]] tables (docs/policies.md)"), _FILE
+    )
+    _completes(
+        test.add_argument("--junit", metavar="FILE", help="also write JUnit XML for CI"), _FILE
+    )
     test.add_argument("--json", action="store_true")
     _add_config(test)
     test.set_defaults(func=cmd_test)
+
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash, zsh or tcsh), generated from these options",
+    )
+    completion.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    completion.set_defaults(func=cmd_completion)
 
     demo = sub.add_parser(
         "demo", help="play the story (ban, deadline, retraction) end to end on loopback"
@@ -776,6 +826,19 @@ def cmd_hold(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         store.close()
+
+
+# --- completion --------------------------------------------------------------------------
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """The script comes from the parser itself (shtab), so it never drifts from the options.
+
+    bash: ``source <(gateway completion bash)``; zsh: write it as ``_gateway`` on $fpath."""
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return EXIT_OK
 
 
 # --- serve / demo ------------------------------------------------------------------------
