@@ -622,6 +622,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(test)
     test.set_defaults(func=cmd_test)
 
+    config = sub.add_parser(
+        "config",
+        help="print the effective configuration, defaults included, secrets masked",
+    )
+    config.add_argument(
+        "-n",
+        dest="changed_only",
+        action="store_true",
+        help="only the settings that differ from their defaults (as postconf -n)",
+    )
+    config.add_argument("--json", action="store_true")
+    _add_config(config)
+    config.set_defaults(func=cmd_config)
+
     completion = sub.add_parser(
         "completion",
         help="print a shell completion script (bash, zsh or tcsh), generated from these options",
@@ -826,6 +840,33 @@ def cmd_hold(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         store.close()
+
+
+# --- config ------------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from gateway.config.show import effective, render
+
+    settings = _settings(args)
+    entries = effective(settings)
+    if args.json:
+        if args.changed_only:
+            entries = [e for e in entries if not e.is_default and e.value is not None]
+        _print_json(
+            {"schema": 1, "config": str(settings.path), "settings": [e.as_dict() for e in entries]}
+        )
+        return EXIT_OK
+    print(
+        f"# effective configuration of {settings.path}"
+        + (" (non-defaults only)" if args.changed_only else "")
+    )
+    sys.stdout.write(_terminal_safe_lines(render(entries, changed_only=args.changed_only)))
+    return EXIT_OK
+
+
+def _terminal_safe_lines(text: str) -> str:
+    return "".join(_terminal_safe(line) + "\n" for line in text.splitlines())
 
 
 # --- completion --------------------------------------------------------------------------
