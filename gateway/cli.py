@@ -636,6 +636,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(config)
     config.set_defaults(func=cmd_config)
 
+    status = sub.add_parser(
+        "status",
+        help="ask the running gateway for its state over the admin port (exit 1 if not ready)",
+    )
+    status.add_argument(
+        "--admin", metavar="HOST:PORT", help="the admin listener (default: [admin] listen)"
+    )
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    status.add_argument("--json", action="store_true")
+    _add_config(status)
+    status.set_defaults(func=cmd_status)
+
     completion = sub.add_parser(
         "completion",
         help="print a shell completion script (bash, zsh or tcsh), generated from these options",
@@ -867,6 +879,66 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def _terminal_safe_lines(text: str) -> str:
     return "".join(_terminal_safe(line) + "\n" for line in text.splitlines())
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def _admin_address(args: argparse.Namespace) -> str:
+    if args.admin:
+        return str(args.admin)
+    settings = _settings(args)
+    if settings.admin_listen is None:
+        raise CliError("no [admin] listen in the configuration: status asks the admin port")
+    host, port = settings.admin_listen.host, settings.admin_listen.port
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104  # a wildcard listener: ask over loopback
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    address = _admin_address(args)
+    url = f"http://{address}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:  # http to the admin port only
+            status = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(
+            f"gateway: status: {url} answered {exc.code}; is this a gateway's admin port?",
+            file=sys.stderr,
+        )
+        return EXIT_BAD
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        print(f"gateway: status: no gateway answers at {address} ({reason})", file=sys.stderr)
+        return EXIT_BAD
+    code = EXIT_OK if status.get("ready") else EXIT_BAD
+    if args.json:
+        _print_json({**status, "admin": address})
+        return code
+    reload = status.get("last_reload") or {}
+    outcome = {True: "ok", False: "FAILED (the last good set still serves)", None: "none yet"}[
+        reload.get("ok")
+    ]
+    lines = [
+        f"gateway {status.get('version')} at {address}: {status.get('readiness')}",
+        f"policies:  version {status.get('policy_version')}; last reload {outcome}"
+        f" ({reload.get('trigger')}); last good load {reload.get('last_success_at')}",
+        f"held:      {status.get('held_messages')} message(s)",
+        f"sessions:  {status.get('sessions_active')} open",
+    ]
+    upstreams = status.get("upstreams") or []
+    if not upstreams:
+        lines.append("upstreams: no per-target health reported by this gateway")
+    for sample in upstreams:
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(sample["labels"].items()))
+        lines.append(f"upstream:  {sample['metric']}{{{labels}}} = {sample['value']:g}")
+    for line in lines:
+        print(_terminal_safe(line))
+    return code
 
 
 # --- completion --------------------------------------------------------------------------
