@@ -903,7 +903,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     address = _admin_address(args)
     url = f"http://{address}/status"
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as response:  # http to the admin port only
+        with urllib.request.urlopen(
+            url, timeout=args.timeout
+        ) as response:  # http to the admin port only
             status = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         print(
@@ -1004,6 +1006,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `gateway ... | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BAD
     return code
 
 
