@@ -695,6 +695,7 @@ def cmd_impact(args: argparse.Namespace) -> int:
     store = HoldStore(inventory)
     try:
         devices = store.devices(since)
+        accesses = store.device_accesses(since)
         known = 0 if devices else len(store.devices(datetime.fromtimestamp(0, UTC)))
     finally:
         store.close()
@@ -707,7 +708,10 @@ def cmd_impact(args: argparse.Namespace) -> int:
             "impact cannot say whom a change affects (the gateway records each device as it "
             "authenticates)",
         )
-    report = assess(live, candidate, devices, now)
+    every = frozenset(Access)
+    report = assess(
+        live, candidate, devices, now, accesses_of=lambda c: accesses.get(c.device.id, every)
+    )
     diff = PolicyDiff.between(live.source, candidate.source)
     refusal = blast_radius_refusal(report, candidate, diff, settings.max_newly_blocked_devices)
     code = EXIT_BAD if refusal is not None else EXIT_OK
@@ -735,8 +739,8 @@ def cmd_impact(args: argparse.Namespace) -> int:
     )
     if live.narrowed or candidate.narrowed:
         print(
-            "access: some policies gate sending or syncing only; the inventory does not "
-            "record yet which devices sync, so every device counts as sending and syncing"
+            "access: some policies gate sending or syncing only; each device counts for what "
+            "it was seen doing (devices recorded before that was tracked count as both)"
         )
     for title, key in (
         ("newly warned", "newly_warned"),

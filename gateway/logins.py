@@ -51,8 +51,9 @@ class Outcome(enum.Enum):
 class LoginEvents(Protocol):
     """What the rest of the gateway hears from logins (the wiring implements it)."""
 
-    def authenticated(self, claims: DeviceClaims) -> None:
-        """A device proved who it is (inventory; its held mail may be releasable now)."""
+    def logged_in(self, claims: DeviceClaims) -> None:
+        """A device proved who it is to sync (inventory; its held mail may be releasable
+        now)."""
 
 
 def protocol_label(protocol: str | None) -> str:
@@ -154,7 +155,7 @@ class Logins:
                 token_failure="user_mismatch",  # noqa: S106  # a reason code
                 started=started,
             )
-        self.events.authenticated(claims)
+        self.events.logged_in(claims)
         decision = decide(self.policies.current, claims, self.clock(), access=Access.SYNC)
         return LoginResult(self._outcome(decision), claims, decision, started=started)
 

@@ -19,7 +19,7 @@ import structlog
 from gateway.config.settings import Settings, load_settings
 from gateway.devices.inventory import Inventory
 from gateway.devices.notices import Notifier
-from gateway.domain import Action, Clock, Decision, DeviceClaims
+from gateway.domain import Access, Action, Clock, Decision, DeviceClaims
 from gateway.errors import HoldStoreError, SettingsError
 from gateway.hold.release import Releaser, Spawn
 from gateway.hold.store import AsyncHoldStore, HeldMessage
@@ -218,13 +218,25 @@ class Services:
         limit = self.settings.max_newly_blocked_devices
         if limit is None:
             return None
-        report = assess(live, candidate, self.inventory.devices(), self.clock())
+        report = assess(
+            live,
+            candidate,
+            self.inventory.devices(),
+            self.clock(),
+            accesses_of=self.inventory.accesses_of,
+        )
         return blast_radius_refusal(report, candidate, diff, limit)
 
     # --- SubmissionEvents -----------------------------------------------------------------
 
     def authenticated(self, claims: DeviceClaims) -> None:
-        self.inventory.seen(claims)
+        self.inventory.seen(claims, Access.SEND)
+        self.releaser.device_authenticated(claims)
+
+    # --- LoginEvents ----------------------------------------------------------------------
+
+    def logged_in(self, claims: DeviceClaims) -> None:
+        self.inventory.seen(claims, Access.SYNC)
         self.releaser.device_authenticated(claims)
 
     async def before_mail(self, claims: DeviceClaims) -> None:

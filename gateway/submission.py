@@ -429,6 +429,8 @@ class Submission:
         log.info(
             "decision",
             v=1,
+            access="send",  # the sync endpoint logs its logins as access "sync"
+            protocol="smtp",
             session=facts.session_id,
             user=claims.subject if claims else None,
             device_id=claims.device.id if claims else None,

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.config.settings import load_settings
-from gateway.domain import Device, DeviceClaims, DeviceClass, Platform
+from gateway.domain import Access, Device, DeviceClaims, DeviceClass, Platform
 from gateway.hold.store import HoldStore
 from tests.stories import TIKTOK
 
@@ -48,7 +48,7 @@ def inventory(config: Path, *devices: str, seen: datetime = NOW) -> Path:
     path = load_settings(config).hold.database
     store = HoldStore(path)
     try:
-        store.record_devices([(phone(d), seen.timestamp()) for d in devices])
+        store.record_devices([(phone(d), seen.timestamp(), Access.SEND) for d in devices])
     finally:
         store.close()
     return path

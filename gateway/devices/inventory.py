@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from gateway.domain import Clock, DeviceClaims
+from gateway.domain import Access, Clock, DeviceClaims
 from gateway.hold.store import AsyncHoldStore
 
 
@@ -20,20 +20,32 @@ class Inventory:
         self.retention = retention
         self.clock = clock
         self._devices: dict[str, DeviceClaims] = {}  # recently seen, by device id
-        self._pending: dict[str, tuple[DeviceClaims, float]] = {}  # seen since the last flush
+        self._accesses: dict[str, set[Access]] = {}  # what each of them used
+        # Seen since the last flush, by device and access.
+        self._pending: dict[tuple[str, Access], tuple[DeviceClaims, float, Access]] = {}
 
     async def load(self) -> None:
         """Start from what the store remembers of the retention period."""
-        for claims in await self.store.devices(self.clock() - self.retention):
+        since = self.clock() - self.retention
+        for claims in await self.store.devices(since):
             self._devices[claims.device.id] = claims
+        for device_id, accesses in (await self.store.device_accesses(since)).items():
+            self._accesses[device_id] = set(accesses)
 
-    def seen(self, claims: DeviceClaims) -> None:
+    def seen(self, claims: DeviceClaims, access: Access = Access.SEND) -> None:
+        """A device authenticated to send (SMTP AUTH) or logged in to sync (IMAP, POP3)."""
         device_id = claims.device.id
         self._devices[device_id] = claims
-        self._pending[device_id] = (claims, self.clock().timestamp())
+        self._accesses.setdefault(device_id, set()).add(access)
+        self._pending[device_id, access] = (claims, self.clock().timestamp(), access)
 
     def devices(self) -> list[DeviceClaims]:
         return list(self._devices.values())
+
+    def accesses_of(self, claims: DeviceClaims) -> frozenset[Access]:
+        """What this device was seen doing: so that the impact of a policy narrowed to
+        syncing counts the phones that only sync, and no laptop that only sends."""
+        return frozenset(self._accesses.get(claims.device.id) or Access)
 
     async def flush(self) -> None:
         """Write what was seen since the last flush, and forget devices past retention."""

@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from gateway.domain import DeviceClaims, HeldSubmission
+from gateway.domain import Access, DeviceClaims, HeldSubmission
 from gateway.errors import HoldStoreDamaged, HoldStoreError, HoldStoreInUse, HoldStoreLowOnSpace
 
 T = TypeVar("T")
@@ -69,6 +69,17 @@ CREATE TABLE IF NOT EXISTS held (
     claimed_at     REAL,                               -- unix time of that claim
     bounce_of      TEXT                                -- a bounce (DSN): the hold_id it reports
 );
+-- The bytes of each held message, apart from its metadata: SQLite reads a row's columns
+-- in order, so metadata stored after a large BLOB would walk the BLOB's overflow pages on
+-- every release pass. held.message stays empty for rows written since; a store written
+-- by an older gateway keeps its bytes there until they are released (read with coalesce).
+CREATE TABLE IF NOT EXISTS held_bodies (
+    seq            INTEGER PRIMARY KEY,                -- held.seq
+    message        BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS held_bodies_follow AFTER DELETE ON held BEGIN
+    DELETE FROM held_bodies WHERE seq = OLD.seq;
+END;
 CREATE INDEX IF NOT EXISTS held_device ON held (device_id, seq);
 CREATE INDEX IF NOT EXISTS held_user ON held (user);
 
@@ -91,20 +102,36 @@ CREATE TABLE IF NOT EXISTS devices (
     device_id  TEXT PRIMARY KEY,
     user       TEXT NOT NULL,
     claims     TEXT NOT NULL,
-    last_seen  REAL NOT NULL
+    last_seen  REAL NOT NULL,
+    last_send  REAL,                                   -- unix time of its last SMTP AUTH
+    last_sync  REAL                                    -- and of its last IMAP/POP3 login
 );
 """
 
-# Columns added after the first release of the store: (name, declaration). A store written
-# by an older gateway gains them at open (ALTER TABLE ... ADD COLUMN keeps its rows).
+# Columns added after the first release of the store: (table, name, declaration). A store
+# written by an older gateway gains them at open (ALTER TABLE ... ADD COLUMN keeps its rows).
 _ADDED_COLUMNS = (
-    ("options", "TEXT NOT NULL DEFAULT '[]'"),
-    ("claim_id", "TEXT"),
-    ("claimed_at", "REAL"),
-    ("bounce_of", "TEXT"),
+    ("held", "options", "TEXT NOT NULL DEFAULT '[]'"),
+    ("held", "claim_id", "TEXT"),
+    ("held", "claimed_at", "REAL"),
+    ("held", "bounce_of", "TEXT"),
+    ("devices", "last_send", "REAL"),
+    ("devices", "last_sync", "REAL"),
 )
 
 HEADER_LIMIT = 64 * 1024  # bytes of a held message read for a bounce's header part
+
+_INSERT = (
+    "INSERT INTO held (hold_id, received_at, sender, recipients, user, device_id, claims, "
+    "policy_ids, policy_version, size, options, release_requested, bounce_of, message) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, x'')"
+)
+# One held message's bytes: from held_bodies, or from held.message in a row written by an
+# older gateway. Formatted with fixed expressions only; values are bound parameters.
+_BODY = (
+    "SELECT coalesce({}, {}) FROM held h LEFT JOIN held_bodies b ON b.seq = h.seq "
+    "WHERE h.hold_id = ?"
+)
 
 
 @dataclass(frozen=True)
@@ -425,14 +452,18 @@ class HoldStore:
 
     def _migrate(self) -> None:
         """Add the columns a store written by an older gateway lacks (one transaction)."""
-        present = {row["name"] for row in self._db.execute("PRAGMA table_info(held)")}
-        missing = [(name, kind) for name, kind in _ADDED_COLUMNS if name not in present]
+        present = {
+            (table, row["name"])
+            for table in ("held", "devices")
+            for row in self._db.execute(f"PRAGMA table_info({table})")
+        }
+        missing = [added for added in _ADDED_COLUMNS if (added[0], added[1]) not in present]
         if not missing:
             return
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            for name, kind in missing:  # fixed names and declarations, nothing from input
-                self._db.execute(f"ALTER TABLE held ADD COLUMN {name} {kind}")
+            for table, name, kind in missing:  # fixed names and declarations, nothing from input
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
             self._db.execute("COMMIT")
         except BaseException:
             if self._db.in_transaction:
@@ -462,13 +493,20 @@ class HoldStore:
     ) -> int:
         """One statement (or one statement over ``many`` rows) in one transaction; rolled
         back on any failure. Returns the number of rows changed."""
+
+        def statement() -> int:
+            if many is None:
+                return self._db.execute(sql, params).rowcount
+            return self._db.executemany(sql, many).rowcount
+
+        return self._transaction(statement)
+
+    def _transaction(self, work: Callable[[], T]) -> T:
+        """``work`` in one write transaction, committed, or rolled back on any failure."""
         with self._errors("write"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                if many is None:
-                    cursor = self._db.execute(sql, params)
-                else:
-                    cursor = self._db.executemany(sql, many)
+                result = work()
                 self._db.execute("COMMIT")
             except BaseException:
                 # Some failures (a full disk, an I/O error) end the transaction already;
@@ -477,7 +515,12 @@ class HoldStore:
                     with contextlib.suppress(sqlite3.Error):
                         self._db.execute("ROLLBACK")
                 raise
-            return cursor.rowcount
+            return result
+
+    def _insert_held(self, values: Sequence[object], message: bytes) -> None:
+        """One held row (metadata, ``values`` in _INSERT order) and its body."""
+        seq = self._db.execute(_INSERT, values).lastrowid
+        self._db.execute("INSERT INTO held_bodies (seq, message) VALUES (?, ?)", (seq, message))
 
     def _room_for(self, size: int) -> None:
         """Refuse a hold that would leave less than ``min_free_bytes`` on the disk (the
@@ -498,25 +541,22 @@ class HoldStore:
         self._room_for(len(held.content))
         hold_id = uuid.uuid4().hex
         claims = held.claims
-        self._write(
-            "INSERT INTO held (hold_id, received_at, sender, recipients, user, device_id, claims, "
-            "policy_ids, policy_version, message, size, options) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                hold_id,
-                held.received_at.astimezone(UTC).isoformat(),
-                held.sender,
-                json.dumps(list(held.recipients)),
-                claims.user,
-                claims.device.id,
-                json.dumps(claims.to_json()),
-                json.dumps(list(held.decision.policy_ids)),
-                held.decision.policy_version,
-                held.content,
-                len(held.content),
-                json.dumps(list(held.options)),
-            ),
+        values = (
+            hold_id,
+            held.received_at.astimezone(UTC).isoformat(),
+            held.sender,
+            json.dumps(list(held.recipients)),
+            claims.user,
+            claims.device.id,
+            json.dumps(claims.to_json()),
+            json.dumps(list(held.decision.policy_ids)),
+            held.decision.policy_version,
+            len(held.content),
+            json.dumps(list(held.options)),
+            0,
+            None,
         )
+        self._transaction(lambda: self._insert_held(values, held.content))
         return hold_id
 
     def select(self, where: HoldFilter = HoldFilter(), limit: int = 1000) -> list[HeldMessage]:
@@ -529,13 +569,13 @@ class HoldStore:
 
     def get(self, hold_id: str, with_content: bool = True) -> HeldMessage | None:
         rows = self._read(
-            f"SELECT {_COLUMNS}, message FROM held WHERE hold_id = ?",
+            f"SELECT {_COLUMNS} FROM held WHERE hold_id = ?",
             (hold_id,),  # fixed column list, values bound as parameters
         )
         if not rows:
             return None
         (row,) = rows
-        return _row(row, bytes(row["message"]) if with_content else None)
+        return _row(row, self.content(hold_id) if with_content else None)
 
     def due(
         self, now: datetime, device_id: str | None = None, limit: int = 500, after: int = 0
@@ -552,14 +592,15 @@ class HoldStore:
 
     def content(self, hold_id: str) -> bytes | None:
         """One held message's bytes (None if it is gone: released or dropped meanwhile)."""
-        rows = self._read("SELECT message FROM held WHERE hold_id = ?", (hold_id,))
+        rows = self._read(_BODY.format("b.message", "h.message"), (hold_id,))
         return bytes(rows[0][0]) if rows else None
 
     def headers(self, hold_id: str) -> bytes:
         """The header block of a held message (for a bounce), at most HEADER_LIMIT bytes
         read, whatever the message's size."""
         rows = self._read(
-            "SELECT substr(message, 1, ?) FROM held WHERE hold_id = ?", (HEADER_LIMIT, hold_id)
+            _BODY.format("substr(b.message, 1, ?)", "substr(h.message, 1, ?)"),
+            (HEADER_LIMIT, HEADER_LIMIT, hold_id),
         )
         if not rows:
             return b""
@@ -597,33 +638,33 @@ class HoldStore:
         """Record a release attempt's outcome in one transaction: the bounce (if any) is
         stored as a new held message addressed to the sender, and the original is deleted
         or keeps only the recipients to retry."""
-        with self._errors("write"):
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._settle(settlement)
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                raise
+        self._transaction(lambda: self._settle(settlement))
 
     def _settle(self, settlement: Settlement) -> None:
         hold_id = settlement.hold_id
         if settlement.bounce is not None:
-            self._db.execute(
-                "INSERT INTO held (hold_id, received_at, sender, recipients, user, device_id, "
-                "claims, policy_ids, policy_version, message, size, release_requested, "
-                "bounce_of) SELECT ?, ?, '', json_array(sender), user, device_id, claims, "
-                "policy_ids, policy_version, ?, ?, 1, hold_id FROM held WHERE hold_id = ?",
-                (
+            rows = self._db.execute(
+                "SELECT sender, user, device_id, claims, policy_ids, policy_version FROM held "
+                "WHERE hold_id = ?",
+                (hold_id,),
+            ).fetchall()
+            for row in rows:  # none if an admin dropped it meanwhile: no bounce then
+                values = (
                     uuid.uuid4().hex,
                     settlement.at.astimezone(UTC).isoformat(),
-                    settlement.bounce,
+                    "",
+                    json.dumps([row["sender"]]),
+                    row["user"],
+                    row["device_id"],
+                    row["claims"],
+                    row["policy_ids"],
+                    row["policy_version"],
                     len(settlement.bounce),
+                    "[]",
+                    1,  # released whatever the device's state: it goes to the sender
                     hold_id,
-                ),
-            )
+                )
+                self._insert_held(values, settlement.bounce)
         if settlement.retry:
             self._db.execute(
                 "UPDATE held SET recipients = ?, attempts = attempts + 1, next_attempt = ?, "
@@ -682,15 +723,29 @@ class HoldStore:
             (next_attempt, error, hold_id),
         )
 
-    def record_devices(self, seen: Sequence[tuple[DeviceClaims, float]]) -> None:
-        """Upsert the inventory in one transaction (called in batches, not per AUTH)."""
+    def record_devices(self, seen: Sequence[tuple[DeviceClaims, float, Access]]) -> None:
+        """Upsert the inventory in one transaction (called in batches, not per AUTH): the
+        claims, and when the device last sent or synced mail."""
         if not seen:
             return
         self._write(
-            "INSERT INTO devices (device_id, user, claims, last_seen) VALUES (?, ?, ?, ?) "
+            "INSERT INTO devices (device_id, user, claims, last_seen, last_send, last_sync) "
+            "VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(device_id) DO UPDATE SET user = excluded.user, claims = excluded.claims, "
-            "last_seen = excluded.last_seen",
-            many=[(c.device.id, c.user, json.dumps(c.to_json()), at) for c, at in seen],
+            "last_seen = max(devices.last_seen, excluded.last_seen), "
+            "last_send = coalesce(excluded.last_send, devices.last_send), "
+            "last_sync = coalesce(excluded.last_sync, devices.last_sync)",
+            many=[
+                (
+                    c.device.id,
+                    c.user,
+                    json.dumps(c.to_json()),
+                    at,
+                    at if access is Access.SEND else None,
+                    at if access is Access.SYNC else None,
+                )
+                for c, at, access in seen
+            ],
         )
 
     def claim_notice(self, device_id: str, policy_id: str, phase: str, now: datetime) -> bool:
@@ -715,6 +770,23 @@ class HoldStore:
             (seen_since.timestamp(),),
         )
         return [DeviceClaims.from_json(json.loads(row[0])) for row in rows]
+
+    def device_accesses(self, seen_since: datetime) -> dict[str, frozenset[Access]]:
+        """What each device seen since then used the gateway for. A device recorded before
+        the gateway told sending from syncing apart has neither: it counts as both."""
+        rows = self._read(
+            "SELECT device_id, last_send, last_sync FROM devices WHERE last_seen >= ?",
+            (seen_since.timestamp(),),
+        )
+        accesses: dict[str, frozenset[Access]] = {}
+        for row in rows:
+            used = frozenset(
+                access
+                for access, at in ((Access.SEND, row["last_send"]), (Access.SYNC, row["last_sync"]))
+                if at is not None
+            )
+            accesses[row["device_id"]] = used or frozenset(Access)
+        return accesses
 
     def prune_devices(self, seen_before: datetime) -> int:
         return self._write("DELETE FROM devices WHERE last_seen < ?", (seen_before.timestamp(),))
@@ -826,8 +898,11 @@ class AsyncHoldStore:
     ) -> list[HeldMessage]:
         return await self._run(lambda store: store.expired(before, limit, after))
 
-    async def record_devices(self, seen: Sequence[tuple[DeviceClaims, float]]) -> None:
+    async def record_devices(self, seen: Sequence[tuple[DeviceClaims, float, Access]]) -> None:
         await self._run(lambda store: store.record_devices(seen))
+
+    async def device_accesses(self, seen_since: datetime) -> dict[str, frozenset[Access]]:
+        return await self._run(lambda store: store.device_accesses(seen_since))
 
     async def claim_notice(self, device_id: str, policy_id: str, phase: str, now: datetime) -> bool:
         return await self._run(lambda store: store.claim_notice(device_id, policy_id, phase, now))

@@ -9,9 +9,9 @@ newly block more devices than configured, unless the change says it knows
 
 Access: a policy narrowed by ``scope.access`` changes only the decisions of devices that
 do that (a send-only ban counts devices that send), so each device is decided for each
-access it uses, and a change row says for which access(es) it holds. The inventory does
-not record yet whether a device sends or syncs: until it does, callers pass no
-``accesses_of`` and every inventoried device counts as doing both.
+access it uses (``accesses_of``: the inventory's record of its last send and last sync),
+and a change row says for which access(es) it holds. Without ``accesses_of`` every
+device counts as doing both.
 """
 
 from __future__ import annotations

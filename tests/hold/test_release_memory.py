@@ -8,6 +8,7 @@ RSS of a serving process across release ticks.
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.hold.store import HoldStore
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import RunningGateway, running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
@@ -108,3 +110,38 @@ async def test_expiry_pages_and_reads_only_headers(tmp_path: Path, issuer: TestI
             bounces = await upstream.wait_for(MESSAGES)
     assert {b.sender for b in bounces} == {""}
     assert max(len(b.content) for b in bounces) < 16 * 1024
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read()/pread() (Linux /proc/self/io rchar)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+async def test_a_pass_reads_metadata_from_disk_not_the_bodies(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    """Bodies live apart from metadata (held_bodies): SQLite reads a row's columns in
+    order, so metadata after a BLOB in the same row made every pass read every body."""
+    if not os.path.exists("/proc/self/io"):  # noqa: ASYNC240
+        pytest.skip("needs Linux /proc/self/io")
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            tmp_path, issuer=issuer, upstream_port=upstream.port,
+            policies={"ban.toml": tiktok_ban("hold")},
+        )  # fmt: skip
+        async with running_gateway(config, release_tick=60) as gateway:
+            await _hold_big_messages(gateway, issuer)
+    # A fresh connection, so that nothing is in SQLite's page cache.
+    store = HoldStore(tmp_path / "hold.db")
+    try:
+        before = _bytes_read()
+        due = store.due(datetime.now(UTC) + timedelta(days=1))
+        read = _bytes_read() - before
+        assert len(due) == MESSAGES
+        assert read < MIB, f"{read / MIB:.1f} MiB read to list {MESSAGES} x 1 MiB held"
+        assert store.content(due[0].hold_id) is not None
+    finally:
+        store.close()

@@ -22,6 +22,7 @@ import pytest
 
 from gateway.config.settings import load_settings
 from gateway.domain import (
+    Access,
     Action,
     Decision,
     Device,
@@ -78,7 +79,7 @@ def filled(path: Path, messages: int = 5) -> Path:
     store = HoldStore(path)
     for n in range(messages):
         store.hold(held(n))
-    store.record_devices([(claims(n), NOW.timestamp()) for n in range(messages)])
+    store.record_devices([(claims(n), NOW.timestamp(), Access.SEND) for n in range(messages)])
     store.claim_notice("phone-1", "remove-tiktok", "enforce", NOW)
     store.close()
     return path
@@ -163,7 +164,7 @@ def test_record_devices_against_a_locked_store(tmp_path: Path) -> None:
     try:
         other.execute("BEGIN EXCLUSIVE")
         with pytest.raises(HoldStoreError) as raised:
-            store.record_devices([(claims(9), NOW.timestamp())])
+            store.record_devices([(claims(9), NOW.timestamp(), Access.SEND)])
         message = str(raised.value)
         assert str(path) in message
         assert "locked" in message
@@ -171,7 +172,7 @@ def test_record_devices_against_a_locked_store(tmp_path: Path) -> None:
         assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
         other.execute("COMMIT")
         # Nothing was left half-open: the same call works once the lock is gone.
-        store.record_devices([(claims(9), NOW.timestamp())])
+        store.record_devices([(claims(9), NOW.timestamp(), Access.SEND)])
         assert "phone-9" in {c.device.id for c in store.devices(NOW - timedelta(days=1))}
     finally:
         other.close()
@@ -180,7 +181,9 @@ def test_record_devices_against_a_locked_store(tmp_path: Path) -> None:
 
 WRITES: dict[str, Callable[[HoldStore], object]] = {
     "hold": lambda store: store.hold(held(7)),
-    "record_devices": lambda store: store.record_devices([(claims(7), NOW.timestamp())]),
+    "record_devices": lambda store: store.record_devices(
+        [(claims(7), NOW.timestamp(), Access.SEND)]
+    ),
     "claim_notice": lambda store: store.claim_notice("phone-7", "p", "enforce", NOW),
     "unclaim_notice": lambda store: store.unclaim_notice("phone-1", "remove-tiktok", "enforce"),
     "postpone": lambda store: store.postpone("no-such-id", 0.0, "4.4.0 try later"),

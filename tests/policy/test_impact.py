@@ -8,6 +8,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from gateway.cli import main
@@ -21,6 +22,7 @@ from gateway.testing.harness import running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
 from tests.stories import TIKTOK, tiktok_ban
+from tests.sync.test_dovecot import introspect, write_secrets
 
 BAN = tiktok_ban("hold")
 
@@ -129,7 +131,8 @@ def rows(report_rows: object) -> list[tuple[str, list[str]]]:
 
 
 def test_impact_of_a_sync_only_ban_names_the_access_it_changes() -> None:
-    """Until the inventory records last send and last sync, every device counts as both."""
+    """Without ``accesses_of`` (an inventory from before sends and syncs were told
+    apart), every device counts as both."""
     devices = [phone("p1"), phone("p2", "bob@example.test")]
     report = assess(compiled(), compiled(replace(HOLD_TIKTOK, access=SYNC)), devices, NOW)
     found = report.as_dict()
@@ -177,28 +180,44 @@ def test_the_guard_counts_a_device_blocked_for_both_accesses_once() -> None:
     assert "would newly hold or reject 2 devices (limit 1)" in refusal
 
 
-async def test_impact_command_shows_the_access_of_each_change(
+async def test_impact_counts_the_phones_that_only_sync(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The inventory records what each device was seen doing: a phone that only syncs
+    (its mail app logs in through the sync endpoint, it never sends) counts for a
+    sync-only ban, and a tablet that only sends does not; a send-only ban the reverse."""
     issuer = TestIssuer.generate("k1")
+    phone, tablet, *_ = fleet(issuer)
     async with FakeUpstream.running() as upstream:
-        config = write_config(tmp_path, issuer=issuer, upstream_port=upstream.port)
-        async with running_gateway(config) as gateway:
-            for device in fleet(issuer):
-                assert (await device.send(gateway.port)).data is not None
+        config = write_config(
+            tmp_path, issuer=issuer, upstream_port=upstream.port, sync=write_secrets(tmp_path)
+        )
+        async with (
+            running_gateway(config) as gateway,
+            aiohttp.ClientSession(
+                base_url=f"http://127.0.0.1:{gateway.sync_port}",
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as client,
+        ):
+            status, body = await introspect(client, phone.token())
+            assert (status, body["active"]) == (200, True)
+            assert (await tablet.send(gateway.port)).accepted
         candidate = tmp_path / "candidate"
         shutil.copytree(tmp_path / "policies", candidate)
         (candidate / "ban.toml").write_text(BAN + 'scope.access = ["sync"]\n')
         capsys.readouterr()
         assert main(["impact", str(candidate), "--config", str(config)]) == 0
         out = capsys.readouterr().out
-        assert "every device counts as sending and syncing" in out
-        assert "newly held:      2 device(s), 2 user(s)" in out
-        assert "alice-phone" in out
-        held = [line for line in out.splitlines() if "alice-phone" in line]
-        assert held == [held[0]]
-        assert " sync " in held[0]
-        assert "allow -> hold  remove-tiktok" in held[0]
+        assert "2 device(s) seen" in out
+        assert "each device counts for what it was seen doing" in out
+        assert "newly held:      1 device(s), 1 user(s)" in out
+        (held,) = [line for line in out.splitlines() if "alice-phone" in line]
+        assert " sync " in held
+        assert "allow -> hold  remove-tiktok" in held
         assert main(["impact", str(candidate), "--json", "--config", str(config)]) == 0
         report = json.loads(capsys.readouterr().out)
-        assert rows(report["newly_held"]) == [("alice-phone", ["sync"]), ("carol-tablet", ["sync"])]
+        assert rows(report["newly_held"]) == [("alice-phone", ["sync"])]
+        (candidate / "ban.toml").write_text(BAN + 'scope.access = ["send"]\n')
+        assert main(["impact", str(candidate), "--json", "--config", str(config)]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert rows(report["newly_held"]) == [("carol-tablet", ["send"])]
