@@ -12,15 +12,17 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from gateway import __version__
 from gateway.config.settings import Settings, default_config_path, load_settings
 from gateway.domain import Access, PolicyMatch
 from gateway.errors import ConfigError, GatewayError, PolicyLoadError, Problem, TokenError
 from gateway.policy.engine import compile_policy_set, decide
-from gateway.policy.loader import load_policy_dir, policy_files
+from gateway.policy.loader import ignored_files, load_policy_dir, policy_files
 
 if TYPE_CHECKING:
+    from gateway.hold.store import HeldMessage, HoldFilter, HoldStore
     from gateway.policy.model import PolicySet
     from gateway.tokens.keyring import KeyRing
 
@@ -57,40 +59,88 @@ def _print_json(value: object) -> None:
 # --- check -------------------------------------------------------------------------------
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _check_target(
+    args: argparse.Namespace,
+) -> tuple[Path, list[Path] | None, dict[str, frozenset[str]]]:
+    """(directory, the one file to check or None for the whole directory, groups)."""
     config_path = Path(args.config) if args.config else default_config_path()
     groups: dict[str, frozenset[str]] = {}
-    directory: Path | None = Path(args.policy_dir) if args.policy_dir else None
+    target: Path | None = Path(args.policy_dir) if args.policy_dir else None
     if config_path.exists():
         settings = load_settings(config_path)
         groups = dict(settings.groups)
-        directory = directory or settings.policy_dir
-    elif directory is None:
+        target = target or settings.policy_dir
+    elif target is None:
         raise CliError(f"no policy directory given and no configuration at {config_path}")
-    assert directory is not None
+    assert target is not None
+    if target.is_file():
+        return target.parent, [target], groups
+    if target.exists() and not target.is_dir():
+        raise CliError(f"{target} is neither a policy directory nor a policy file")
+    return target, None, groups
+
+
+def _check_warnings(
+    directory: Path, files: list[Path] | None, policies: int
+) -> list[dict[str, str]]:
+    warnings: list[dict[str, str]] = []
+    if files is None:
+        warnings = [
+            {"file": str(path), "message": f"ignored: {why}"}
+            for path, why in ignored_files(directory)
+        ]
+        if policies == 0:
+            warnings.append(
+                {
+                    "file": str(directory),
+                    "message": "no policies: deployed, this set would end every policy in force",
+                }
+            )
+    elif not files[0].name.endswith(".toml") or files[0].name.startswith("."):
+        warnings.append(
+            {
+                "file": str(files[0]),
+                "message": "the gateway ignores this file in a policy directory (only *.toml are read)",
+            }
+        )
+    return warnings
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    directory, files, groups = _check_target(args)
+    shown = str(files[0]) if files else str(directory)
     try:
-        policy_set = load_policy_dir(directory, groups)
+        policy_set = load_policy_dir(directory, groups, files=files)
     except PolicyLoadError as exc:
+        warnings = _check_warnings(directory, files, policies=-1)
         if args.json:
             _print_json(
                 {
+                    "schema": 1,
                     "ok": False,
-                    "directory": str(directory),
+                    "directory": shown,
                     "problems": [
                         {"file": p.file, "line": p.line, "key": p.key, "message": p.message}
                         for p in exc.problems
                     ],
+                    "warnings": warnings,
                 }
             )
         else:
             for problem in exc.problems:
-                print(problem)
+                print(_terminal_safe(str(problem)))
+            for warning in warnings:
+                print(
+                    _terminal_safe(f"warning: {warning['file']}: {warning['message']}"),
+                    file=sys.stderr,
+                )
             print(
-                f"{len(exc.problems)} problem(s) in {directory}; nothing was changed",
+                f"{len(exc.problems)} problem(s) in {_terminal_safe(shown)}; nothing was changed",
                 file=sys.stderr,
             )
         return EXIT_BAD
-    files = policy_files(directory)
+    checked = files if files is not None else policy_files(directory)
+    warnings = _check_warnings(directory, files, len(policy_set.policies))
     states: dict[str, int] = {}
     for policy in policy_set.policies:
         states[policy.state.value] = states.get(policy.state.value, 0) + 1
@@ -98,21 +148,30 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(
             {
+                "schema": 1,
                 "ok": True,
-                "directory": str(directory),
+                "directory": shown,
                 "version": policy_set.version,
-                "files": len(files),
+                "files": len(checked),
                 "policies": len(policy_set.policies),
                 "states": states,
                 # Policies narrowed by scope.access; every other one gates both.
                 "access_only": narrowed,
+                "warnings": warnings,
             }
         )
     else:
+        for warning in warnings:
+            print(
+                _terminal_safe(f"warning: {warning['file']}: {warning['message']}"), file=sys.stderr
+            )
         summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no policies"
+        version = f", version {policy_set.version}" if files is None else ""
         print(
-            f"{directory}: OK, {len(policy_set.policies)} policies in {len(files)} file(s) "
-            f"({summary}), version {policy_set.version}"
+            _terminal_safe(
+                f"{shown}: OK, {len(policy_set.policies)} policies in {len(checked)} file(s) "
+                f"({summary}){version}"
+            )
         )
         if any(narrowed.values()):
             counts = ", ".join(
@@ -175,6 +234,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(
                 {
+                    "schema": 1,
                     "at": now.isoformat(),
                     "token": {"valid": False, "reason": exc.reason, "error": str(exc)},
                 }
@@ -203,6 +263,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(
             {
+                "schema": 1,
                 "at": now.isoformat(),
                 "access": access.value,
                 "token": {"valid": True, "claims": claims.summary()},
@@ -256,7 +317,20 @@ _ACCESS_TEXT = {
 def cmd_token_keygen(args: argparse.Namespace) -> int:
     from gateway.tokens.mint import write_dev_key_pair
 
-    private_path, public_path = write_dev_key_pair(Path(args.out), kid=args.kid)
+    out = Path(args.out)
+    existing = [
+        path
+        for path in (out / "dev-issuer.private.jwk.json", out / "dev-issuer.jwks.json")
+        if path.exists()
+    ]
+    if existing and not args.force:
+        print(
+            f"gateway: {', '.join(map(str, existing))} already exist(s); "
+            "tokens signed with the old key would stop verifying. Add --force to replace.",
+            file=sys.stderr,
+        )
+        return EXIT_BAD
+    private_path, public_path = write_dev_key_pair(out, kid=args.kid)
     print(f"wrote {private_path} (DEVELOPMENT private key: NOT FOR PRODUCTION)")
     print(f"wrote {public_path} (public JWKS: list it under [[tokens.issuers]] keys)")
     return EXIT_OK
@@ -372,9 +446,23 @@ def cmd_test(args: argparse.Namespace) -> int:
     return EXIT_BAD if failed else EXIT_OK
 
 
+# What shtab completes an argument with (shtab.FILE and shtab.DIRECTORY, spelled out so
+# that only `gateway completion` imports shtab).
+_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+_DIRECTORY = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/", "tcsh": "d"}
+
+
+def _completes(action: argparse.Action, what: dict[str, str]) -> argparse.Action:
+    action.complete = what  # type: ignore[attr-defined]  # read by shtab
+    return action
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", help="gateway.toml (default: $GATEWAY_CONFIG or config/gateway.toml)"
+    _completes(
+        parser.add_argument(
+            "--config", help="gateway.toml (default: $GATEWAY_CONFIG or config/gateway.toml)"
+        ),
+        _FILE,
     )
 
 
@@ -383,18 +471,30 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gateway",
         description="Compliance Gateway: SMTP submission gated on device compliance.",
     )
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser(
         "check", help="validate a policy directory (exit 1 listing every problem)"
     )
-    check.add_argument("policy_dir", nargs="?", help="default: policy_dir from the configuration")
+    _completes(
+        check.add_argument(
+            "policy_dir",
+            nargs="?",
+            metavar="PATH",
+            help="a policy directory, or one policy file (default: policy_dir from the configuration)",
+        ),
+        _FILE,
+    )
     check.add_argument("--json", action="store_true")
     _add_config(check)
     check.set_defaults(func=cmd_check)
 
     explain = sub.add_parser("explain", help="verify a token and explain the decision for it")
-    explain.add_argument("--token", required=True, help="token file, or - for standard input")
+    _completes(
+        explain.add_argument("--token", required=True, help="token file, or - for standard input"),
+        _FILE,
+    )
     explain.add_argument(
         "--at", help="evaluate as if now were this ISO 8601 time (token checks too)"
     )
@@ -411,8 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="development tokens (never for production)")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     keygen = token_sub.add_parser("keygen", help="write a development Ed25519 key pair")
-    keygen.add_argument("--out", default="config/keys", help="directory (default: config/keys)")
+    _completes(
+        keygen.add_argument(
+            "--out", default="config/keys", help="directory (default: config/keys)"
+        ),
+        _DIRECTORY,
+    )
     keygen.add_argument("--kid", default="dev-1")
+    keygen.add_argument(
+        "--force", action="store_true", help="replace a key pair that is already there"
+    )
     _add_config(keygen)
     keygen.set_defaults(func=cmd_token_keygen)
 
@@ -430,8 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--posture", action="append", default=[], help="FLAG=true|false (repeat)")
     mint.add_argument("--lifetime", type=int, default=900, help="seconds (default 900)")
     mint.add_argument("--at", help="issue time, ISO 8601 (default: now)")
-    mint.add_argument(
-        "--key", help="private JWK (default: keys/dev-issuer.private.jwk.json beside the config)"
+    _completes(
+        mint.add_argument(
+            "--key",
+            help="private JWK (default: keys/dev-issuer.private.jwk.json beside the config)",
+        ),
+        _FILE,
     )
     mint.add_argument("--issuer", help="default: the first configured issuer")
     mint.add_argument("--audience", help="default: the configured audience")
@@ -451,12 +563,23 @@ def build_parser() -> argparse.ArgumentParser:
     impact = sub.add_parser(
         "impact", help="who a policy change would newly block or release (device inventory)"
     )
-    impact.add_argument(
-        "candidate_dir",
-        nargs="?",
-        help="candidate policy directory (default: impact of the live set)",
+    _completes(
+        impact.add_argument(
+            "candidate_dir",
+            nargs="?",
+            help="candidate policy directory (default: impact of the live set)",
+        ),
+        _DIRECTORY,
     )
     impact.add_argument("--at", help="evaluate at this ISO 8601 time (default: now)")
+    _completes(
+        impact.add_argument(
+            "--inventory",
+            metavar="FILE",
+            help="the hold database holding the device inventory (default: [hold] database)",
+        ),
+        _FILE,
+    )
     impact.add_argument("--json", action="store_true")
     _add_config(impact)
     impact.set_defaults(func=cmd_impact)
@@ -488,12 +611,49 @@ def build_parser() -> argparse.ArgumentParser:
         "test",
         help="run policy test cases: described devices and the decisions expected (exit 1 on a failure)",
     )
-    test.add_argument("policy_dir", help="the policy directory to test")
-    test.add_argument("cases", help="a TOML file of [[case]] tables (docs/policies.md)")
-    test.add_argument("--junit", metavar="FILE", help="also write JUnit XML for CI")
+    _completes(test.add_argument("policy_dir", help="the policy directory to test"), _DIRECTORY)
+    _completes(
+        test.add_argument("cases", help="a TOML file of [[case]] tables (docs/policies.md)"), _FILE
+    )
+    _completes(
+        test.add_argument("--junit", metavar="FILE", help="also write JUnit XML for CI"), _FILE
+    )
     test.add_argument("--json", action="store_true")
     _add_config(test)
     test.set_defaults(func=cmd_test)
+
+    config = sub.add_parser(
+        "config",
+        help="print the effective configuration, defaults included, secrets masked",
+    )
+    config.add_argument(
+        "-n",
+        dest="changed_only",
+        action="store_true",
+        help="only the settings that differ from their defaults (as postconf -n)",
+    )
+    config.add_argument("--json", action="store_true")
+    _add_config(config)
+    config.set_defaults(func=cmd_config)
+
+    status = sub.add_parser(
+        "status",
+        help="ask the running gateway for its state over the admin port (exit 1 if not ready)",
+    )
+    status.add_argument(
+        "--admin", metavar="HOST:PORT", help="the admin listener (default: [admin] listen)"
+    )
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    status.add_argument("--json", action="store_true")
+    _add_config(status)
+    status.set_defaults(func=cmd_status)
+
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash, zsh or tcsh), generated from these options",
+    )
+    completion.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    completion.set_defaults(func=cmd_completion)
 
     demo = sub.add_parser(
         "demo", help="play the story (ban, deadline, retraction) end to end on loopback"
@@ -518,28 +678,64 @@ def cmd_impact(args: argparse.Namespace) -> int:
         candidate = compile_policy_set(load_policy_dir(Path(args.candidate_dir), settings.groups))
     else:  # no candidate: what the live policies do, compared with having none
         candidate, live = live, compile_policy_set(PolicySet((), "none", settings.groups))
-    store = HoldStore(settings.hold.database)
+    inventory = Path(args.inventory) if args.inventory else settings.hold.database
+    since = now - settings.inventory_retention
+    source = {
+        "source": str(inventory),
+        "seen_since": since.isoformat(),
+        "retention_days": settings.inventory_retention.days,
+    }
+    if not inventory.is_file():
+        return _impact_refused(
+            args,
+            source,
+            f"no device inventory at {inventory}: it is the hold database a running gateway "
+            "writes ([hold] database); run impact where the gateway runs, or give --inventory",
+        )
+    store = HoldStore(inventory)
     try:
-        devices = store.devices(now - settings.inventory_retention)
-        accesses = store.device_accesses(now - settings.inventory_retention)
+        devices = store.devices(since)
+        accesses = store.device_accesses(since)
+        known = 0 if devices else len(store.devices(datetime.fromtimestamp(0, UTC)))
     finally:
         store.close()
+    if not devices:
+        older = f" ({known} seen before then)" if known else ""
+        return _impact_refused(
+            args,
+            source,
+            f"the inventory at {inventory} has no device seen since {since:%Y-%m-%d}{older}: "
+            "impact cannot say whom a change affects (the gateway records each device as it "
+            "authenticates)",
+        )
     every = frozenset(Access)
     report = assess(
         live, candidate, devices, now, accesses_of=lambda c: accesses.get(c.device.id, every)
     )
+    diff = PolicyDiff.between(live.source, candidate.source)
+    refusal = blast_radius_refusal(report, candidate, diff, settings.max_newly_blocked_devices)
+    code = EXIT_BAD if refusal is not None else EXIT_OK
     if args.json:
         _print_json(
             {
+                "schema": 1,
+                "ok": refusal is None,
                 "at": now.isoformat(),
+                "inventory": {**source, "devices": len(devices)},
                 "live_version": live.version,
                 "candidate_version": candidate.version,
                 **report.as_dict(),
+                "guard": {
+                    "limit": settings.max_newly_blocked_devices,
+                    "refused": refusal is not None,
+                    "reason": refusal,
+                },
             }
         )
-        return EXIT_OK
+        return code
     print(
-        f"{report.devices} device(s) seen in the last {settings.inventory_retention.days} days, at {now.isoformat()}"
+        f"{report.devices} device(s) seen in the last {settings.inventory_retention.days} days, "
+        f"at {now.isoformat()} (inventory: {inventory})"
     )
     if live.narrowed or candidate.narrowed:
         print(
@@ -559,25 +755,72 @@ def cmd_impact(args: argparse.Namespace) -> int:
         print(f"{title + ':':<16} {devices_in} device(s), {len({r['user'] for r in rows})} user(s)")
         for row in rows:
             print(
-                f"    {row['device_id']:<24} {row['user']:<30} {'+'.join(row['access']):<10} "
-                f"{row['before']} -> {row['after']}  {','.join(row['policy_ids'])}"
+                _terminal_safe(
+                    f"    {row['device_id']:<24} {row['user']:<30} {'+'.join(row['access']):<10} "
+                    f"{row['before']} -> {row['after']}  {','.join(row['policy_ids'])}"
+                )
             )
-    diff = PolicyDiff.between(live.source, candidate.source)
-    refusal = blast_radius_refusal(report, candidate, diff, settings.max_newly_blocked_devices)
     if refusal is not None:
         print(f"guard: the reload will be refused: {refusal}")
-    return EXIT_OK
+    return code
+
+
+def _impact_refused(args: argparse.Namespace, source: dict[str, object], reason: str) -> int:
+    """No inventory to assess against: saying "0 devices affected" would be a lie."""
+    if args.json:
+        _print_json(
+            {"schema": 1, "ok": False, "inventory": {**source, "devices": 0}, "error": reason}
+        )
+    else:
+        print(f"gateway: impact: {reason}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 # --- hold --------------------------------------------------------------------------------
 
 
-def _hold_filter(args: argparse.Namespace) -> tuple[Any, list[str]]:
+def _hold_filter(args: argparse.Namespace) -> tuple[HoldFilter, list[str]]:
     from gateway.hold.store import HoldFilter
 
-    return HoldFilter(user=args.user, device_id=args.device, policy_id=args.policy), list(
-        getattr(args, "ids", []) or []
+    return HoldFilter(
+        user=getattr(args, "user", None),
+        device_id=getattr(args, "device", None),
+        policy_id=getattr(args, "policy", None),
+    ), list(getattr(args, "ids", []) or [])
+
+
+def _hold_line(held: HeldMessage) -> str:
+    flag = " (release requested)" if held.release_requested else ""
+    return _terminal_safe(
+        f"{held.hold_id}  {held.received_at:%Y-%m-%d %H:%M}  {held.user:<28} {held.device_id:<16} "
+        f"{','.join(held.policy_ids):<20} {held.size:>8} B{flag}"
     )
+
+
+def _hold_show(store: HoldStore, args: argparse.Namespace) -> int:
+    message = store.get(args.hold_id)
+    if message is None:
+        print(
+            f"gateway: no held message {_terminal_safe(repr(args.hold_id))} "
+            "(gateway hold list shows the ids)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD
+    if args.json:
+        _print_json(
+            {"schema": 1, "message": {**message.summary(), "claims": message.claims.summary()}}
+        )
+        return EXIT_OK
+    for key, value in message.summary().items():
+        print(_terminal_safe(f"{key + ':':<18} {value}"))
+    for key, value in message.claims.summary().items():
+        if key not in ("user", "device_id"):
+            print(_terminal_safe(f"{key + ':':<18} {value}"))
+    print()
+    headers = (message.content or b"").split(b"\r\n\r\n", 1)[0]
+    for line in headers.decode("utf-8", "replace").split("\r\n"):
+        print(_terminal_safe(line))
+    return EXIT_OK
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
@@ -586,51 +829,38 @@ def cmd_hold(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = HoldStore(settings.hold.database)
     try:
+        if args.hold_command == "show":
+            return _hold_show(store, args)
         where, ids = _hold_filter(args)
         if args.hold_command == "list":
             held = store.select(where)
             if args.json:
-                _print_json([h.summary() for h in held])
+                _print_json({"schema": 1, "messages": [h.summary() for h in held]})
             else:
                 for h in held:
-                    flag = " (release requested)" if h.release_requested else ""
-                    print(
-                        f"{h.hold_id}  {h.received_at:%Y-%m-%d %H:%M}  {h.user:<28} {h.device_id:<16} "
-                        f"{','.join(h.policy_ids):<20} {h.size:>8} B{flag}"
-                    )
+                    print(_hold_line(h))
                 print(f"{len(held)} held message(s)", file=sys.stderr)
-            return EXIT_OK
-        if args.hold_command == "show":
-            message = store.get(args.hold_id)
-            if message is None:
-                raise CliError(f"no held message {args.hold_id}")
-            if args.json:
-                _print_json({**message.summary(), "claims": message.claims.summary()})
-            else:
-                for key, value in message.summary().items():
-                    print(f"{key + ':':<18} {value}")
-                print()
-                headers = (message.content or b"").split(b"\r\n\r\n", 1)[0]
-                print(headers.decode("utf-8", "replace"))
             return EXIT_OK
         if not ids and where == type(where)() and not args.all:
             raise CliError("name hold ids, or a filter (--user, --device, --policy), or --all")
         if args.hold_command == "release":
             count = store.request_release(where, ids)
-            print(
-                f"{count} message(s) marked for release; the running gateway relays them within seconds"
-            )
+            text = f"{count} message(s) marked for release; the running gateway relays them within seconds"
         else:
             count = store.drop(where, ids)
-            print(f"{count} message(s) dropped")
+            text = f"{count} message(s) dropped"
         _audit_hold(args, where, ids, count, settings.hold.database)
+        if args.json:
+            _print_json({"schema": 1, "action": args.hold_command, "count": count})
+        else:
+            print(text)
         return EXIT_OK
     finally:
         store.close()
 
 
 def _audit_hold(
-    args: argparse.Namespace, where: Any, ids: list[str], count: int, database: Path
+    args: argparse.Namespace, where: HoldFilter, ids: list[str], count: int, database: Path
 ) -> None:
     """Who did what to held mail: one JSON line on stderr (the server logs each release
     it then makes as ``released`` with ``requested: true``)."""
@@ -653,6 +883,108 @@ def _audit_hold(
         count=count,
         database=str(database),
     )
+
+
+# --- config ------------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from gateway.config.show import effective, render
+
+    settings = _settings(args)
+    entries = effective(settings)
+    if args.json:
+        if args.changed_only:
+            entries = [e for e in entries if not e.is_default and e.value is not None]
+        _print_json(
+            {"schema": 1, "config": str(settings.path), "settings": [e.as_dict() for e in entries]}
+        )
+        return EXIT_OK
+    print(
+        f"# effective configuration of {settings.path}"
+        + (" (non-defaults only)" if args.changed_only else "")
+    )
+    sys.stdout.write(_terminal_safe_lines(render(entries, changed_only=args.changed_only)))
+    return EXIT_OK
+
+
+def _terminal_safe_lines(text: str) -> str:
+    return "".join(_terminal_safe(line) + "\n" for line in text.splitlines())
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def _admin_address(args: argparse.Namespace) -> str:
+    if args.admin:
+        return str(args.admin)
+    settings = _settings(args)
+    if settings.admin_listen is None:
+        raise CliError("no [admin] listen in the configuration: status asks the admin port")
+    host, port = settings.admin_listen.host, settings.admin_listen.port
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104  # a wildcard listener: ask over loopback
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    address = _admin_address(args)
+    url = f"http://{address}/status"
+    try:
+        with urllib.request.urlopen(
+            url, timeout=args.timeout
+        ) as response:  # http to the admin port only
+            status = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(
+            f"gateway: status: {url} answered {exc.code}; is this a gateway's admin port?",
+            file=sys.stderr,
+        )
+        return EXIT_BAD
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        print(f"gateway: status: no gateway answers at {address} ({reason})", file=sys.stderr)
+        return EXIT_BAD
+    code = EXIT_OK if status.get("ready") else EXIT_BAD
+    if args.json:
+        _print_json({**status, "admin": address})
+        return code
+    reload = status.get("last_reload") or {}
+    outcome = {True: "ok", False: "FAILED (the last good set still serves)", None: "none yet"}[
+        reload.get("ok")
+    ]
+    lines = [
+        f"gateway {status.get('version')} at {address}: {status.get('readiness')}",
+        f"policies:  version {status.get('policy_version')}; last reload {outcome}"
+        f" ({reload.get('trigger')}); last good load {reload.get('last_success_at')}",
+        f"held:      {status.get('held_messages')} message(s)",
+        f"sessions:  {status.get('sessions_active')} open",
+    ]
+    upstreams = status.get("upstreams") or []
+    if not upstreams:
+        lines.append("upstreams: no per-target health reported by this gateway")
+    for sample in upstreams:
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(sample["labels"].items()))
+        lines.append(f"upstream:  {sample['metric']}{{{labels}}} = {sample['value']:g}")
+    for line in lines:
+        print(_terminal_safe(line))
+    return code
+
+
+# --- completion --------------------------------------------------------------------------
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """The script comes from the parser itself (shtab), so it never drifts from the options.
+
+    bash: ``source <(gateway completion bash)``; zsh: write it as ``_gateway`` on $fpath."""
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return EXIT_OK
 
 
 # --- serve / demo ------------------------------------------------------------------------
@@ -706,6 +1038,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `gateway ... | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BAD
     return code
 
 

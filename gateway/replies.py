@@ -10,6 +10,12 @@ from dataclasses import dataclass
 
 _ENHANCED_RE = re.compile(r"^(\d{3})[ -](\d\.\d{1,3}\.\d{1,3}) ")
 
+# A multi-line reply passed on from an upstream keeps at most this many lines, each with
+# at most MAX_REPLY_TEXT characters of text: with "550-5.123.123 " and CRLF, a line stays
+# within RFC 5321's 512 octets (s 4.5.3.1.5).
+MAX_REPLY_LINES = 8
+MAX_REPLY_TEXT = 480
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -21,6 +27,22 @@ class Reply:
         # Keep user-facing policy text on one line and in ASCII (RFC 5321 s 4.2).
         text = " ".join(self.text.split()).encode("ascii", "replace").decode()
         return f"{self.code} {self.enhanced} {text}"
+
+    def wire(self) -> str:
+        """What the client is sent: text of several lines ("\\n"-separated, as built for
+        an upstream's multi-line reply) goes as continuation lines, "550-..." then
+        "550 ..." (RFC 5321 s 4.2.1), each with the enhanced code (RFC 2034 s 3);
+        other text as :meth:`line`."""
+        if "\n" not in self.text:
+            return self.line()
+        lines = [
+            " ".join(t.split()).encode("ascii", "replace").decode() for t in self.text.split("\n")
+        ]
+        last = len(lines) - 1
+        return "\r\n".join(
+            f"{self.code}{' ' if n == last else '-'}{self.enhanced} {text}"
+            for n, text in enumerate(lines)
+        )
 
     def with_text(self, text: str) -> Reply:
         return Reply(self.code, self.enhanced, text)

@@ -15,11 +15,13 @@ starts, serves and stops them.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -70,7 +72,12 @@ class GatewayServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.services = Services(settings, clock=clock, spawn=self.spawn)
         self.admin = AdminServer(
-            {"/livez": self._livez, "/readyz": self._readyz, "/metrics": self._metrics}
+            {
+                "/livez": self._livez,
+                "/readyz": self._readyz,
+                "/metrics": self._metrics,
+                "/status": self._status,
+            }
         )
         self.admin_port: int | None = None
         self.sync = SyncServer(self.services.logins, settings.sync)
@@ -253,6 +260,41 @@ class GatewayServer:
             else self.services.unready_reason or ("starting" if not self._servers else "")
         )
         return 503, "text/plain", f"not ready: {reason}\n".encode()
+
+    def _status(self) -> tuple[int, str, bytes]:
+        """What `gateway status` prints: readiness and the figures an admin asks for
+        first, as JSON (schema 1, docs/cli.md)."""
+        services = self.services
+        registry = services.metrics.registry
+        last = services.policies.last_result
+        held = registry.get_sample_value("gateway_held_messages")
+        upstreams = [  # the per-target upstream gauges, whatever /metrics carries
+            {"metric": sample.name, "labels": dict(sample.labels), "value": sample.value}
+            for family in registry.collect()
+            if family.type == "gauge" and family.name.startswith("gateway_upstream")
+            for sample in family.samples
+        ]
+        _, _, readiness = self._readyz()
+        body = {
+            "schema": 1,
+            "version": __version__,
+            "ready": self.ready,
+            "readiness": readiness.decode().strip(),
+            "policy_version": (
+                services.policies.current.version if services.policies.ready else None
+            ),
+            "last_reload": {
+                "ok": last.ok if last else None,
+                "trigger": last.trigger if last else None,
+                "last_success_at": datetime.fromtimestamp(
+                    services.last_good_reload, UTC
+                ).isoformat(),
+            },
+            "held_messages": None if held is None else int(held),
+            "sessions_active": len(self.sessions),
+            "upstreams": upstreams,
+        }
+        return 200, "application/json", json.dumps(body).encode()
 
     def _metrics(self) -> tuple[int, str, bytes]:
         return 200, "text/plain; version=0.0.4; charset=utf-8", self.services.render_metrics()

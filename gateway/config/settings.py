@@ -998,7 +998,7 @@ class Settings:
         default=None,
         metadata=setting(
             HostPort(),
-            "The admin HTTP listener: /livez, /readyz, /metrics.",
+            "The admin HTTP listener: /livez, /readyz, /metrics, /status (gateway status).",
             key="listen",
             section="admin",
             unset="no admin port",

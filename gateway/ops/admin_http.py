@@ -1,4 +1,4 @@
-"""The admin HTTP port, served from the event loop: /livez, /readyz, /metrics.
+"""The admin HTTP port, served from the event loop: /livez, /readyz, /metrics, /status.
 
 HTTP is aiohttp's (gateway/ops/http.py), not ours. Each route is a plain function that
 returns (status, content type, body): probes and scrapes need nothing more.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,22 @@ def policy_files(directory: Path) -> list[Path]:
         for p in directory.iterdir()
         if p.name.endswith(".toml") and not p.name.startswith(".") and p.is_file()
     )
+
+
+def ignored_files(directory: Path) -> list[tuple[Path, str]]:
+    """What a policy directory holds that the loader skips, with why: a ``ban.tml`` typo
+    would otherwise load as "no policies" and, deployed, retract every ban."""
+    if not directory.is_dir():
+        return []
+    ignored: list[tuple[Path, str]] = []
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith("."):
+            ignored.append((path, "hidden (its name starts with a dot)"))
+        elif not path.is_file():
+            ignored.append((path, "not a regular file (subdirectories are not read)"))
+        elif not path.name.endswith(".toml"):
+            ignored.append((path, "not a .toml file"))
+    return ignored
 
 
 def policy_version(
@@ -113,8 +129,10 @@ def load_policy_dir(
     directory: Path,
     groups: Mapping[str, frozenset[str]] | None = None,
     cache: ParseCache | None = None,
+    files: Sequence[Path] | None = None,
 ) -> PolicySet:
-    """Load and validate a policy directory; raises PolicyLoadError listing every problem."""
+    """Load and validate a policy directory (or only ``files`` of it); raises
+    PolicyLoadError listing every problem."""
     groups = {
         name: frozenset(m.casefold() for m in members) for name, members in (groups or {}).items()
     }
@@ -124,7 +142,7 @@ def load_policy_dir(
     contents: list[tuple[str, bytes]] = []
     first_seen: dict[str, SourceRef] = {}
     cache.begin()
-    for path in policy_files(directory):
+    for path in policy_files(directory) if files is None else files:
         name = _display(directory, path)
         try:
             raw = path.read_bytes()

@@ -294,7 +294,7 @@ class SubmissionSMTP(SMTP):
                 await self.write_reply(replies.TOO_MANY_ERRORS)
 
     async def write_reply(self, reply: Reply) -> None:
-        await self.push(reply.line())
+        await self.push(reply.wire())
 
     # --- greeting and EHLO --------------------------------------------------------------
 
@@ -478,7 +478,7 @@ class SubmissionSMTP(SMTP):
             session.transaction = transaction
             envelope.mail_from = address
             envelope.mail_options.extend(options)
-        return reply.line()
+        return reply.wire()
 
     async def on_rcpt(self, session: GatewaySession, envelope: Envelope, address: str) -> str:
         transaction = session.transaction
@@ -487,7 +487,7 @@ class SubmissionSMTP(SMTP):
         reply = await self.submission.rcpt(transaction, address)
         if reply.is_success:
             envelope.rcpt_tos.append(address)
-        return reply.line()
+        return reply.wire()
 
     async def end_transaction(self, session: GatewaySession) -> None:
         transaction, session.transaction = session.transaction, None

@@ -111,6 +111,13 @@ class GatewayRegistry(JWSRegistry):
 MAX_APPS = 5000
 _B64URL_RE = re.compile(rb"^[A-Za-z0-9_-]*$")
 _SUBJECT_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
+# Token text reaches SMTP replies, the notice mail's headers, logs and the admin's
+# terminal: C0 controls (CR LF among them), DEL, C1 controls and the Unicode line and
+# paragraph separators are refused at the door rather than escaped at each exit.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# NumericDates (RFC 7519 s 2) are accepted from 1970 to 3000: far enough from the
+# calendar's ends (year 1, year 9999) that adding the leeway never overflows.
+_LATEST_DATE = datetime(3000, 1, 1, tzinfo=UTC).timestamp()
 
 
 def _b64json(segment: bytes, what: str) -> dict[str, Any]:
@@ -129,6 +136,17 @@ def _b64json(segment: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+def _check_extensions(header: Mapping[str, Any]) -> None:
+    """Refuse ``crit`` and ``b64``: we implement no JWS extension (RFC 7515 s 4.1.11 says
+    a critical one we do not understand makes the token invalid), and under RFC 7797's
+    ``b64: false`` the JOSE library would verify a payload other than the one we read."""
+    for name in ("crit", "b64"):
+        if name in header:
+            raise MalformedToken(
+                f"token header has '{name}': no JWS extension is accepted (RFC 7515 s 4.1.11, RFC 7797)"
+            )
+
+
 def _printable(value: object, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -140,14 +158,25 @@ def _numeric_date(claims: Mapping[str, Any], name: str, required: bool) -> datet
             raise MissingClaim(f"token has no '{name}' claim")
         return None
     value = claims[name]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidClaim(
             f"claim '{name}' must be a number of seconds since the epoch, got {_printable(value)}"
         )
-    try:
-        return datetime.fromtimestamp(value, UTC)
-    except (OverflowError, OSError, ValueError) as exc:
-        raise InvalidClaim(f"claim '{name}' is out of range: {_printable(value)}") from exc
+    if not (math.isfinite(value) and 0 <= value < _LATEST_DATE):
+        raise InvalidClaim(
+            f"claim '{name}' is out of range: {_printable(value)} "
+            "(seconds since 1970 and before the year 3000)"
+        )
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _check_controls(value: str, label: str) -> None:
+    found = _CONTROL_RE.search(value)
+    if found is not None:
+        raise InvalidClaim(
+            f"claim '{label}' contains a control character (U+{ord(found.group()):04X}) "
+            f"at offset {found.start()}; the MDM must send printable text"
+        )
 
 
 def _text(
@@ -162,6 +191,7 @@ def _text(
         raise InvalidClaim(
             f"claim '{label}' must be a non-empty string of at most {limit} characters"
         )
+    _check_controls(value, label)
     return value
 
 
@@ -210,11 +240,15 @@ def claims_from_payload(
         raise InvalidClaim("claim 'apps' must be a list of app identifiers (strings)")
     if len(apps_raw) > MAX_APPS:
         raise InvalidClaim(f"claim 'apps' lists more than {MAX_APPS} apps")
+    for app in apps_raw:
+        _check_controls(app, "apps")
     posture_raw = payload.get("posture", {})
     if not isinstance(posture_raw, dict) or not all(
         isinstance(v, bool) for v in posture_raw.values()
     ):
         raise InvalidClaim("claim 'posture' must be an object of true/false flags")
+    for flag in posture_raw:
+        _check_controls(flag, "posture")
     token_id = _text(payload, "jti", "jti", required=False)
     return subject, device, frozenset(apps_raw), dict(posture_raw), token_id
 
@@ -278,6 +312,7 @@ class TokenVerifier:
                 "token is not a compact JWS (three base64url parts separated by dots)"
             )
         header = _b64json(parts[0], "header")
+        _check_extensions(header)
         alg = header.get("alg")
         if alg not in ALLOWED_ALGORITHMS:
             raise UnsupportedAlgorithm(

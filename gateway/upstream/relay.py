@@ -71,19 +71,45 @@ class Target:
         return f"{self.host}:{self.port}"
 
 
+_CONTROLS_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _bounded(text: str) -> str:
+    """One line of an upstream's reply: controls as spaces, at most MAX_REPLY_TEXT long."""
+    text = " ".join(_CONTROLS_RE.sub(" ", text).split())
+    if len(text) > replies.MAX_REPLY_TEXT:
+        text = text[: replies.MAX_REPLY_TEXT - 3] + "..."
+    return text
+
+
+def _without_enhanced(line: str, enhanced: str) -> str:
+    found = _ENHANCED_RE.match(line)
+    return line[found.end() :] if found and found.group(1) == enhanced else line
+
+
 def upstream_reply(code: int, message: str) -> Reply:
-    """An upstream's reply, re-stated for the client with an enhanced code."""
-    text = " ".join(message.split())
-    found = _ENHANCED_RE.match(text)
+    """An upstream's reply, re-stated for the client with an enhanced code.
+
+    A multi-line reply (aiosmtplib joins its lines with newlines) stays multi-line, bounded
+    to MAX_REPLY_LINES lines of MAX_REPLY_TEXT characters (RFC 5321 s 4.2.1, s 4.5.3.1.5):
+    a site's 20 KB explanation must not become one 20 KB line for the client."""
+    stripped = (_CONTROLS_RE.sub(" ", raw).strip() for raw in message.split("\n"))
+    lines = [line for line in stripped if line] or [""]
+    found = _ENHANCED_RE.match(lines[0])
     if found:
-        enhanced, text = found.group(1), text[found.end() :]
+        enhanced = found.group(1)
+        lines = [_without_enhanced(line, enhanced) for line in lines]
     else:
         enhanced = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
     if code == 421:
         # The upstream is closing *its* connection; ours with the client is fine, and a
         # 421 would close it (RFC 5321 s 3.8). Same meaning for the client: try later.
         code = 451
-    return Reply(code, enhanced, f"upstream: {text}" if text else "upstream refused")
+    if len(lines) > replies.MAX_REPLY_LINES:
+        hidden = len(lines) - (replies.MAX_REPLY_LINES - 1)
+        lines = [*lines[: replies.MAX_REPLY_LINES - 1], f"({hidden} more lines not shown)"]
+    lines[0] = f"upstream: {lines[0]}" if lines[0] else "upstream refused"
+    return Reply(code, enhanced, "\n".join(_bounded(line) for line in lines))
 
 
 def _translate(exc: BaseException) -> Reply:

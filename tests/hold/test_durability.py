@@ -77,7 +77,7 @@ async def test_sigkill_loses_no_held_mail_and_retraction_releases_it(tmp_path: P
 
         listed = cli(config, "hold", "list", "--json")
         assert listed.returncode == 0, listed.stderr
-        held = json.loads(listed.stdout)
+        held = json.loads(listed.stdout)["messages"]
         assert [h["policy_ids"] for h in held] == [["remove-tiktok"]] * 5
 
         dropped = cli(config, "hold", "drop", held[4]["hold_id"])
@@ -91,7 +91,7 @@ async def test_sigkill_loses_no_held_mail_and_retraction_releases_it(tmp_path: P
             assert await asyncio.wait_for(process.wait(), timeout=10) == 0
     delivered = [m.content[m.content.index(b"From: ") :] for m in upstream.messages]
     assert delivered == sent[:4]
-    assert json.loads(cli(config, "hold", "list", "--json").stdout) == []
+    assert json.loads(cli(config, "hold", "list", "--json").stdout)["messages"] == []
 
 
 @pytest.mark.slow
@@ -112,7 +112,9 @@ async def test_admin_release_relays_despite_policy(tmp_path: Path) -> None:
             await upstream.wait_for(1, timeout=15)
             assert [m.sender for m in upstream.messages] == ["bob@example.test"]
             shown = await asyncio.to_thread(cli, config, "hold", "list", "--json")
-            assert [h["user"] for h in json.loads(shown.stdout)] == ["alice@example.test"]
+            assert [h["user"] for h in json.loads(shown.stdout)["messages"]] == [
+                "alice@example.test"
+            ]
         refused = cli(config, "hold", "drop")
         assert refused.returncode == 2
         assert "name hold ids, or a filter" in refused.stderr
