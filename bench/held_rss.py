@@ -430,13 +430,15 @@ def cases_for(mode: str, huge: bool) -> list[Case]:
 def check_disk(work: Path, cases: Sequence[Case]) -> str | None:
     """Why the run cannot go on (too little free disk), or None. Cases run one after
     another and each store is removed after its case: the largest one counts."""
-    needed = max(c.disk_bytes for c in cases) * 1.2 + 512 * MB  # WAL, page slack, logs
+    largest = max(cases, key=lambda c: c.disk_bytes)
+    needed = largest.disk_bytes * 1.2 + 512 * MB  # WAL, page slack, logs
     free = shutil.disk_usage(work).free
     if free < needed:
         return (
-            f"bench: {work} has {free / 1e9:.1f} GB free; the largest case needs about "
-            f"{needed / 1e9:.1f} GB. Free some space, point TMPDIR at a larger disk, or run "
-            "without --huge."
+            f"bench: {work} has {free / 1e9:.1f} GB free; the largest case ({largest.held:,} "
+            f"held x {largest.body}) needs about {needed / 1e9:.1f} GB. Free some space or "
+            "point TMPDIR at a larger disk"
+            + (" (or run without --huge)." if largest.held * largest.size >= 10_000 * MB else ".")
         )
     return None
 
