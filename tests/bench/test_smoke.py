@@ -1,5 +1,6 @@
-"""The benchmark itself must keep working: `bench.run --smoke` end to end (figures are not
-checked here; speed is judged by the full run, never by a test)."""
+"""The benchmarks themselves must keep working: `bench.run --smoke` and `bench.held_rss
+--quick` end to end (figures are not checked here; speed and memory are judged by the full
+runs, never by a test)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,26 @@ def test_inflight_rss_bench_runs_and_reports_figures() -> None:
     figures = json.loads(done.stdout)
     assert figures["accepted"] == figures["upstream_accepted"] == 2
     assert figures["peak_rss_mib"] >= figures["rss_before_mib"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("smtp-sink") is None, reason="needs Debian's postfix tools")
+def test_held_rss_quick_run_prints_every_case_and_both_verdicts() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.held_rss", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = done.stdout
+    assert "## RSS with held mail across release ticks" in report
+    rows = re.findall(r"^\| ([\d,]+) \| (1 KB|1 MB) \| (\d+) \|", report, re.MULTILINE)
+    assert rows == [("0", "1 KB", "1"), ("20", "1 KB", "1"), ("0", "1 MB", "1"), ("5", "1 MB", "1")]
+    assert re.search(r"flat within [\d.]+ MB \(target 50 MB\): (PASS|FAIL)", report)
+    assert "## Peak RSS with 8 concurrent 1 MiB messages relayed" in report
+    assert "failed messages: 0" in report
+    assert re.search(r"target 2 x 8 x 1 MiB = 16 MiB: [\d.]+ of it: not judged", report)
+    assert "smtp-sink left running: no" in report
