@@ -23,7 +23,7 @@ from gateway.domain import Access, Action, Clock, Decision, DeviceClaims
 from gateway.errors import HoldStoreError, SettingsError
 from gateway.hold.release import Releaser, Spawn
 from gateway.hold.store import AsyncHoldStore, HeldMessage
-from gateway.logins import Logins
+from gateway.logins import Logins, SessionEnder, SyncChange, sync_changes
 from gateway.ops.metrics import Metrics
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet
@@ -108,6 +108,10 @@ class Services:
             metrics=self.metrics,
             jwks=self.jwks,
         )
+        # Ends open IMAP/POP3 sessions after a reload that changes sync decisions; set by
+        # the server when [sync] doveadm_url is (the doveadm HTTP API is an adapter).
+        self.session_ender: SessionEnder | None = None
+        self._in_force: CompiledPolicySet | None = None  # the set before the next reload
         self.logins = Logins(
             settings.sync,
             self.verifier,
@@ -133,6 +137,7 @@ class Services:
             version=result.version,
             policies=len(self.policies.current.source.policies),
         )
+        self._in_force = self.policies.current
         await self.releaser.start()
         await self.inventory.load()
         self.last_good_reload = time.time()
@@ -209,8 +214,33 @@ class Services:
 
     async def _after_reload(self, result: ReloadResult) -> None:
         self.last_good_reload = time.time()
+        before, self._in_force = self._in_force, self.policies.current
         if not result.diff.is_empty:
             self.spawn(self.releaser.run(), "release-after-reload")
+        if before is not None and self.settings.sync.enabled:
+            changes = sync_changes(
+                before,
+                self.policies.current,
+                self.inventory.devices(),
+                self.clock(),
+                self.inventory.accesses_of,
+                self.settings.sync.hold,
+            )
+            if changes:
+                self._sync_changed(changes)
+
+    def _sync_changed(self, changes: list[SyncChange]) -> None:
+        """Devices whose login would now open another mailbox (or none): their users'
+        open sessions end, so the next login is decided by the set now in force."""
+        log.info(
+            "sync_decisions_changed",
+            devices=len(changes),
+            users=len({c.user for c in changes}),
+            kick=self.session_ender is not None,
+        )
+        if self.session_ender is not None:
+            users = {c.user for c in changes}
+            self.spawn(self.session_ender.end_sessions(users), "sync-kick")
 
     def _blast_radius(
         self, live: CompiledPolicySet, candidate: CompiledPolicySet, diff: PolicyDiff
@@ -238,6 +268,9 @@ class Services:
     def logged_in(self, claims: DeviceClaims) -> None:
         self.inventory.seen(claims, Access.SYNC)
         self.releaser.device_authenticated(claims)
+
+    async def login_notices(self, claims: DeviceClaims, decision: Decision, mailbox: str) -> None:
+        return None
 
     async def before_mail(self, claims: DeviceClaims) -> None:
         await self.releaser.released_first(claims.device.id, self.settings.upstream.timeout)

@@ -31,6 +31,20 @@ class Metrics:
             ["access", "protocol", "action"],
             registry=r,
         )
+        self.sync_kicks = Counter(
+            "gateway_sync_kicks",
+            "Users whose open IMAP/POP3 sessions were ended after a reload (doveadm kick): "
+            "ok, retried (an attempt failed and is retried), failed (gave up)",
+            ["result"],
+            registry=r,
+        )
+        self.sync_notices = Counter(
+            "gateway_sync_notices",
+            "Notices delivered to mailboxes over LMTP: warn, quarantine, withdrawn; "
+            "result sent or failed",
+            ["phase", "result"],
+            registry=r,
+        )
         self.relay = Counter("gateway_relay", "Relay attempts by result", ["result"], registry=r)
         self.relay_seconds = Histogram(
             "gateway_relay_seconds",
