@@ -18,7 +18,7 @@ import structlog
 
 from gateway.config.settings import Settings, load_settings
 from gateway.devices.inventory import Inventory
-from gateway.devices.notices import Notifier
+from gateway.devices.notices import MailboxNotices, Notifier
 from gateway.domain import Access, Action, Clock, Decision, DeviceClaims
 from gateway.errors import HoldStoreError, SettingsError
 from gateway.hold.release import Releaser, Spawn
@@ -34,6 +34,7 @@ from gateway.submission import Submission
 from gateway.tokens.jwks import JwksRefresher
 from gateway.tokens.keyring import KeyRing
 from gateway.tokens.verify import TokenVerifier
+from gateway.upstream.lmtp import LmtpDelivery
 from gateway.upstream.mx import MxRouter, configured_resolver
 from gateway.upstream.relay import Relay
 
@@ -73,6 +74,20 @@ class Services:
         self.notifier = (
             Notifier(self.hold_store, self.relay, sender, settings.smtp.hostname)
             if settings.notices
+            else None
+        )
+        sync = settings.sync
+        self.mailbox_notices = (
+            MailboxNotices(
+                self.hold_store,
+                LmtpDelivery(sync.lmtp, settings.smtp.hostname, sync.timeout),
+                sender,
+                settings.smtp.hostname,
+                on_result=lambda phase, result: self.metrics.sync_notices.labels(
+                    phase, result
+                ).inc(),
+            )
+            if sync.enabled and sync.lmtp is not None
             else None
         )
         self.releaser = Releaser(
@@ -241,6 +256,21 @@ class Services:
         if self.session_ender is not None:
             users = {c.user for c in changes}
             self.spawn(self.session_ender.end_sessions(users), "sync-kick")
+        if self.mailbox_notices is not None:
+            withdrawn = [c for c in changes if c.withdrawn]
+            if withdrawn:
+                self.spawn(self._withdrawn_notices(withdrawn), "sync-notice")
+
+    async def _withdrawn_notices(self, changes: list[SyncChange]) -> None:
+        notices = self.mailbox_notices
+        assert notices is not None
+        reasons = {p.id: p.retracted_reason for p in self.policies.current.source.policies}
+        now = self.clock()
+        for change in changes:
+            for policy_id in change.policy_ids:
+                await notices.withdrawn(
+                    change.user, change.device_id, policy_id, reasons.get(policy_id), now
+                )
 
     def _blast_radius(
         self, live: CompiledPolicySet, candidate: CompiledPolicySet, diff: PolicyDiff
@@ -270,7 +300,8 @@ class Services:
         self.releaser.device_authenticated(claims)
 
     async def login_notices(self, claims: DeviceClaims, decision: Decision, mailbox: str) -> None:
-        return None
+        if self.mailbox_notices is not None:
+            await self.mailbox_notices.at_login(claims, decision, mailbox, self.clock())
 
     async def before_mail(self, claims: DeviceClaims) -> None:
         await self.releaser.released_first(claims.device.id, self.settings.upstream.timeout)

@@ -40,8 +40,8 @@ class Metrics:
         )
         self.sync_notices = Counter(
             "gateway_sync_notices",
-            "Notices delivered to mailboxes over LMTP: warn, quarantine, withdrawn; "
-            "result sent or failed",
+            "Notices delivered to mailboxes over LMTP by phase (warn, hold, withdrawn) and "
+            "result (sent, failed)",
             ["phase", "result"],
             registry=r,
         )

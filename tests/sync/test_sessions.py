@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,95 @@ async def test_an_unreachable_doveadm_api_is_a_counted_failure_not_a_crash(
         assert 'gateway_sync_kicks_total{result="retried"} 1.0' in metrics
         # the gateway still answers logins
         assert await thread(imap_login, stack.dovecot.ports.imap, USER, phone) == []
+
+
+def mailbox_texts(dovecot: TemporaryDovecot, user: str) -> list[str]:
+    """Every message in a user's maildir INBOX, as text."""
+    maildir = dovecot.maildir(user)
+    return sorted(
+        path.read_text(errors="replace")
+        for folder in ("new", "cur")
+        for path in (maildir / folder).glob("*")
+        if path.is_file()
+    )
+
+
+HOLD_SUBJECT = "Subject: Your mailbox is not available on phone-1"
+WARN_SUBJECT = "Subject: Action required for mobile mail on phone-1"
+BACK_SUBJECT = "Subject: Mobile mail on phone-1 is back"
+
+
+async def test_a_held_phone_finds_one_notice_in_its_quarantine_mailbox_and_then_its_withdrawal(
+    tmp_path: Path,
+) -> None:
+    issuer = TestIssuer.generate("k1")
+    async with kicking_stack(tmp_path, issuer) as stack:
+        dovecot, imap = stack.dovecot, stack.dovecot.ports.imap
+        await stack.set_ban(BAN)
+        await thread(deliver, dovecot, USER, "Real mail")
+        phone = issuer.token(subject=USER, device_id="phone-1", apps=[TIKTOK])
+        laptop = issuer.token(
+            subject=USER, device_id="laptop-1", apps=[TIKTOK], device_class="desktop"
+        )
+        for _ in range(3):  # the first login finds it: delivered before the login's answer
+            assert await thread(imap_login, imap, USER, phone) == [HOLD_SUBJECT]
+        assert await thread(pop3_login, dovecot.ports.pop3, USER, phone) == 1
+        (notice,) = mailbox_texts(dovecot, QUARANTINE)
+        assert "Remove TikTok from this device" in notice
+        assert "open the mail app again" in notice
+        assert "Auto-Submitted: auto-generated" in notice
+        assert await thread(imap_login, imap, USER, laptop) == ["Subject: Real mail"]
+
+        await stack.set_ban(RETRACTED)
+        async with asyncio.timeout(10):
+            while BACK_SUBJECT not in (  # noqa: ASYNC110
+                subjects := await thread(imap_login, imap, USER, phone)
+            ):
+                await asyncio.sleep(0.1)
+        assert subjects == ["Subject: Real mail", BACK_SUBJECT]
+        assert await thread(imap_login, imap, USER, phone) == subjects  # once
+        withdrawn = next(t for t in mailbox_texts(dovecot, USER) if "is back" in t)
+        assert "remove-tiktok" in withdrawn
+        assert "was withdrawn" in withdrawn
+        metrics = await admin_metrics(stack.gateway)
+        assert 'gateway_sync_notices_total{phase="hold",result="sent"} 1.0' in metrics
+        assert 'gateway_sync_notices_total{phase="withdrawn",result="sent"} 1.0' in metrics
+
+
+async def test_a_warned_phone_finds_the_warning_in_its_real_inbox_once(tmp_path: Path) -> None:
+    issuer = TestIssuer.generate("k1")
+    async with kicking_stack(tmp_path, issuer) as stack:
+        dovecot, imap = stack.dovecot, stack.dovecot.ports.imap
+        await stack.set_ban(WARN)
+        await thread(deliver, dovecot, USER, "Real mail")
+        phone = issuer.token(subject=USER, device_id="phone-1", apps=[TIKTOK])
+        for _ in range(3):
+            assert await thread(imap_login, imap, USER, phone) == [
+                "Subject: Real mail",
+                WARN_SUBJECT,
+            ]
+        # The laptop (not matched) gets no notice; the user sees the one in the inbox.
+        laptop = issuer.token(subject=USER, device_id="laptop-1", device_class="desktop")
+        assert len(await thread(imap_login, imap, USER, laptop)) == 2
+        # Mailbox notices are claimed with the access in the phase key: the SMTP notice
+        # of the same device and policy is still to be sent.
+        store = stack.gateway.server.services.hold_store
+        assert not await store.claim_notice("phone-1", "remove-tiktok", "warn:sync", _now())
+        assert await store.claim_notice("phone-1", "remove-tiktok", "warn", _now())
+
+
+async def test_a_notice_that_cannot_be_delivered_does_not_stop_the_login(tmp_path: Path) -> None:
+    """LMTP unreachable: the login goes on, the failure is counted, the next login tries
+    again (the claim was given back)."""
+    issuer = TestIssuer.generate("k1")
+    async with kicking_stack(tmp_path, issuer, {"lmtp": f"127.0.0.1:{free_port()}"}) as stack:
+        await stack.set_ban(BAN)
+        phone = issuer.token(subject=USER, device_id="phone-1", apps=[TIKTOK])
+        for _ in range(2):
+            assert await thread(imap_login, stack.dovecot.ports.imap, USER, phone) == []
+        metrics = await admin_metrics(stack.gateway)
+        assert 'gateway_sync_notices_total{phase="hold",result="failed"} 2.0' in metrics
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
