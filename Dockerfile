@@ -24,8 +24,9 @@ ENV PATH="/opt/gateway/bin:${PATH}" \
 USER 10001:10001
 WORKDIR /var/lib/gateway
 VOLUME ["/var/lib/gateway"]
-# 2587: submission (STARTTLS), 2465: implicit TLS (map 587/465 outside); 9587: admin HTTP.
-EXPOSE 2587 2465 9587
+# 2587: submission (STARTTLS), 2465: implicit TLS (map 587/465 outside); 9587: admin HTTP;
+# 9588: the sync endpoint Dovecot and nginx ask ([sync], off unless configured).
+EXPOSE 2587 2465 9587 9588
 # SIGTERM drains: sessions in flight finish within --grace, then 421 4.3.2.
 STOPSIGNAL SIGTERM
 # Liveness on the admin port ([admin] listen = "0.0.0.0:9587" in the mounted config).

@@ -658,7 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="play the story (ban, deadline, retraction) end to end on loopback"
     )
-    demo.set_defaults(func=lambda args: _run_demo())
+    demo.add_argument(
+        "--dovecot",
+        action="store_true",
+        help="sync through a real Dovecot started from deploy/dovecot/ (Dovecot installed)",
+    )
+    demo.set_defaults(func=lambda args: _run_demo(dovecot=args.dovecot))
     return parser
 
 
@@ -1016,12 +1021,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_demo() -> int:
+def _run_demo(*, dovecot: bool = False) -> int:
     from gateway.demo import run_demo
     from gateway.ops import logs
 
     logs.configure("error")  # the demo prints its own timeline
-    return run_demo()
+    return run_demo(dovecot=dovecot)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

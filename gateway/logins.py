@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 import structlog
 
-from gateway.config.settings import SyncSettings
+from gateway.config.settings import HoldAtLogin, SyncSettings
 from gateway.domain import Access, Action, Clock, Decision, DeviceClaims
 from gateway.errors import TokenError
 from gateway.ops.logs import printable
 from gateway.ops.metrics import Metrics
-from gateway.policy.engine import decide
+from gateway.policy.engine import CompiledPolicySet, decide
+from gateway.policy.impact import assess
 from gateway.policy.store import PolicyStore
 from gateway.tokens.jwks import JwksRefresher
 from gateway.tokens.verify import TokenVerifier
@@ -55,6 +58,18 @@ class LoginEvents(Protocol):
         """A device proved who it is to sync (inventory; its held mail may be releasable
         now)."""
 
+    async def login_notices(self, claims: DeviceClaims, decision: Decision, mailbox: str) -> None:
+        """A login that opens ``mailbox`` under a warn or hold decision: its notice belongs
+        there before the mail app looks (once per device, policy and phase)."""
+
+
+class SessionEnder(Protocol):
+    """Ends the open IMAP/POP3 sessions of users (Dovecot's doveadm kick): Dovecot decides
+    at login only, so a changed decision reaches an open session only this way."""
+
+    async def end_sessions(self, users: Iterable[str]) -> None:
+        """End every session of each user, and of the user's quarantine mailbox."""
+
 
 def protocol_label(protocol: str | None) -> str:
     """The protocol as a metric label: one of a fixed set."""
@@ -67,6 +82,55 @@ def quarantine_mailbox(user: str) -> str:
     the separator in ``auth_username_chars``)."""
     local, _, domain = user.rpartition("@")
     return f"{QUARANTINE_PREFIX}{local}@{domain}"
+
+
+def sync_outcome(action: Action, hold: HoldAtLogin) -> Outcome:
+    """What a decision does to a login (docs/sync.md has the table)."""
+    if action in (Action.ALLOW, Action.WARN):
+        return Outcome.ALLOW
+    if action is Action.DEFER:
+        return Outcome.DEFER
+    if action is Action.HOLD and hold == "quarantine":
+        return Outcome.QUARANTINE
+    return Outcome.REFUSE
+
+
+@dataclass(frozen=True)
+class SyncChange:
+    """A device whose login would now open another mailbox, or none (after a reload)."""
+
+    user: str
+    device_id: str
+    before: Outcome
+    after: Outcome
+    policy_ids: tuple[str, ...]
+
+    @property
+    def withdrawn(self) -> bool:
+        """A ban lifted for this device: it was kept from its inbox and is not any more."""
+        return self.before is not Outcome.ALLOW and self.after is Outcome.ALLOW
+
+
+def sync_changes(
+    live: CompiledPolicySet,
+    candidate: CompiledPolicySet,
+    devices: Iterable[DeviceClaims],
+    now: datetime,
+    accesses_of: Callable[[DeviceClaims], Iterable[Access]],
+    hold: HoldAtLogin,
+) -> list[SyncChange]:
+    """The devices that sync (per ``accesses_of``) whose login outcome differs between the
+    two sets: allow to warn changes nothing for a session, allow to hold does."""
+    syncing = [d for d in devices if Access.SYNC in set(accesses_of(d))]
+    report = assess(live, candidate, syncing, now, accesses_of=lambda _d: (Access.SYNC,))
+    changes = []
+    for change in report.changes:
+        before, after = sync_outcome(change.before, hold), sync_outcome(change.after, hold)
+        if before is not after:
+            changes.append(
+                SyncChange(change.user, change.device_id, before, after, change.policy_ids)
+            )
+    return changes
 
 
 @dataclass(frozen=True)
@@ -160,14 +224,19 @@ class Logins:
         return LoginResult(self._outcome(decision), claims, decision, started=started)
 
     def _outcome(self, decision: Decision) -> Outcome:
-        action = decision.action
-        if action in (Action.ALLOW, Action.WARN):
-            return Outcome.ALLOW
-        if action is Action.DEFER:
-            return Outcome.DEFER
-        if action is Action.HOLD and self.settings.hold == "quarantine":
-            return Outcome.QUARANTINE
-        return Outcome.REFUSE
+        return sync_outcome(decision.action, self.settings.hold)
+
+    async def notices(self, result: LoginResult) -> None:
+        """A login that opens a mailbox under a warn or hold decision: its notice is put
+        there before the login is answered, so the mail app's first sync finds it."""
+        decision, claims, mailbox = result.decision, result.claims, result.mailbox_user
+        if decision is None or claims is None or mailbox is None:
+            return
+        if result.outcome in (Outcome.ALLOW, Outcome.QUARANTINE) and decision.action in (
+            Action.WARN,
+            Action.HOLD,
+        ):
+            await self.events.login_notices(claims, decision, mailbox)
 
     def record(self, facts: LoginFacts, result: LoginResult, endpoint: str) -> None:
         """The login's decision event (access "sync") and its metrics: once per login."""

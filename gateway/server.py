@@ -36,6 +36,7 @@ from gateway.policy.store import ReloadResult
 from gateway.replies import Reply
 from gateway.services import Services
 from gateway.smtp.session import SubmissionSMTP
+from gateway.sync.doveadm import DoveadmSessions
 from gateway.sync.http import SyncServer
 
 log = structlog.get_logger("gateway.server")
@@ -81,6 +82,11 @@ class GatewayServer:
         )
         self.admin_port: int | None = None
         self.sync = SyncServer(self.services.logins, settings.sync)
+        self.doveadm: DoveadmSessions | None = None
+        if settings.sync.enabled and settings.sync.doveadm_url is not None:
+            kicks = self.services.metrics.sync_kicks
+            self.doveadm = DoveadmSessions(settings.sync, lambda r: kicks.labels(r).inc())
+            self.services.session_ender = self.doveadm
         self.sync_port: int | None = None
         self.sessions: set[SubmissionSMTP] = set()
         limits = settings.limits
@@ -328,6 +334,8 @@ class GatewayServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.sync.stop()
+        if self.doveadm is not None:
+            await self.doveadm.close()
         await self.admin.stop()
         await self.services.close()
         log.info("stopped")

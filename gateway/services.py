@@ -18,12 +18,12 @@ import structlog
 
 from gateway.config.settings import Settings, load_settings
 from gateway.devices.inventory import Inventory
-from gateway.devices.notices import Notifier
+from gateway.devices.notices import MailboxNotices, Notifier
 from gateway.domain import Access, Action, Clock, Decision, DeviceClaims
 from gateway.errors import HoldStoreError, SettingsError
 from gateway.hold.release import Releaser, Spawn
 from gateway.hold.store import AsyncHoldStore, HeldMessage
-from gateway.logins import Logins
+from gateway.logins import Logins, SessionEnder, SyncChange, sync_changes
 from gateway.ops.metrics import Metrics
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet
@@ -34,6 +34,7 @@ from gateway.submission import Submission
 from gateway.tokens.jwks import JwksRefresher
 from gateway.tokens.keyring import KeyRing
 from gateway.tokens.verify import TokenVerifier
+from gateway.upstream.lmtp import LmtpDelivery
 from gateway.upstream.mx import MxRouter, configured_resolver
 from gateway.upstream.relay import Relay, RelayObserver
 
@@ -75,6 +76,20 @@ class Services:
             if settings.notices
             else None
         )
+        sync = settings.sync
+        self.mailbox_notices = (
+            MailboxNotices(
+                self.hold_store,
+                LmtpDelivery(sync.lmtp, settings.smtp.hostname, sync.timeout),
+                sender,
+                settings.smtp.hostname,
+                on_result=lambda phase, result: self.metrics.sync_notices.labels(
+                    phase, result
+                ).inc(),
+            )
+            if sync.enabled and sync.lmtp is not None
+            else None
+        )
         self.releaser = Releaser(
             self.hold_store,
             self.relay,
@@ -108,6 +123,10 @@ class Services:
             metrics=self.metrics,
             jwks=self.jwks,
         )
+        # Ends open IMAP/POP3 sessions after a reload that changes sync decisions; set by
+        # the server when [sync] doveadm_url is (the doveadm HTTP API is an adapter).
+        self.session_ender: SessionEnder | None = None
+        self._in_force: CompiledPolicySet | None = None  # the set before the next reload
         self.logins = Logins(
             settings.sync,
             self.verifier,
@@ -133,6 +152,7 @@ class Services:
             version=result.version,
             policies=len(self.policies.current.source.policies),
         )
+        self._in_force = self.policies.current
         await self.releaser.start()
         await self.inventory.load()
         await self.measure_held()
@@ -215,8 +235,48 @@ class Services:
 
     async def _after_reload(self, result: ReloadResult) -> None:
         self.last_good_reload = time.time()
+        before, self._in_force = self._in_force, self.policies.current
         if not result.diff.is_empty:
             self.spawn(self.releaser.run(), "release-after-reload")
+        if before is not None and self.settings.sync.enabled:
+            changes = sync_changes(
+                before,
+                self.policies.current,
+                self.inventory.devices(),
+                self.clock(),
+                self.inventory.accesses_of,
+                self.settings.sync.hold,
+            )
+            if changes:
+                self._sync_changed(changes)
+
+    def _sync_changed(self, changes: list[SyncChange]) -> None:
+        """Devices whose login would now open another mailbox (or none): their users'
+        open sessions end, so the next login is decided by the set now in force."""
+        log.info(
+            "sync_decisions_changed",
+            devices=len(changes),
+            users=len({c.user for c in changes}),
+            kick=self.session_ender is not None,
+        )
+        if self.session_ender is not None:
+            users = {c.user for c in changes}
+            self.spawn(self.session_ender.end_sessions(users), "sync-kick")
+        if self.mailbox_notices is not None:
+            withdrawn = [c for c in changes if c.withdrawn]
+            if withdrawn:
+                self.spawn(self._withdrawn_notices(withdrawn), "sync-notice")
+
+    async def _withdrawn_notices(self, changes: list[SyncChange]) -> None:
+        notices = self.mailbox_notices
+        assert notices is not None
+        reasons = {p.id: p.retracted_reason for p in self.policies.current.source.policies}
+        now = self.clock()
+        for change in changes:
+            for policy_id in change.policy_ids:
+                await notices.withdrawn(
+                    change.user, change.device_id, policy_id, reasons.get(policy_id), now
+                )
 
     def _blast_radius(
         self, live: CompiledPolicySet, candidate: CompiledPolicySet, diff: PolicyDiff
@@ -244,6 +304,10 @@ class Services:
     def logged_in(self, claims: DeviceClaims) -> None:
         self.inventory.seen(claims, Access.SYNC)
         self.releaser.device_authenticated(claims)
+
+    async def login_notices(self, claims: DeviceClaims, decision: Decision, mailbox: str) -> None:
+        if self.mailbox_notices is not None:
+            await self.mailbox_notices.at_login(claims, decision, mailbox, self.clock())
 
     async def before_mail(self, claims: DeviceClaims) -> None:
         await self.releaser.released_first(claims.device.id, self.settings.upstream.timeout)

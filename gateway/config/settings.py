@@ -923,6 +923,56 @@ class SyncSettings:
             key="auth_wait_seconds",
         ),
     )
+    doveadm_url: str | None = field(
+        default=None,
+        metadata=setting(
+            Text(blank_is_unset=True),
+            """Dovecot's doveadm HTTP API (`http://127.0.0.1:8080/doveadm/v1`): after a
+            reload that changes a device's sync decision, the gateway ends its user's open
+            IMAP/POP3 sessions there (`doveadm kick`), so a ban reaches an IDLE session and a
+            retraction brings a quarantined phone back to its inbox at its next login.""",
+            unset="open sessions are not ended after a reload",
+        ),
+    )
+    doveadm_api_key: str | None = field(
+        default=None,
+        repr=False,
+        metadata=setting(
+            SecretFile(),
+            """The doveadm HTTP API key (Dovecot's `doveadm_api_key`), read from this file;
+            required with `doveadm_url`.""",
+            key="doveadm_api_key_file",
+            unset="none",
+        ),
+    )
+    kick_attempts: int = field(
+        default=5,
+        metadata=setting(
+            Integer(minimum=1),
+            """Attempts to end a user's sessions through the doveadm HTTP API before giving
+            up (with backoff: 0.5 s, 1 s, 2 s, ... at most 10 s between attempts).""",
+        ),
+    )
+    lmtp: Endpoint | None = field(
+        default=None,
+        metadata=setting(
+            HostPort(),
+            """Dovecot's LMTP listener: the gateway delivers the sync notices there (the
+            warning in the real inbox, the notice in the quarantine mailbox, the notice that
+            a ban was withdrawn), once per device, policy and phase.""",
+            unset="no notices in mailboxes",
+        ),
+    )
+    timeout: float = field(
+        default=5.0,
+        metadata=setting(
+            Number(minimum=0.1),
+            """Timeout of each call to Dovecot (a doveadm HTTP request, an LMTP delivery).
+            A notice is delivered before the login is answered, so a Dovecot whose LMTP
+            hangs delays a device's first login under a policy by at most this.""",
+            key="timeout_seconds",
+        ),
+    )
 
     @property
     def on_loopback(self) -> bool:
@@ -1275,6 +1325,14 @@ def _read_sync(table: Table | None, base: Path) -> SyncSettings:
                 "backend_password_file",
                 "imap_backend needs backend_password_file (nginx never gets the token back)",
             )
+    if settings.doveadm_url is not None:
+        scheme = urllib.parse.urlsplit(settings.doveadm_url).scheme
+        if scheme not in ("http", "https"):
+            table.problem("doveadm_url", f"'{settings.doveadm_url[:200]}' is not an http(s) URL")
+        if settings.doveadm_api_key is None and not table.has("doveadm_api_key_file"):
+            table.problem("doveadm_api_key_file", "doveadm_url needs doveadm_api_key_file")
+    if settings.doveadm_api_key == "":
+        table.problem("doveadm_api_key_file", "the file is empty")
     has_credentials = settings.client_secret is not None or settings.nginx_secret is not None
     if settings.enabled and not settings.on_loopback and not has_credentials:
         table.problem(

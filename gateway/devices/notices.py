@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import textwrap
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime
+from typing import Protocol
 
 import structlog
 
@@ -28,7 +30,14 @@ SUBJECTS = {
     "warn": "Action required for mobile mail on {device}",
     "hold": "Mail from {device} is being held",
     "released": "Held mail from {device} has been sent",
+    # Notices in mailboxes (sync): the phase key carries the access, so that a device's
+    # SMTP notice and its mailbox notice for the same policy are both sent once.
+    "warn:sync": "Action required for mobile mail on {device}",
+    "hold:sync": "Your mailbox is not available on {device}",
+    "withdrawn:sync": "Mobile mail on {device} is back",
 }
+#: The access suffix of mailbox notices' phase keys in the notices table.
+SYNC_SUFFIX = ":sync"
 
 
 def _one_line(value: str) -> str:
@@ -43,13 +52,38 @@ def released_text(held: HeldMessage) -> str:
     )
 
 
+def quarantine_text(message: str) -> str:
+    """What a held device shows in place of the mailbox: what to do, and that nothing is lost."""
+    return (
+        f"{message} Until then this device shows only this notice in place of your mailbox. "
+        "Nothing is lost: your mail is waiting, and your other devices see it as usual. "
+        "Once this device complies, open the mail app again (or pull to refresh) and your "
+        "inbox comes back at its next login."
+    )
+
+
+def warn_text(message: str) -> str:
+    return (
+        f"{message} This device still syncs your mail for now; after the deadline it will "
+        "show only a notice in place of your mailbox until it complies."
+    )
+
+
+def withdrawn_text(device_id: str, policy_id: str, reason: str | None) -> str:
+    why = f" ({reason})" if reason else ""
+    return (
+        f"The restriction {policy_id} on your device {device_id} was withdrawn{why}. "
+        "Nothing is asked of you: the mail app shows your inbox again at its next sync."
+    )
+
+
 def notice_message(
     sender: str, recipient: str, phase: str, device_id: str, text: str, now: datetime, hostname: str
 ) -> bytes:
     message = EmailMessage(policy=SMTP)
     message["From"] = f"Compliance Gateway <{_one_line(sender)}>"
     message["To"] = f"<{_one_line(recipient)}>"
-    message["Subject"] = SUBJECTS[phase].format(device=_one_line(device_id))
+    message["Subject"] = SUBJECTS[phase].format(device=_one_line(device_id)[:200])
     message["Date"] = format_datetime(now)
     message["Message-ID"] = f"<{uuid.uuid4().hex}@{_one_line(hostname)}>"
     message["Auto-Submitted"] = "auto-generated"
@@ -122,4 +156,89 @@ class Notifier:
             )
             return False
         log.info("notice_sent", user=user, device_id=device_id, policy_id=policy_id, phase=phase)
+        return True
+
+
+class MailboxDelivery(Protocol):
+    """Puts a whole message into one mailbox (LMTP to Dovecot); raises on failure."""
+
+    async def __call__(self, sender: str, recipient: str, message: bytes) -> None: ...
+
+
+class MailboxNotices:
+    """Notices delivered straight into mailboxes for sync: the warning in the real inbox,
+    the notice in the quarantine mailbox, and the notice that a ban was withdrawn. Once
+    per (device, policy, phase), claimed in the same table as the SMTP notices with the
+    phase key ``<phase>:sync``. Best effort: a failure is logged and counted, and the
+    claim is given back so the next login tries again."""
+
+    def __init__(
+        self,
+        store: AsyncHoldStore,
+        deliver: MailboxDelivery,
+        sender: str,
+        hostname: str,
+        on_result: Callable[[str, str], None],
+    ) -> None:
+        self.store = store
+        self.deliver = deliver
+        self.sender = sender
+        self.hostname = hostname
+        self.on_result = on_result  # (phase, "sent" | "failed")
+
+    async def at_login(
+        self, claims: DeviceClaims, decision: Decision, mailbox: str, now: datetime
+    ) -> None:
+        """A warned login (the real inbox) or a quarantined one (the quarantine mailbox)."""
+        if decision.action is Action.WARN:
+            phase, wording = "warn", warn_text
+        elif decision.action is Action.HOLD:
+            phase, wording = "hold", quarantine_text
+        else:
+            return
+        for match in decision.matches:
+            if match.action is decision.action:
+                await self.notify(
+                    mailbox, claims.device.id, match.policy_id, phase, wording(match.message), now
+                )
+
+    async def withdrawn(
+        self, user: str, device_id: str, policy_id: str, reason: str | None, now: datetime
+    ) -> None:
+        """The device's ban was lifted: said in the real inbox, where it logs in now."""
+        text = withdrawn_text(device_id, policy_id, reason)
+        await self.notify(user, device_id, policy_id, "withdrawn", text, now)
+
+    async def notify(
+        self, mailbox: str, device_id: str, policy_id: str, phase: str, text: str, now: datetime
+    ) -> bool:
+        """Deliver unless this (device, policy, phase) had its mailbox notice; never raises."""
+        key = phase + SYNC_SUFFIX
+        if not await self.store.claim_notice(device_id, policy_id, key, now):
+            return False
+        try:
+            message = notice_message(self.sender, mailbox, key, device_id, text, now, self.hostname)
+            await self.deliver(self.sender, mailbox, message)
+        except Exception as exc:
+            await self.store.unclaim_notice(device_id, policy_id, key)  # try again next time
+            self.on_result(phase, "failed")
+            log.warning(
+                "notice_failed",
+                access="sync",
+                mailbox=mailbox,
+                device_id=device_id,
+                policy_id=policy_id,
+                phase=phase,
+                error=str(exc)[:200] or type(exc).__name__,
+            )
+            return False
+        self.on_result(phase, "sent")
+        log.info(
+            "notice_sent",
+            access="sync",
+            mailbox=mailbox,
+            device_id=device_id,
+            policy_id=policy_id,
+            phase=phase,
+        )
         return True

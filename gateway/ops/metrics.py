@@ -48,6 +48,20 @@ class Metrics:
             ["target"],
             registry=r,
         )
+        self.sync_kicks = Counter(
+            "gateway_sync_kicks",
+            "Users whose open IMAP/POP3 sessions were ended after a reload (doveadm kick): "
+            "ok, retried (an attempt failed and is retried), failed (gave up)",
+            ["result"],
+            registry=r,
+        )
+        self.sync_notices = Counter(
+            "gateway_sync_notices",
+            "Notices delivered to mailboxes over LMTP by phase (warn, hold, withdrawn) and "
+            "result (sent, failed)",
+            ["phase", "result"],
+            registry=r,
+        )
         self.relay_seconds = Histogram(
             "gateway_relay_seconds",
             "Time from the end of DATA to the upstream's final reply",

@@ -151,6 +151,7 @@ async def introspect(request: web.Request) -> web.Response:
     if result.outcome is Outcome.DEFER:
         # Not 2xx or 4xx: Dovecot fails the login temporarily (NO [UNAVAILABLE]).
         return _json(body, status=503)
+    await logins.notices(result)  # in the mailbox before the mail app first looks
     return _json(body)
 
 
@@ -277,6 +278,7 @@ async def nginx_auth(request: web.Request) -> web.Response:
         )
     result = await logins.evaluate(urllib.parse.unquote(headers.get("Auth-Pass", "")), facts)
     logins.record(facts, result, "nginx")
+    await logins.notices(result)
     return web.Response(headers=_nginx_headers(settings, result, protocol))
 
 

@@ -338,11 +338,13 @@ async def temporary_dovecot(
     master_password: str | None = None,
     ports: DovecotPorts | None = None,
     deploy_dir: Path = DEPLOY_DIR,
+    doveadm_api_key: str | None = None,
 ) -> AsyncIterator[TemporaryDovecot]:
     """A Dovecot whose logins the gateway at ``gateway_url`` decides; always stopped.
 
     ``ports`` may be chosen first (:meth:`DovecotPorts.free`) when the gateway must know
-    them before Dovecot knows the gateway (``[sync] imap_backend`` for nginx). Raises
+    them before Dovecot knows the gateway (``[sync] imap_backend`` for nginx, ``lmtp``,
+    ``doveadm_url``), and so may ``doveadm_api_key`` (``doveadm_api_key_file``). Raises
     :class:`DovecotUnavailable` when Dovecot is not installed (tests skip)."""
     binary = dovecot_binary()
     if not (deploy_dir / "dovecot.conf").exists():
@@ -350,7 +352,7 @@ async def temporary_dovecot(
     users = SystemUsers.for_this_process()
     root = Path(tempfile.mkdtemp(prefix="gateway-dovecot-"))
     ports = ports or DovecotPorts.free()
-    api_key = secrets.token_urlsafe(16)
+    api_key = doveadm_api_key or secrets.token_urlsafe(16)
     password = master_password or secrets.token_urlsafe(16)
     dovecot = TemporaryDovecot(root, ports, users, api_key, password)
     try:

@@ -83,3 +83,32 @@ def test_held_rss_quick_run_prints_every_case_and_both_verdicts() -> None:
     assert "failed messages: 0" in report
     assert re.search(r"target 2 x 8 x 1 MiB = 16 MiB: [\d.]+ of it: not judged", report)
     assert "smtp-sink left running: no" in report
+
+
+@pytest.mark.slow
+def test_sync_bench_smoke_run_reports_both_passdbs_and_the_endpoint() -> None:
+    """`bench.sync --smoke`: logins through two real Dovecots (the gateway deciding, and a
+    static passdb) and the endpoint alone, without a failed login or request."""
+    from gateway.testing.dovecot import DovecotUnavailable, dovecot_binary
+
+    try:
+        dovecot_binary()
+    except DovecotUnavailable as exc:
+        pytest.skip(str(exc))
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.sync", "--smoke", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout)
+    for passdb in ("gateway", "static"):
+        assert figures["logins"][passdb]["median"] > 0
+        assert figures["logins"][passdb]["failures"] == 0
+    assert figures["ratio"] > 0
+    assert figures["endpoint"]["requests"] > 0
+    assert figures["endpoint"]["errors"] == 0
+    assert figures["endpoint"]["p99_ms"] >= figures["endpoint"]["p50_ms"] > 0

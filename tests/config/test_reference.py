@@ -144,6 +144,14 @@ NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("sync", "backend_password_file"): ('"password"', "s3cret"),
     ("sync", "backend_master_user"): ('"gateway"', "gateway"),
     ("sync", "auth_wait_seconds"): ("0", 0),
+    ("sync", "doveadm_url"): (
+        '"http://127.0.0.1:8080/doveadm/v1"',
+        "http://127.0.0.1:8080/doveadm/v1",
+    ),
+    ("sync", "doveadm_api_key_file"): ('"password"', "s3cret"),
+    ("sync", "kick_attempts"): ("2", 2),
+    ("sync", "lmtp"): ('"127.0.0.1:24"', Endpoint("127.0.0.1", 24)),
+    ("sync", "timeout_seconds"): ("2.5", 2.5),
     # Free-form sections: the admin picks the key.
     ("groups", "<group name>"): (
         'it-staff = ["IT@example.com"]',

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def test_deployment_mounts_policies_as_a_directory_with_probes_and_a_volume() ->
     dockerfile = (REPO / "Dockerfile").read_text()
     assert f"USER {pod['securityContext']['runAsUser']}:" in dockerfile
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"submission": 2587, "submissions": 2465, "admin": 9587}
+    assert ports == {"submission": 2587, "submissions": 2465, "admin": 9587, "sync": 9588}
     assert all(f"{port}" in dockerfile for port in ports.values())  # EXPOSEd
 
 
@@ -90,9 +91,14 @@ def test_kubernetes_config_and_policies_load(tmp_path: Path) -> None:
             "GATEWAY_SMTP__TLS_CERT": str(tmp_path / "tls.crt"),
             "GATEWAY_SMTP__TLS_KEY": str(tmp_path / "tls.key"),
             "GATEWAY_UPSTREAM__SMARTHOSTS__0__PASSWORD_FILE": str(tmp_path / "password"),
+            "GATEWAY_SYNC__CLIENT_SECRET_FILE": str(tmp_path / "password"),
+            "GATEWAY_SYNC__DOVEADM_API_KEY_FILE": str(tmp_path / "password"),
         },
     )
     assert settings.upstream.smarthosts[0].password == "secret"
+    assert settings.sync.enabled
+    assert settings.sync.client_secret == "secret"
+    assert settings.sync.doveadm_api_key == "secret"
     assert settings.smtp.listen.port == 2587
     assert settings.admin_listen is not None
     assert settings.admin_listen.port == 9587
@@ -100,6 +106,33 @@ def test_kubernetes_config_and_policies_load(tmp_path: Path) -> None:
     result = store.reload(trigger="test")
     assert result.ok
     assert [p.id for p in store.current.source.policies] == ["remove-tiktok"]
+
+
+def test_the_sync_listener_is_served_mounted_and_reachable_inside_the_cluster() -> None:
+    """[sync] listens on the container port the sync Service targets; its secret files
+    are in the mounted gateway-sync secret; the Service stays inside the cluster."""
+    objects = k8s_objects()
+    config = tomllib.loads(objects[("ConfigMap", "gateway-config")]["data"]["gateway.toml"])
+    sync = config["sync"]
+    pod = objects[("Deployment", "compliance-gateway")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert sync["enabled"] is True
+    assert sync["listen"] == f"0.0.0.0:{ports['sync']}"
+    service = objects[("Service", "compliance-gateway-sync")]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": "compliance-gateway"}
+    assert service["spec"]["ports"] == [{"name": "sync", "port": 9588, "targetPort": "sync"}]
+    # Off loopback, the listener needs Dovecot's credentials (checked at load, too).
+    assert sync["client_id"] == "dovecot"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["sync-secret"]["secret"]["secretName"] == "gateway-sync"
+    for key in ("client_secret_file", "doveadm_api_key_file"):
+        assert Path(sync[key]).parent == Path(mounts["sync-secret"])
+    # The public Service does not expose it.
+    public = objects[("Service", "compliance-gateway")]
+    assert all(p["targetPort"] != "sync" for p in public["spec"]["ports"])
 
 
 def test_compose_mounts_and_environment_give_valid_settings(tmp_path: Path) -> None:

@@ -84,3 +84,16 @@ def test_secrets_are_not_in_the_settings_repr(tmp_path: Path) -> None:
     )
     assert settings.sync.client_secret == "s3cret-value"
     assert "s3cret" not in repr(settings)
+
+
+def test_the_doveadm_api_needs_its_key_and_an_http_url(tmp_path: Path) -> None:
+    url = 'doveadm_url = "http://127.0.0.1:8080/doveadm/v1"\n'
+    assert "doveadm_url needs doveadm_api_key_file" in problems(tmp_path, url)
+    assert "is not an http(s) URL" in problems(
+        tmp_path, 'doveadm_url = "127.0.0.1:8080"\ndoveadm_api_key_file = "secret"\n'
+    )
+    assert "the file is empty" in problems(tmp_path, url + 'doveadm_api_key_file = "empty"\n')
+    settings = load(tmp_path, url + 'doveadm_api_key_file = "secret"\nlmtp = "127.0.0.1:24"\n')
+    assert settings.sync.doveadm_api_key == "s3cret-value"
+    assert settings.sync.lmtp == Endpoint("127.0.0.1", 24)
+    assert "s3cret" not in repr(settings)
