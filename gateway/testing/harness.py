@@ -166,6 +166,8 @@ async def gateway_with_upstream(
     extra: str = "",
     limits: Mapping[str, object] | None = None,
     sync: Mapping[str, object] | None = None,
+    hold: Mapping[str, object] | None = None,
+    release_tick: float = 0.2,
 ) -> AsyncIterator[tuple[RunningGateway, FakeUpstream]]:
     """The usual pair: a fake upstream, and a gateway relaying to it."""
     async with FakeUpstream.running() as upstream:
@@ -178,6 +180,7 @@ async def gateway_with_upstream(
             extra=extra,
             limits=limits,
             sync=sync,
+            hold=hold,
         )
-        async with running_gateway(config, clock=clock) as gateway:
+        async with running_gateway(config, clock=clock, release_tick=release_tick) as gateway:
             yield gateway, upstream

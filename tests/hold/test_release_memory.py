@@ -18,9 +18,10 @@ import pytest
 
 from gateway.hold.store import HoldStore
 from gateway.testing.device import FakeDevice, make_message
-from gateway.testing.harness import RunningGateway, running_gateway, write_config
+from gateway.testing.harness import RunningGateway
 from gateway.testing.issuer import TestIssuer
-from gateway.testing.upstream import FakeUpstream, ReceivedMessage
+from gateway.testing.upstream import ReceivedMessage
+from tests.hold.kit import held_mail_gateway
 from tests.stories import TIKTOK, tiktok_ban
 
 MESSAGES = 16
@@ -55,59 +56,46 @@ async def _hold_big_messages(gateway: RunningGateway, issuer: TestIssuer) -> Non
 async def test_a_pass_over_mail_that_stays_held_loads_no_bodies(
     tmp_path: Path, issuer: TestIssuer
 ) -> None:
-    async with FakeUpstream.running() as upstream:
-        config = write_config(
-            tmp_path, issuer=issuer, upstream_port=upstream.port,
-            policies={"ban.toml": tiktok_ban("hold")},
-        )  # fmt: skip
-        async with running_gateway(config, release_tick=60) as gateway:
-            await _hold_big_messages(gateway, issuer)
-            releaser = gateway.server.services.releaser
-            peak = await _peak(releaser.run)
-            assert peak < 2 * MIB, f"{peak / MIB:.1f} MiB for {MESSAGES} MiB held"
+    async with held_mail_gateway(tmp_path, issuer) as (gateway, _upstream):
+        await _hold_big_messages(gateway, issuer)
+        releaser = gateway.server.services.releaser
+        peak = await _peak(releaser.run)
+        assert peak < 2 * MIB, f"{peak / MIB:.1f} MiB for {MESSAGES} MiB held"
 
 
 async def test_releasing_loads_one_body_at_a_time(tmp_path: Path, issuer: TestIssuer) -> None:
-    async with FakeUpstream.running() as upstream:
-        config = write_config(
-            tmp_path, issuer=issuer, upstream_port=upstream.port,
-            policies={"ban.toml": tiktok_ban("hold")},
-        )  # fmt: skip
-        async with running_gateway(config, release_tick=60) as gateway:
-            await _hold_big_messages(gateway, issuer)
-            (gateway.policy_dir / "ban.toml").write_text(tiktok_ban("hold", state="retracted"))
-            await gateway.server.reload("test")
-            await gateway.server.services.releaser.idle()
-            releaser = gateway.server.services.releaser
-            received: list[int] = []
+    async with held_mail_gateway(tmp_path, issuer) as (gateway, upstream):
+        await _hold_big_messages(gateway, issuer)
+        (gateway.policy_dir / "ban.toml").write_text(tiktok_ban("hold", state="retracted"))
+        await gateway.server.reload("test")
+        await gateway.server.services.releaser.idle()
+        releaser = gateway.server.services.releaser
+        received: list[int] = []
 
-            def count_and_forget(message: ReceivedMessage) -> None:
-                # The fake upstream runs in this process: keep only sizes, not 16 MiB.
-                received.append(len(message.content))
-                upstream.messages.remove(message)
+        def count_and_forget(message: ReceivedMessage) -> None:
+            # The fake upstream runs in this process: keep only sizes, not 16 MiB.
+            received.append(len(message.content))
+            upstream.messages.remove(message)
 
-            upstream.faults.on_accept = count_and_forget
-            peak = await _peak(releaser.run)
-            assert len(received) == MESSAGES
-            # A body, and the copies both ends of the SMTP connection make of it.
-            assert peak < 6 * MIB, f"{peak / MIB:.1f} MiB to release {MESSAGES} x 1 MiB"
+        upstream.faults.on_accept = count_and_forget
+        peak = await _peak(releaser.run)
+        assert len(received) == MESSAGES
+        # A body, and the copies both ends of the SMTP connection make of it.
+        assert peak < 6 * MIB, f"{peak / MIB:.1f} MiB to release {MESSAGES} x 1 MiB"
 
 
 async def test_expiry_pages_and_reads_only_headers(tmp_path: Path, issuer: TestIssuer) -> None:
     clock = [datetime.now(UTC)]
-    async with FakeUpstream.running() as upstream:
-        config = write_config(
-            tmp_path, issuer=issuer, upstream_port=upstream.port,
-            policies={"ban.toml": tiktok_ban("hold")}, extra="expire_after_hours = 1\n",
-        )  # fmt: skip
-        async with running_gateway(config, clock=lambda: clock[0], release_tick=60) as gateway:
-            await _hold_big_messages(gateway, issuer)
-            clock[0] += timedelta(hours=2)
-            releaser = gateway.server.services.releaser
-            peak = await _peak(releaser.expire)
-            assert peak < 2 * MIB, f"{peak / MIB:.1f} MiB to expire {MESSAGES} x 1 MiB"
-            await releaser.run()  # the bounces (headers only) go out
-            bounces = await upstream.wait_for(MESSAGES)
+    async with held_mail_gateway(
+        tmp_path, issuer, extra="expire_after_hours = 1\n", clock=lambda: clock[0]
+    ) as (gateway, upstream):
+        await _hold_big_messages(gateway, issuer)
+        clock[0] += timedelta(hours=2)
+        releaser = gateway.server.services.releaser
+        peak = await _peak(releaser.expire)
+        assert peak < 2 * MIB, f"{peak / MIB:.1f} MiB to expire {MESSAGES} x 1 MiB"
+        await releaser.run()  # the bounces (headers only) go out
+        bounces = await upstream.wait_for(MESSAGES)
     assert {b.sender for b in bounces} == {""}
     assert max(len(b.content) for b in bounces) < 16 * 1024
 
@@ -127,13 +115,8 @@ async def test_a_pass_reads_metadata_from_disk_not_the_bodies(
     order, so metadata after a BLOB in the same row made every pass read every body."""
     if not os.path.exists("/proc/self/io"):  # noqa: ASYNC240
         pytest.skip("needs Linux /proc/self/io")
-    async with FakeUpstream.running() as upstream:
-        config = write_config(
-            tmp_path, issuer=issuer, upstream_port=upstream.port,
-            policies={"ban.toml": tiktok_ban("hold")},
-        )  # fmt: skip
-        async with running_gateway(config, release_tick=60) as gateway:
-            await _hold_big_messages(gateway, issuer)
+    async with held_mail_gateway(tmp_path, issuer) as (gateway, _upstream):
+        await _hold_big_messages(gateway, issuer)
     # A fresh connection, so that nothing is in SQLite's page cache.
     store = HoldStore(tmp_path / "hold.db")
     try:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import email
 import sqlite3
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from email.message import Message
 from pathlib import Path
@@ -16,9 +14,10 @@ import pytest
 
 from gateway.hold.store import HoldStore
 from gateway.testing.device import FakeDevice, make_message
-from gateway.testing.harness import RunningGateway, running_gateway, write_config
+from gateway.testing.harness import RunningGateway
 from gateway.testing.issuer import TestIssuer
-from gateway.testing.upstream import FakeUpstream, ReceivedMessage
+from gateway.testing.upstream import ReceivedMessage
+from tests.hold.kit import held_mail_gateway, readyz
 from tests.stories import TIKTOK, tiktok_ban
 
 HELD = (250, "2.6.0 held: Remove TikTok.")
@@ -65,23 +64,18 @@ async def test_a_recipient_refused_at_release_is_bounced_and_the_other_delivered
 ) -> None:
     """Defect 3: the client heard 250 for both recipients at hold time (RFC 5321 s 6.1);
     one refused with 550 at release gets a DSN naming it and the upstream's reply."""
-    async with FakeUpstream.running() as upstream:
-        config = write_config(
-            tmp_path, issuer=issuer, upstream_port=upstream.port,
-            policies={"ban.toml": tiktok_ban("hold")},
-        )  # fmt: skip
-        async with running_gateway(config, release_tick=60) as gateway:
-            await _hold(
-                gateway,
-                FakeDevice(issuer, apps={TIKTOK}),
-                recipients=("bob@example.test", "gone@example.test"),
-            )
-            upstream.faults.rcpt_replies["gone@example.test"] = "550 5.1.1 no such user"
-            await _retract(gateway)
-            await gateway.server.services.releaser.run()
-            await gateway.server.services.releaser.run()  # the bounce goes out
-            await _until(lambda: len(upstream.messages) == 2)
-            assert _held(gateway) == []
+    async with held_mail_gateway(tmp_path, issuer) as (gateway, upstream):
+        await _hold(
+            gateway,
+            FakeDevice(issuer, apps={TIKTOK}),
+            recipients=("bob@example.test", "gone@example.test"),
+        )
+        upstream.faults.rcpt_replies["gone@example.test"] = "550 5.1.1 no such user"
+        await _retract(gateway)
+        await gateway.server.services.releaser.run()
+        await gateway.server.services.releaser.run()  # the bounce goes out
+        await _until(lambda: len(upstream.messages) == 2)
+        assert _held(gateway) == []
     original, bounce = upstream.messages
     assert original.recipients == ("bob@example.test",)
     assert bounce.sender == ""
@@ -103,22 +97,17 @@ async def test_a_permanent_refusal_at_release_bounces_at_once_not_after_days(
     tmp_path: Path, issuer: TestIssuer
 ) -> None:
     """Defect 4: a 5xx for the whole message is final: one pass bounces it, no retries."""
-    async with FakeUpstream.running() as upstream:
-        config = write_config(
-            tmp_path, issuer=issuer, upstream_port=upstream.port,
-            policies={"ban.toml": tiktok_ban("hold")},
-        )  # fmt: skip
-        async with running_gateway(config, release_tick=60) as gateway:
-            await _hold(gateway, FakeDevice(issuer, apps={TIKTOK}))
-            upstream.faults.data_reply = "554 5.6.0 content rejected"
-            await _retract(gateway)
-            report = await gateway.server.services.releaser.run()
-            assert len(report.bounced) == 1
-            assert report.failed == []
-            upstream.faults.data_reply = None
-            await gateway.server.services.releaser.run()
-            (bounce,) = await upstream.wait_for(1)
-            assert _held(gateway) == []
+    async with held_mail_gateway(tmp_path, issuer) as (gateway, upstream):
+        await _hold(gateway, FakeDevice(issuer, apps={TIKTOK}))
+        upstream.faults.data_reply = "554 5.6.0 content rejected"
+        await _retract(gateway)
+        report = await gateway.server.services.releaser.run()
+        assert len(report.bounced) == 1
+        assert report.failed == []
+        upstream.faults.data_reply = None
+        await gateway.server.services.releaser.run()
+        (bounce,) = await upstream.wait_for(1)
+        assert _held(gateway) == []
     assert bounce.sender == ""
     assert bounce.recipients == ("alice@example.test",)
     assert b"Diagnostic-Code: smtp; 554 5.6.0 upstream: content rejected" in bounce.content
@@ -129,61 +118,41 @@ async def test_a_temporary_refusal_keeps_only_the_recipients_to_retry(
 ) -> None:
     """A 4xx for one recipient keeps the message for that recipient alone: the other is
     not sent twice on the retry."""
-    async with FakeUpstream.running() as upstream:
-        config = write_config(
-            tmp_path, issuer=issuer, upstream_port=upstream.port,
-            policies={"ban.toml": tiktok_ban("hold")},
-        )  # fmt: skip
-        async with running_gateway(config, release_tick=60) as gateway:
-            await _hold(
-                gateway,
-                FakeDevice(issuer, apps={TIKTOK}),
-                recipients=("bob@example.test", "busy@example.test"),
-            )
-            upstream.faults.rcpt_replies["busy@example.test"] = "452 4.2.2 mailbox full"
-            await _retract(gateway)
-            report = await gateway.server.services.releaser.run()
-            assert report.failed
-            assert report.bounced == []
-            store = HoldStore(gateway.settings.hold.database)
-            (kept,) = store.select()
-            store.close()
-            assert kept.recipients == ("busy@example.test",)
-            assert kept.attempts == 1
-            assert kept.last_error == "452 4.2.2 upstream: mailbox full"
+    async with held_mail_gateway(tmp_path, issuer) as (gateway, upstream):
+        await _hold(
+            gateway,
+            FakeDevice(issuer, apps={TIKTOK}),
+            recipients=("bob@example.test", "busy@example.test"),
+        )
+        upstream.faults.rcpt_replies["busy@example.test"] = "452 4.2.2 mailbox full"
+        await _retract(gateway)
+        report = await gateway.server.services.releaser.run()
+        assert report.failed
+        assert report.bounced == []
+        store = HoldStore(gateway.settings.hold.database)
+        (kept,) = store.select()
+        store.close()
+        assert kept.recipients == ("busy@example.test",)
+        assert kept.attempts == 1
+        assert kept.last_error == "452 4.2.2 upstream: mailbox full"
     assert [m.recipients for m in upstream.messages] == [("bob@example.test",)]
 
 
 async def test_released_mail_keeps_its_esmtp_parameters(tmp_path: Path, issuer: TestIssuer) -> None:
     """Defect 5: BODY=8BITMIME given at MAIL FROM reaches the upstream when released."""
-    async with FakeUpstream.running() as upstream:
-        config = write_config(
-            tmp_path, issuer=issuer, upstream_port=upstream.port,
-            policies={"ban.toml": tiktok_ban("hold")},
-        )  # fmt: skip
-        async with running_gateway(config, release_tick=60) as gateway:
-            body = make_message(body="Grüße aus Köln")
-            await _hold(
-                gateway,
-                FakeDevice(issuer, apps={TIKTOK}),
-                message=body,
-                mail_options=("BODY=8BITMIME",),
-            )
-            await _retract(gateway)
-            await gateway.server.services.releaser.run()
-            (released,) = await upstream.wait_for(1)
+    async with held_mail_gateway(tmp_path, issuer) as (gateway, upstream):
+        body = make_message(body="Grüße aus Köln")
+        await _hold(
+            gateway,
+            FakeDevice(issuer, apps={TIKTOK}),
+            message=body,
+            mail_options=("BODY=8BITMIME",),
+        )
+        await _retract(gateway)
+        await gateway.server.services.releaser.run()
+        (released,) = await upstream.wait_for(1)
     assert "BODY=8BITMIME" in released.options
     assert "Grüße aus Köln".encode() in released.content
-
-
-def _ready(gateway: RunningGateway) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{gateway.admin_port}/readyz", timeout=5
-        ) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 @pytest.mark.slow
@@ -202,33 +171,29 @@ async def test_a_lock_held_during_release_stops_it_without_sending_anything_twic
             locker = sqlite3.connect(str(gateway.settings.hold.database), isolation_level=None)
             locker.execute("BEGIN EXCLUSIVE")
 
-    async with FakeUpstream.running() as upstream:
-        config = write_config(
-            tmp_path, issuer=issuer, upstream_port=upstream.port,
-            policies={"ban.toml": tiktok_ban("hold")},
-            extra="busy_timeout_seconds = 0.3\n",
-        )  # fmt: skip
-        async with running_gateway(config, release_tick=0.2) as gateway:
-            device = FakeDevice(issuer, apps={TIKTOK})
-            for n in range(5):
-                await _hold(gateway, device, message=make_message(subject=f"m{n}"))
-            upstream.faults.on_accept = lock_the_store
-            await _retract(gateway)
-            await _until(lambda: gateway.server.services.releaser.fault is not None)
-            status, text = await asyncio.to_thread(_ready, gateway)
-            assert status == 503
-            assert "release of held mail stopped" in text
-            assert "locked" in text
-            before = len(upstream.messages)
-            await asyncio.sleep(2)  # ten ticks: nothing is sent again while the lock is held
-            assert len(upstream.messages) == before
-            assert locker is not None
-            locker.execute("ROLLBACK")
-            locker.close()
-            await _until(lambda: len(upstream.messages) == 5 and not _held(gateway))
-            async with asyncio.timeout(10):
-                while (await asyncio.to_thread(_ready, gateway))[0] != 200:  # noqa: ASYNC110
-                    await asyncio.sleep(0.1)
+    async with held_mail_gateway(
+        tmp_path, issuer, extra="busy_timeout_seconds = 0.3\n", release_tick=0.2
+    ) as (gateway, upstream):
+        device = FakeDevice(issuer, apps={TIKTOK})
+        for n in range(5):
+            await _hold(gateway, device, message=make_message(subject=f"m{n}"))
+        upstream.faults.on_accept = lock_the_store
+        await _retract(gateway)
+        await _until(lambda: gateway.server.services.releaser.fault is not None)
+        status, text = await asyncio.to_thread(readyz, gateway)
+        assert status == 503
+        assert "release of held mail stopped" in text
+        assert "locked" in text
+        before = len(upstream.messages)
+        await asyncio.sleep(2)  # ten ticks: nothing is sent again while the lock is held
+        assert len(upstream.messages) == before
+        assert locker is not None
+        locker.execute("ROLLBACK")
+        locker.close()
+        await _until(lambda: len(upstream.messages) == 5 and not _held(gateway))
+        async with asyncio.timeout(10):
+            while (await asyncio.to_thread(readyz, gateway))[0] != 200:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
     subjects = sorted(
         m.headers.split("Subject: ", 1)[1].split("\r\n")[0] for m in upstream.messages
     )

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import urllib.error
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,9 +13,10 @@ import pytest
 
 from gateway.domain import Device, DeviceClaims, DeviceClass, Platform
 from gateway.hold.store import HoldStore
-from gateway.testing.harness import RunningGateway, running_gateway, write_config
+from gateway.testing.harness import running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
+from tests.hold.kit import readyz
 
 # The held table as the first release wrote it (no options, claims or bounces).
 FIRST_SCHEMA = """
@@ -112,15 +111,6 @@ async def test_mail_held_by_an_older_gateway_is_released_by_this_one(
     assert released.content.endswith(MESSAGE)
 
 
-def _ready(gateway: RunningGateway) -> tuple[int, str]:
-    url = f"http://127.0.0.1:{gateway.admin_port}/readyz"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 async def test_readyz_is_503_while_the_store_cannot_be_written(
     tmp_path: Path, issuer: TestIssuer
 ) -> None:
@@ -132,12 +122,12 @@ async def test_readyz_is_503_while_the_store_cannot_be_written(
             extra="busy_timeout_seconds = 0.2\n",
         )  # fmt: skip
         async with running_gateway(config, release_tick=0.2) as gateway:
-            assert (await asyncio.to_thread(_ready, gateway))[0] == 200
+            assert (await asyncio.to_thread(readyz, gateway))[0] == 200
             locker = sqlite3.connect(str(gateway.settings.hold.database), isolation_level=None)
             locker.execute("BEGIN EXCLUSIVE")  # a backup or an sqlite3 shell, say
             try:
                 async with asyncio.timeout(10):
-                    while (state := await asyncio.to_thread(_ready, gateway))[0] == 200:  # noqa: ASYNC110
+                    while (state := await asyncio.to_thread(readyz, gateway))[0] == 200:  # noqa: ASYNC110
                         await asyncio.sleep(0.1)
                 status, text = state
                 assert status == 503
@@ -147,7 +137,7 @@ async def test_readyz_is_503_while_the_store_cannot_be_written(
                 locker.execute("ROLLBACK")
                 locker.close()
             async with asyncio.timeout(10):
-                while (await asyncio.to_thread(_ready, gateway))[0] != 200:  # noqa: ASYNC110
+                while (await asyncio.to_thread(readyz, gateway))[0] != 200:  # noqa: ASYNC110
                     await asyncio.sleep(0.1)
             metrics = gateway.server.services.render_metrics().decode()
             assert "gateway_hold_store_writable 1.0" in metrics
