@@ -21,6 +21,7 @@ from gateway.devices.inventory import Inventory
 from gateway.devices.notices import MailboxNotices, Notifier
 from gateway.domain import Access, Action, Clock, Decision, DeviceClaims
 from gateway.errors import HoldStoreError, SettingsError
+from gateway.hold.first_seen import FirstSeenTimes
 from gateway.hold.release import Releaser, Spawn
 from gateway.hold.store import AsyncHoldStore, HeldMessage
 from gateway.logins import Logins, SessionEnder, SyncChange, sync_changes
@@ -69,6 +70,8 @@ class Services:
             busy_timeout=settings.hold.busy_timeout,
             min_free_bytes=settings.hold.min_free_bytes,
         )
+        # grace_hours: when each device was first seen matching, shared by every decision.
+        self.first_seen = FirstSeenTimes(self.hold_store)
         self.inventory = Inventory(self.hold_store, settings.inventory_retention, clock)
         sender = settings.notice_sender or f"compliance-gateway@{settings.smtp.hostname}"
         self.notifier = (
@@ -102,6 +105,7 @@ class Services:
             parallel=settings.hold.release_concurrency,
             backoff=(settings.hold.retry_min, settings.hold.retry_max),
             on_event=lambda event: self.metrics.release_events.labels(event).inc(),
+            first_seen=self.first_seen,
         )
         self.store_problem: str | None = None  # why the hold store cannot be written now
         self.keyring = KeyRing(settings.tokens.issuers)
@@ -122,6 +126,7 @@ class Services:
             clock=clock,
             metrics=self.metrics,
             jwks=self.jwks,
+            first_seen=self.first_seen,
         )
         # Ends open IMAP/POP3 sessions after a reload that changes sync decisions; set by
         # the server when [sync] doveadm_url is (the doveadm HTTP API is an adapter).
@@ -135,6 +140,7 @@ class Services:
             metrics=self.metrics,
             events=self,
             jwks=self.jwks,
+            first_seen=self.first_seen,
         )
 
     async def open(self) -> None:
