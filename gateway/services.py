@@ -17,6 +17,7 @@ import time
 import structlog
 
 from gateway.config.settings import Settings, load_settings
+from gateway.devices.announce import Announcer
 from gateway.devices.inventory import Inventory
 from gateway.devices.notices import MailboxNotices, Notifier
 from gateway.domain import Access, Action, Clock, Decision, DeviceClaims
@@ -77,6 +78,19 @@ class Services:
         self.notifier = (
             Notifier(self.hold_store, self.relay, sender, settings.smtp.hostname)
             if settings.notices
+            else None
+        )
+        self.announcer = (
+            Announcer(
+                self.notifier,
+                self.hold_store,
+                self.inventory.devices,
+                self.inventory.accesses_of,
+                self.first_seen.known,
+                clock,
+                settings.announce_rate,
+            )
+            if self.notifier is not None
             else None
         )
         sync = settings.sync
@@ -188,6 +202,8 @@ class Services:
         await self.releaser.run()
         await self.inventory.flush()
         await self.measure_held()
+        if self.announcer is not None:
+            self.spawn(self.announcer.sweep(self.policies.current), "announce")
 
     async def measure_held(self) -> None:
         """The held-mail gauges, from one aggregate query."""
@@ -242,6 +258,10 @@ class Services:
     async def _after_reload(self, result: ReloadResult) -> None:
         self.last_good_reload = time.time()
         before, self._in_force = self._in_force, self.policies.current
+        if self.announcer is not None and before is not None:
+            active = {p.id for p in before.source.policies if p.is_active}
+            self.announcer.deleted(p for p in result.diff.removed if p in active)
+            self.spawn(self.announcer.sweep(self.policies.current), "announce")
         if not result.diff.is_empty:
             self.spawn(self.releaser.run(), "release-after-reload")
         if before is not None and self.settings.sync.enabled:

@@ -791,6 +791,16 @@ class HoldStore:
 
         return datetime.fromtimestamp(self._transaction(work), UTC)
 
+    def noticed_devices(self, policy_id: str) -> list[str]:
+        """Devices that were sent a notice mail for this policy (warn, hold or released;
+        not mailbox notices, which end in ":sync"): who a withdrawal goes to."""
+        rows = self._read(
+            "SELECT DISTINCT device_id FROM notices WHERE policy_id = ? "
+            "AND phase IN ('warn', 'hold', 'released') ORDER BY device_id",
+            (policy_id,),
+        )
+        return [row[0] for row in rows]
+
     def first_seen_times(self, device_id: str) -> dict[str, datetime]:
         """Per policy, when this device was first seen matching it (read only: explain)."""
         rows = self._read(
@@ -958,6 +968,9 @@ class AsyncHoldStore:
 
     async def first_seen(self, device_id: str, policy_id: str, now: datetime) -> datetime:
         return await self._run(lambda s: s.first_seen(device_id, policy_id, now))
+
+    async def noticed_devices(self, policy_id: str) -> list[str]:
+        return await self._run(lambda s: s.noticed_devices(policy_id))
 
     async def unclaim_notice(self, device_id: str, policy_id: str, phase: str) -> None:
         await self._run(lambda store: store.unclaim_notice(device_id, policy_id, phase))
