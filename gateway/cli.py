@@ -729,6 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_impact(args: argparse.Namespace) -> int:
+    from gateway.devices.announce import announcements, warning_policies
     from gateway.hold.store import HoldStore
     from gateway.policy.diff import PolicyDiff
     from gateway.policy.impact import assess, blast_radius_refusal, rollout_stages
@@ -760,6 +761,8 @@ def cmd_impact(args: argparse.Namespace) -> int:
         devices = store.devices(since)
         accesses = store.device_accesses(since)
         known = 0 if devices else len(store.devices(datetime.fromtimestamp(0, UTC)))
+        graced = any(p.grace for p in candidate.source.policies)
+        first_seen = {d.device.id: store.first_seen_times(d.device.id) for d in devices if graced}
     finally:
         store.close()
     if not devices:
@@ -776,6 +779,14 @@ def cmd_impact(args: argparse.Namespace) -> int:
         live, candidate, devices, now, accesses_of=lambda c: accesses.get(c.device.id, every)
     )
     stages = rollout_stages(candidate, devices, now)
+    told = announcements(
+        candidate,
+        [p.id for p in warning_policies(candidate, now)],
+        devices,
+        now,
+        accesses_of=lambda c: accesses.get(c.device.id, every),
+        first_seen_of=lambda device_id: first_seen.get(device_id, {}),
+    )
     diff = PolicyDiff.between(live.source, candidate.source)
     refusal = blast_radius_refusal(report, candidate, diff, settings.max_newly_blocked_devices)
     code = EXIT_BAD if refusal is not None else EXIT_OK
@@ -790,6 +801,11 @@ def cmd_impact(args: argparse.Namespace) -> int:
                 "candidate_version": candidate.version,
                 **report.as_dict(),
                 "rollout_stages": [s.as_dict() for s in stages],
+                # Who the announcement warns (once per device: those told before are not again).
+                "announced_to": [
+                    {"user": a.user, "device_id": a.device_id, "policy_id": a.policy_id}
+                    for a in told
+                ],
                 "guard": {
                     "limit": settings.max_newly_blocked_devices,
                     "refused": refusal is not None,
@@ -825,6 +841,13 @@ def cmd_impact(args: argparse.Namespace) -> int:
                     f"{row['before']} -> {row['after']}  {','.join(row['policy_ids'])}"
                 )
             )
+    if told:
+        print(
+            f"{'announced to:':<16} {len({a.device_id for a in told})} device(s), "
+            f"{len({a.user for a in told})} user(s) (warned at once, each device once)"
+        )
+        for row in told:
+            print(_terminal_safe(f"    {row.device_id:<24} {row.user:<30} {row.policy_id}"))
     for stage in stages:
         mark = "  <- now" if stage.current else ""
         print(

@@ -164,3 +164,29 @@ def test_impact_reports_each_rollout_stage(
     assert 10 <= stages[0]["enforced"] <= 30
     # The preview agrees with the decisions: only the devices in the stage are newly held.
     assert len(json.loads(out)["newly_held"]) == stages[0]["enforced"]
+
+
+def test_impact_shows_who_the_announcement_tells(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    """In the announce phase the preview lists the users the announcement warns at once:
+    phones with the app, not a laptop with it."""
+    path = inventory(config, "phone-1", "phone-2")
+    store = HoldStore(path)
+    laptop = phone("laptop-1")
+    laptop = DeviceClaims(
+        laptop.issuer, laptop.subject, laptop.audience, laptop.issued_at, laptop.expires_at,
+        Device("laptop-1", Platform.MACOS, DeviceClass.DESKTOP), laptop.apps,
+    )  # fmt: skip
+    store.record_devices([(laptop, NOW.timestamp(), Access.SEND)])
+    store.close()
+    announced = "2020-07-10T12:00:00-07:00"  # between the shipped ban's announce_at and enforce_at
+    code, out, err = run(capsys, "impact", "--at", announced, "--config", str(config), "--json")
+    assert code == 0, err
+    assert json.loads(out)["announced_to"] == [
+        {"user": "phone-1@example.test", "device_id": "phone-1", "policy_id": "remove-tiktok"},
+        {"user": "phone-2@example.test", "device_id": "phone-2", "policy_id": "remove-tiktok"},
+    ]
+    code, out, _ = run(capsys, "impact", "--at", announced, "--config", str(config))
+    assert "announced to:    2 device(s), 2 user(s)" in out
+    assert "laptop-1" not in out
