@@ -14,6 +14,7 @@ second copy. Sends are paced (``announce_notices_per_second``).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,9 @@ from gateway.policy.engine import CompiledPolicySet, decide
 from gateway.policy.model import Policy
 
 log = structlog.get_logger("gateway.notices")
+
+CHUNK = 500  # devices decided between yields to the event loop (~3 ms with a rollout)
+RESWEEP = 60.0  # seconds between sweeps for rollout and grace policies, which warn anew
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class Announcer:
         # (device, policy, phase) known sent, here or by another process: not asked again.
         self._told: set[tuple[str, str, str]] = set()
         self._lock = asyncio.Lock()
+        self._last_resweep = float("-inf")  # monotonic time of the last rollout/grace sweep
 
     def deleted(self, policy_ids: Iterable[str]) -> None:
         """A reload removed these active policies: withdraw them at the next sweep."""
@@ -113,11 +118,15 @@ class Announcer:
         async with self._lock:
             now = self.clock()
             version = compiled.version
+            resweep = time.monotonic() - self._last_resweep >= RESWEEP
             fresh = [
                 p.id
                 for p in warning_policies(compiled, now)
                 if ("announce", p.id, version) not in self._swept
+                and (resweep or (p.rollout is None and p.grace is None))
             ]
+            if resweep and any(p.rollout or p.grace for p in compiled.source.policies):
+                self._last_resweep = time.monotonic()
             # Rollout and grace policies warn different devices as time passes: re-checked
             # every sweep; announce-phase policies once per version.
             self._swept.update(
@@ -143,9 +152,18 @@ class Announcer:
     async def _announce(
         self, compiled: CompiledPolicySet, policy_ids: list[str], now: datetime
     ) -> None:
-        rows = announcements(
-            compiled, policy_ids, self.devices(), now, self.accesses_of, self.first_seen_of
-        )
+        devices = self.devices()
+        rows: list[Announcement] = []
+        for start in range(0, len(devices), CHUNK):  # ~0.2 s for 10,000 devices: in slices
+            rows += announcements(
+                compiled,
+                policy_ids,
+                devices[start : start + CHUNK],
+                now,
+                self.accesses_of,
+                self.first_seen_of,
+            )
+            await asyncio.sleep(0)
         for row in rows:
             if (row.device_id, row.policy_id, "warn") in self._told:
                 continue
