@@ -17,13 +17,20 @@ from typing import TYPE_CHECKING
 from gateway import __version__
 from gateway.config.settings import Settings, default_config_path, load_settings
 from gateway.domain import Access, PolicyMatch
-from gateway.errors import ConfigError, GatewayError, PolicyLoadError, Problem, TokenError
+from gateway.errors import (
+    ConfigError,
+    GatewayError,
+    HoldStoreError,
+    PolicyLoadError,
+    Problem,
+    TokenError,
+)
 from gateway.policy.engine import compile_policy_set, decide
 from gateway.policy.loader import ignored_files, load_policy_dir, policy_files
 
 if TYPE_CHECKING:
     from gateway.hold.store import HeldMessage, HoldFilter, HoldStore
-    from gateway.policy.model import PolicySet
+    from gateway.policy.model import Policy, PolicySet
     from gateway.tokens.keyring import KeyRing
 
 EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
@@ -248,7 +255,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return EXIT_BAD
     policy_set = load_policy_dir(settings.policy_dir, settings.groups)
     compiled = compile_policy_set(policy_set)
-    decision = decide(compiled, claims, now, access)
+    first_seen = _first_seen_times(settings, policy_set, claims.device.id)
+    decision = decide(compiled, claims, now, access, first_seen)
     # Policies that would apply to the other access only: the answer to "why does the
     # sync ban not show here?". Empty unless some policy narrows scope.access.
     other = Access.SYNC if access is Access.SEND else Access.SEND
@@ -256,7 +264,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     other_matches: dict[str, PolicyMatch] = {}
     if compiled.narrowed:
         here = {m.policy_id for m in (*decision.matches, *decision.audit)} | set(decision.exempted)
-        there = decide(compiled, claims, now, other)
+        there = decide(compiled, claims, now, other, first_seen)
         other_matches = {m.policy_id: m for m in (*there.matches, *there.audit)}
         other_only = sorted((set(other_matches) | set(there.exempted)) - here)
     sources = {p.id: str(p.source) for p in policy_set.policies}
@@ -268,6 +276,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 "access": access.value,
                 "token": {"valid": True, "claims": claims.summary()},
                 "decision": decision.as_dict(),
+                "first_seen": {k: v.isoformat() for k, v in first_seen.items()},
                 # Policies that would apply for the other access: narrowed away from this one.
                 "other_access_only": other_only,
             }
@@ -293,6 +302,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 f"  {title:<20} {match.policy_id:<24} {match.action.label:<7} {match.phase.value:<9} "
                 f"{sources.get(match.policy_id, '')}"
             )
+    policies = policy_set.by_id()
+    for match in (*decision.matches, *decision.audit):
+        sys.stdout.write(
+            _terminal_safe_lines(_held_back(policies[match.policy_id], match, first_seen, now))
+        )
     for policy_id in decision.exempted:
         print(f"  {'exempted':<20} {policy_id:<24} {'':<7} {'':<9} {sources.get(policy_id, '')}")
     for policy_id in other_only:
@@ -303,6 +317,50 @@ def cmd_explain(args: argparse.Namespace) -> int:
             f"  {title:<20} {policy_id:<24} {action:<7} {phase_text:<9} {sources.get(policy_id, '')}"
         )
     return EXIT_OK
+
+
+def _first_seen_times(
+    settings: Settings, policy_set: PolicySet, device_id: str
+) -> dict[str, datetime]:
+    """This device's first-seen times for grace_hours, from the hold database (read only;
+    none when no policy has a grace period or there is no database here)."""
+    from gateway.hold.store import HoldStore
+
+    if not any(p.grace for p in policy_set.policies) or not settings.hold.database.is_file():
+        return {}
+    store = HoldStore(settings.hold.database)
+    try:
+        return store.first_seen_times(device_id)
+    except HoldStoreError as exc:
+        print(f"warning: first-seen times: {exc}; grace counted from now", file=sys.stderr)
+        return {}
+    finally:
+        store.close()
+
+
+def _held_back(
+    policy: Policy, match: PolicyMatch, first_seen: dict[str, datetime], now: datetime
+) -> str:
+    """Why an enforcing policy only warns this device: its rollout stage, its own deadline."""
+    text = ""
+    if match.outside_rollout and policy.rollout is not None:
+        stage = policy.rollout.current(now)
+        where = f"current stage: {stage}" if stage else "no stage reached yet"
+        text += (
+            f"    {policy.id}: this device is outside the rollout ({where}): warned, not enforced\n"
+        )
+    if policy.grace is not None:
+        seen = first_seen.get(policy.id)
+        since = (
+            f"first seen matching {seen.isoformat()}"
+            if seen
+            else "not seen matching yet: counted from now"
+        )
+        if match.deadline is not None:
+            text += f"    {policy.id}: this device's deadline: {match.deadline.isoformat()} ({since}, grace {policy.grace})\n"
+        else:
+            text += f"    {policy.id}: this device's grace period is over ({since}, grace {policy.grace})\n"
+    return text
 
 
 _ACCESS_TEXT = {
@@ -671,9 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_impact(args: argparse.Namespace) -> int:
+    from gateway.devices.announce import announcements, warning_policies
     from gateway.hold.store import HoldStore
     from gateway.policy.diff import PolicyDiff
-    from gateway.policy.impact import assess, blast_radius_refusal
+    from gateway.policy.impact import assess, blast_radius_refusal, rollout_stages
     from gateway.policy.model import PolicySet
 
     settings = _settings(args)
@@ -702,6 +761,8 @@ def cmd_impact(args: argparse.Namespace) -> int:
         devices = store.devices(since)
         accesses = store.device_accesses(since)
         known = 0 if devices else len(store.devices(datetime.fromtimestamp(0, UTC)))
+        graced = any(p.grace for p in candidate.source.policies)
+        first_seen = {d.device.id: store.first_seen_times(d.device.id) for d in devices if graced}
     finally:
         store.close()
     if not devices:
@@ -717,6 +778,15 @@ def cmd_impact(args: argparse.Namespace) -> int:
     report = assess(
         live, candidate, devices, now, accesses_of=lambda c: accesses.get(c.device.id, every)
     )
+    stages = rollout_stages(candidate, devices, now)
+    told = announcements(
+        candidate,
+        [p.id for p in warning_policies(candidate, now)],
+        devices,
+        now,
+        accesses_of=lambda c: accesses.get(c.device.id, every),
+        first_seen_of=lambda device_id: first_seen.get(device_id, {}),
+    )
     diff = PolicyDiff.between(live.source, candidate.source)
     refusal = blast_radius_refusal(report, candidate, diff, settings.max_newly_blocked_devices)
     code = EXIT_BAD if refusal is not None else EXIT_OK
@@ -730,6 +800,12 @@ def cmd_impact(args: argparse.Namespace) -> int:
                 "live_version": live.version,
                 "candidate_version": candidate.version,
                 **report.as_dict(),
+                "rollout_stages": [s.as_dict() for s in stages],
+                # Who the announcement warns (once per device: those told before are not again).
+                "announced_to": [
+                    {"user": a.user, "device_id": a.device_id, "policy_id": a.policy_id}
+                    for a in told
+                ],
                 "guard": {
                     "limit": settings.max_newly_blocked_devices,
                     "refused": refusal is not None,
@@ -765,6 +841,21 @@ def cmd_impact(args: argparse.Namespace) -> int:
                     f"{row['before']} -> {row['after']}  {','.join(row['policy_ids'])}"
                 )
             )
+    if told:
+        print(
+            f"{'announced to:':<16} {len({a.device_id for a in told})} device(s), "
+            f"{len({a.user for a in told})} user(s) (warned at once, each device once)"
+        )
+        for row in told:
+            print(_terminal_safe(f"    {row.device_id:<24} {row.user:<30} {row.policy_id}"))
+    for stage in stages:
+        mark = "  <- now" if stage.current else ""
+        print(
+            _terminal_safe(
+                f"rollout {stage.policy_id}: {stage.stage}: enforced on {stage.enforced} of "
+                f"{stage.matching} matching device(s){mark}"
+            )
+        )
     if refusal is not None:
         print(f"guard: the reload will be refused: {refusal}")
     return code

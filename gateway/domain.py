@@ -188,6 +188,11 @@ class PolicyMatch(NamedTuple):
     action: Action  # what this policy asks for now (WARN during its announce phase)
     phase: Phase
     message: str
+    # Enforcing, but not on this device yet: treated as the announce phase (WARN) because
+    # the device is outside the rollout's current stage, or within its own grace period
+    # (then ``deadline`` is when it is enforced on this device).
+    outside_rollout: bool = False
+    deadline: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,23 @@ class Decision:
     matches: tuple[PolicyMatch, ...] = ()  # policies in force that matched
     audit: tuple[PolicyMatch, ...] = ()  # audit-state policies: what would have happened
     exempted: tuple[str, ...] = ()  # policies that matched but exempt this user/device
+    # Policies with grace_hours that applied without a first-seen time for this device: the
+    # engine counted from ``now``; the caller records the time and may decide again.
+    first_seen_needed: tuple[str, ...] = ()
+
+    @property
+    def outside_rollout(self) -> tuple[str, ...]:
+        """Policies that would enforce but left this device out of their rollout stage."""
+        return tuple(m.policy_id for m in (*self.matches, *self.audit) if m.outside_rollout)
+
+    @property
+    def deadlines(self) -> dict[str, str]:
+        """Per policy in its grace period for this device, when it is enforced on it."""
+        return {
+            m.policy_id: m.deadline.isoformat()
+            for m in (*self.matches, *self.audit)
+            if m.deadline is not None
+        }
 
     @property
     def policy_ids(self) -> tuple[str, ...]:
@@ -209,12 +231,17 @@ class Decision:
 
     def as_dict(self) -> dict[str, object]:
         def match_dict(m: PolicyMatch) -> dict[str, object]:
-            return {
+            found: dict[str, object] = {
                 "policy_id": m.policy_id,
                 "action": m.action.label,
                 "phase": m.phase.value,
                 "message": m.message,
             }
+            if m.outside_rollout:
+                found["outside_rollout"] = True
+            if m.deadline is not None:
+                found["deadline"] = m.deadline.isoformat()
+            return found
 
         return {
             "action": self.action.label,

@@ -27,6 +27,7 @@ import structlog
 from gateway.config.settings import HoldAtLogin, SyncSettings
 from gateway.domain import Access, Action, Clock, Decision, DeviceClaims
 from gateway.errors import TokenError
+from gateway.hold.first_seen import FirstSeenTimes
 from gateway.ops.logs import printable
 from gateway.ops.metrics import Metrics
 from gateway.policy.engine import CompiledPolicySet, decide
@@ -193,8 +194,10 @@ class Logins:
         metrics: Metrics,
         events: LoginEvents,
         jwks: JwksRefresher | None = None,
+        first_seen: FirstSeenTimes | None = None,
     ) -> None:
         self.settings = settings
+        self.first_seen = first_seen  # grace_hours: per-device first-seen times
         self.verifier = verifier
         self.policies = policies
         self.clock = clock
@@ -220,7 +223,12 @@ class Logins:
                 started=started,
             )
         self.events.logged_in(claims)
-        decision = decide(self.policies.current, claims, self.clock(), access=Access.SYNC)
+        if self.first_seen is not None:
+            decision = await self.first_seen.decide(
+                self.policies.current, claims, self.clock(), Access.SYNC
+            )
+        else:
+            decision = decide(self.policies.current, claims, self.clock(), access=Access.SYNC)
         return LoginResult(self._outcome(decision), claims, decision, started=started)
 
     def _outcome(self, decision: Decision) -> Outcome:
@@ -279,6 +287,8 @@ class Logins:
             policy_ids=list(decision.policy_ids),
             audit=[f"{m.policy_id}:{m.action.label}" for m in decision.audit],
             exempted=list(decision.exempted),
+            outside_rollout=list(decision.outside_rollout),
+            deadlines=decision.deadlines,
             policy_version=decision.policy_version,
             result=result.outcome.value,
             mailbox_user=result.mailbox_user,

@@ -17,10 +17,12 @@ import time
 import structlog
 
 from gateway.config.settings import Settings, load_settings
+from gateway.devices.announce import Announcer
 from gateway.devices.inventory import Inventory
 from gateway.devices.notices import MailboxNotices, Notifier
 from gateway.domain import Access, Action, Clock, Decision, DeviceClaims
 from gateway.errors import HoldStoreError, SettingsError
+from gateway.hold.first_seen import FirstSeenTimes
 from gateway.hold.release import Releaser, Spawn
 from gateway.hold.store import AsyncHoldStore, HeldMessage
 from gateway.logins import Logins, SessionEnder, SyncChange, sync_changes
@@ -69,11 +71,26 @@ class Services:
             busy_timeout=settings.hold.busy_timeout,
             min_free_bytes=settings.hold.min_free_bytes,
         )
+        # grace_hours: when each device was first seen matching, shared by every decision.
+        self.first_seen = FirstSeenTimes(self.hold_store)
         self.inventory = Inventory(self.hold_store, settings.inventory_retention, clock)
         sender = settings.notice_sender or f"compliance-gateway@{settings.smtp.hostname}"
         self.notifier = (
             Notifier(self.hold_store, self.relay, sender, settings.smtp.hostname)
             if settings.notices
+            else None
+        )
+        self.announcer = (
+            Announcer(
+                self.notifier,
+                self.hold_store,
+                self.inventory.devices,
+                self.inventory.accesses_of,
+                self.first_seen.known,
+                clock,
+                settings.announce_rate,
+            )
+            if self.notifier is not None
             else None
         )
         sync = settings.sync
@@ -102,6 +119,7 @@ class Services:
             parallel=settings.hold.release_concurrency,
             backoff=(settings.hold.retry_min, settings.hold.retry_max),
             on_event=lambda event: self.metrics.release_events.labels(event).inc(),
+            first_seen=self.first_seen,
         )
         self.store_problem: str | None = None  # why the hold store cannot be written now
         self.keyring = KeyRing(settings.tokens.issuers)
@@ -122,6 +140,7 @@ class Services:
             clock=clock,
             metrics=self.metrics,
             jwks=self.jwks,
+            first_seen=self.first_seen,
         )
         # Ends open IMAP/POP3 sessions after a reload that changes sync decisions; set by
         # the server when [sync] doveadm_url is (the doveadm HTTP API is an adapter).
@@ -135,6 +154,7 @@ class Services:
             metrics=self.metrics,
             events=self,
             jwks=self.jwks,
+            first_seen=self.first_seen,
         )
 
     async def open(self) -> None:
@@ -182,6 +202,8 @@ class Services:
         await self.releaser.run()
         await self.inventory.flush()
         await self.measure_held()
+        if self.announcer is not None:
+            self.spawn(self.announcer.sweep(self.policies.current), "announce")
 
     async def measure_held(self) -> None:
         """The held-mail gauges, from one aggregate query."""
@@ -236,6 +258,10 @@ class Services:
     async def _after_reload(self, result: ReloadResult) -> None:
         self.last_good_reload = time.time()
         before, self._in_force = self._in_force, self.policies.current
+        if self.announcer is not None and before is not None:
+            active = {p.id for p in before.source.policies if p.is_active}
+            self.announcer.deleted(p for p in result.diff.removed if p in active)
+            self.spawn(self.announcer.sweep(self.policies.current), "announce")
         if not result.diff.is_empty:
             self.spawn(self.releaser.run(), "release-after-reload")
         if before is not None and self.settings.sync.enabled:

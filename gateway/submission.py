@@ -34,6 +34,7 @@ from gateway.domain import (
     utc_now,
 )
 from gateway.errors import HoldStoreError, HoldStoreLowOnSpace, TokenError
+from gateway.hold.first_seen import FirstSeenTimes
 from gateway.limits import DataBudget, MessageRate, auth_failure_delay
 from gateway.ops.logs import message_id
 from gateway.ops.metrics import Metrics
@@ -152,8 +153,10 @@ class Submission:
         metrics: Metrics | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         jwks: JwksRefresher | None = None,
+        first_seen: FirstSeenTimes | None = None,
     ) -> None:
         self.settings = settings
+        self.first_seen = first_seen  # grace_hours: per-device first-seen times
         self.verifier = verifier
         self.jwks = jwks
         self.policies = policies
@@ -286,7 +289,10 @@ class Submission:
             self.metrics.limited.labels("messages_per_user").inc()
             return replies.TOO_MANY_MESSAGES, None
         await self.events.before_mail(claims)
-        decision = decide(self.policies.current, claims, now)
+        if self.first_seen is not None:
+            decision = await self.first_seen.decide(self.policies.current, claims, now)
+        else:
+            decision = decide(self.policies.current, claims, now)
         self.metrics.decided(decision)
         if decision.action is not Action.ALLOW:
             self.events.decided(claims, decision)
@@ -449,6 +455,8 @@ class Submission:
             policy_ids=list(decision.policy_ids),
             audit=[f"{m.policy_id}:{m.action.label}" for m in decision.audit],
             exempted=list(decision.exempted),
+            outside_rollout=list(decision.outside_rollout),
+            deadlines=decision.deadlines,
             policy_version=decision.policy_version,
             sender=transaction.sender,
             recipients=len(transaction.recipients),

@@ -367,3 +367,63 @@ def test_explain_access_over_the_real_command_line(
     bad = explain_cli("--access", "imap")
     assert bad.returncode == 2
     assert "argument --access: invalid choice: 'imap' (choose from 'send', 'sync')" in bad.stderr
+
+
+def test_explain_shows_the_devices_own_grace_deadline_and_rollout_stage(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    """grace_hours counts from when this device was first seen matching (read from the hold
+    database); a device outside the rollout's stage is told so."""
+    from datetime import UTC, datetime
+
+    from gateway.hold.store import HoldStore
+
+    policy = config.parent / "policies" / "remove-tiktok.toml"
+    policy.write_text(
+        policy.read_text().replace('state = "enforce"', 'state = "enforce"\ngrace_hours = 72')
+    )
+    seen = datetime(2020, 7, 11, 9, 0, tzinfo=UTC)  # after the deadline: its own grace
+    store = HoldStore(config.parent.parent / "var" / "hold.db")
+    assert store.first_seen("late-phone", "remove-tiktok", seen) == seen
+    assert store.first_seen("late-phone", "remove-tiktok", datetime.now(UTC)) == seen  # kept
+    store.close()
+    token = mint(
+        capsys,
+        config,
+        tmp_path,
+        "--sub",
+        "alice@example.test",
+        "--device-id",
+        "late-phone",
+        "--app",
+        TIKTOK,
+        at=ENFORCED,
+    )
+    code, out, _ = run(
+        capsys, "explain", "--config", str(config), "--token", str(token), "--at", ENFORCED
+    )
+    assert code == 0
+    assert "decision:  WARN (announce phase)" in out
+    assert (
+        "remove-tiktok: this device's deadline: 2020-07-14T09:00:00+00:00 "
+        "(first seen matching 2020-07-11T09:00:00+00:00, grace 3 days, 0:00:00)" in out
+    )
+    later = "2020-07-14T09:00:00Z"
+    again = mint(
+        capsys, config, tmp_path, "--sub", "alice@example.test", "--device-id", "late-phone",
+        "--app", TIKTOK, at=later,
+    )  # fmt: skip
+    report = explain(capsys, config, again, later)
+    assert report["decision"]["action"] == "hold"
+    assert report["first_seen"] == {"remove-tiktok": "2020-07-11T09:00:00+00:00"}
+
+    policy.write_text(policy.read_text().replace("grace_hours = 72", "rollout.percent = 0"))
+    code, out, _ = run(
+        capsys, "explain", "--config", str(config), "--token", str(again), "--at", later
+    )
+    assert (
+        "remove-tiktok: this device is outside the rollout (current stage: 0% from the start)"
+        in out
+    )
+    report = explain(capsys, config, again, later)
+    assert report["decision"]["matches"][0]["outside_rollout"] is True

@@ -133,3 +133,60 @@ def test_impact_fails_when_the_guard_would_refuse(
     assert report["ok"] is False
     assert report["guard"]["refused"] is True
     assert "newly hold or reject 2 devices (limit 1)" in report["guard"]["reason"]
+
+
+def test_impact_reports_each_rollout_stage(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    """A staged rollout: the preview says, stage by stage, on how many of the matching
+    devices it enforces, and which stage is in force now."""
+    policy = config.parent / "policies" / "remove-tiktok.toml"
+    policy.write_text(
+        policy.read_text() + "\n[[policy.rollout.stage]]\nat = 2020-07-11T00:00:00Z\npercent = 10\n"
+        "[[policy.rollout.stage]]\nat = 2020-07-20T00:00:00Z\npercent = 100\n"
+    )
+    inventory(config, *(f"phone-{n:03d}" for n in range(200)))
+    code, out, err = impact(capsys, config)
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("rollout ")]
+    assert len(lines) == 2
+    assert lines[0].startswith(
+        "rollout remove-tiktok: 10% from 2020-07-11T00:00:00+00:00: enforced on "
+    )
+    assert lines[0].endswith(" of 200 matching device(s)  <- now")
+    assert lines[1] == (
+        "rollout remove-tiktok: 100% from 2020-07-20T00:00:00+00:00: "
+        "enforced on 200 of 200 matching device(s)"
+    )
+    code, out, _ = impact(capsys, config, "--json")
+    stages = json.loads(out)["rollout_stages"]
+    assert [s["current"] for s in stages] == [True, False]
+    assert 10 <= stages[0]["enforced"] <= 30
+    # The preview agrees with the decisions: only the devices in the stage are newly held.
+    assert len(json.loads(out)["newly_held"]) == stages[0]["enforced"]
+
+
+def test_impact_shows_who_the_announcement_tells(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    """In the announce phase the preview lists the users the announcement warns at once:
+    phones with the app, not a laptop with it."""
+    path = inventory(config, "phone-1", "phone-2")
+    store = HoldStore(path)
+    laptop = phone("laptop-1")
+    laptop = DeviceClaims(
+        laptop.issuer, laptop.subject, laptop.audience, laptop.issued_at, laptop.expires_at,
+        Device("laptop-1", Platform.MACOS, DeviceClass.DESKTOP), laptop.apps,
+    )  # fmt: skip
+    store.record_devices([(laptop, NOW.timestamp(), Access.SEND)])
+    store.close()
+    announced = "2020-07-10T12:00:00-07:00"  # between the shipped ban's announce_at and enforce_at
+    code, out, err = run(capsys, "impact", "--at", announced, "--config", str(config), "--json")
+    assert code == 0, err
+    assert json.loads(out)["announced_to"] == [
+        {"user": "phone-1@example.test", "device_id": "phone-1", "policy_id": "remove-tiktok"},
+        {"user": "phone-2@example.test", "device_id": "phone-2", "policy_id": "remove-tiktok"},
+    ]
+    code, out, _ = run(capsys, "impact", "--at", announced, "--config", str(config))
+    assert "announced to:    2 device(s), 2 user(s)" in out
+    assert "laptop-1" not in out

@@ -1036,6 +1036,15 @@ class Settings:
             "Send notice mails to users (warn, hold, released): one per device, policy and phase.",
         ),
     )
+    announce_rate: float = field(
+        default=10.0,
+        metadata=setting(
+            Number(minimum=0.01, unit="notices per second"),
+            """Announcements and "withdrawn" notices sent to the device inventory when a
+            policy enters its announce phase or is retracted: at most this many per second.""",
+            key="announce_notices_per_second",
+        ),
+    )
     notice_sender: str | None = field(
         default=None,
         metadata=setting(

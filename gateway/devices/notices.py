@@ -30,6 +30,7 @@ SUBJECTS = {
     "warn": "Action required for mobile mail on {device}",
     "hold": "Mail from {device} is being held",
     "released": "Held mail from {device} has been sent",
+    "withdrawn": "Disregard the earlier notice about {device}",
     # Notices in mailboxes (sync): the phase key carries the access, so that a device's
     # SMTP notice and its mailbox notice for the same policy are both sent once.
     "warn:sync": "Action required for mobile mail on {device}",
@@ -74,6 +75,15 @@ def withdrawn_text(device_id: str, policy_id: str, reason: str | None) -> str:
     return (
         f"The restriction {policy_id} on your device {device_id} was withdrawn{why}. "
         "Nothing is asked of you: the mail app shows your inbox again at its next sync."
+    )
+
+
+def disregard_text(device_id: str, policy_id: str, reason: str | None) -> str:
+    """The "withdrawn" mail: to exactly the users who had a notice for this policy."""
+    why = f" ({reason})" if reason else ""
+    return (
+        f"The restriction {policy_id} on your device {device_id} has been withdrawn{why}. "
+        "Please disregard the earlier notice about it: nothing is asked of you."
     )
 
 

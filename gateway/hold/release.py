@@ -41,9 +41,10 @@ from typing import Any
 
 import structlog
 
-from gateway.domain import Action, Clock, DeviceClaims
+from gateway.domain import Action, Clock, Decision, DeviceClaims
 from gateway.errors import HoldStoreError
 from gateway.hold.dsn import FailedRecipient, expiry_report, refusal_report
+from gateway.hold.first_seen import FirstSeenTimes
 from gateway.hold.store import AsyncHoldStore, HeldMessage, Settlement
 from gateway.policy.engine import CompiledPolicySet, decide
 from gateway.policy.store import PolicyStore
@@ -113,7 +114,9 @@ class Releaser:
         parallel: int = 4,
         on_event: Callable[[str], None] | None = None,
         backoff: tuple[float, float] = (5.0, 600.0),  # first and longest retry wait, seconds
+        first_seen: FirstSeenTimes | None = None,
     ) -> None:
+        self.first_seen = first_seen  # grace_hours: a held device's first-seen times
         self.store = store
         self.relay = relay
         self.policies = policies
@@ -270,6 +273,13 @@ class Releaser:
         except HoldStoreError as exc:
             raise self._store_fault(exc) from exc
 
+    async def _decide(
+        self, compiled: CompiledPolicySet, claims: DeviceClaims, now: datetime
+    ) -> Decision:
+        if self.first_seen is not None:
+            return await self.first_seen.decide(compiled, claims, now)
+        return decide(compiled, claims, now)
+
     async def _release_lane(
         self,
         lane: list[HeldMessage],
@@ -290,7 +300,7 @@ class Releaser:
             )
             if (
                 not held.release_requested
-                and decide(compiled, claims, now).action not in RELEASABLE
+                and (await self._decide(compiled, claims, now)).action not in RELEASABLE
             ):
                 report.still_held += len(lane) - index
                 report.blocked.append((held.device_id, held.hold_id))

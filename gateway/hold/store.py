@@ -106,6 +106,13 @@ CREATE TABLE IF NOT EXISTS devices (
     last_send  REAL,                                   -- unix time of its last SMTP AUTH
     last_sync  REAL                                    -- and of its last IMAP/POP3 login
 );
+-- When each device was first seen matching each policy with grace_hours (never changes).
+CREATE TABLE IF NOT EXISTS policy_first_seen (
+    device_id  TEXT NOT NULL,
+    policy_id  TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    PRIMARY KEY (device_id, policy_id)
+);
 """
 
 # Columns added after the first release of the store: (table, name, declaration). A store
@@ -766,6 +773,41 @@ class HoldStore:
             == 1
         )
 
+    def first_seen(self, device_id: str, policy_id: str, now: datetime) -> datetime:
+        """When this device was first seen matching this policy: recorded as ``now`` if it
+        never was (the first writer wins, so every replica agrees)."""
+
+        def work() -> float:
+            self._db.execute(
+                "INSERT OR IGNORE INTO policy_first_seen (device_id, policy_id, first_seen) "
+                "VALUES (?, ?, ?)",
+                (device_id, policy_id, now.timestamp()),
+            )
+            (first,) = self._db.execute(
+                "SELECT first_seen FROM policy_first_seen WHERE device_id = ? AND policy_id = ?",
+                (device_id, policy_id),
+            ).fetchone()
+            return float(first)
+
+        return datetime.fromtimestamp(self._transaction(work), UTC)
+
+    def noticed_devices(self, policy_id: str) -> list[str]:
+        """Devices that were sent a notice mail for this policy (warn, hold or released;
+        not mailbox notices, which end in ":sync"): who a withdrawal goes to."""
+        rows = self._read(
+            "SELECT DISTINCT device_id FROM notices WHERE policy_id = ? "
+            "AND phase IN ('warn', 'hold', 'released') ORDER BY device_id",
+            (policy_id,),
+        )
+        return [row[0] for row in rows]
+
+    def first_seen_times(self, device_id: str) -> dict[str, datetime]:
+        """Per policy, when this device was first seen matching it (read only: explain)."""
+        rows = self._read(
+            "SELECT policy_id, first_seen FROM policy_first_seen WHERE device_id = ?", (device_id,)
+        )
+        return {row[0]: datetime.fromtimestamp(row[1], UTC) for row in rows}
+
     def unclaim_notice(self, device_id: str, policy_id: str, phase: str) -> None:
         self._write(
             "DELETE FROM notices WHERE device_id = ? AND policy_id = ? AND phase = ?",
@@ -923,6 +965,12 @@ class AsyncHoldStore:
 
     async def claim_notice(self, device_id: str, policy_id: str, phase: str, now: datetime) -> bool:
         return await self._run(lambda store: store.claim_notice(device_id, policy_id, phase, now))
+
+    async def first_seen(self, device_id: str, policy_id: str, now: datetime) -> datetime:
+        return await self._run(lambda s: s.first_seen(device_id, policy_id, now))
+
+    async def noticed_devices(self, policy_id: str) -> list[str]:
+        return await self._run(lambda s: s.noticed_devices(policy_id))
 
     async def unclaim_notice(self, device_id: str, policy_id: str, phase: str) -> None:
         await self._run(lambda store: store.unclaim_notice(device_id, policy_id, phase))

@@ -19,6 +19,10 @@ A cases file::
     expect_policy = "remove-tiktok"  # optional: the deciding policy
     expect_phase = "enforce"       # optional: announce or enforce
     access = "sync"                # optional: decide a login that syncs (default: "send")
+    device_id = "phone-7"          # optional (default: the case name): rollout buckets use it
+    first_seen = 2020-07-12T09:00:00Z  # optional: when the device was first seen matching
+                                   # (grace_hours counts from it; default: at, never seen)
+    expect_outside_rollout = true  # optional: a staged rollout left this device out
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from gateway.policy.engine import CompiledPolicySet, decide
 
 CASE_KEYS_WITH_DEFAULTS = (
     "at", "user", "device_id", "platform", "class", "apps", "posture", "model",
-    "os_version", "managed", "access",
+    "os_version", "managed", "access", "first_seen",
 )  # fmt: skip
 ACTIONS = [a.label for a in Action]
 PHASES = [p.value for p in Phase]
@@ -60,6 +64,8 @@ class Case:
     expect_policy: str | None = None
     expect_phase: Phase | None = None
     access: Access = Access.SEND
+    first_seen: datetime | None = None
+    expect_outside_rollout: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,8 @@ def _read_case(table: Table, defaults: Mapping[str, object]) -> Case | None:
     expect = table.choice("expect", ACTIONS, required=True)
     expect_policy = table.text("expect_policy")
     expect_phase = table.choice("expect_phase", PHASES)
+    first_seen = table.moment("first_seen")
+    expect_outside_rollout = table.flag("expect_outside_rollout")
     table.finish()
     if (
         len(table.problems) > before
@@ -153,11 +161,18 @@ def _read_case(table: Table, defaults: Mapping[str, object]) -> Case | None:
         expect_policy=expect_policy,
         expect_phase=Phase(expect_phase) if expect_phase else None,
         access=Access(access) if access else Access.SEND,
+        first_seen=first_seen,
+        expect_outside_rollout=expect_outside_rollout,
     )
 
 
 def run_case(compiled: CompiledPolicySet, case: Case) -> CaseResult:
-    decision = decide(compiled, case.claims, case.at, case.access)
+    seen = (
+        {p.id: case.first_seen for p in compiled.source.policies if p.grace is not None}
+        if case.first_seen is not None
+        else None
+    )
+    decision = decide(compiled, case.claims, case.at, case.access, seen)
     differences = []
     if decision.action is not case.expect:
         syncing = " for sync" if case.access is Access.SYNC else ""
@@ -168,6 +183,13 @@ def run_case(compiled: CompiledPolicySet, case: Case) -> CaseResult:
     if case.expect_phase is not None and decision.phase is not case.expect_phase:
         phase = decision.phase.value if decision.phase else "no phase"
         differences.append(f"expected phase {case.expect_phase.value}, got {phase}")
+    outside = bool(decision.outside_rollout)
+    if case.expect_outside_rollout is not None and outside is not case.expect_outside_rollout:
+        got = ", ".join(decision.outside_rollout) if outside else "in every rollout"
+        differences.append(
+            f"expected {'outside' if case.expect_outside_rollout else 'inside'} the rollout, "
+            f"got {'outside ' if outside else ''}{got}"
+        )
     return CaseResult(case, decision, tuple(differences))
 
 
@@ -179,6 +201,10 @@ def _describe(decision: Decision) -> str:
         text += f" ({decision.phase.value})"
     if decision.exempted:
         text += f"; exempted by {', '.join(decision.exempted)}"
+    if decision.outside_rollout:
+        text += f"; outside the rollout of {', '.join(decision.outside_rollout)}"
+    for policy_id, deadline in decision.deadlines.items():
+        text += f"; {policy_id} enforced on this device from {deadline}"
     return text
 
 

@@ -7,7 +7,11 @@ Precedence (documented in docs/policies.md):
    is announce (contributes WARN) or enforce (contributes its action).
 3. An exemption (user, group or device id) removes that policy, and only that policy.
 4. Audit-state policies are evaluated and reported, never acted on.
-5. The most severe contribution wins (reject > hold > defer > warn > allow); ties are
+5. Staged rollout and grace (``rollout``, ``grace_hours``): an enforcing policy that leaves
+   this device out of its current rollout stage, or whose grace period for this device
+   (from ``first_seen``, the time the device was first seen matching it) has not run out,
+   contributes as in its announce phase (WARN), and the match says why.
+6. The most severe contribution wins (reject > hold > defer > warn > allow); ties are
    broken by policy id so the same input always gives the same decision and message.
 
 Cost: every policy is filed under one "anchor" that a device must have for the policy to
@@ -24,8 +28,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from gateway.domain import Access, Action, Decision, DeviceClaims, Phase, PolicyMatch, PolicyState
@@ -104,6 +108,7 @@ class CompiledPolicy:
     is_audit: bool
     for_send: bool
     for_sync: bool
+    gated: bool  # has a rollout or a grace period: enforcement depends on the device
 
     @classmethod
     def of(cls, policy: Policy) -> CompiledPolicy:
@@ -114,6 +119,7 @@ class CompiledPolicy:
             is_audit=policy.state is PolicyState.AUDIT,
             for_send=Access.SEND in policy.access,
             for_sync=Access.SYNC in policy.access,
+            gated=policy.rollout is not None or policy.grace is not None,
         )
 
 
@@ -219,14 +225,18 @@ def decide(
     claims: DeviceClaims,
     now: datetime,
     access: Access = Access.SEND,
+    first_seen: Mapping[str, datetime] | None = None,
 ) -> Decision:
     """The one decision for this device at ``now``: for a message it sends, or for a login
-    that syncs its mail (``access``)."""
+    that syncs its mail (``access``). ``first_seen``: per policy id, when this device was
+    first seen matching it (only policies with ``grace_hours`` ask); a policy missing from it
+    counts from ``now`` and is listed in the decision's ``first_seen_needed``."""
     user_groups = compiled.groups_by_user.get(claims.user, frozenset())
     facts = DeviceFacts(claims, user_groups)
     in_force: list[PolicyMatch] = []
     audit: list[PolicyMatch] = []
     exempted: list[str] = []
+    needed: list[str] = []
     sync = access is Access.SYNC
     for position in compiled.candidates(facts):
         entry = compiled.active[position]
@@ -240,8 +250,60 @@ def decide(
             if not check(facts):
                 break
         else:
-            _record(entry, phase, facts, in_force, audit, exempted)
-    return _conclude(compiled.version, in_force, audit, exempted)
+            if entry.gated and not entry.policy.exempt.covers(facts):
+                _record_gated(entry, phase, facts, now, first_seen or {}, needed, in_force, audit)
+            else:
+                _record(entry, phase, facts, in_force, audit, exempted)
+    decision = _conclude(compiled.version, in_force, audit, exempted)
+    if needed:
+        return replace(decision, first_seen_needed=tuple(sorted(needed)))
+    return decision
+
+
+def _record_gated(
+    entry: CompiledPolicy,
+    phase: Phase,
+    facts: DeviceFacts,
+    now: datetime,
+    first_seen: Mapping[str, datetime],
+    needed: list[str],
+    in_force: list[PolicyMatch],
+    audit: list[PolicyMatch],
+) -> None:
+    """A policy with a rollout or a grace period applies (not exempted): enforce it only on
+    devices in its current stage and past their own deadline; warn the others."""
+    policy = entry.policy
+    deadline = None
+    if policy.grace is not None:
+        seen = first_seen.get(policy.id)
+        if seen is None:
+            needed.append(policy.id)
+            seen = now
+        deadline = seen + policy.grace
+        if policy.enforce_at is not None and policy.enforce_at > deadline:
+            deadline = policy.enforce_at
+        if now >= deadline:
+            deadline = None  # past it: nothing to show
+    outside = (
+        phase is Phase.ENFORCE
+        and policy.rollout is not None
+        and not policy.rollout.includes(facts.claims.device.id, policy.id, facts.groups, now)
+    )
+    if phase is Phase.ENFORCE and deadline is None and not outside:
+        action, message = policy.action, policy.message
+    else:
+        action = _contribution(policy, Phase.ANNOUNCE)
+        if deadline is not None:
+            message = f"{policy.message} (enforced on this device from {deadline.isoformat()})"
+        elif outside:
+            message = f"{policy.message} (not yet enforced on this device: staged rollout)"
+        else:
+            message = entry.announce_message
+        phase = Phase.ANNOUNCE
+    if action is Action.ALLOW:
+        return
+    match = PolicyMatch(policy.id, action, phase, message, outside, deadline)
+    (audit if entry.is_audit else in_force).append(match)
 
 
 def _record(

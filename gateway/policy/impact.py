@@ -23,6 +23,7 @@ from datetime import datetime
 from gateway.domain import Access, Action, DeviceClaims
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet, decide
+from gateway.policy.model import DeviceFacts
 
 BLOCKING = (Action.DEFER, Action.HOLD, Action.REJECT)
 
@@ -144,6 +145,65 @@ def _changes_by_access(
         )
         for (before, after), (found, ids) in rows.items()
     ]
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """One stage of a policy's staged rollout over the inventory: of the ``matching``
+    devices (the policy applies, no exemption), how many it enforces on from ``at`` (the
+    stages reached by then, cumulative). ``current``: the stage in force at the preview's
+    time."""
+
+    policy_id: str
+    stage: str
+    at: datetime | None
+    enforced: int
+    matching: int
+    current: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "policy_id": self.policy_id,
+            "stage": self.stage,
+            "at": self.at.isoformat() if self.at else None,
+            "enforced": self.enforced,
+            "matching": self.matching,
+            "current": self.current,
+        }
+
+
+def rollout_stages(
+    compiled: CompiledPolicySet, devices: Iterable[DeviceClaims], now: datetime
+) -> list[StageReport]:
+    """Each stage of each active policy with a rollout: whom it enforces on, in the inventory."""
+    staged = [p for p in compiled.source.policies if p.is_active and p.rollout is not None]
+    if not staged:
+        return []
+    matching: dict[str, list[DeviceFacts]] = {p.id: [] for p in staged}
+    for claims in devices:
+        facts = DeviceFacts(claims, compiled.groups_by_user.get(claims.user, frozenset()))
+        for policy in staged:
+            if not policy.exempt.covers(facts) and any(
+                policy.applies_to(facts, access) for access in policy.access
+            ):
+                matching[policy.id].append(facts)
+    reports = []
+    for policy in staged:
+        assert policy.rollout is not None
+        current = policy.rollout.current(now)
+        for stage in policy.rollout.stages:
+            at = stage.at or now
+            enforced = sum(
+                policy.rollout.includes(f.claims.device.id, policy.id, f.groups, at)
+                for f in matching[policy.id]
+            )
+            reports.append(
+                StageReport(
+                    policy.id, str(stage), stage.at, enforced, len(matching[policy.id]),
+                    stage is current,
+                )
+            )  # fmt: skip
+    return reports
 
 
 def confirmed_impact(candidate: CompiledPolicySet, diff: PolicyDiff) -> int:

@@ -12,6 +12,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from gateway.config.toml import Table, TomlFile, parse_toml
@@ -24,6 +25,8 @@ from gateway.policy.model import (
     ModelPattern,
     Policy,
     PolicySet,
+    Rollout,
+    RolloutStage,
     SourceRef,
 )
 from gateway.policy.versions import parse_range
@@ -210,6 +213,9 @@ def _read_policy(table: Table, groups: Mapping[str, frozenset[str]]) -> Policy |
     enforce_at = table.moment("enforce_at")
     retracted_reason = table.text("retracted_reason")
     confirm_impact = table.integer("confirm_impact", minimum=0)
+    grace_hours = table.number("grace_hours")
+    rollout_table = table.table("rollout")
+    rollout = _read_rollout(rollout_table, groups) if rollout_table is not None else None
     match_table = table.table("match", required=True)
     scope_table = table.table("scope")
     exempt_table = table.table("exempt")
@@ -272,8 +278,56 @@ def _read_policy(table: Table, groups: Mapping[str, frozenset[str]]) -> Policy |
         enforce_at=enforce_at,
         retracted_reason=retracted_reason,
         confirm_impact=confirm_impact,
+        rollout=rollout,
+        grace=timedelta(hours=grace_hours) if grace_hours else None,
         source=SourceRef(table.source.display_name, table.source.line_of(table.path)),
     )
+
+
+def _read_rollout(table: Table, groups: Mapping[str, frozenset[str]]) -> Rollout | None:
+    """``[policy.rollout]``: ``percent = N`` alone, or ``[[policy.rollout.stage]]`` tables
+    with ``at`` and ``percent`` and/or ``groups``, in date order."""
+    percent = _percent(table, "percent")
+    stage_tables = table.tables("stage")
+    table.finish()
+    if percent is not None and stage_tables:
+        table.problem(
+            "percent", "give rollout.percent or [[policy.rollout.stage]] tables, not both"
+        )
+        return None
+    if percent is not None:
+        return Rollout((RolloutStage(None, percent),))
+    if not stage_tables:
+        if "percent" not in table.data and "stage" not in table.data:
+            table.problem(
+                None, "empty rollout: give percent = N or [[policy.rollout.stage]] tables"
+            )
+        return None
+    stages: list[RolloutStage] = []
+    for stage_table in stage_tables:
+        at = stage_table.moment("at", required=True)
+        stage_percent = _percent(stage_table, "percent")
+        stage_groups = _check_groups(stage_table, "groups", stage_table.texts("groups"), groups)
+        stage_table.finish()
+        if stage_percent is None and stage_groups is None:
+            if not stage_table.has("percent") and not stage_table.has("groups"):
+                stage_table.problem(None, "a stage needs percent = N, groups = [...], or both")
+            return None
+        if at is None:
+            return None
+        if stages and stages[-1].at is not None and at <= stages[-1].at:
+            stage_table.problem("at", "stages must be in date order, each after the one before")
+            return None
+        stages.append(RolloutStage(at, stage_percent, stage_groups))
+    return Rollout(tuple(stages))
+
+
+def _percent(table: Table, key: str) -> float | None:
+    value = table.number(key)
+    if value is not None and value > 100:
+        table.problem(key, f"a percentage is at most 100, got {value:g}")
+        return None
+    return value
 
 
 def _read_access(scope: Table) -> frozenset[Access] | None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cached_property
 
 from gateway.domain import Access, Action, DeviceClaims, DeviceClass, Phase, Platform, PolicyState
@@ -137,6 +138,72 @@ class SourceRef:
         return f"{self.file}:{self.line}" if self.line else self.file
 
 
+ROLLOUT_BUCKETS = 10_000
+"""A device's rollout bucket is in [0, ROLLOUT_BUCKETS): percent 10 takes buckets below 1,000."""
+
+
+def rollout_bucket(device_id: str, policy_id: str) -> int:
+    """The stable bucket of (device, policy): the first 8 bytes of
+    SHA-256(device id, NUL, policy id), big-endian, modulo 10,000. The same device gets the
+    same bucket in every process and replica, and a different one for each policy, so one
+    device is not always the first to be enforced."""
+    digest = hashlib.sha256(device_id.encode() + b"\0" + policy_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % ROLLOUT_BUCKETS
+
+
+@dataclass(frozen=True)
+class RolloutStage:
+    """One step of a staged rollout: from ``at`` (None: from the start), the devices whose
+    bucket is below ``percent`` percent, and those of users in ``groups``, are enforced."""
+
+    at: datetime | None
+    percent: float | None = None
+    groups: frozenset[str] | None = None
+
+    def __str__(self) -> str:
+        parts = []
+        if self.percent is not None:
+            parts.append(f"{self.percent:g}%")
+        if self.groups:
+            parts.append("groups " + ",".join(sorted(self.groups)))
+        when = f"from {self.at.isoformat()}" if self.at is not None else "from the start"
+        return f"{' + '.join(parts) or 'nobody'} {when}"
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """``[policy.rollout]``: which of the matching devices an enforcing policy enforces on.
+
+    Stages are cumulative: at ``now`` a device is in the rollout when it is in any stage
+    already reached (its ``at`` is not after ``now``), so a rollout only ever widens.
+    Before the first stage nobody is in it. A device outside is treated as if the policy
+    were in its announce phase: it is warned, not held.
+    """
+
+    stages: tuple[RolloutStage, ...]  # sorted by ``at``; a plain ``percent`` is one stage
+
+    def reached(self, now: datetime) -> tuple[RolloutStage, ...]:
+        return tuple(s for s in self.stages if s.at is None or s.at <= now)
+
+    def current(self, now: datetime) -> RolloutStage | None:
+        reached = self.reached(now)
+        return reached[-1] if reached else None
+
+    def includes(
+        self, device_id: str, policy_id: str, groups: frozenset[str], now: datetime
+    ) -> bool:
+        bucket: int | None = None
+        for stage in self.reached(now):
+            if stage.groups is not None and not stage.groups.isdisjoint(groups):
+                return True
+            if stage.percent is not None:
+                if bucket is None:
+                    bucket = rollout_bucket(device_id, policy_id)
+                if bucket < round(stage.percent * ROLLOUT_BUCKETS / 100):
+                    return True
+        return False
+
+
 ALL_ACCESS: frozenset[Access] = frozenset(Access)
 """A policy's access when its scope does not narrow it: sending and syncing."""
 
@@ -158,6 +225,8 @@ class Policy:
     enforce_at: datetime | None = None
     retracted_reason: str | None = None
     confirm_impact: int | None = None
+    rollout: Rollout | None = None
+    grace: timedelta | None = None  # grace_hours: per device, from when it was first seen matching
     source: SourceRef | None = field(default=None, compare=False)
 
     @property

@@ -71,6 +71,7 @@ NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("gateway", "max_newly_blocked_devices"): ("0", 0),
     ("gateway", "inventory_retention_days"): ("7", timedelta(days=7)),
     ("gateway", "notices"): ("false", False),
+    ("gateway", "announce_notices_per_second"): ("2.5", 2.5),
     ("gateway", "notice_sender"): ('"it@example.com"', "it@example.com"),
     ("tokens", "audience"): ('"gw.example.com"', "gw.example.com"),
     ("tokens", "leeway_seconds"): ("0", timedelta(0)),

@@ -62,11 +62,16 @@ async def test_notices_once_per_device_policy_and_phase(tmp_path: Path) -> None:
             policy.write_text(BAN.replace('state = "enforce"', 'state = "retracted"'))
             await gateway.server.reload("test")
             async with asyncio.timeout(5):
-                while len(subjects(upstream, "alice@example.test")) < 3:  # noqa: ASYNC110  # background tasks
+                while len(subjects(upstream, "alice@example.test")) < 4:  # noqa: ASYNC110  # background tasks
                     await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)
-    assert subjects(upstream, "alice@example.test") == [
+    sent = subjects(upstream, "alice@example.test")
+    assert sent[:2] == [
         "Subject: Action required for mobile mail on phone-1",
         "Subject: Mail from phone-1 is being held",
+    ]
+    # The retraction: the held mail goes out, and the "disregard" notice (in either order).
+    assert sorted(sent[2:]) == [
+        "Subject: Disregard the earlier notice about phone-1",
         "Subject: Held mail from phone-1 has been sent",
     ]

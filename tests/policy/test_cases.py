@@ -143,3 +143,56 @@ def test_a_bad_access_in_a_case_names_file_line_and_key(
     code, _, err = run(capsys, story)
     assert code == 2
     assert f"{cases}:6: case[0].access: 'imap' is not one of: send, sync" in err
+
+
+def test_cases_for_grace_and_staged_rollout(
+    capsys: pytest.CaptureFixture[str], story: Path
+) -> None:
+    """A case may say when its device was first seen matching (grace_hours counts from it)
+    and whether a staged rollout leaves it out; a wrong expectation is a readable diff."""
+    policy = story / "policies" / "remove-tiktok.toml"
+    policy.write_text(
+        policy.read_text().replace(
+            'state = "enforce"', 'state = "enforce"\ngrace_hours = 72\nrollout.percent = 50'
+        )
+    )
+    cases = story / "policy-tests" / "story.toml"
+    cases.write_text(
+        """\
+[defaults]
+at = 2020-07-12T09:00:00Z
+user = "alice@example.test"
+class = "mobile"
+apps = ["com.zhiliaoapp.musically"]
+first_seen = 2020-07-01T00:00:00Z
+
+[[case]]
+name = "phone in the rollout, seen long ago: held"
+device_id = "phone-2"
+expect = "hold"
+expect_outside_rollout = false
+
+[[case]]
+name = "phone outside the rollout: warned"
+device_id = "phone-1"
+expect = "warn"
+expect_outside_rollout = true
+
+[[case]]
+name = "phone in the rollout first seen yesterday: still in its grace period"
+device_id = "phone-2"
+first_seen = 2020-07-11T09:00:00Z
+expect = "warn"
+expect_phase = "announce"
+
+[[case]]
+name = "a wrong expectation"
+device_id = "phone-1"
+expect = "warn"
+expect_outside_rollout = false
+"""
+    )
+    code, out, _ = run(capsys, story)
+    assert code == 1
+    assert out.endswith("3 passed, 1 failed\n"), out
+    assert "       expected inside the rollout, got outside remove-tiktok\n" in out

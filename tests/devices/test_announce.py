@@ -1,0 +1,97 @@
+"""Announcements and withdrawals to exactly the affected users, end to end: the inventory
+filled by real SMTP sessions, notices relayed to a fake upstream, restarts in between."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.testing.device import FakeDevice
+from gateway.testing.harness import running_gateway, write_config
+from gateway.testing.issuer import TestIssuer
+from gateway.testing.upstream import FakeUpstream
+from tests.devices.test_notices import subjects
+from tests.stories import TIKTOK
+
+ANNOUNCE = datetime(2020, 7, 10, 16, 0, tzinfo=UTC)
+ENFORCE = ANNOUNCE + timedelta(hours=15)
+BAN = f"""
+[[policy]]
+id = "remove-tiktok"
+match.apps_any = ["{TIKTOK}"]
+scope.device_class = ["mobile", "tablet"]
+announce_at = {ANNOUNCE.isoformat()}
+enforce_at = {ENFORCE.isoformat()}
+action = "hold"
+message = "Remove TikTok."
+state = "enforce"
+"""
+RETRACTED = BAN.replace(
+    'state = "enforce"', 'state = "retracted"\nretracted_reason = "sent in error"'
+)
+WARN = "Subject: Action required for mobile mail on {}"
+DISREGARD = "Subject: Disregard the earlier notice about {}"
+
+
+def notices(upstream: FakeUpstream) -> dict[str, list[str]]:
+    users = ("alice", "bob", "carol", "dave")
+    found = {u: subjects(upstream, f"{u}@example.test") for u in users}
+    return {u: s for u, s in found.items() if s}
+
+
+async def settle(upstream: FakeUpstream, count: int) -> None:
+    """Wait for ``count`` notices in all, then a little longer for any extra one."""
+    async with asyncio.timeout(10):
+        while sum(map(len, notices(upstream).values())) < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.6)  # several ticks: a second copy would show by now
+
+
+@pytest.mark.slow
+async def test_announcement_and_withdrawal_reach_exactly_the_affected_users(
+    tmp_path: Path,
+) -> None:
+    issuer = TestIssuer.generate("k1")
+    wall = [ANNOUNCE - timedelta(hours=2)]
+    alice = FakeDevice(issuer, user="alice@example.test", device_id="alice-phone", apps={TIKTOK})
+    bob = FakeDevice(issuer, user="bob@example.test", device_id="bob-phone", apps={TIKTOK})
+    carol = FakeDevice(  # the laptop-only user: the app, but the ban is for phones
+        issuer, user="carol@example.test", device_id="carol-laptop", device_class="desktop",
+        platform="macos", apps={TIKTOK},
+    )  # fmt: skip
+    dave = FakeDevice(issuer, user="dave@example.test", device_id="dave-phone")  # no app
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            tmp_path, issuer=issuer, upstream_port=upstream.port, policies={"ban.toml": BAN},
+            notices=True,
+        )  # fmt: skip
+        async with running_gateway(config, clock=lambda: wall[0]) as gateway:
+            for device in (alice, bob, carol, dave):  # before the announcement: allowed
+                result = await device.send(gateway.port, at=wall[0])
+                assert result.accepted
+            await asyncio.sleep(0.5)
+            assert notices(upstream) == {}
+            wall[0] = ANNOUNCE + timedelta(minutes=1)  # the announce phase begins
+            await settle(upstream, 2)
+        assert notices(upstream) == {
+            "alice": [WARN.format("alice-phone")],
+            "bob": [WARN.format("bob-phone")],
+        }
+        # A restart (the inventory and the notices table read back) sends no second copy.
+        async with running_gateway(config, clock=lambda: wall[0]) as gateway:
+            await asyncio.sleep(0.8)
+            assert sum(map(len, notices(upstream).values())) == 2
+            (gateway.policy_dir / "ban.toml").write_text(RETRACTED)
+            assert (await gateway.server.reload("test")).ok
+            await settle(upstream, 4)
+        async with running_gateway(config, clock=lambda: wall[0]) as gateway:
+            await asyncio.sleep(0.8)
+    assert notices(upstream) == {
+        "alice": [WARN.format("alice-phone"), DISREGARD.format("alice-phone")],
+        "bob": [WARN.format("bob-phone"), DISREGARD.format("bob-phone")],
+    }
+    withdrawn = [m for m in upstream.messages if b"Disregard" in m.content]
+    assert all(b"sent in error" in m.content for m in withdrawn)
