@@ -21,8 +21,9 @@ from gateway.devices.inventory import Inventory
 from gateway.devices.notices import MailboxNotices, Notifier
 from gateway.domain import Access, Action, Clock, Decision, DeviceClaims
 from gateway.errors import HoldStoreError, SettingsError
+from gateway.hold.backend import async_store
 from gateway.hold.release import Releaser, Spawn
-from gateway.hold.store import AsyncHoldStore, HeldMessage
+from gateway.hold.store import HeldMessage
 from gateway.logins import Logins, SessionEnder, SyncChange, sync_changes
 from gateway.ops.metrics import Metrics
 from gateway.policy.diff import PolicyDiff
@@ -64,11 +65,7 @@ class Services:
         self.reloader = Reloader(self.policies, self._after_reload, guard=self._blast_radius)
         self.last_good_reload = time.time()
         self.relay = build_relay(settings, self.metrics)
-        self.hold_store = AsyncHoldStore(
-            settings.hold.database,
-            busy_timeout=settings.hold.busy_timeout,
-            min_free_bytes=settings.hold.min_free_bytes,
-        )
+        self.hold_store = async_store(settings)  # SQLite, or PostgreSQL by [store] url
         self.inventory = Inventory(self.hold_store, settings.inventory_retention, clock)
         sender = settings.notice_sender or f"compliance-gateway@{settings.smtp.hostname}"
         self.notifier = (

@@ -10,7 +10,9 @@ actually sends; expiry pages too and reads only a message's headers for its boun
 memory does not grow with the number or size of held messages (bench/held_rss.py).
 
 Guarantee: at least once, never lost. Before a device's messages go upstream they are
-claimed in the store (one write); if that write fails nothing is sent. After the
+claimed in the store (one write); if that write fails nothing is sent. On a store shared
+by several gateways (PostgreSQL) the claim is exclusive per device: a lane another gateway
+has claimed is skipped, so no two gateways relay the same message. After the
 upstream answered, the outcome is recorded per recipient (RFC 5321 s 6.1: the client
 heard 250 at hold time, so each recipient is delivered, retried or bounced):
 
@@ -44,7 +46,7 @@ import structlog
 from gateway.domain import Action, Clock, DeviceClaims
 from gateway.errors import HoldStoreError
 from gateway.hold.dsn import FailedRecipient, expiry_report, refusal_report
-from gateway.hold.store import AsyncHoldStore, HeldMessage, Settlement
+from gateway.hold.store import AsyncStore, HeldMessage, Settlement
 from gateway.policy.engine import CompiledPolicySet, decide
 from gateway.policy.store import PolicyStore
 from gateway.replies import Reply
@@ -67,6 +69,7 @@ class ReleaseReport:
     bounced: list[str] = field(default_factory=list)  # messages with a recipient refused for good
     expired: list[str] = field(default_factory=list)
     blocked: list[tuple[str, str]] = field(default_factory=list)  # (device, first hold_id)
+    claimed_elsewhere: int = 0  # due, but claimed by another gateway on a shared store
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ Spawn = Callable[[Coroutine[Any, Any, Any], str], asyncio.Task[Any]]
 class Releaser:
     def __init__(
         self,
-        store: AsyncHoldStore,
+        store: AsyncStore,
         relay: Relay,
         policies: PolicyStore,
         clock: Clock,
@@ -303,9 +306,19 @@ class Releaser:
                 raise StoreFault(self.fault)  # another lane found the store failing
             claim_id = uuid.uuid4().hex
             try:
-                await self.store.claim([h.hold_id for h in releasable], claim_id, time.time())
+                claimed = await self.store.claim(
+                    [h.hold_id for h in releasable],
+                    claim_id,
+                    time.time(),
+                    [h.attempts for h in releasable],
+                )
             except HoldStoreError as exc:
                 raise self._store_fault(exc) from exc
+            if not claimed:
+                # A shared store refuses the claim while another gateway relays this
+                # device's mail (or when it changed since it was read): a later pass retries.
+                report.claimed_elsewhere += len(releasable)
+                return
             attempted = 0
             try:
                 for held in releasable:
