@@ -38,10 +38,11 @@ class PostgresServer:
         """Run ``work`` on the server's loop from synchronous code (bounded)."""
         return asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout)
 
-    async def run(self, work: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
+    async def run(self, work: Coroutine[Any, Any, Any]) -> Any:
         """Run ``work`` on the server's loop from another event loop (bounded)."""
         future = asyncio.run_coroutine_threadsafe(work, self.loop)
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        async with asyncio.timeout(60):
+            return await asyncio.wrap_future(future)
 
     def database(self) -> str:
         """A fresh, empty database on the server; its URL."""

@@ -57,15 +57,19 @@ def test_hold_due_content_headers_and_settle(store: HoldBackend) -> None:
     due = store.due(NOW + timedelta(seconds=1))
     assert [h.hold_id for h in due] == ids  # arrival order
     first = due[0]
-    assert first.user == "user0@example.test" and first.device_id == "phone-0"
+    assert first.user == "user0@example.test"
+    assert first.device_id == "phone-0"
     assert first.recipients == ("bob@example.test",)
-    assert first.policy_ids == ("remove-tiktok",) and first.content is None
+    assert first.policy_ids == ("remove-tiktok",)
+    assert first.content is None
     assert store.content(ids[0]) == b"Subject: held\r\n\r\nbody\r\n"
     assert store.headers(ids[0]) == b"Subject: held\r\n"
-    assert store.get(ids[1]) is not None and store.get(ids[1]).content  # type: ignore[union-attr]
+    assert store.get(ids[1]) is not None
+    assert store.get(ids[1]).content
     stats = store.stats()
     assert (stats.messages, stats.bytes) == (3, 3 * len(b"Subject: held\r\n\r\nbody\r\n"))
-    assert stats.oldest is not None and abs(stats.oldest - NOW) < timedelta(seconds=1)
+    assert stats.oldest is not None
+    assert abs(stats.oldest - NOW) < timedelta(seconds=1)
     # A retry keeps the message with the recipients left and a later attempt.
     store.settle(Settlement(ids[0], NOW, retry=("bob@example.test",), retry_at=9e12, error="451"))
     assert ids[0] not in [h.hold_id for h in store.due(NOW + timedelta(seconds=1))]
@@ -77,7 +81,8 @@ def test_hold_due_content_headers_and_settle(store: HoldBackend) -> None:
     ]
     assert store.content(ids[1]) is None
     assert store.remove([ids[2], bounces[0].hold_id]) == 2
-    assert store.count() == 1 and store.device_ids() == {"phone-0"}
+    assert store.count() == 1
+    assert store.device_ids() == {"phone-0"}
     # Settling what is gone (dropped meanwhile) writes nothing, not even a bounce.
     store.settle(Settlement(ids[2], NOW, bounce=b"Subject: b\r\n\r\n"))
     assert store.count() == 1
@@ -93,7 +98,8 @@ def test_filters_release_drop_claims_and_expiry(store: HoldBackend) -> None:
     assert store.drop(HoldFilter(), [ids[3]]) == 1
     assert store.claim(ids[:2], "c1", time.time()) == 2
     assert store.claimed() == 2
-    assert store.unclaim(ids[:2]) == 2 and store.claimed() == 0
+    assert store.unclaim(ids[:2]) == 2
+    assert store.claimed() == 0
     store.postpone(ids[0], 9e12, "later")
     assert [h.hold_id for h in store.due(NOW + timedelta(seconds=1))] == ids[1:3]
     assert [h.hold_id for h in store.expired(NOW + timedelta(seconds=1), limit=2)] == ids[:2]
@@ -240,8 +246,10 @@ def test_errors_name_the_server_say_what_to_do_and_never_the_password(
             )
         )
     text = str(caught.value)
-    assert "cannot reach PostgreSQL" in text and "host and port in [store] url" in text
-    assert "postgresql://gateway@127.0.0.1:1/gateway" in text and secret not in text
+    assert "cannot reach PostgreSQL" in text
+    assert "host and port in [store] url" in text
+    assert "postgresql://gateway@127.0.0.1:1/gateway" in text
+    assert secret not in text
     url = postgres.server.url.rsplit("/", 1)[0] + "/no_such_db"
     with pytest.raises(HoldStoreError, match="create the database"):
         pg(url)
@@ -258,7 +266,8 @@ def test_the_url_must_be_postgresql_and_carry_no_password(tmp_path: Path) -> Non
         with pytest.raises(SettingsError) as caught:
             load_settings(config, {})
         problems = " ".join(str(p) for p in caught.value.problems)
-        assert problem in problems and "s3cret" not in problems
+        assert problem in problems
+        assert "s3cret" not in problems
     config.write_text(text)
     assert load_settings(config, {}).store.url is None  # the default: SQLite
 
@@ -273,7 +282,7 @@ def test_a_hold_fails_with_holdstoreerror_while_the_server_is_down_and_works_aft
         store.hold(held(1))
         server.call(server.server.stop(immediate=True))
         try:
-            with pytest.raises(HoldStoreError, match="cannot reach PostgreSQL|no connection"):
+            with pytest.raises(HoldStoreError, match=r"cannot reach PostgreSQL|no connection"):
                 store.hold(held(2))
         finally:
             server.call(server.server.start())
