@@ -1,0 +1,154 @@
+"""Two gateways on one PostgreSQL store, end to end over real sockets: mail held by
+either is released exactly once, in each device's order, by whichever gateway claims the
+device; and a PostgreSQL restart costs 451s while it is down, never mail.
+
+In-process gateways (``running_gateway``), one FakeUpstream, the test kit's PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from gateway.testing.device import FakeDevice, make_message
+from gateway.testing.harness import RunningGateway, running_gateway, write_config
+from gateway.testing.issuer import TestIssuer
+from gateway.testing.upstream import FakeUpstream
+from tests.hold.conftest import PostgresServer, have_postgres
+from tests.stories import TIKTOK, tiktok_ban
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not have_postgres(), reason="PostgreSQL not installed"),
+]
+
+BAN = tiktok_ban("hold")
+HELD = (250, "2.6.0 held: Remove TikTok.")
+SUBJECT = re.compile(rb"Subject: (\S+) #(\d+)")
+
+
+@pytest.fixture(scope="module")
+def issuer() -> TestIssuer:
+    return TestIssuer.generate("k1")
+
+
+@asynccontextmanager
+async def replicas(
+    tmp_path: Path, issuer: TestIssuer, upstream: FakeUpstream, url: str, count: int
+) -> AsyncIterator[list[RunningGateway]]:
+    async with AsyncExitStack() as stack:
+        gateways = []
+        for n in range(count):
+            config = write_config(
+                tmp_path / f"gw{n}",
+                issuer=issuer,
+                upstream_port=upstream.port,
+                policies={"ban.toml": BAN},
+            )
+            with config.open("a") as out:
+                out.write(f'\n[store]\nurl = "{url}"\nconnect_timeout_seconds = 1\n')
+            gateways.append(await stack.enter_async_context(running_gateway(config)))
+        yield gateways
+
+
+async def retract(gateways: list[RunningGateway]) -> None:
+    """The ban withdrawn on every gateway at once (each reloads and starts a release)."""
+    for gateway in gateways:
+        (gateway.policy_dir / "ban.toml").unlink()
+    await asyncio.gather(*(g.server.reload("test") for g in gateways))
+
+
+def received(upstream: FakeUpstream) -> list[tuple[str, int]]:
+    found = []
+    for message in upstream.messages:
+        match = SUBJECT.search(message.content)
+        assert match is not None
+        found.append((match.group(1).decode(), int(match.group(2))))
+    return found
+
+
+async def test_forty_messages_held_by_two_gateways_are_each_released_exactly_once_in_order(
+    tmp_path: Path, issuer: TestIssuer, postgres: PostgresServer
+) -> None:
+    url = postgres.database()
+    async with (
+        FakeUpstream.running() as upstream,
+        replicas(tmp_path, issuer, upstream, url, 2) as gateways,
+    ):
+        names = [f"user{n}" for n in range(8)]
+        devices = {
+            name: FakeDevice(
+                issuer, user=f"{name}@example.test", device_id=f"{name}-phone", apps={TIKTOK}
+            )
+            for name in names
+        }
+        for n in range(40):  # alternately through either gateway
+            name = names[n % len(names)]
+            content = make_message(subject=f"{name} #{n}", sender=f"{name}@example.test")
+            result = await devices[name].send(gateways[n % 2].port, message=content)
+            assert result.data == HELD
+        await retract(gateways)
+        # Both also run their own passes at the same time, as their ticks do.
+        await asyncio.gather(*(g.server.services.releaser.run() for g in gateways for _ in "ab"))
+        await upstream.wait_for(40, timeout=20)
+        await asyncio.sleep(1.0)  # several more ticks of both: nothing is sent again
+        got = received(upstream)
+        assert len(got) == 40
+        assert Counter(got).most_common(1)[0][1] == 1  # no message twice
+        for name in names:  # each device's mail in its arrival order
+            numbers = [n for who, n in got if who == name]
+            assert numbers == sorted(numbers)
+        assert await gateways[0].server.services.hold_store.count() == 0
+        released = [
+            g.server.services.metrics.release_events.labels("released")._value.get()
+            for g in gateways
+        ]
+        assert sum(released) == 40
+
+
+async def test_a_postgresql_restart_gets_451_while_down_and_loses_nothing(
+    tmp_path: Path, issuer: TestIssuer, postgres: PostgresServer
+) -> None:
+    url = postgres.database()
+    async with (
+        FakeUpstream.running() as upstream,
+        replicas(tmp_path, issuer, upstream, url, 1) as (gateway,),
+    ):
+        device = FakeDevice(issuer, user="ann@example.test", device_id="ann-phone", apps={TIKTOK})
+        accepted: list[int] = []
+
+        async def send(n: int) -> tuple[int, str] | None:
+            content = make_message(subject=f"ann #{n}", sender="ann@example.test")
+            result = await device.send(gateway.port, message=content)
+            if result.accepted:
+                accepted.append(n)
+            return result.data
+
+        for n in range(5):
+            assert await send(n) == HELD
+        await postgres.run(postgres.server.stop(immediate=True))
+        try:
+            down = await send(5)
+            assert down is not None
+            assert down[0] == 451
+        finally:
+            await postgres.run(postgres.server.start())
+        n = 6
+        async with asyncio.timeout(20):  # the pool reconnects: holds succeed again
+            while await send(n) != HELD:
+                n += 1
+                await asyncio.sleep(0.2)
+        for m in range(n + 1, n + 5):
+            assert await send(m) == HELD
+        await retract([gateway])
+        await upstream.wait_for(len(accepted), timeout=20)
+        await asyncio.sleep(0.5)
+        got = [number for _, number in received(upstream)]
+        assert got == accepted  # every accepted message once, in order; none refused
+        assert 5 not in got
