@@ -15,14 +15,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import psycopg
+import psycopg.errors
+import psycopg_pool
 import pytest
 
 from gateway.cli import main
 from gateway.config.settings import StoreSettings, load_settings
 from gateway.domain import Access
-from gateway.errors import HoldStoreError, SettingsError
+from gateway.errors import HoldStoreError, HoldStoreLowOnSpace, SettingsError
 from gateway.hold.backend import open_store
-from gateway.hold.postgres import SCHEMA_VERSION, PostgresHoldStore
+from gateway.hold.postgres import SCHEMA_VERSION, PostgresHoldStore, _failure
 from gateway.hold.store import HoldBackend, HoldFilter, HoldStore, Settlement
 from gateway.testing.harness import write_config
 from gateway.testing.issuer import TestIssuer
@@ -298,3 +300,41 @@ def test_a_hold_fails_with_holdstoreerror_while_the_server_is_down_and_works_aft
         assert store.count() == 2
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "advice"),
+    [
+        (
+            psycopg.errors.InvalidPassword('password authentication failed for user "gateway"'),
+            HoldStoreError,
+            "password in [store] password_file (or PGPASSWORD)",
+        ),
+        (
+            psycopg.OperationalError("connection failed: FATAL: no pg_hba.conf entry for host"),
+            HoldStoreError,
+            "pg_hba.conf",
+        ),
+        (
+            psycopg.errors.DiskFull("could not extend file: No space left on device"),
+            HoldStoreLowOnSpace,
+            "free space on the database server's data disk",
+        ),
+        (psycopg.errors.TooManyConnections("too many clients"), HoldStoreError, "pool_size"),
+        (
+            psycopg.errors.ReadOnlySqlTransaction("read-only transaction"),
+            HoldStoreError,
+            "point [store] url at the primary",
+        ),
+        (psycopg_pool.PoolTimeout("timeout"), HoldStoreError, "no connection within 2 s"),
+    ],
+)
+def test_each_failure_is_translated_once_into_what_to_do(
+    error: Exception, kind: type[HoldStoreError], advice: str
+) -> None:
+    """Failures the test server cannot produce on demand (it trusts every login, its disk
+    is not full): the translation alone."""
+    translated = _failure("postgresql://gateway@db:5432/gateway", "write", error, 2)
+    assert type(translated) is kind
+    assert advice in str(translated)
+    assert str(translated).startswith("hold store postgresql://gateway@db:5432/gateway")
