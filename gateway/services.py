@@ -151,6 +151,8 @@ class Services:
         )
         self._in_force = self.policies.current
         await self.releaser.start()
+        if self.settings.store.postgres:  # other gateways' holds and admin releases
+            self.spawn(self.hold_store.listen(self._store_notice), "store-notifications")
         await self.inventory.load()
         await self.measure_held()
         self.last_good_reload = time.time()
@@ -315,6 +317,15 @@ class Services:
 
     def held(self, device_id: str) -> None:
         self.releaser.note_held(device_id)
+
+    def _store_notice(self, payload: str) -> None:
+        """Another gateway on the shared store held mail of a device (so this one releases
+        it first when the device authenticates here), or an admin requested a release."""
+        kind, _, device_id = payload.partition(" ")
+        if kind == "held" and device_id:
+            self.releaser.note_held(device_id)
+        elif kind == "release":
+            self.spawn(self.releaser.run(), "release-notified")
 
     def _released(self, held: HeldMessage) -> None:
         if self.notifier is not None:

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
+import structlog
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -53,6 +54,7 @@ from gateway.hold.store import (
 )
 
 T = TypeVar("T")
+log = structlog.get_logger("gateway.hold")
 Cursor = psycopg.Cursor[dict[str, Any]]
 
 # Advisory lock keys (two-int form: this namespace, then a key).
@@ -125,8 +127,14 @@ _COLUMNS = (
 _INSERT = (
     'WITH h AS (INSERT INTO held (hold_id, received_at, sender, recipients, "user", device_id, '
     "claims, policy_ids, policy_version, size, options, release_requested, bounce_of) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq, device_id) "
     "INSERT INTO held_bodies (seq, message) SELECT seq, %s FROM h"
+)
+# The same, telling the other gateways (delivered at COMMIT, so never before the row exists).
+CHANNEL = "gateway_hold"
+_INSERT_AND_NOTIFY = (
+    _INSERT.replace("INSERT INTO held_bodies", ", b AS (INSERT INTO held_bodies")
+    + f") SELECT pg_notify('{CHANNEL}', 'held ' || device_id) FROM h"
 )
 
 
@@ -391,7 +399,7 @@ class PostgresHoldStore:
             None,
             held.content,
         )
-        self._write(_INSERT, values)
+        self._write(_INSERT_AND_NOTIFY, values)
         return hold_id
 
     def select(self, where: HoldFilter = _EVERYTHING, limit: int = 1000) -> list[HeldMessage]:
@@ -584,10 +592,21 @@ class PostgresHoldStore:
         return self._write("DELETE FROM held WHERE hold_id = ANY(%s)", (list(hold_ids),))
 
     def request_release(self, where: HoldFilter, hold_ids: Sequence[str] = ()) -> int:
+        """Mark for release and wake every gateway (NOTIFY at COMMIT): one of them relays
+        each message at once instead of at its next tick."""
         clause, params = _where(where, hold_ids)
-        return self._write(
-            f"UPDATE held SET release_requested = true, next_attempt = 0{clause}", params
-        )
+
+        def work(cur: Cursor) -> int:
+            cur.execute(
+                f"UPDATE held SET release_requested = true, next_attempt = 0{clause}".encode(),
+                params,
+            )
+            count = cur.rowcount
+            if count:
+                cur.execute("SELECT pg_notify(%s, 'release')", (CHANNEL,))
+            return count
+
+        return self._transaction("write", work)
 
     def drop(self, where: HoldFilter, hold_ids: Sequence[str] = ()) -> int:
         clause, params = _where(where, hold_ids)
@@ -707,6 +726,33 @@ class AsyncPostgresHoldStore(AsyncStore):
             )
         store = self._store
         return await loop.run_in_executor(self._executor, lambda: call(store))
+
+    async def listen(self, on_notice: Callable[[str], None]) -> None:
+        """Hear the other gateways (``LISTEN``) until cancelled: ``held <device id>`` after
+        a hold, ``release`` after an admin release. On a connection of its own, rebuilt
+        after a failure with a growing pause; after a reconnection ``release`` is passed on,
+        since notifications sent meanwhile are lost (the periodic pass is the fallback)."""
+        url = self.settings.url or ""
+        options = _connect_options(self.settings)
+        pause, connected_before = 0.5, False
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    url, autocommit=True, **options
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}".encode())
+                    pause = 0.5
+                    if connected_before:
+                        on_notice("release")
+                    connected_before = True
+                    log.info("store_notifications_listening", store=self.server)
+                    async for note in conn.notifies():
+                        on_notice(note.payload)
+            except (psycopg.Error, OSError) as exc:
+                problem = _failure(self.server, "listening", exc, self.settings.connect_timeout)
+                log.warning("store_notifications_lost", error=str(problem), retry_in=pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 30.0)
 
     async def close(self) -> None:
         store, self._store = self._store, None

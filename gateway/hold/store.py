@@ -897,6 +897,11 @@ class AsyncStore:
     async def close(self) -> None:
         raise NotImplementedError
 
+    async def listen(self, on_notice: Callable[[str], None]) -> None:
+        """Hear other gateways sharing the store until cancelled (PostgreSQL's LISTEN);
+        a SQLite store has one gateway, so there is nothing to hear."""
+        return
+
     async def hold(self, message: HeldSubmission) -> str:
         return await self._run(lambda store: store.hold(message))
 

@@ -1,6 +1,7 @@
 """Two gateways on one PostgreSQL store, end to end over real sockets: mail held by
 either is released exactly once, in each device's order, by whichever gateway claims the
-device; and a PostgreSQL restart costs 451s while it is down, never mail.
+device; they wake each other (LISTEN/NOTIFY) after a hold and an admin release; and a
+PostgreSQL restart costs 451s while it is down, never mail.
 
 In-process gateways (``running_gateway``), one FakeUpstream, the test kit's PostgreSQL.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cli import main
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import RunningGateway, running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
@@ -40,7 +42,12 @@ def issuer() -> TestIssuer:
 
 @asynccontextmanager
 async def replicas(
-    tmp_path: Path, issuer: TestIssuer, upstream: FakeUpstream, url: str, count: int
+    tmp_path: Path,
+    issuer: TestIssuer,
+    upstream: FakeUpstream,
+    url: str,
+    count: int,
+    release_tick: float = 0.2,
 ) -> AsyncIterator[list[RunningGateway]]:
     async with AsyncExitStack() as stack:
         gateways = []
@@ -53,7 +60,9 @@ async def replicas(
             )
             with config.open("a") as out:
                 out.write(f'\n[store]\nurl = "{url}"\nconnect_timeout_seconds = 1\n')
-            gateways.append(await stack.enter_async_context(running_gateway(config)))
+            gateways.append(
+                await stack.enter_async_context(running_gateway(config, release_tick=release_tick))
+            )
         yield gateways
 
 
@@ -152,3 +161,47 @@ async def test_a_postgresql_restart_gets_451_while_down_and_loses_nothing(
         got = [number for _, number in received(upstream)]
         assert got == accepted  # every accepted message once, in order; none refused
         assert 5 not in got
+
+
+async def test_a_device_complying_on_the_other_gateway_gets_its_held_mail_out_first(
+    tmp_path: Path, issuer: TestIssuer, postgres: PostgresServer
+) -> None:
+    """Held through one gateway, then sending compliant through the other: the other
+    heard of the hold (NOTIFY), so it releases the held message before relaying the new
+    one, within a second, with no periodic pass to help (ticks a minute apart)."""
+    url = postgres.database()
+    async with (
+        FakeUpstream.running() as upstream,
+        replicas(tmp_path, issuer, upstream, url, 2, release_tick=60) as (one, two),
+    ):
+        await asyncio.sleep(0.3)  # both listening
+        banned = FakeDevice(issuer, user="ann@example.test", device_id="ann-phone", apps={TIKTOK})
+        first = make_message(subject="ann #1", sender="ann@example.test")
+        assert (await banned.send(one.port, message=first)).data == HELD
+        await asyncio.sleep(0.3)  # the notification crosses
+        complying = FakeDevice(issuer, user="ann@example.test", device_id="ann-phone")
+        second = make_message(subject="ann #2", sender="ann@example.test")
+        async with asyncio.timeout(1.0):
+            assert (await complying.send(two.port, message=second)).accepted
+            await upstream.wait_for(2, timeout=1.0)
+        assert received(upstream) == [("ann", 1), ("ann", 2)]
+
+
+async def test_an_admin_release_wakes_the_gateways_at_once(
+    tmp_path: Path, issuer: TestIssuer, postgres: PostgresServer
+) -> None:
+    url = postgres.database()
+    async with (
+        FakeUpstream.running() as upstream,
+        replicas(tmp_path, issuer, upstream, url, 2, release_tick=60) as gateways,
+    ):
+        await asyncio.sleep(0.3)
+        device = FakeDevice(issuer, user="ann@example.test", device_id="ann-phone", apps={TIKTOK})
+        for n in range(4):
+            content = make_message(subject=f"ann #{n}", sender="ann@example.test")
+            assert (await device.send(gateways[n % 2].port, message=content)).data == HELD
+        config = str(gateways[1].config_path)
+        assert await asyncio.to_thread(main, ["hold", "release", "--all", "--config", config]) == 0
+        await upstream.wait_for(4, timeout=1.0)
+        await asyncio.sleep(0.3)
+        assert received(upstream) == [("ann", n) for n in range(4)]
