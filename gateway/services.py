@@ -98,6 +98,7 @@ class Services:
             on_released=self._released,
             parallel=settings.hold.release_concurrency,
             backoff=(settings.hold.retry_min, settings.hold.retry_max),
+            claim_renewal=settings.store.claim_lease / 3 if settings.store.postgres else None,
             on_event=lambda event: self.metrics.release_events.labels(event).inc(),
         )
         self.store_problem: str | None = None  # why the hold store cannot be written now

@@ -855,8 +855,9 @@ class StoreSettings:
         default=8,
         metadata=setting(
             Integer(minimum=1),
-            """Connections each gateway keeps to PostgreSQL; with N gateways the server
-            needs N times pool_size connections (plus the CLI's one).""",
+            """Connections each gateway's pool keeps to PostgreSQL (one more listens for
+            the other gateways): N gateways need N times (pool_size + 1) connections,
+            plus one per running CLI command.""",
         ),
     )
     connect_timeout: float = field(
@@ -874,8 +875,8 @@ class StoreSettings:
             Number(minimum=1.0, unit="seconds"),
             """A gateway's claim on a device's held mail while it relays it: another
             gateway leaves that device alone until the claim is settled or this time has
-            passed since it was taken (a crashed gateway's claims expire so). Keep it above
-            the longest release of one device's mail.""",
+            passed since it was last renewed (every third of it), so a crashed gateway's
+            claims expire. Keep it well above the upstream timeout.""",
             key="claim_lease_seconds",
         ),
     )

@@ -116,6 +116,7 @@ class Releaser:
         parallel: int = 4,
         on_event: Callable[[str], None] | None = None,
         backoff: tuple[float, float] = (5.0, 600.0),  # first and longest retry wait, seconds
+        claim_renewal: float | None = None,  # seconds: renew a lane's claim (a shared store)
     ) -> None:
         self.store = store
         self.relay = relay
@@ -131,6 +132,9 @@ class Releaser:
         self.on_event = on_event
         self.parallel = parallel  # devices released at once (one upstream connection each)
         self.backoff = backoff
+        # On a shared store a claim is a lease: a lane relaying longer than this renews it,
+        # and stops if another gateway has taken it over meanwhile.
+        self.claim_renewal = claim_renewal
         self.fault: str | None = None  # why release is stopped (the store cannot be written)
         # Outcomes known but not yet written (their write failed): never relayed again.
         self._unsettled: dict[str, Settlement] = {}
@@ -320,17 +324,48 @@ class Releaser:
                 report.claimed_elsewhere += len(releasable)
                 return
             attempted = 0
+            renewed = time.monotonic()
+            lost = False
             try:
                 for held in releasable:
                     if self.fault is not None:
                         break
+                    if (
+                        self.claim_renewal is not None
+                        and time.monotonic() - renewed >= self.claim_renewal
+                    ):
+                        if not await self._renew(releasable[attempted:], claim_id):
+                            lost = True
+                            report.claimed_elsewhere += len(releasable) - attempted
+                            break
+                        renewed = time.monotonic()
                     attempted += 1
                     if not await self._release_one(held, now, report):
                         report.still_held += len(releasable) - attempted
                         report.blocked.append((held.device_id, held.hold_id))
                         break
             finally:
-                await asyncio.shield(self._unclaim([h.hold_id for h in releasable[attempted:]]))
+                if not lost:  # a lost claim is another gateway's now: leave it alone
+                    await asyncio.shield(self._unclaim([h.hold_id for h in releasable[attempted:]]))
+
+    async def _renew(self, rest: list[HeldMessage], claim_id: str) -> bool:
+        """Extend this lane's lease on the messages it has yet to send; False if the lease
+        ran out and another gateway claimed them (this lane then stops)."""
+        try:
+            kept = await self.store.claim(
+                [h.hold_id for h in rest], claim_id, time.time(), [h.attempts for h in rest]
+            )
+        except HoldStoreError as exc:
+            raise self._store_fault(exc) from exc
+        if not kept:
+            log.warning(
+                "release_claim_lost",
+                device_id=rest[0].device_id,
+                messages=len(rest),
+                note="the lane ran longer than [store] claim_lease_seconds and another "
+                "gateway claimed it; raise the lease",
+            )
+        return bool(kept)
 
     async def _unclaim(self, hold_ids: list[str]) -> None:
         """Claims of messages not sent after all: harmless if this fails (a claim only

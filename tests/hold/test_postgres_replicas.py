@@ -48,6 +48,7 @@ async def replicas(
     url: str,
     count: int,
     release_tick: float = 0.2,
+    store: str = "",
 ) -> AsyncIterator[list[RunningGateway]]:
     async with AsyncExitStack() as stack:
         gateways = []
@@ -59,7 +60,7 @@ async def replicas(
                 policies={"ban.toml": BAN},
             )
             with config.open("a") as out:
-                out.write(f'\n[store]\nurl = "{url}"\nconnect_timeout_seconds = 1\n')
+                out.write(f'\n[store]\nurl = "{url}"\nconnect_timeout_seconds = 1\n{store}\n')
             gateways.append(
                 await stack.enter_async_context(running_gateway(config, release_tick=release_tick))
             )
@@ -205,3 +206,25 @@ async def test_an_admin_release_wakes_the_gateways_at_once(
         await upstream.wait_for(4, timeout=1.0)
         await asyncio.sleep(0.3)
         assert received(upstream) == [("ann", n) for n in range(4)]
+
+
+async def test_a_slow_release_renews_its_claim_so_the_other_gateway_never_sends_twice(
+    tmp_path: Path, issuer: TestIssuer, postgres: PostgresServer
+) -> None:
+    """A one-second lease, and an upstream taking half a second per message: a lane of
+    six outlives its lease three times over, and renews it every third of it."""
+    url = postgres.database()
+    async with (
+        FakeUpstream.running() as upstream,
+        replicas(tmp_path, issuer, upstream, url, 2, store="claim_lease_seconds = 1") as gateways,
+    ):
+        assert gateways[0].server.services.releaser.claim_renewal == pytest.approx(1 / 3)
+        device = FakeDevice(issuer, user="ann@example.test", device_id="ann-phone", apps={TIKTOK})
+        for n in range(6):
+            content = make_message(subject=f"ann #{n}", sender="ann@example.test")
+            assert (await device.send(gateways[0].port, message=content)).data == HELD
+        upstream.faults.delay = 0.5
+        await retract(gateways)
+        await upstream.wait_for(6, timeout=20)
+        await asyncio.sleep(1.5)
+        assert received(upstream) == [("ann", n) for n in range(6)]
