@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -23,6 +24,7 @@ from gateway.testing.harness import RunningGateway, running_gateway, write_confi
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
 from tests.hold.conftest import PostgresServer, have_postgres
+from tests.hold.test_durability import serve
 from tests.stories import TIKTOK, tiktok_ban
 
 pytestmark = [
@@ -228,3 +230,43 @@ async def test_a_slow_release_renews_its_claim_so_the_other_gateway_never_sends_
         await upstream.wait_for(6, timeout=20)
         await asyncio.sleep(1.5)
         assert received(upstream) == [("ann", n) for n in range(6)]
+
+
+async def test_sigkill_of_a_gateway_mid_release_loses_nothing_and_its_lease_expires(
+    tmp_path: Path, issuer: TestIssuer, postgres: PostgresServer
+) -> None:
+    """A `gateway serve` process killed while it relays a device's held mail: its claim
+    blocks the device until the lease (2 s) ends, then the other gateway sends the rest.
+    Duplicates stay within the bound: the message in flight and the last unflushed
+    deletion."""
+    url = postgres.database()
+    store = f'\n[store]\nurl = "{url}"\nclaim_lease_seconds = 2\n'
+    async with FakeUpstream.running() as upstream:
+        first = write_config(
+            tmp_path / "a", issuer=issuer, upstream_port=upstream.port, policies={"ban.toml": BAN}
+        )
+        with first.open("a") as out:
+            out.write(store)
+        device = FakeDevice(issuer, user="ann@example.test", device_id="ann-phone", apps={TIKTOK})
+        async with serve(first) as (process, port):
+            for n in range(10):
+                content = make_message(subject=f"ann #{n}", sender="ann@example.test")
+                assert (await device.send(port, message=content)).data == HELD
+            upstream.faults.delay = 0.3
+            (first.parent / "policies" / "ban.toml").unlink()  # the gateway reloads, releases
+            await upstream.wait_for(3, timeout=15)
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+        sent_before = len(upstream.messages)
+        assert sent_before < 10
+        second = write_config(tmp_path / "b", issuer=issuer, upstream_port=upstream.port)
+        with second.open("a") as out:
+            out.write(store)
+        async with running_gateway(second, release_tick=0.2) as gateway:
+            await upstream.wait_for(10, timeout=15)
+            await asyncio.sleep(0.5)
+            assert await gateway.server.services.hold_store.count() == 0
+        numbers = [n for _, n in received(upstream)]
+        assert set(numbers) == set(range(10))  # nothing lost
+        assert len(numbers) - 10 <= 2  # duplicates within the bound
+        assert numbers == sorted(numbers)  # and in order, a resent one right after itself
