@@ -326,7 +326,7 @@ class PostgresHoldStore:
             self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = (
                 psycopg_pool.ConnectionPool(
                     settings.url,
-                    kwargs=options,
+                    kwargs={**options, "autocommit": True},  # transactions are explicit
                     min_size=1,
                     max_size=pool_size or settings.pool_size,
                     open=False,
@@ -356,6 +356,17 @@ class PostgresHoldStore:
         with (
             self._errors(doing),
             self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            return work(cur)
+
+    def _statement(self, doing: str, work: Callable[[Cursor], T]) -> T:
+        """One statement, which autocommit makes its own transaction: no BEGIN and COMMIT
+        round trips (a hold is one statement, answered once it is committed)."""
+        with (
+            self._errors(doing),
+            self._pool.connection() as conn,
             conn.cursor(row_factory=dict_row) as cur,
         ):
             return work(cur)
@@ -365,14 +376,14 @@ class PostgresHoldStore:
             cur.execute(sql.encode(), params)
             return cur.fetchall()
 
-        return self._transaction("read", query)
+        return self._statement("read", query)
 
     def _write(self, sql: str, params: Sequence[object] = ()) -> int:
         def statement(cur: Cursor) -> int:
             cur.execute(sql.encode(), params)
             return cur.rowcount
 
-        return self._transaction("write", statement)
+        return self._statement("write", statement)
 
     def close(self) -> None:
         with self._errors("close"):
