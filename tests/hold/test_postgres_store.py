@@ -8,6 +8,8 @@ database per test.
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +32,8 @@ from gateway.testing.harness import write_config
 from gateway.testing.issuer import TestIssuer
 from tests.hold.conftest import PostgresServer, have_postgres
 from tests.hold.test_store_boundary import NOW, claims, held
+from tests.test_cli_impact import NOW as IMPACT_AT
+from tests.test_cli_impact import REPO, phone
 
 pytestmark = pytest.mark.skipif(not have_postgres(), reason="PostgreSQL not installed")
 
@@ -338,3 +342,23 @@ def test_each_failure_is_translated_once_into_what_to_do(
     assert type(translated) is kind
     assert advice in str(translated)
     assert str(translated).startswith("hold store postgresql://gateway@db:5432/gateway")
+
+
+def test_gateway_impact_counts_the_devices_every_gateway_recorded_in_the_shared_store(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    config = tmp_path / "config" / "gateway.toml"
+    with config.open("a") as out:
+        out.write(f'\n[store]\nurl = "{pg_url}"\n')
+    for name in ("p1", "p2"):  # as two gateways would, each its own device
+        store = pg(pg_url)
+        try:
+            store.record_devices([(phone(name), IMPACT_AT.timestamp(), Access.SEND)])
+        finally:
+            store.close()
+    assert main(["impact", "--at", IMPACT_AT.isoformat(), "--config", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["inventory"]["source"] == pg_url  # user@host:port/database, no password
+    assert report["inventory"]["devices"] == 2
+    assert not load_settings(config, {}).hold.database.exists()  # SQLite untouched
