@@ -29,7 +29,7 @@ from gateway.policy.engine import compile_policy_set, decide
 from gateway.policy.loader import ignored_files, load_policy_dir, policy_files
 
 if TYPE_CHECKING:
-    from gateway.hold.store import HeldMessage, HoldFilter, HoldStore
+    from gateway.hold.store import HeldMessage, HoldBackend, HoldFilter
     from gateway.policy.model import Policy, PolicySet
     from gateway.tokens.keyring import KeyRing
 
@@ -665,6 +665,16 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config(action)
         action.set_defaults(func=cmd_hold)
 
+    store = sub.add_parser("store", help="the shared PostgreSQL store ([store] url)")
+    store_sub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    migrate = store_sub.add_parser(
+        "migrate",
+        help="apply the schema migrations the store lacks (gateway serve also does at start)",
+    )
+    migrate.add_argument("--json", action="store_true")
+    _add_config(migrate)
+    migrate.set_defaults(func=cmd_store_migrate)
+
     test = sub.add_parser(
         "test",
         help="run policy test cases: described devices and the decisions expected (exit 1 on a failure)",
@@ -730,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_impact(args: argparse.Namespace) -> int:
     from gateway.devices.announce import announcements, warning_policies
+    from gateway.hold.backend import describe_store, open_store
     from gateway.hold.store import HoldStore
     from gateway.policy.diff import PolicyDiff
     from gateway.policy.impact import assess, blast_radius_refusal, rollout_stages
@@ -742,21 +753,22 @@ def cmd_impact(args: argparse.Namespace) -> int:
         candidate = compile_policy_set(load_policy_dir(Path(args.candidate_dir), settings.groups))
     else:  # no candidate: what the live policies do, compared with having none
         candidate, live = live, compile_policy_set(PolicySet((), "none", settings.groups))
+    shared = settings.store.url is not None and not args.inventory
     inventory = Path(args.inventory) if args.inventory else settings.hold.database
     since = now - settings.inventory_retention
     source = {
-        "source": str(inventory),
+        "source": describe_store(settings) if shared else str(inventory),
         "seen_since": since.isoformat(),
         "retention_days": settings.inventory_retention.days,
     }
-    if not inventory.is_file():
+    if not shared and not inventory.is_file():
         return _impact_refused(
             args,
             source,
             f"no device inventory at {inventory}: it is the hold database a running gateway "
             "writes ([hold] database); run impact where the gateway runs, or give --inventory",
         )
-    store = HoldStore(inventory)
+    store: HoldBackend = open_store(settings) if shared else HoldStore(inventory)
     try:
         devices = store.devices(since)
         accesses = store.device_accesses(since)
@@ -770,7 +782,7 @@ def cmd_impact(args: argparse.Namespace) -> int:
         return _impact_refused(
             args,
             source,
-            f"the inventory at {inventory} has no device seen since {since:%Y-%m-%d}{older}: "
+            f"the inventory at {source['source']} has no device seen since {since:%Y-%m-%d}{older}: "
             "impact cannot say whom a change affects (the gateway records each device as it "
             "authenticates)",
         )
@@ -893,7 +905,7 @@ def _hold_line(held: HeldMessage) -> str:
     )
 
 
-def _hold_show(store: HoldStore, args: argparse.Namespace) -> int:
+def _hold_show(store: HoldBackend, args: argparse.Namespace) -> int:
     message = store.get(args.hold_id)
     if message is None:
         print(
@@ -920,10 +932,10 @@ def _hold_show(store: HoldStore, args: argparse.Namespace) -> int:
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
-    from gateway.hold.store import HoldStore
+    from gateway.hold.backend import describe_store, open_store
 
     settings = _settings(args)
-    store = HoldStore(settings.hold.database)
+    store = open_store(settings)  # SQLite, or the shared PostgreSQL store ([store] url)
     try:
         if args.hold_command == "show":
             return _hold_show(store, args)
@@ -945,7 +957,7 @@ def cmd_hold(args: argparse.Namespace) -> int:
         else:
             count = store.drop(where, ids)
             text = f"{count} message(s) dropped"
-        _audit_hold(args, where, ids, count, settings.hold.database)
+        _audit_hold(args, where, ids, count, describe_store(settings))
         if args.json:
             _print_json({"schema": 1, "action": args.hold_command, "count": count})
         else:
@@ -956,7 +968,7 @@ def cmd_hold(args: argparse.Namespace) -> int:
 
 
 def _audit_hold(
-    args: argparse.Namespace, where: HoldFilter, ids: list[str], count: int, database: Path
+    args: argparse.Namespace, where: HoldFilter, ids: list[str], count: int, database: str
 ) -> None:
     """Who did what to held mail: one JSON line on stderr (the server logs each release
     it then makes as ``released`` with ``requested: true``)."""
@@ -977,8 +989,43 @@ def _audit_hold(
         filter=chosen,
         all=bool(args.all),
         count=count,
-        database=str(database),
+        database=database,
     )
+
+
+# --- store -------------------------------------------------------------------------------
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    """Apply PostgreSQL schema migrations by hand (operators who do not let a starting
+    gateway change the schema); idempotent, and safe beside running gateways."""
+    import psycopg
+
+    from gateway.hold.postgres import SCHEMA_VERSION, _connect_options, _failure, describe, migrate
+
+    settings = _settings(args)
+    if settings.store.url is None:
+        raise CliError(
+            "no [store] url: the SQLite store needs no migrations (a gateway applies its "
+            "changes when it opens the file)"
+        )
+    server = describe(settings.store.url)
+    try:
+        with psycopg.connect(
+            settings.store.url, autocommit=True, **_connect_options(settings.store)
+        ) as conn:
+            applied = migrate(conn, server)
+    except psycopg.Error as exc:
+        raise _failure(server, "migrating", exc, settings.store.connect_timeout) from exc
+    if args.json:
+        _print_json({"schema": 1, "store": server, "applied": applied, "version": SCHEMA_VERSION})
+    elif applied:
+        print(
+            f"{server}: applied migration(s) {', '.join(map(str, applied))}; schema version {SCHEMA_VERSION}"
+        )
+    else:
+        print(f"{server}: schema version {SCHEMA_VERSION}, nothing to apply")
+    return EXIT_OK
 
 
 # --- config ------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ from gateway.devices.inventory import Inventory
 from gateway.devices.notices import MailboxNotices, Notifier
 from gateway.domain import Access, Action, Clock, Decision, DeviceClaims
 from gateway.errors import HoldStoreError, SettingsError
+from gateway.hold.backend import async_store
 from gateway.hold.first_seen import FirstSeenTimes
 from gateway.hold.release import Releaser, Spawn
-from gateway.hold.store import AsyncHoldStore, HeldMessage
+from gateway.hold.store import HeldMessage
 from gateway.logins import Logins, SessionEnder, SyncChange, sync_changes
 from gateway.ops.metrics import Metrics
 from gateway.policy.diff import PolicyDiff
@@ -66,11 +67,7 @@ class Services:
         self.reloader = Reloader(self.policies, self._after_reload, guard=self._blast_radius)
         self.last_good_reload = time.time()
         self.relay = build_relay(settings, self.metrics)
-        self.hold_store = AsyncHoldStore(
-            settings.hold.database,
-            busy_timeout=settings.hold.busy_timeout,
-            min_free_bytes=settings.hold.min_free_bytes,
-        )
+        self.hold_store = async_store(settings)  # SQLite, or PostgreSQL by [store] url
         # grace_hours: when each device was first seen matching, shared by every decision.
         self.first_seen = FirstSeenTimes(self.hold_store)
         self.inventory = Inventory(self.hold_store, settings.inventory_retention, clock)
@@ -118,6 +115,7 @@ class Services:
             on_released=self._released,
             parallel=settings.hold.release_concurrency,
             backoff=(settings.hold.retry_min, settings.hold.retry_max),
+            claim_renewal=settings.store.claim_lease / 3 if settings.store.postgres else None,
             on_event=lambda event: self.metrics.release_events.labels(event).inc(),
             first_seen=self.first_seen,
         )
@@ -174,6 +172,8 @@ class Services:
         )
         self._in_force = self.policies.current
         await self.releaser.start()
+        if self.settings.store.postgres:  # other gateways' holds and admin releases
+            self.spawn(self.hold_store.listen(self._store_notice), "store-notifications")
         await self.inventory.load()
         await self.measure_held()
         self.last_good_reload = time.time()
@@ -344,6 +344,15 @@ class Services:
 
     def held(self, device_id: str) -> None:
         self.releaser.note_held(device_id)
+
+    def _store_notice(self, payload: str) -> None:
+        """Another gateway on the shared store held mail of a device (so this one releases
+        it first when the device authenticates here), or an admin requested a release."""
+        kind, _, device_id = payload.partition(" ")
+        if kind == "held" and device_id:
+            self.releaser.note_held(device_id)
+        elif kind == "release":
+            self.spawn(self.releaser.run(), "release-notified")
 
     def _released(self, held: HeldMessage) -> None:
         if self.notifier is not None:

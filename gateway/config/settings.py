@@ -824,6 +824,69 @@ class HoldSettings:
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    """Where held mail, the device inventory and notice memory live: SQLite at [hold]
+    database (one gateway), or a PostgreSQL server that several gateways share
+    (docs/operations.md#running-on-postgresql)."""
+
+    toml_section: ClassVar[str] = "store"
+
+    url: str | None = field(
+        default=None,
+        metadata=setting(
+            Text(blank_is_unset=True),
+            """A `postgresql://user@host:port/database` URL (libpq's form; `?sslmode=`
+            and other parameters pass through). No password in it: give `password_file`,
+            or set `PGPASSWORD` in the environment.""",
+            unset="SQLite at `[hold] database`",
+        ),
+    )
+    password: str | None = field(
+        default=None,
+        repr=False,
+        metadata=setting(
+            SecretFile(),
+            "The PostgreSQL user's password, read from this file (never logged).",
+            key="password_file",
+            unset="`PGPASSWORD` from the environment, or none (peer, certificate or trust)",
+        ),
+    )
+    pool_size: int = field(
+        default=8,
+        metadata=setting(
+            Integer(minimum=1),
+            """Connections each gateway's pool keeps to PostgreSQL (one more listens for
+            the other gateways): N gateways need N times (pool_size + 1) connections,
+            plus one per running CLI command.""",
+        ),
+    )
+    connect_timeout: float = field(
+        default=5.0,
+        metadata=setting(
+            Number(minimum=0.1, unit="seconds"),
+            """How long connecting, or waiting for a free connection, may take before the
+            operation fails (a hold then gets 451 and the client retries).""",
+            key="connect_timeout_seconds",
+        ),
+    )
+    claim_lease: float = field(
+        default=300.0,
+        metadata=setting(
+            Number(minimum=1.0, unit="seconds"),
+            """A gateway's claim on a device's held mail while it relays it: another
+            gateway leaves that device alone until the claim is settled or this time has
+            passed since it was last renewed (every third of it), so a crashed gateway's
+            claims expire. Keep it well above the upstream timeout.""",
+            key="claim_lease_seconds",
+        ),
+    )
+
+    @property
+    def postgres(self) -> bool:
+        return self.url is not None
+
+
+@dataclass(frozen=True)
 class SyncSettings:
     """The sync decision endpoint that Dovecot and nginx call at every IMAP/POP3 login
     (docs/sync.md)."""
@@ -1000,6 +1063,7 @@ class Settings:
     hold: HoldSettings  # [hold]
     limits: LimitSettings = field(default_factory=LimitSettings)  # [limits]
     sync: SyncSettings = field(default_factory=SyncSettings)  # [sync]
+    store: StoreSettings = field(default_factory=StoreSettings)  # [store]
     policy_dir: Path = field(
         default=Path("policies"),
         metadata=setting(PathKind(), "Directory of the policy files; watched for changes."),
@@ -1117,6 +1181,11 @@ SECTIONS: tuple[Section, ...] = (
     ),
     Section("hold", "Mail held by policies until the device complies."),
     Section(
+        "store",
+        "The shared store for several gateways (PostgreSQL); without it, SQLite at "
+        "`[hold] database` (docs/operations.md#running-on-postgresql).",
+    ),
+    Section(
         "limits",
         "Limits per client, user and session. Replies and reasoning: docs/operations.md#limits.",
     ),
@@ -1144,6 +1213,7 @@ SETTINGS_CLASSES: tuple[type[Any], ...] = (
     UpstreamSettings,
     Smarthost,
     HoldSettings,
+    StoreSettings,
     LimitSettings,
     SyncSettings,
 )
@@ -1354,6 +1424,26 @@ def _read_sync(table: Table | None, base: Path) -> SyncSettings:
     return settings
 
 
+def _read_store(table: Table | None, base: Path) -> StoreSettings:
+    settings = StoreSettings(**_read_keys(table, StoreSettings, base))
+    if table is None:
+        return settings
+    if settings.url is not None:
+        parsed = urllib.parse.urlsplit(settings.url)
+        if parsed.scheme not in ("postgresql", "postgres") or not parsed.netloc:
+            table.problem("url", "not a postgresql:// URL (postgresql://user@host:5432/gateway)")
+        elif parsed.password is not None:
+            table.problem(
+                "url",
+                "the URL holds a password: put it in password_file or PGPASSWORD instead "
+                "(gateway.toml is not a secret)",
+            )
+    if settings.password == "":
+        table.problem("password_file", "the file is empty")
+    table.finish()
+    return settings
+
+
 def _read_section(table: Table | None, cls: type[Any], base: Path) -> Any:
     """A section whose every key is a declared field of ``cls``."""
     values = _read_keys(table, cls, base)
@@ -1481,6 +1571,7 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     limits: LimitSettings = _read_section(root.table("limits"), LimitSettings, base)
     hold: HoldSettings = _read_section(root.table("hold"), HoldSettings, base)
     sync = _read_sync(root.table("sync"), base)
+    store = _read_store(root.table("store"), base)
     admin = root.table("admin")
     values |= _read_keys(admin, Settings, base, "admin")
     if admin:
@@ -1498,5 +1589,6 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
         hold=hold,
         limits=limits,
         sync=sync,
+        store=store,
         **values,
     )

@@ -28,6 +28,7 @@ from gateway.config.settings import (
     Settings,
     Smarthost,
     SmtpSettings,
+    StoreSettings,
     SyncSettings,
     UpstreamSettings,
     VerifierSettings,
@@ -77,6 +78,7 @@ def _instances(settings: Settings) -> Mapping[type[Any], list[Any]]:
         HoldSettings: [settings.hold],
         LimitSettings: [settings.limits],
         SyncSettings: [settings.sync],
+        StoreSettings: [settings.store],
     }
 
 

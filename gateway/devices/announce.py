@@ -24,7 +24,7 @@ import structlog
 from gateway.devices.notices import Notifier, disregard_text
 from gateway.domain import Access, Action, Clock, DeviceClaims, Phase, PolicyState
 from gateway.errors import HoldStoreError
-from gateway.hold.store import AsyncHoldStore
+from gateway.hold.store import AsyncStore
 from gateway.policy.engine import CompiledPolicySet, decide
 from gateway.policy.model import Policy
 
@@ -84,7 +84,7 @@ class Announcer:
     def __init__(
         self,
         notifier: Notifier,
-        store: AsyncHoldStore,
+        store: AsyncStore,
         devices: Callable[[], list[DeviceClaims]],
         accesses_of: Callable[[DeviceClaims], Iterable[Access]],
         first_seen_of: Callable[[str], Mapping[str, datetime]],

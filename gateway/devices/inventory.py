@@ -11,11 +11,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 from gateway.domain import Access, Clock, DeviceClaims
-from gateway.hold.store import AsyncHoldStore
+from gateway.hold.store import AsyncStore
 
 
 class Inventory:
-    def __init__(self, store: AsyncHoldStore, retention: timedelta, clock: Clock) -> None:
+    def __init__(self, store: AsyncStore, retention: timedelta, clock: Clock) -> None:
         self.store = store
         self.retention = retention
         self.clock = clock

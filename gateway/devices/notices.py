@@ -21,7 +21,7 @@ from typing import Protocol
 import structlog
 
 from gateway.domain import Action, Decision, DeviceClaims
-from gateway.hold.store import AsyncHoldStore, HeldMessage
+from gateway.hold.store import AsyncStore, HeldMessage
 from gateway.upstream.relay import Relay
 
 log = structlog.get_logger("gateway.notices")
@@ -106,7 +106,7 @@ def notice_message(
 
 
 class Notifier:
-    def __init__(self, store: AsyncHoldStore, relay: Relay, sender: str, hostname: str) -> None:
+    def __init__(self, store: AsyncStore, relay: Relay, sender: str, hostname: str) -> None:
         self.store = store
         self.relay = relay
         self.sender = sender
@@ -184,7 +184,7 @@ class MailboxNotices:
 
     def __init__(
         self,
-        store: AsyncHoldStore,
+        store: AsyncStore,
         deliver: MailboxDelivery,
         sender: str,
         hostname: str,

@@ -10,7 +10,9 @@ actually sends; expiry pages too and reads only a message's headers for its boun
 memory does not grow with the number or size of held messages (bench/held_rss.py).
 
 Guarantee: at least once, never lost. Before a device's messages go upstream they are
-claimed in the store (one write); if that write fails nothing is sent. After the
+claimed in the store (one write); if that write fails nothing is sent. On a store shared
+by several gateways (PostgreSQL) the claim is exclusive per device: a lane another gateway
+has claimed is skipped, so no two gateways relay the same message. After the
 upstream answered, the outcome is recorded per recipient (RFC 5321 s 6.1: the client
 heard 250 at hold time, so each recipient is delivered, retried or bounced):
 
@@ -45,7 +47,7 @@ from gateway.domain import Action, Clock, Decision, DeviceClaims
 from gateway.errors import HoldStoreError
 from gateway.hold.dsn import FailedRecipient, expiry_report, refusal_report
 from gateway.hold.first_seen import FirstSeenTimes
-from gateway.hold.store import AsyncHoldStore, HeldMessage, Settlement
+from gateway.hold.store import AsyncStore, HeldMessage, Settlement
 from gateway.policy.engine import CompiledPolicySet, decide
 from gateway.policy.store import PolicyStore
 from gateway.replies import Reply
@@ -68,6 +70,7 @@ class ReleaseReport:
     bounced: list[str] = field(default_factory=list)  # messages with a recipient refused for good
     expired: list[str] = field(default_factory=list)
     blocked: list[tuple[str, str]] = field(default_factory=list)  # (device, first hold_id)
+    claimed_elsewhere: int = 0  # due, but claimed by another gateway on a shared store
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ Spawn = Callable[[Coroutine[Any, Any, Any], str], asyncio.Task[Any]]
 class Releaser:
     def __init__(
         self,
-        store: AsyncHoldStore,
+        store: AsyncStore,
         relay: Relay,
         policies: PolicyStore,
         clock: Clock,
@@ -115,6 +118,7 @@ class Releaser:
         on_event: Callable[[str], None] | None = None,
         backoff: tuple[float, float] = (5.0, 600.0),  # first and longest retry wait, seconds
         first_seen: FirstSeenTimes | None = None,
+        claim_renewal: float | None = None,  # seconds: renew a lane's claim (a shared store)
     ) -> None:
         self.first_seen = first_seen  # grace_hours: a held device's first-seen times
         self.store = store
@@ -131,6 +135,9 @@ class Releaser:
         self.on_event = on_event
         self.parallel = parallel  # devices released at once (one upstream connection each)
         self.backoff = backoff
+        # On a shared store a claim is a lease: a lane relaying longer than this renews it,
+        # and stops if another gateway has taken it over meanwhile.
+        self.claim_renewal = claim_renewal
         self.fault: str | None = None  # why release is stopped (the store cannot be written)
         # Outcomes known but not yet written (their write failed): never relayed again.
         self._unsettled: dict[str, Settlement] = {}
@@ -313,21 +320,62 @@ class Releaser:
                 raise StoreFault(self.fault)  # another lane found the store failing
             claim_id = uuid.uuid4().hex
             try:
-                await self.store.claim([h.hold_id for h in releasable], claim_id, time.time())
+                claimed = await self.store.claim(
+                    [h.hold_id for h in releasable],
+                    claim_id,
+                    time.time(),
+                    [h.attempts for h in releasable],
+                )
             except HoldStoreError as exc:
                 raise self._store_fault(exc) from exc
+            if not claimed:
+                # A shared store refuses the claim while another gateway relays this
+                # device's mail (or when it changed since it was read): a later pass retries.
+                report.claimed_elsewhere += len(releasable)
+                return
             attempted = 0
+            renewed = time.monotonic()
+            lost = False
             try:
                 for held in releasable:
                     if self.fault is not None:
                         break
+                    if (
+                        self.claim_renewal is not None
+                        and time.monotonic() - renewed >= self.claim_renewal
+                    ):
+                        if not await self._renew(releasable[attempted:], claim_id):
+                            lost = True
+                            report.claimed_elsewhere += len(releasable) - attempted
+                            break
+                        renewed = time.monotonic()
                     attempted += 1
                     if not await self._release_one(held, now, report):
                         report.still_held += len(releasable) - attempted
                         report.blocked.append((held.device_id, held.hold_id))
                         break
             finally:
-                await asyncio.shield(self._unclaim([h.hold_id for h in releasable[attempted:]]))
+                if not lost:  # a lost claim is another gateway's now: leave it alone
+                    await asyncio.shield(self._unclaim([h.hold_id for h in releasable[attempted:]]))
+
+    async def _renew(self, rest: list[HeldMessage], claim_id: str) -> bool:
+        """Extend this lane's lease on the messages it has yet to send; False if the lease
+        ran out and another gateway claimed them (this lane then stops)."""
+        try:
+            kept = await self.store.claim(
+                [h.hold_id for h in rest], claim_id, time.time(), [h.attempts for h in rest]
+            )
+        except HoldStoreError as exc:
+            raise self._store_fault(exc) from exc
+        if not kept:
+            log.warning(
+                "release_claim_lost",
+                device_id=rest[0].device_id,
+                messages=len(rest),
+                note="the lane ran longer than [store] claim_lease_seconds and another "
+                "gateway claimed it; raise the lease",
+            )
+        return bool(kept)
 
     async def _unclaim(self, hold_ids: list[str]) -> None:
         """Claims of messages not sent after all: harmless if this fails (a claim only

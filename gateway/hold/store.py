@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from gateway.domain import Access, DeviceClaims, HeldSubmission
 from gateway.errors import HoldStoreDamaged, HoldStoreError, HoldStoreInUse, HoldStoreLowOnSpace
@@ -615,9 +615,17 @@ class HoldStore:
         end = start.find(b"\r\n\r\n")
         return start[: end + 2] if end >= 0 else start
 
-    def claim(self, hold_ids: Sequence[str], claim_id: str, at: float) -> int:
+    def claim(
+        self,
+        hold_ids: Sequence[str],
+        claim_id: str,
+        at: float,
+        attempts: Sequence[int] | None = None,
+    ) -> int:
         """Mark messages as being relayed by one release attempt, before they go upstream:
-        if this write fails, nothing is sent that could not be recorded afterwards."""
+        if this write fails, nothing is sent that could not be recorded afterwards. One
+        gateway serves a SQLite store, so the claim is unconditional (``attempts``, which
+        the shared PostgreSQL store checks, is not needed here)."""
         if not hold_ids:
             return 0
         marks = ",".join("?" * len(hold_ids))
@@ -876,46 +884,68 @@ class HeldStats:
     oldest: datetime | None  # arrival of the oldest held message
 
 
-class AsyncHoldStore:
-    """The hold store for the event loop (``gateway serve``): every call runs on one
-    dedicated thread. Opening takes the store's :class:`StoreLock` and checks the file;
-    closing releases the lock."""
+class HoldBackend(Protocol):
+    """What a hold store does, whichever database holds it: :class:`HoldStore` (SQLite,
+    one gateway) and ``gateway.hold.postgres.PostgresHoldStore`` (shared by several).
+    Every method raises :class:`HoldStoreError` and nothing else from the database."""
 
-    def __init__(
-        self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, min_free_bytes: int = 0
-    ) -> None:
-        self.min_free_bytes = min_free_bytes
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hold-store")
-        self._store: HoldStore | None = None
-        self._lock = StoreLock(path)
-        self.path = path
-        self.busy_timeout = busy_timeout
+    def close(self) -> None: ...
+    def hold(self, held: HeldSubmission) -> str: ...
+    def select(self, where: HoldFilter = ..., limit: int = 1000) -> list[HeldMessage]: ...
+    def get(self, hold_id: str, with_content: bool = True) -> HeldMessage | None: ...
+    def due(
+        self, now: datetime, device_id: str | None = None, limit: int = 500, after: int = 0
+    ) -> list[HeldMessage]: ...
+    def content(self, hold_id: str) -> bytes | None: ...
+    def headers(self, hold_id: str) -> bytes: ...
+    def claim(
+        self,
+        hold_ids: Sequence[str],
+        claim_id: str,
+        at: float,
+        attempts: Sequence[int] | None = None,
+    ) -> int: ...
+    def unclaim(self, hold_ids: Sequence[str]) -> int: ...
+    def claimed(self) -> int: ...
+    def settle(self, settlement: Settlement) -> None: ...
+    def probe_write(self, at: float) -> None: ...
+    def device_ids(self) -> set[str]: ...
+    def count(self) -> int: ...
+    def stats(self) -> HeldStats: ...
+    def remove(self, hold_ids: Sequence[str]) -> int: ...
+    def request_release(self, where: HoldFilter, hold_ids: Sequence[str] = ()) -> int: ...
+    def drop(self, where: HoldFilter, hold_ids: Sequence[str] = ()) -> int: ...
+    def postpone(self, hold_id: str, next_attempt: float, error: str) -> None: ...
+    def record_devices(self, seen: Sequence[tuple[DeviceClaims, float, Access]]) -> None: ...
+    def claim_notice(self, device_id: str, policy_id: str, phase: str, now: datetime) -> bool: ...
+    def unclaim_notice(self, device_id: str, policy_id: str, phase: str) -> None: ...
+    def noticed_devices(self, policy_id: str) -> list[str]: ...
+    def first_seen(self, device_id: str, policy_id: str, now: datetime) -> datetime: ...
+    def first_seen_times(self, device_id: str) -> dict[str, datetime]: ...
+    def devices(self, seen_since: datetime) -> list[DeviceClaims]: ...
+    def device_accesses(self, seen_since: datetime) -> dict[str, frozenset[Access]]: ...
+    def prune_devices(self, seen_before: datetime) -> int: ...
+    def expired(self, before: datetime, limit: int = 100, after: int = 0) -> list[HeldMessage]: ...
 
-    def _open(self) -> HoldStore:
-        self._lock.acquire()
-        try:
-            return HoldStore(
-                self.path,
-                busy_timeout=self.busy_timeout,
-                check=True,
-                min_free_bytes=self.min_free_bytes,
-            )
-        except BaseException:
-            self._lock.release()
-            raise
 
-    async def _run(self, call: Callable[[HoldStore], T]) -> T:
-        loop = asyncio.get_running_loop()
+class AsyncStore:
+    """The hold store for the event loop (``gateway serve``): each call runs a
+    :class:`HoldBackend` method on a worker thread. Subclasses say how the backend is
+    opened (``_run``) and closed."""
 
-        def in_thread() -> T:
-            if self._store is None:
-                self._store = self._open()
-            return call(self._store)
-
-        return await loop.run_in_executor(self._executor, in_thread)
+    async def _run(self, call: Callable[[HoldBackend], T]) -> T:
+        raise NotImplementedError
 
     async def open(self) -> None:
         await self._run(lambda store: None)
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def listen(self, on_notice: Callable[[str], None]) -> None:
+        """Hear other gateways sharing the store until cancelled (PostgreSQL's LISTEN);
+        a SQLite store has one gateway, so there is nothing to hear."""
+        return
 
     async def hold(self, message: HeldSubmission) -> str:
         return await self._run(lambda store: store.hold(message))
@@ -934,8 +964,14 @@ class AsyncHoldStore:
     async def headers(self, hold_id: str) -> bytes:
         return await self._run(lambda store: store.headers(hold_id))
 
-    async def claim(self, hold_ids: Sequence[str], claim_id: str, at: float) -> int:
-        return await self._run(lambda store: store.claim(hold_ids, claim_id, at))
+    async def claim(
+        self,
+        hold_ids: Sequence[str],
+        claim_id: str,
+        at: float,
+        attempts: Sequence[int] | None = None,
+    ) -> int:
+        return await self._run(lambda store: store.claim(hold_ids, claim_id, at, attempts))
 
     async def unclaim(self, hold_ids: Sequence[str]) -> int:
         return await self._run(lambda store: store.unclaim(hold_ids))
@@ -990,8 +1026,47 @@ class AsyncHoldStore:
     async def stats(self) -> HeldStats:
         return await self._run(lambda store: store.stats())
 
+
+class AsyncHoldStore(AsyncStore):
+    """The hold store for the event loop (``gateway serve``): every call runs on one
+    dedicated thread. Opening takes the store's :class:`StoreLock` and checks the file;
+    closing releases the lock."""
+
+    def __init__(
+        self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, min_free_bytes: int = 0
+    ) -> None:
+        self.min_free_bytes = min_free_bytes
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hold-store")
+        self._store: HoldStore | None = None
+        self._lock = StoreLock(path)
+        self.path = path
+        self.busy_timeout = busy_timeout
+
+    def _open(self) -> HoldStore:
+        self._lock.acquire()
+        try:
+            return HoldStore(
+                self.path,
+                busy_timeout=self.busy_timeout,
+                check=True,
+                min_free_bytes=self.min_free_bytes,
+            )
+        except BaseException:
+            self._lock.release()
+            raise
+
+    async def _run(self, call: Callable[[HoldBackend], T]) -> T:
+        loop = asyncio.get_running_loop()
+
+        def in_thread() -> T:
+            if self._store is None:
+                self._store = self._open()
+            return call(self._store)
+
+        return await loop.run_in_executor(self._executor, in_thread)
+
     async def close(self) -> None:
-        def close(store: HoldStore) -> None:
+        def close(store: HoldBackend) -> None:
             store.close()
 
         try:

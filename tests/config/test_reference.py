@@ -36,6 +36,7 @@ from gateway.config.settings import (
     Settings,
     Smarthost,
     SmtpSettings,
+    StoreSettings,
     SyncSettings,
     UpstreamSettings,
     VerifierSettings,
@@ -59,6 +60,7 @@ NOT_KEYS = {
     (Settings, "hold"),
     (Settings, "limits"),
     (Settings, "sync"),
+    (Settings, "store"),
     (VerifierSettings, "issuers"),
     (UpstreamSettings, "smarthosts"),
 }
@@ -137,6 +139,14 @@ NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("admin", "listen"): ('"127.0.0.1:9000"', Endpoint("127.0.0.1", 9000)),
     ("sync", "enabled"): ("true", True),
     ("sync", "listen"): ('"[::1]:9589"', Endpoint("::1", 9589)),
+    ("store", "url"): (
+        '"postgresql://gw@db.example:5433/gateway"',
+        "postgresql://gw@db.example:5433/gateway",
+    ),
+    ("store", "password_file"): ('"password"', "s3cret"),
+    ("store", "pool_size"): ("3", 3),
+    ("store", "connect_timeout_seconds"): ("2", 2.0),
+    ("store", "claim_lease_seconds"): ("60", 60.0),
     ("sync", "client_id"): ('"dovecot"', "dovecot"),
     ("sync", "client_secret_file"): ('"password"', "s3cret"),
     ("sync", "nginx_secret_file"): ('"password"', "s3cret"),
@@ -218,6 +228,7 @@ def value_of(settings: Settings, key: Key) -> Any:
         HoldSettings: settings.hold,
         LimitSettings: settings.limits,
         SyncSettings: settings.sync,
+        StoreSettings: settings.store,
     }[key.owner]
     value = getattr(owner, key.field.name)
     return sorted(value) if key.owner is Issuer and key.field.name == "keys" else value

@@ -1,0 +1,822 @@
+"""The hold store on PostgreSQL, shared by several gateways (``[store] url``).
+
+The same :class:`~gateway.hold.store.HoldBackend` as the SQLite store, in hand-written SQL
+over psycopg 3 and a ``psycopg_pool`` connection pool: each method is one transaction on
+one pooled connection, committed before it returns, so a hold is durable (the server's
+WAL fsynced, with ``synchronous_commit`` on, its default) before the client hears 250.
+
+What differs from SQLite, because several gateways write at once:
+
+claims    a release attempt claims a device's due messages (``claim``) before relaying
+          them. The claim is taken under a per-device transaction-level advisory lock, the
+          rows with ``FOR UPDATE SKIP LOCKED``, and only if no other live claim holds any
+          of that device's mail: so two gateways never relay the same message, and a
+          device's mail goes out in order from one gateway at a time. A claim is a lease
+          (``[store] claim_lease_seconds``): a crashed gateway's claims expire.
+settle    locks the row first (``FOR UPDATE``); a message already settled or dropped by
+          another gateway or an admin is left alone, so an expiry or refusal bounce is
+          written once.
+schema    versioned (``schema_version``); migrations run at start under an advisory lock,
+          or by hand (``gateway store migrate``).
+errors    every psycopg error leaves as :class:`HoldStoreError`, translated once
+          (``_failure``) into what an operator can act on; the password is never in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg_pool
+import structlog
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from gateway.config.settings import StoreSettings
+from gateway.domain import Access, DeviceClaims, HeldSubmission
+from gateway.errors import HoldStoreError, HoldStoreLowOnSpace
+from gateway.hold.store import (
+    HEADER_LIMIT,
+    AsyncStore,
+    HeldMessage,
+    HeldStats,
+    HoldBackend,
+    HoldFilter,
+    Settlement,
+)
+
+T = TypeVar("T")
+log = structlog.get_logger("gateway.hold")
+Cursor = psycopg.Cursor[dict[str, Any]]
+
+# Advisory lock keys (two-int form: this namespace, then a key).
+_LOCKS = 0x47415445  # "GATE"
+_MIGRATE_LOCK = 1
+
+# Each migration once, in order; a store records the versions applied in schema_version.
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+CREATE TABLE held (
+    seq            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- arrival order
+    hold_id        text NOT NULL UNIQUE,
+    received_at    timestamptz NOT NULL,
+    sender         text NOT NULL,
+    recipients     jsonb NOT NULL,
+    "user"         text NOT NULL,
+    device_id      text NOT NULL,
+    claims         jsonb NOT NULL,
+    policy_ids     jsonb NOT NULL,
+    policy_version text NOT NULL,
+    size           bigint NOT NULL,
+    attempts       integer NOT NULL DEFAULT 0,
+    next_attempt   double precision NOT NULL DEFAULT 0,
+    last_error     text,
+    release_requested boolean NOT NULL DEFAULT false,
+    options        jsonb NOT NULL DEFAULT '[]',
+    claim_id       text,
+    claimed_at     double precision,
+    bounce_of      text
+);
+-- The bytes apart from the metadata, so that release passes never read them.
+CREATE TABLE held_bodies (
+    seq            bigint PRIMARY KEY REFERENCES held (seq) ON DELETE CASCADE,
+    message        bytea NOT NULL
+);
+CREATE INDEX held_device ON held (device_id, seq);
+CREATE INDEX held_user ON held ("user");
+CREATE INDEX held_due ON held (next_attempt, seq);
+CREATE TABLE notices (
+    device_id  text NOT NULL,
+    policy_id  text NOT NULL,
+    phase      text NOT NULL,
+    sent_at    double precision NOT NULL,
+    PRIMARY KEY (device_id, policy_id, phase)
+);
+CREATE TABLE health (
+    id         integer PRIMARY KEY CHECK (id = 1),
+    written_at double precision NOT NULL
+);
+CREATE TABLE devices (
+    device_id  text PRIMARY KEY,
+    "user"     text NOT NULL,
+    claims     jsonb NOT NULL,
+    last_seen  double precision NOT NULL,
+    last_send  double precision,
+    last_sync  double precision
+);
+""",
+    ),
+    (
+        2,
+        """
+-- grace_hours: when each device was first seen matching each policy (first writer wins).
+CREATE TABLE policy_first_seen (
+    device_id  text NOT NULL,
+    policy_id  text NOT NULL,
+    first_seen double precision NOT NULL,
+    PRIMARY KEY (device_id, policy_id)
+);
+""",
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+_EVERYTHING = HoldFilter()
+
+_COLUMNS = (
+    'seq, hold_id, received_at, sender, recipients, "user", device_id, claims, policy_ids, '
+    "policy_version, size, attempts, last_error, release_requested, options, claim_id, bounce_of"
+)
+_INSERT = (
+    'WITH h AS (INSERT INTO held (hold_id, received_at, sender, recipients, "user", device_id, '
+    "claims, policy_ids, policy_version, size, options, release_requested, bounce_of) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq, device_id) "
+    "INSERT INTO held_bodies (seq, message) SELECT seq, %s FROM h"
+)
+# The same, telling the other gateways (delivered at COMMIT, so never before the row exists).
+CHANNEL = "gateway_hold"
+_INSERT_AND_NOTIFY = (
+    _INSERT.replace("INSERT INTO held_bodies", ", b AS (INSERT INTO held_bodies")
+    + f") SELECT pg_notify('{CHANNEL}', 'held ' || device_id) FROM h"
+)
+
+
+def _row(row: dict[str, Any], content: bytes | None = None) -> HeldMessage:
+    return HeldMessage(
+        seq=row["seq"],
+        hold_id=row["hold_id"],
+        received_at=row["received_at"].astimezone(UTC),
+        sender=row["sender"],
+        recipients=tuple(row["recipients"]),
+        user=row["user"],
+        device_id=row["device_id"],
+        claims=DeviceClaims.from_json(row["claims"]),
+        policy_ids=tuple(row["policy_ids"]),
+        policy_version=row["policy_version"],
+        size=row["size"],
+        attempts=row["attempts"],
+        last_error=row["last_error"],
+        release_requested=bool(row["release_requested"]),
+        content=content,
+        options=tuple(row["options"]),
+        claim_id=row["claim_id"],
+        bounce_of=row["bounce_of"],
+    )
+
+
+def _where(where: HoldFilter, hold_ids: Sequence[str] = ()) -> tuple[str, list[object]]:
+    """A filter as a WHERE clause of fixed fragments; every value a bound parameter."""
+    clauses: list[str] = []
+    params: list[object] = []
+    if where.user:
+        clauses.append('"user" = %s')
+        params.append(where.user.casefold())
+    if where.device_id:
+        clauses.append("device_id = %s")
+        params.append(where.device_id)
+    if where.policy_id:
+        clauses.append("policy_ids @> %s")
+        params.append(Jsonb([where.policy_id]))
+    if hold_ids:
+        clauses.append("hold_id = ANY(%s)")
+        params.append(list(hold_ids))
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def describe(url: str) -> str:
+    """The server a URL names, for messages: user@host:port/database, never a password."""
+    try:
+        parts = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "(an unreadable [store] url)"
+    user = parts.get("user") or "(default user)"
+    host = parts.get("host") or "localhost"
+    return f"postgresql://{user}@{host}:{parts.get('port') or 5432}/{parts.get('dbname') or user}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:300]
+
+
+_AUTH_HINTS = ("password authentication failed", "no password supplied", "pg_hba.conf")
+
+
+def _failure(server: str, doing: str, exc: Exception, timeout: float) -> HoldStoreError:
+    """The one translation of a psycopg error into what an operator can act on."""
+    if isinstance(exc, psycopg_pool.PoolTimeout):
+        return HoldStoreError(
+            f"hold store {server}: {doing} failed: no connection within {timeout:g} s; "
+            "check that PostgreSQL runs and accepts connections from this host, or raise "
+            "[store] pool_size if every connection is busy"
+        )
+    detail = _one_line(str(exc))
+    state = getattr(exc, "sqlstate", None) or ""
+    if state in ("28P01", "28000") or any(hint in detail for hint in _AUTH_HINTS):
+        return HoldStoreError(
+            f"hold store {server}: PostgreSQL refused the login: {detail}; check the user "
+            "in [store] url, the password in [store] password_file (or PGPASSWORD) and "
+            "the server's pg_hba.conf"
+        )
+    if state == "3D000" or ("database" in detail and "does not exist" in detail):
+        return HoldStoreError(
+            f"hold store {server}: {detail}; create the database (createdb) or fix the "
+            "database name in [store] url"
+        )
+    if state == "53100":
+        return HoldStoreLowOnSpace(
+            f"hold store {server}: {doing} failed: PostgreSQL is out of disk space "
+            f"({detail}); free space on the database server's data disk"
+        )
+    if state == "53300":
+        return HoldStoreError(
+            f"hold store {server}: {detail}; raise the server's max_connections or lower "
+            "[store] pool_size (each gateway opens up to pool_size connections)"
+        )
+    if state == "25006":
+        return HoldStoreError(
+            f"hold store {server}: {doing} failed: the server is read-only (a standby?); "
+            "point [store] url at the primary (target_session_attrs=read-write)"
+        )
+    if state == "42501":
+        return HoldStoreError(
+            f"hold store {server}: {doing} failed: {detail}; grant the gateway's user the "
+            "rights on its database (it owns its tables)"
+        )
+    if isinstance(exc, psycopg.OperationalError) or state.startswith(("08", "57P")):
+        return HoldStoreError(
+            f"hold store {server}: {doing} failed: cannot reach PostgreSQL ({detail}); "
+            "check that the server runs and that host and port in [store] url are right"
+        )
+    if isinstance(exc, psycopg.ProgrammingError | psycopg.InterfaceError):
+        return HoldStoreError(
+            f"hold store {server}: {doing} failed: {detail} (a bug in the gateway; please "
+            "report it)"
+        )
+    return HoldStoreError(f"hold store {server}: {doing} failed: {detail}")
+
+
+def _connect_options(settings: StoreSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "connect_timeout": max(1, math.ceil(settings.connect_timeout)),
+        "application_name": "compliance-gateway",
+    }
+    if settings.password is not None:
+        options["password"] = settings.password  # else libpq reads PGPASSWORD
+    return options
+
+
+def migrate(conn: psycopg.Connection[Any], server: str) -> list[int]:
+    """Apply the migrations this store lacks, in one transaction under an advisory lock
+    (several gateways starting at once apply them once); the versions applied."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCKS, _MIGRATE_LOCK))
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cur.execute("SELECT coalesce(max(version), 0) FROM schema_version")
+        row = cur.fetchone()
+        current = int(row[0]) if row else 0
+        if current > SCHEMA_VERSION:
+            raise HoldStoreError(
+                f"hold store {server} has schema version {current}, newer than this gateway "
+                f"knows ({SCHEMA_VERSION}); run the newer gateway, or restore a backup"
+            )
+        applied = []
+        for version, sql in MIGRATIONS:
+            if version > current:
+                cur.execute(sql.encode())  # fixed text, no parameters
+                cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+                applied.append(version)
+        return applied
+
+
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+        row = cur.fetchone()
+        if not row or not row[0]:
+            return 0
+        cur.execute("SELECT coalesce(max(version), 0) FROM schema_version")
+        row = cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+class PostgresHoldStore:
+    """Synchronous (the CLI, and the worker threads of :class:`AsyncPostgresHoldStore`);
+    safe to call from several threads at once (one pooled connection per call)."""
+
+    def __init__(
+        self, settings: StoreSettings, *, migrate_schema: bool = True, pool_size: int | None = None
+    ) -> None:
+        if settings.url is None:
+            raise HoldStoreError("no [store] url: the PostgreSQL store needs one")
+        self.server = describe(settings.url)
+        self.lease = settings.claim_lease
+        self.timeout = settings.connect_timeout
+        options = _connect_options(settings)
+        with self._errors("connecting"):
+            # A direct connection first: its error says what is wrong (a pool's says
+            # only that no connection came), and it applies the migrations.
+            with psycopg.connect(settings.url, autocommit=True, **options) as conn:
+                if migrate_schema:
+                    migrate(conn, self.server)
+                elif (found := schema_version(conn)) != SCHEMA_VERSION:
+                    raise HoldStoreError(
+                        f"hold store {self.server} has schema version {found}, this gateway "
+                        f"needs {SCHEMA_VERSION}: run `gateway store migrate`"
+                    )
+            self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = (
+                psycopg_pool.ConnectionPool(
+                    settings.url,
+                    kwargs={**options, "autocommit": True},  # transactions are explicit
+                    min_size=1,
+                    max_size=pool_size or settings.pool_size,
+                    open=False,
+                    check=psycopg_pool.ConnectionPool.check_connection,
+                    timeout=settings.connect_timeout,
+                    name="hold-store",
+                )
+            )
+            try:
+                self._pool.open(wait=True, timeout=settings.connect_timeout)
+            except BaseException:
+                self._pool.close()
+                raise
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except HoldStoreError:
+            raise
+        except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+            raise _failure(self.server, doing, exc, self.timeout) from exc
+
+    def _transaction(self, doing: str, work: Callable[[Cursor], T]) -> T:
+        """``work`` in one transaction on one pooled connection: committed, or rolled back
+        on any failure."""
+        with (
+            self._errors(doing),
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            return work(cur)
+
+    def _statement(self, doing: str, work: Callable[[Cursor], T]) -> T:
+        """One statement, which autocommit makes its own transaction: no BEGIN and COMMIT
+        round trips (a hold is one statement, answered once it is committed)."""
+        with (
+            self._errors(doing),
+            self._pool.connection() as conn,
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            return work(cur)
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
+        def query(cur: Cursor) -> list[dict[str, Any]]:
+            cur.execute(sql.encode(), params)
+            return cur.fetchall()
+
+        return self._statement("read", query)
+
+    def _write(self, sql: str, params: Sequence[object] = ()) -> int:
+        def statement(cur: Cursor) -> int:
+            cur.execute(sql.encode(), params)
+            return cur.rowcount
+
+        return self._statement("write", statement)
+
+    def close(self) -> None:
+        with self._errors("close"):
+            self._pool.close()
+
+    # --- held mail ------------------------------------------------------------------------
+
+    def hold(self, held: HeldSubmission) -> str:
+        hold_id = uuid.uuid4().hex
+        claims = held.claims
+        values = (
+            hold_id,
+            held.received_at.astimezone(UTC),
+            held.sender,
+            Jsonb(list(held.recipients)),
+            claims.user,
+            claims.device.id,
+            Jsonb(claims.to_json()),
+            Jsonb(list(held.decision.policy_ids)),
+            held.decision.policy_version,
+            len(held.content),
+            Jsonb(list(held.options)),
+            False,
+            None,
+            held.content,
+        )
+        self._write(_INSERT_AND_NOTIFY, values)
+        return hold_id
+
+    def select(self, where: HoldFilter = _EVERYTHING, limit: int = 1000) -> list[HeldMessage]:
+        clause, params = _where(where)
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM held{clause} ORDER BY seq LIMIT %s", [*params, limit]
+        )
+        return [_row(r) for r in rows]
+
+    def get(self, hold_id: str, with_content: bool = True) -> HeldMessage | None:
+        rows = self._read(f"SELECT {_COLUMNS} FROM held WHERE hold_id = %s", (hold_id,))
+        if not rows:
+            return None
+        return _row(rows[0], self.content(hold_id) if with_content else None)
+
+    def due(
+        self, now: datetime, device_id: str | None = None, limit: int = 500, after: int = 0
+    ) -> list[HeldMessage]:
+        sql = f"SELECT {_COLUMNS} FROM held WHERE next_attempt <= %s AND seq > %s"
+        params: list[object] = [now.timestamp(), after]
+        if device_id is not None:
+            sql += " AND device_id = %s"
+            params.append(device_id)
+        rows = self._read(sql + " ORDER BY seq LIMIT %s", [*params, limit])
+        return [_row(r) for r in rows]
+
+    def content(self, hold_id: str) -> bytes | None:
+        rows = self._read(
+            "SELECT b.message FROM held h JOIN held_bodies b ON b.seq = h.seq WHERE h.hold_id = %s",
+            (hold_id,),
+        )
+        return bytes(rows[0]["message"]) if rows else None
+
+    def headers(self, hold_id: str) -> bytes:
+        rows = self._read(
+            "SELECT substring(b.message FROM 1 FOR %s) AS start FROM held h "
+            "JOIN held_bodies b ON b.seq = h.seq WHERE h.hold_id = %s",
+            (HEADER_LIMIT, hold_id),
+        )
+        if not rows:
+            return b""
+        start = bytes(rows[0]["start"])
+        end = start.find(b"\r\n\r\n")
+        return start[: end + 2] if end >= 0 else start
+
+    def claim(
+        self,
+        hold_ids: Sequence[str],
+        claim_id: str,
+        at: float,
+        attempts: Sequence[int] | None = None,
+    ) -> int:
+        """Claim all of ``hold_ids`` for one release attempt, or none (0): none when another
+        live claim holds mail of the same device (another gateway relays it), or when a
+        message was settled, dropped or retried meanwhile (``attempts`` changed).
+
+        Per device, claims are serialised by a transaction-level advisory lock, so two
+        gateways cannot both find a device free; rows another transaction is writing are
+        skipped (``SKIP LOCKED``), which makes the claim fail rather than wait."""
+        if not hold_ids:
+            return 0
+        stale = at - self.lease
+        ids = list(hold_ids)
+
+        def work(cur: Cursor) -> int:
+            cur.execute(
+                "SELECT DISTINCT device_id FROM held WHERE hold_id = ANY(%s) "
+                "AND bounce_of IS NULL ORDER BY device_id",
+                (ids,),
+            )
+            devices = [r["device_id"] for r in cur.fetchall()]
+            for device in devices:  # sorted: two claims never wait on each other in a cycle
+                cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCKS + 1, device))
+            if devices:
+                cur.execute(
+                    "SELECT 1 FROM held WHERE device_id = ANY(%s) AND bounce_of IS NULL "
+                    "AND claim_id IS NOT NULL AND claim_id <> %s AND claimed_at >= %s LIMIT 1",
+                    (devices, claim_id, stale),
+                )
+                if cur.fetchone() is not None:
+                    return 0  # another gateway relays this device's mail now
+            expected = ""
+            params: list[object] = [claim_id, at, ids, claim_id, stale]
+            if attempts is not None:
+                expected = (
+                    " AND (hold_id, attempts) IN (SELECT * FROM unnest(%s::text[], %s::int[]))"
+                )
+                params += [ids, list(attempts)]
+            cur.execute(
+                (
+                    "UPDATE held SET claim_id = %s, claimed_at = %s WHERE seq IN ("
+                    "SELECT seq FROM held WHERE hold_id = ANY(%s) "
+                    "AND (claim_id IS NULL OR claim_id = %s OR claimed_at < %s)"
+                    f"{expected} FOR UPDATE SKIP LOCKED)"
+                ).encode(),
+                params,
+            )
+            if cur.rowcount != len(ids):
+                raise _NotAll
+            return cur.rowcount
+
+        try:
+            return self._transaction("write", work)
+        except _NotAll:
+            return 0  # rolled back: the lane is tried again on a later pass
+
+    def unclaim(self, hold_ids: Sequence[str]) -> int:
+        if not hold_ids:
+            return 0
+        return self._write(
+            "UPDATE held SET claim_id = NULL, claimed_at = NULL WHERE hold_id = ANY(%s)",
+            (list(hold_ids),),
+        )
+
+    def claimed(self) -> int:
+        return int(self._read("SELECT count(*) AS n FROM held WHERE claim_id IS NOT NULL")[0]["n"])
+
+    def settle(self, settlement: Settlement) -> None:
+        """One transaction: the row locked first, so that of two gateways settling the same
+        message (an expiry on each) only the first writes, and its bounce once."""
+
+        def work(cur: Cursor) -> None:
+            hold_id = settlement.hold_id
+            cur.execute(
+                'SELECT sender, "user", device_id, claims, policy_ids, policy_version '
+                "FROM held WHERE hold_id = %s FOR UPDATE",
+                (hold_id,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                return  # settled elsewhere, or dropped by an admin: no bounce then
+            if settlement.bounce is not None:
+                cur.execute(
+                    _INSERT.encode(),
+                    (
+                        uuid.uuid4().hex,
+                        settlement.at.astimezone(UTC),
+                        "",
+                        Jsonb([row["sender"]]),
+                        row["user"],
+                        row["device_id"],
+                        Jsonb(row["claims"]),
+                        Jsonb(row["policy_ids"]),
+                        row["policy_version"],
+                        len(settlement.bounce),
+                        Jsonb([]),
+                        True,  # released whatever the device's state: it goes to the sender
+                        hold_id,
+                        settlement.bounce,
+                    ),
+                )
+            if settlement.retry:
+                cur.execute(
+                    "UPDATE held SET recipients = %s, attempts = attempts + 1, "
+                    "next_attempt = %s, last_error = %s, claim_id = NULL, claimed_at = NULL "
+                    "WHERE hold_id = %s",
+                    (Jsonb(list(settlement.retry)), settlement.retry_at, settlement.error, hold_id),
+                )
+            else:
+                cur.execute("DELETE FROM held WHERE hold_id = %s", (hold_id,))
+
+        self._transaction("write", work)
+
+    def probe_write(self, at: float) -> None:
+        self._write(
+            "INSERT INTO health (id, written_at) VALUES (1, %s) "
+            "ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at",
+            (at,),
+        )
+
+    def device_ids(self) -> set[str]:
+        return {r["device_id"] for r in self._read("SELECT DISTINCT device_id FROM held")}
+
+    def count(self) -> int:
+        return int(self._read("SELECT count(*) AS n FROM held")[0]["n"])
+
+    def stats(self) -> HeldStats:
+        row = self._read(
+            "SELECT count(*) AS n, coalesce(sum(size), 0) AS size, min(received_at) AS oldest "
+            "FROM held"
+        )[0]
+        oldest = row["oldest"]
+        return HeldStats(
+            int(row["n"]), int(row["size"]), oldest.astimezone(UTC) if oldest else None
+        )
+
+    def remove(self, hold_ids: Sequence[str]) -> int:
+        if not hold_ids:
+            return 0
+        return self._write("DELETE FROM held WHERE hold_id = ANY(%s)", (list(hold_ids),))
+
+    def request_release(self, where: HoldFilter, hold_ids: Sequence[str] = ()) -> int:
+        """Mark for release and wake every gateway (NOTIFY at COMMIT): one of them relays
+        each message at once instead of at its next tick."""
+        clause, params = _where(where, hold_ids)
+
+        def work(cur: Cursor) -> int:
+            cur.execute(
+                f"UPDATE held SET release_requested = true, next_attempt = 0{clause}".encode(),
+                params,
+            )
+            count = cur.rowcount
+            if count:
+                cur.execute("SELECT pg_notify(%s, 'release')", (CHANNEL,))
+            return count
+
+        return self._transaction("write", work)
+
+    def drop(self, where: HoldFilter, hold_ids: Sequence[str] = ()) -> int:
+        clause, params = _where(where, hold_ids)
+        return self._write(f"DELETE FROM held{clause}", params)
+
+    def postpone(self, hold_id: str, next_attempt: float, error: str) -> None:
+        self._write(
+            "UPDATE held SET attempts = attempts + 1, next_attempt = %s, last_error = %s, "
+            "claim_id = NULL, claimed_at = NULL WHERE hold_id = %s",
+            (next_attempt, error, hold_id),
+        )
+
+    def expired(self, before: datetime, limit: int = 100, after: int = 0) -> list[HeldMessage]:
+        """As SQLite's, leaving out mail another gateway's live claim is relaying."""
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM held WHERE received_at < %s AND seq > %s "
+            "AND (claim_id IS NULL OR claimed_at < %s) ORDER BY seq LIMIT %s",
+            (before.astimezone(UTC), after, datetime.now(UTC).timestamp() - self.lease, limit),
+        )
+        return [_row(r) for r in rows]
+
+    # --- devices and notices --------------------------------------------------------------
+
+    def record_devices(self, seen: Sequence[tuple[DeviceClaims, float, Access]]) -> None:
+        if not seen:
+            return
+
+        def work(cur: Cursor) -> None:
+            cur.executemany(
+                'INSERT INTO devices (device_id, "user", claims, last_seen, last_send, last_sync) '
+                "VALUES (%s, %s, %s, %s, %s, %s) "
+                'ON CONFLICT (device_id) DO UPDATE SET "user" = excluded."user", '
+                "claims = excluded.claims, "
+                "last_seen = greatest(devices.last_seen, excluded.last_seen), "
+                "last_send = coalesce(excluded.last_send, devices.last_send), "
+                "last_sync = coalesce(excluded.last_sync, devices.last_sync)",
+                [
+                    (
+                        c.device.id,
+                        c.user,
+                        Jsonb(c.to_json()),
+                        at,
+                        at if access is Access.SEND else None,
+                        at if access is Access.SYNC else None,
+                    )
+                    for c, at, access in seen
+                ],
+            )
+
+        self._transaction("write", work)
+
+    def claim_notice(self, device_id: str, policy_id: str, phase: str, now: datetime) -> bool:
+        """True if this notice was not sent before, by any gateway (the primary key)."""
+        return (
+            self._write(
+                "INSERT INTO notices (device_id, policy_id, phase, sent_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (device_id, policy_id, phase, now.timestamp()),
+            )
+            == 1
+        )
+
+    def unclaim_notice(self, device_id: str, policy_id: str, phase: str) -> None:
+        self._write(
+            "DELETE FROM notices WHERE device_id = %s AND policy_id = %s AND phase = %s",
+            (device_id, policy_id, phase),
+        )
+
+    def noticed_devices(self, policy_id: str) -> list[str]:
+        """Devices sent a notice mail for this policy (who a withdrawal goes to)."""
+        rows = self._read(
+            "SELECT DISTINCT device_id FROM notices WHERE policy_id = %s "
+            "AND phase IN ('warn', 'hold', 'released') ORDER BY device_id",
+            (policy_id,),
+        )
+        return [row["device_id"] for row in rows]
+
+    def first_seen(self, device_id: str, policy_id: str, now: datetime) -> datetime:
+        """When this device was first seen matching this policy, by any gateway: recorded
+        as ``now`` if it never was (the first writer wins)."""
+
+        def work(cur: Cursor) -> float:
+            cur.execute(
+                b"INSERT INTO policy_first_seen (device_id, policy_id, first_seen) "
+                b"VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                (device_id, policy_id, now.timestamp()),
+            )
+            cur.execute(
+                b"SELECT first_seen FROM policy_first_seen WHERE device_id = %s AND policy_id = %s",
+                (device_id, policy_id),
+            )
+            row = cur.fetchone()
+            assert row is not None  # inserted above, or already there
+            return float(row["first_seen"])
+
+        return datetime.fromtimestamp(self._transaction("write", work), UTC)
+
+    def first_seen_times(self, device_id: str) -> dict[str, datetime]:
+        rows = self._read(
+            "SELECT policy_id, first_seen FROM policy_first_seen WHERE device_id = %s",
+            (device_id,),
+        )
+        return {row["policy_id"]: datetime.fromtimestamp(row["first_seen"], UTC) for row in rows}
+
+    def devices(self, seen_since: datetime) -> list[DeviceClaims]:
+        rows = self._read(
+            "SELECT claims FROM devices WHERE last_seen >= %s ORDER BY device_id",
+            (seen_since.timestamp(),),
+        )
+        return [DeviceClaims.from_json(row["claims"]) for row in rows]
+
+    def device_accesses(self, seen_since: datetime) -> dict[str, frozenset[Access]]:
+        rows = self._read(
+            "SELECT device_id, last_send, last_sync FROM devices WHERE last_seen >= %s",
+            (seen_since.timestamp(),),
+        )
+        accesses: dict[str, frozenset[Access]] = {}
+        for row in rows:
+            used = frozenset(
+                access
+                for access, at in ((Access.SEND, row["last_send"]), (Access.SYNC, row["last_sync"]))
+                if at is not None
+            )
+            accesses[row["device_id"]] = used or frozenset(Access)
+        return accesses
+
+    def prune_devices(self, seen_before: datetime) -> int:
+        return self._write("DELETE FROM devices WHERE last_seen < %s", (seen_before.timestamp(),))
+
+
+class _NotAll(Exception):
+    """A claim found fewer claimable messages than asked for: roll it back."""
+
+
+class AsyncPostgresHoldStore(AsyncStore):
+    """The PostgreSQL store for the event loop: calls run on ``pool_size`` worker threads,
+    each on its own pooled connection, so one slow statement does not hold up the rest.
+    Opening connects, applies migrations and fails with one actionable line."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        self.server = describe(settings.url or "")
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.pool_size, thread_name_prefix="hold-store"
+        )
+        self._store: PostgresHoldStore | None = None
+
+    async def _run(self, call: Callable[[HoldBackend], T]) -> T:
+        loop = asyncio.get_running_loop()
+        if self._store is None:
+            self._store = await loop.run_in_executor(
+                self._executor, lambda: PostgresHoldStore(self.settings)
+            )
+        store = self._store
+        return await loop.run_in_executor(self._executor, lambda: call(store))
+
+    async def listen(self, on_notice: Callable[[str], None]) -> None:
+        """Hear the other gateways (``LISTEN``) until cancelled: ``held <device id>`` after
+        a hold, ``release`` after an admin release. On a connection of its own, rebuilt
+        after a failure with a growing pause; after a reconnection ``release`` is passed on,
+        since notifications sent meanwhile are lost (the periodic pass is the fallback)."""
+        url = self.settings.url or ""
+        options = _connect_options(self.settings)
+        pause, connected_before = 0.5, False
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    url, autocommit=True, **options
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}".encode())
+                    pause = 0.5
+                    if connected_before:
+                        on_notice("release")
+                    connected_before = True
+                    log.info("store_notifications_listening", store=self.server)
+                    async for note in conn.notifies():
+                        on_notice(note.payload)
+            except (psycopg.Error, OSError) as exc:
+                problem = _failure(self.server, "listening", exc, self.settings.connect_timeout)
+                log.warning("store_notifications_lost", error=str(problem), retry_in=pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 30.0)
+
+    async def close(self) -> None:
+        store, self._store = self._store, None
+        try:
+            if store is not None:
+                await asyncio.get_running_loop().run_in_executor(self._executor, store.close)
+        finally:
+            self._executor.shutdown(wait=True)

@@ -1,0 +1,376 @@
+"""The hold store on PostgreSQL: the same behaviour as SQLite (the tests run on both),
+exclusive per-device claims between gateways sharing it, leases that expire, migrations,
+and errors that say what to do (without the password).
+
+A real PostgreSQL server (the test kit's, initdb into a temporary directory), a fresh
+database per test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+import psycopg.errors
+import psycopg_pool
+import pytest
+
+from gateway.cli import main
+from gateway.config.settings import StoreSettings, load_settings
+from gateway.domain import Access
+from gateway.errors import HoldStoreError, HoldStoreLowOnSpace, SettingsError
+from gateway.hold.backend import open_store
+from gateway.hold.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresHoldStore, _failure
+from gateway.hold.store import HoldBackend, HoldFilter, HoldStore, Settlement
+from gateway.testing.harness import write_config
+from gateway.testing.issuer import TestIssuer
+from tests.hold.conftest import PostgresServer, have_postgres
+from tests.hold.test_store_boundary import NOW, claims, held
+from tests.test_cli_impact import NOW as IMPACT_AT
+from tests.test_cli_impact import REPO, phone
+
+pytestmark = pytest.mark.skipif(not have_postgres(), reason="PostgreSQL not installed")
+
+
+def pg(url: str, **settings: object) -> PostgresHoldStore:
+    return PostgresHoldStore(StoreSettings(url=url, **settings))  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HoldBackend]:
+    opened: HoldBackend
+    if request.param == "sqlite":
+        opened = HoldStore(tmp_path / "hold.db")
+    else:
+        opened = pg(request.getfixturevalue("pg_url"))
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+# --- the same behaviour on both backends -------------------------------------------------
+
+
+def test_hold_due_content_headers_and_settle(store: HoldBackend) -> None:
+    ids = [store.hold(held(n)) for n in range(3)]
+    due = store.due(NOW + timedelta(seconds=1))
+    assert [h.hold_id for h in due] == ids  # arrival order
+    first = due[0]
+    assert first.user == "user0@example.test"
+    assert first.device_id == "phone-0"
+    assert first.recipients == ("bob@example.test",)
+    assert first.policy_ids == ("remove-tiktok",)
+    assert first.content is None
+    assert store.content(ids[0]) == b"Subject: held\r\n\r\nbody\r\n"
+    assert store.headers(ids[0]) == b"Subject: held\r\n"
+    assert store.get(ids[1]) is not None
+    assert store.get(ids[1]).content
+    stats = store.stats()
+    assert (stats.messages, stats.bytes) == (3, 3 * len(b"Subject: held\r\n\r\nbody\r\n"))
+    assert stats.oldest is not None
+    assert abs(stats.oldest - NOW) < timedelta(seconds=1)
+    # A retry keeps the message with the recipients left and a later attempt.
+    store.settle(Settlement(ids[0], NOW, retry=("bob@example.test",), retry_at=9e12, error="451"))
+    assert ids[0] not in [h.hold_id for h in store.due(NOW + timedelta(seconds=1))]
+    # A refusal's bounce is stored as a new held message to the sender, released at once.
+    store.settle(Settlement(ids[1], NOW, bounce=b"Subject: bounce\r\n\r\nx\r\n"))
+    bounces = [h for h in store.select() if h.is_bounce]
+    assert [(b.bounce_of, b.recipients, b.release_requested) for b in bounces] == [
+        (ids[1], ("user1@example.test",), True)
+    ]
+    assert store.content(ids[1]) is None
+    assert store.remove([ids[2], bounces[0].hold_id]) == 2
+    assert store.count() == 1
+    assert store.device_ids() == {"phone-0"}
+    # Settling what is gone (dropped meanwhile) writes nothing, not even a bounce.
+    store.settle(Settlement(ids[2], NOW, bounce=b"Subject: b\r\n\r\n"))
+    assert store.count() == 1
+
+
+def test_filters_release_drop_claims_and_expiry(store: HoldBackend) -> None:
+    ids = [store.hold(held(n)) for n in range(4)]
+    assert [h.hold_id for h in store.select(HoldFilter(user="USER1@example.test"))] == [ids[1]]
+    assert len(store.select(HoldFilter(policy_id="remove-tiktok"))) == 4
+    assert store.select(HoldFilter(policy_id="other")) == []
+    assert store.request_release(HoldFilter(device_id="phone-2")) == 1
+    assert [h.release_requested for h in store.select()] == [False, False, True, False]
+    assert store.drop(HoldFilter(), [ids[3]]) == 1
+    assert store.claim(ids[:2], "c1", time.time()) == 2
+    assert store.claimed() == 2
+    assert store.unclaim(ids[:2]) == 2
+    assert store.claimed() == 0
+    store.postpone(ids[0], 9e12, "later")
+    assert [h.hold_id for h in store.due(NOW + timedelta(seconds=1))] == ids[1:3]
+    assert [h.hold_id for h in store.expired(NOW + timedelta(seconds=1), limit=2)] == ids[:2]
+    assert store.expired(NOW - timedelta(seconds=1)) == []
+
+
+def test_inventory_and_notices(store: HoldBackend) -> None:
+    t = NOW.timestamp()
+    store.record_devices([(claims(1), t, Access.SEND), (claims(2), t - 10, Access.SYNC)])
+    store.record_devices([(claims(1), t - 100, Access.SYNC)])  # older: last_seen stays
+    assert [c.device.id for c in store.devices(NOW - timedelta(seconds=5))] == ["phone-1"]
+    accesses = store.device_accesses(NOW - timedelta(minutes=1))
+    assert accesses == {"phone-1": frozenset(Access), "phone-2": frozenset({Access.SYNC})}
+    assert store.prune_devices(NOW - timedelta(seconds=5)) == 1
+    assert store.claim_notice("phone-1", "p", "enforce", NOW) is True
+    assert store.claim_notice("phone-1", "p", "enforce", NOW) is False
+    store.unclaim_notice("phone-1", "p", "enforce")
+    assert store.claim_notice("phone-1", "p", "enforce", NOW) is True
+    store.probe_write(time.time())
+    assert store.noticed_devices("p") == []  # "enforce" is not a notice mail's phase
+    assert store.claim_notice("phone-2", "p", "warn", NOW) is True
+    assert store.noticed_devices("p") == ["phone-2"]
+
+
+def test_first_seen_is_recorded_once_and_the_first_writer_wins(store: HoldBackend) -> None:
+    """grace_hours counts from here, so every gateway on a shared store must agree."""
+    first = store.first_seen("phone-1", "ban", NOW)
+    assert first == NOW
+    assert store.first_seen("phone-1", "ban", NOW + timedelta(hours=5)) == NOW
+    assert store.first_seen_times("phone-1") == {"ban": NOW}
+    assert store.first_seen_times("phone-9") == {}
+
+
+# --- several gateways on one PostgreSQL store --------------------------------------------
+
+
+def test_a_device_lane_is_claimed_by_one_gateway_at_a_time_until_its_lease_ends(
+    pg_url: str,
+) -> None:
+    one, two = pg(pg_url, claim_lease=60), pg(pg_url, claim_lease=60)
+    try:
+        first = [one.hold(held(1)) for _ in range(2)]
+        now = time.time()
+        assert one.claim(first, "gw1", now) == 2
+        assert two.claim(first, "gw2", now) == 0  # the same messages
+        later = two.hold(held(1))  # newer mail of the same device must not overtake
+        assert two.claim([later], "gw2", now) == 0
+        other = two.hold(held(2))  # another device is free
+        assert two.claim([other], "gw2", now) == 1
+        # A crashed gateway's claim expires with its lease.
+        assert two.claim([*first, later], "gw2", now + 61) == 3
+        # A message retried meanwhile (attempts changed) is not claimed from a stale read.
+        two.unclaim([*first, later])
+        one.postpone(first[0], 0, "451 later")
+        assert two.claim([first[0]], "gw2", now, attempts=[0]) == 0
+        assert two.claim([first[0]], "gw2", now, attempts=[1]) == 1
+    finally:
+        one.close()
+        two.close()
+
+
+def test_concurrent_claims_from_many_threads_have_exactly_one_winner(pg_url: str) -> None:
+    stores = [pg(pg_url, pool_size=4) for _ in range(3)]
+    try:
+        lanes = [[stores[0].hold(held(n)) for _ in range(3)] for n in range(10)]
+        wins: list[tuple[int, str]] = []
+        start = threading.Barrier(12)
+
+        def contender(k: int) -> None:
+            store = stores[k % 3]
+            start.wait(10)
+            for n, lane in enumerate(lanes):
+                if store.claim(lane, f"claim-{k}", time.time()) == len(lane):
+                    wins.append((n, f"claim-{k}"))
+
+        threads = [threading.Thread(target=contender, args=(k,)) for k in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(n for n, _ in wins) == list(range(10))  # each lane won exactly once
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_two_gateways_expiring_the_same_message_write_one_bounce(pg_url: str) -> None:
+    one, two = pg(pg_url), pg(pg_url)
+    try:
+        hold_id = one.hold(held(1))
+        bounce = b"Subject: expired\r\n\r\n"
+        barrier = threading.Barrier(2)
+
+        def expire(store: PostgresHoldStore) -> None:
+            barrier.wait(10)
+            store.settle(Settlement(hold_id, NOW, bounce=bounce))
+
+        threads = [threading.Thread(target=expire, args=(s,)) for s in (one, two)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert [h.bounce_of for h in one.select()] == [hold_id]
+    finally:
+        one.close()
+        two.close()
+
+
+# --- schema and migrations ---------------------------------------------------------------
+
+
+def test_migrations_apply_once_and_a_newer_schema_is_refused(pg_url: str) -> None:
+    pg(pg_url).close()
+    pg(pg_url).close()  # nothing left to apply
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        versions = conn.execute("SELECT version FROM schema_version").fetchall()
+        assert versions == [(version,) for version, _ in MIGRATIONS]
+        conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(HoldStoreError, match="newer than this gateway knows"):
+        pg(pg_url)
+
+
+def test_gateway_store_migrate_creates_the_schema_and_reports_nothing_to_do_after(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, issuer=TestIssuer.generate("k1"), upstream_port=1)
+    with config.open("a") as out:
+        out.write(f'\n[store]\nurl = "{pg_url}"\n')
+    assert main(["store", "migrate", "--config", str(config)]) == 0
+    assert f"applied migration(s) 1, 2; schema version {SCHEMA_VERSION}" in capsys.readouterr().out
+    assert main(["store", "migrate", "--config", str(config)]) == 0
+    assert "nothing to apply" in capsys.readouterr().out
+    # The CLI's hold commands use the shared store by the same setting.
+    store = open_store(load_settings(config, {}))
+    try:
+        store.hold(held(1))
+    finally:
+        store.close()
+    assert main(["hold", "list", "--json", "--config", str(config)]) == 0
+    assert '"device_id": "phone-1"' in capsys.readouterr().out
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def test_errors_name_the_server_say_what_to_do_and_never_the_password(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    secret = "hunter2-never-logged"
+    with pytest.raises(HoldStoreError) as caught:
+        PostgresHoldStore(
+            StoreSettings(
+                url="postgresql://gateway@127.0.0.1:1/gateway",
+                password=secret,
+                connect_timeout=1,
+            )
+        )
+    text = str(caught.value)
+    assert "cannot reach PostgreSQL" in text
+    assert "host and port in [store] url" in text
+    assert "postgresql://gateway@127.0.0.1:1/gateway" in text
+    assert secret not in text
+    url = postgres.server.url.rsplit("/", 1)[0] + "/no_such_db"
+    with pytest.raises(HoldStoreError, match="create the database"):
+        pg(url)
+
+
+def test_the_url_must_be_postgresql_and_carry_no_password(tmp_path: Path) -> None:
+    config = write_config(tmp_path, issuer=TestIssuer.generate("k1"), upstream_port=1)
+    text = config.read_text()
+    for url, problem in (
+        ("mysql://db/gateway", "not a postgresql:// URL"),
+        ("postgresql://gw:s3cret@db/gateway", "the URL holds a password"),
+    ):
+        config.write_text(text + f'\n[store]\nurl = "{url}"\n')
+        with pytest.raises(SettingsError) as caught:
+            load_settings(config, {})
+        problems = " ".join(str(p) for p in caught.value.problems)
+        assert problem in problems
+        assert "s3cret" not in problems
+    config.write_text(text)
+    assert load_settings(config, {}).store.url is None  # the default: SQLite
+
+
+def test_a_hold_fails_with_holdstoreerror_while_the_server_is_down_and_works_after(
+    postgres: PostgresServer,
+) -> None:
+    server = postgres
+    url = server.database()
+    store = pg(url, connect_timeout=1)
+    try:
+        store.hold(held(1))
+        server.call(server.server.stop(immediate=True))
+        try:
+            with pytest.raises(HoldStoreError, match=r"cannot reach PostgreSQL|no connection"):
+                store.hold(held(2))
+        finally:
+            server.call(server.server.start())
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                store.hold(held(3))
+                break
+            except HoldStoreError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert store.count() == 2
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "advice"),
+    [
+        (
+            psycopg.errors.InvalidPassword('password authentication failed for user "gateway"'),
+            HoldStoreError,
+            "password in [store] password_file (or PGPASSWORD)",
+        ),
+        (
+            psycopg.OperationalError("connection failed: FATAL: no pg_hba.conf entry for host"),
+            HoldStoreError,
+            "pg_hba.conf",
+        ),
+        (
+            psycopg.errors.DiskFull("could not extend file: No space left on device"),
+            HoldStoreLowOnSpace,
+            "free space on the database server's data disk",
+        ),
+        (psycopg.errors.TooManyConnections("too many clients"), HoldStoreError, "pool_size"),
+        (
+            psycopg.errors.ReadOnlySqlTransaction("read-only transaction"),
+            HoldStoreError,
+            "point [store] url at the primary",
+        ),
+        (psycopg_pool.PoolTimeout("timeout"), HoldStoreError, "no connection within 2 s"),
+    ],
+)
+def test_each_failure_is_translated_once_into_what_to_do(
+    error: Exception, kind: type[HoldStoreError], advice: str
+) -> None:
+    """Failures the test server cannot produce on demand (it trusts every login, its disk
+    is not full): the translation alone."""
+    translated = _failure("postgresql://gateway@db:5432/gateway", "write", error, 2)
+    assert type(translated) is kind
+    assert advice in str(translated)
+    assert str(translated).startswith("hold store postgresql://gateway@db:5432/gateway")
+
+
+def test_gateway_impact_counts_the_devices_every_gateway_recorded_in_the_shared_store(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    config = tmp_path / "config" / "gateway.toml"
+    with config.open("a") as out:
+        out.write(f'\n[store]\nurl = "{pg_url}"\n')
+    for name in ("p1", "p2"):  # as two gateways would, each its own device
+        store = pg(pg_url)
+        try:
+            store.record_devices([(phone(name), IMPACT_AT.timestamp(), Access.SEND)])
+        finally:
+            store.close()
+    assert main(["impact", "--at", IMPACT_AT.isoformat(), "--config", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["inventory"]["source"] == pg_url  # user@host:port/database, no password
+    assert report["inventory"]["devices"] == 2
+    assert not load_settings(config, {}).hold.database.exists()  # SQLite untouched
