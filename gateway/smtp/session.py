@@ -22,6 +22,7 @@ import asyncio
 import binascii
 import collections
 import contextlib
+import ipaddress
 import re
 import ssl
 import time
@@ -34,8 +35,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway import replies
 from gateway.config.settings import LimitSettings, SmtpSettings
+from gateway.errors import ProxyHeaderError
 from gateway.limits import Reservation
 from gateway.replies import Reply, add_enhanced_code
+from gateway.smtp import proxy_header
+from gateway.smtp.proxy_header import ProxyHeader
 from gateway.smtp.sasl import MECHANISMS, PARSERS, SaslSyntaxError, error_challenge
 from gateway.submission import SessionFacts, Submission, Transaction, new_session_id
 
@@ -154,6 +158,8 @@ class SubmissionSMTP(SMTP):
         self._max_errors = limits.max_errors
         self._errors = 0
         self._refusal: Reply | None = None  # set by on_open: a limit refuses the connection
+        self._awaiting_proxy = False  # from a balancer: admitted once its PROXY header is read
+        self.proxy: ProxyHeader | None = None
 
     def __dir__(self) -> list[str]:
         """aiosmtpd's __init__ runs inspect.getmembers(self) and dir(self) on every
@@ -181,7 +187,14 @@ class SubmissionSMTP(SMTP):
         facts.peer = f"[{peer[0]}]:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         facts.peer_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         facts.tls = self.is_tls
-        if first and self._on_open:
+        if first and _from_balancer(facts.peer_ip, self.settings):
+            self._awaiting_proxy = True  # _handle_client reads the header, then admits
+        elif first:
+            self._admit()
+
+    def _admit(self) -> None:
+        """Count the session in the connection limits, under the address it now has."""
+        if self._on_open:
             self._refusal = self._on_open(self)
             if self._refusal is None:
                 self._reset_timeout()  # now counted: the pre-AUTH timeout may be shorter
@@ -200,8 +213,12 @@ class SubmissionSMTP(SMTP):
             self._on_close(self)
 
     async def _handle_client(self) -> None:
-        """Refuse over-limit connections and clients that talk before the greeting; then
-        aiosmtpd's command loop."""
+        """Read a balancer's PROXY header; refuse over-limit connections and clients that
+        talk before the greeting; then aiosmtpd's command loop."""
+        if self._awaiting_proxy:
+            if not await self._accept_proxy_header():
+                return
+            self._admit()
         if self._refusal is not None:
             await self.write_reply(self._refusal)
             self._close()
@@ -211,6 +228,53 @@ class SubmissionSMTP(SMTP):
         if await self._refuse_early_input("early_talker"):
             return
         await super()._handle_client()
+
+    async def _accept_proxy_header(self) -> bool:
+        """Read the PROXY header within ``proxy_protocol_timeout``; from then on the
+        session is the client's, not the balancer's (unless it is the balancer's own
+        LOCAL connection). Without a valid header: log, count, close without a word."""
+        facts = self.gsession().facts
+        try:
+            async with asyncio.timeout(self.settings.proxy_protocol_timeout):
+                header = await self._read_proxy_header()
+        except (ProxyHeaderError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            reason = (
+                exc.reason
+                if isinstance(exc, ProxyHeaderError)
+                else "timeout"
+                if isinstance(exc, TimeoutError)
+                else "closed"
+            )
+            log.info(
+                "proxy_header_refused", session=facts.session_id, balancer=facts.peer, reason=reason
+            )
+            self.submission.proxy_header_refused(reason)
+            self._close()
+            return False
+        self.proxy = header
+        if header.source is not None:
+            ip, port = header.source
+            log.debug("proxied", session=facts.session_id, balancer=facts.peer, client=ip)
+            facts.peer = f"[{ip}]:{port}"
+            facts.peer_ip = ip
+            self.gsession().peer = (ip, port)  # type: ignore[assignment]  # a tuple really
+        return True
+
+    async def _read_proxy_header(self) -> ProxyHeader:
+        """Exactly the header's bytes, so that anything after it stays for the
+        early-talker check; v1 lines are read a byte at a time up to their bound."""
+        reader = self._reader
+        prefix = await reader.readexactly(proxy_header.PREFIX_LENGTH)
+        if proxy_header.version_of(prefix) == 2:
+            fixed = prefix + await reader.readexactly(
+                proxy_header.V2_FIXED_LENGTH - proxy_header.PREFIX_LENGTH
+            )
+            body = await reader.readexactly(proxy_header.v2_body_length(fixed))
+            return proxy_header.parse_v2(fixed, body)
+        line = prefix
+        while not line.endswith(b"\n") and len(line) < proxy_header.V1_MAX_LENGTH:
+            line += await reader.readexactly(1)
+        return proxy_header.parse_v1(line)
 
     def _pending_input(self) -> int:
         """Bytes received but not yet read. StreamReader has no public way to ask; aiosmtpd
@@ -620,6 +684,19 @@ class SubmissionSMTP(SMTP):
 
 
 _METHOD_NAMES: dict[type, list[str]] = {}
+
+
+def _from_balancer(ip: str, settings: SmtpSettings) -> bool:
+    """Whether a connection from ``ip`` must begin with a PROXY header."""
+    if not settings.proxy_protocol_from:
+        return False
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in settings.proxy_protocol_from)
 
 
 def _protocol_method_names(cls: type) -> list[str]:
