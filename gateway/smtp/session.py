@@ -26,6 +26,7 @@ import ipaddress
 import re
 import ssl
 import time
+from asyncio import sslproto
 from base64 import b64decode, b64encode
 from collections.abc import Callable
 from typing import Any, AnyStr
@@ -47,6 +48,7 @@ log = structlog.get_logger("gateway.smtp")
 
 RFC5321_LINE_LIMIT = 1001  # 998 octets + CRLF, + 1 for a transparent (stuffed) dot
 COMMAND_LIMIT = 512  # RFC 5321 s 4.5.3.1.4
+TLS_HANDSHAKE_TIMEOUT = 60.0  # as asyncio's own, for the handshakes we start ourselves
 _LINE_ENDINGS_RE = re.compile(rb"\r\n|\r|\n")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -120,6 +122,7 @@ class SubmissionSMTP(SMTP):
         *,
         tls_context: ssl.SSLContext | None,
         implicit_tls: bool = False,
+        tls_after_proxy: bool = False,
         limits: LimitSettings | None = None,
         on_open: Callable[[SubmissionSMTP], Reply | None] | None = None,
         on_close: Callable[[SubmissionSMTP], None] | None = None,
@@ -151,6 +154,9 @@ class SubmissionSMTP(SMTP):
         self.submission = submission
         self.settings = settings
         self._implicit_tls = implicit_tls
+        # Implicit TLS on a listener that reads PROXY headers: the handshake is ours to run,
+        # after the header (docs/operations.md#behind-a-load-balancer).
+        self._handshake_context = tls_context if implicit_tls and tls_after_proxy else None
         self._on_open = on_open
         self._on_close = on_close
         self._on_authenticated = on_authenticated
@@ -187,9 +193,11 @@ class SubmissionSMTP(SMTP):
         facts.peer = f"[{peer[0]}]:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         facts.peer_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         facts.tls = self.is_tls
-        if first and _from_balancer(facts.peer_ip, self.settings):
+        if not first:  # after STARTTLS: a new session (RFC 3207 s 4.2), the same client
+            self._use_proxied_address()
+        elif _from_balancer(facts.peer_ip, self.settings):
             self._awaiting_proxy = True  # _handle_client reads the header, then admits
-        elif first:
+        elif self._handshake_context is None:
             self._admit()
 
     def _admit(self) -> None:
@@ -215,9 +223,13 @@ class SubmissionSMTP(SMTP):
     async def _handle_client(self) -> None:
         """Read a balancer's PROXY header; refuse over-limit connections and clients that
         talk before the greeting; then aiosmtpd's command loop."""
-        if self._awaiting_proxy:
-            if not await self._accept_proxy_header():
-                return
+        if self._awaiting_proxy and not await self._accept_proxy_header():
+            return
+        if self._handshake_context is not None and not await self._start_tls(
+            self._handshake_context
+        ):
+            return
+        if self._awaiting_proxy or self._handshake_context is not None:
             self._admit()
         if self._refusal is not None:
             await self.write_reply(self._refusal)
@@ -253,11 +265,52 @@ class SubmissionSMTP(SMTP):
             return False
         self.proxy = header
         if header.source is not None:
-            ip, port = header.source
-            log.debug("proxied", session=facts.session_id, balancer=facts.peer, client=ip)
-            facts.peer = f"[{ip}]:{port}"
-            facts.peer_ip = ip
-            self.gsession().peer = (ip, port)  # type: ignore[assignment]  # a tuple really
+            log.debug(
+                "proxied", session=facts.session_id, balancer=facts.peer, client=header.source[0]
+            )
+        self._use_proxied_address()
+        return True
+
+    def _use_proxied_address(self) -> None:
+        """From now on the session is the client's the PROXY header named, if one did."""
+        if self.proxy is None or self.proxy.source is None:
+            return
+        ip, port = self.proxy.source
+        facts = self.gsession().facts
+        facts.peer = f"[{ip}]:{port}"
+        facts.peer_ip = ip
+        self.gsession().peer = (ip, port)  # type: ignore[assignment]  # a tuple really
+
+    async def _start_tls(self, context: ssl.SSLContext) -> bool:
+        """Implicit TLS started by us rather than by the listener, because a PROXY header
+        comes first: aiosmtpd's own STARTTLS switch (smtp_STARTTLS), plus the bytes of the
+        client's handshake already read along with the header."""
+        buffer: bytearray = self._reader._buffer  # type: ignore[attr-defined]
+        early, transport = bytes(buffer), self.transport
+        buffer.clear()
+        assert transport is not None
+        waiter = self.loop.create_future()
+        tls = sslproto.SSLProtocol(self.loop, self, context, waiter, server_side=True)
+        self._tls_protocol = tls
+        self._original_transport = transport
+        transport.set_protocol(tls)
+        self.transport = tls._app_transport
+        tls.connection_made(transport)
+        if early:
+            _feed(tls, early)
+        try:
+            async with asyncio.timeout(TLS_HANDSHAKE_TIMEOUT):
+                await waiter
+        except (TimeoutError, ssl.SSLError, OSError) as exc:
+            facts = self.gsession().facts
+            log.info(
+                "tls_handshake_failed",
+                session=facts.session_id,
+                peer=facts.peer,
+                error=type(exc).__name__,
+            )
+            self._close()
+            return False
         return True
 
     async def _read_proxy_header(self) -> ProxyHeader:
@@ -684,6 +737,21 @@ class SubmissionSMTP(SMTP):
 
 
 _METHOD_NAMES: dict[type, list[str]] = {}
+
+
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Give ``protocol`` bytes as if they had just arrived from its transport."""
+    if isinstance(protocol, asyncio.BufferedProtocol):
+        view = memoryview(data)
+        while view:
+            buffer = memoryview(protocol.get_buffer(len(view)))
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            protocol.buffer_updated(size)
+            view = view[size:]
+    else:
+        assert isinstance(protocol, asyncio.Protocol)
+        protocol.data_received(data)
 
 
 def _from_balancer(ip: str, settings: SmtpSettings) -> bool:

@@ -49,8 +49,10 @@ def render_config(
     servers: Sequence[tuple[str, int]],
     balance: str = "roundrobin",
     proxy: str = "send-proxy-v2",
+    check_tls: bool = False,
 ) -> str:
-    """The balancer: TCP mode, ``proxy`` to every server, SMTP health checks."""
+    """The balancer: TCP mode, ``proxy`` to every server, SMTP health checks (over TLS
+    after the PROXY header with ``check_tls``, for implicit TLS listeners)."""
     lines = [
         "global",
         f"    stats socket {root}/stats.sock mode 600 level admin",
@@ -68,7 +70,7 @@ def render_config(
         f"    balance {balance}",
         "    option smtpchk HELO haproxy.test",
         f"    default-server {proxy} check check-send-proxy inter {CHECK_INTERVAL_MS}ms"
-        " fall 2 rise 1",
+        " fall 2 rise 1" + (" check-ssl verify none" if check_tls else ""),
     ]
     lines += [f"    server g{i} {host}:{p}" for i, (host, p) in enumerate(servers, 1)]
     return "\n".join(lines) + "\n"
@@ -132,21 +134,25 @@ class TemporaryHaproxy:
                 await writer.wait_closed()
 
     async def server_status(self) -> dict[str, str]:
-        """Each backend server's status as HAProxy sees it ("UP", "DOWN", ...)."""
+        """Each backend server's status as HAProxy sees it: "UP" once its last health
+        check passed at layer 7 (the SMTP greeting and HELO), else what ``show stat``
+        says ("DOWN", "UP 1/2" while a check is failing, ...) and the check's result."""
         text = await self.command("show stat")
         rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
         return {
             row["svname"]: row["status"]
+            if row["status"] != "UP" or row["check_status"] == "L7OK"
+            else f"UP {row['check_status']}"
             for row in rows
             if row.get("pxname") == "gateways" and row["svname"] not in ("BACKEND", "FRONTEND")
         }
 
     async def wait_up(self, count: int, timeout: float = 10.0) -> dict[str, str]:  # noqa: ASYNC109
-        """Wait until ``count`` servers are UP (their health checks passed)."""
+        """Wait until ``count`` servers are UP with a passed health check."""
         async with asyncio.timeout(timeout):
             while True:
                 status = await self.server_status()
-                if sum(s.startswith("UP") for s in status.values()) >= count:
+                if sum(s == "UP" for s in status.values()) >= count:
                     return status
                 await asyncio.sleep(0.05)
 
@@ -171,6 +177,7 @@ async def temporary_haproxy(
     *,
     balance: str = "roundrobin",
     proxy: str = "send-proxy-v2",
+    check_tls: bool = False,
 ) -> AsyncIterator[TemporaryHaproxy]:
     """HAProxy balancing ``servers`` (host, port) from a free loopback port; always
     stopped. Raises :class:`HaproxyUnavailable` when haproxy is not installed."""
@@ -178,7 +185,14 @@ async def temporary_haproxy(
     root = Path(tempfile.mkdtemp(prefix="gateway-haproxy-"))
     haproxy = TemporaryHaproxy(root, free_port())
     try:
-        text = render_config(root, port=haproxy.port, servers=servers, balance=balance, proxy=proxy)
+        text = render_config(
+            root,
+            port=haproxy.port,
+            servers=servers,
+            balance=balance,
+            proxy=proxy,
+            check_tls=check_tls,
+        )
         (root / "haproxy.cfg").write_text(text)
         await haproxy.start(binary)
         yield haproxy

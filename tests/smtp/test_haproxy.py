@@ -11,6 +11,7 @@ import asyncio
 import base64
 import io
 import json
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 import structlog
+import trustme
 
 from gateway.ops import logs
 from gateway.smtp.sasl import plain_response
@@ -60,6 +62,8 @@ async def fleet(
     balance: str = "roundrobin",
     smtp: dict[str, object] | None = None,
     limits: dict[str, object] | None = None,
+    ca: trustme.CA | None = None,
+    implicit_tls: bool = False,
 ) -> AsyncIterator[tuple[TemporaryHaproxy, list[RunningGateway], FakeUpstream, io.StringIO]]:
     """``replicas`` gateways (one upstream) behind one HAProxy backend, logs captured."""
     stream = io.StringIO()
@@ -68,17 +72,32 @@ async def fleet(
         async with AsyncExitStack() as stack:
             upstream = await stack.enter_async_context(FakeUpstream.running())
             gateways = []
+            settings: dict[str, object] = {"proxy_protocol_from": ["127.0.0.1/32"]}
+            if ca is not None:  # STARTTLS, and implicit TLS on a second listener
+                settings |= {"tls_cert": "server.pem", "tls_key": "server.pem"}
+                settings |= {"implicit_tls_listen": "127.0.0.1:0", "allow_plaintext_auth": False}
             for n in range(replicas):
+                directory = tmp_path / f"gw{n}"
+                if ca is not None:
+                    directory.mkdir(parents=True)
+                    pem = ca.issue_cert("gateway.test").private_key_and_cert_chain_pem
+                    pem.write_to_path(str(directory / "server.pem"))
                 config = write_config(
-                    tmp_path / f"gw{n}",
+                    directory,
                     issuer=issuer,
                     upstream_port=upstream.port,
-                    smtp={"proxy_protocol_from": ["127.0.0.1/32"]} | (smtp or {}),
+                    smtp=settings | (smtp or {}),
                     limits=limits,
                 )
                 gateways.append(await stack.enter_async_context(running_gateway(config)))
-            servers = [(gw.host, gw.port) for gw in gateways]
-            haproxy = await stack.enter_async_context(temporary_haproxy(servers, balance=balance))
+            servers = [
+                (gw.host, gw.implicit_tls_port if implicit_tls else gw.port)
+                for gw in gateways
+                if gw.implicit_tls_port is not None or not implicit_tls
+            ]
+            haproxy = await stack.enter_async_context(
+                temporary_haproxy(servers, balance=balance, check_tls=implicit_tls)
+            )
             await haproxy.wait_up(replicas)
             yield haproxy, gateways, upstream, stream
     finally:
@@ -181,3 +200,63 @@ async def test_the_early_talker_check_works_behind_haproxy(
         assert polite.accepted
     talkers = [e for e in events(stream) if e["event"] == "early_talker"]
     assert len(talkers) == 1
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def client_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    context.check_hostname = False  # the phones connect to 127.0.0.1; the name is gateway.test
+    return context
+
+
+async def test_starttls_behind_haproxy_keeps_the_phones_address(
+    tmp_path: Path, issuer: TestIssuer, ca: trustme.CA
+) -> None:
+    """STARTTLS starts a new SMTP session (RFC 3207 s 4.2); it is still the phone's."""
+    async with fleet(tmp_path, issuer, ca=ca) as (haproxy, _, upstream, _):
+        for source in (PHONE_A, PHONE_B):
+            result = await FakeDevice(issuer).send(
+                haproxy.port, starttls=True, tls_context=client_context(ca), source_address=source
+            )
+            assert result.accepted
+        messages = await upstream.wait_for(2)
+    assert sorted(m.headers.split("\r\n")[0] for m in messages) == [
+        f"Received: from device.test ([{PHONE_A}])",
+        f"Received: from device.test ([{PHONE_B}])",
+    ]
+    assert all("with ESMTPSA" in m.headers for m in messages)
+
+
+async def test_implicit_tls_behind_haproxy_reads_proxy_before_the_handshake(
+    tmp_path: Path, issuer: TestIssuer, ca: trustme.CA
+) -> None:
+    """HAProxy passes the phone's TLS through (TCP mode) after its PROXY header; the
+    gateway reads the header, then runs the handshake itself. HAProxy's own checks
+    (check-ssl) do the same and mark both gateways UP."""
+    async with fleet(tmp_path, issuer, ca=ca, implicit_tls=True) as (
+        haproxy,
+        _,
+        upstream,
+        stream,
+    ):
+        assert await haproxy.server_status() == {"g1": "UP", "g2": "UP"}
+        for source in (PHONE_A, PHONE_B):
+            result = await FakeDevice(issuer).send(
+                haproxy.port,
+                implicit_tls=True,
+                tls_context=client_context(ca),
+                source_address=source,
+            )
+            assert result.accepted
+        messages = await upstream.wait_for(2)
+    assert sorted(m.headers.split("\r\n")[0] for m in messages) == [
+        f"Received: from device.test ([{PHONE_A}])",
+        f"Received: from device.test ([{PHONE_B}])",
+    ]
+    assert all("with ESMTPSA" in m.headers for m in messages)
+    assert not [e for e in events(stream) if e["level"] == "error"]

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import ssl
 import struct
 from pathlib import Path
 
 import pytest
+import trustme
 
 from gateway.errors import ProxyHeaderError
 from gateway.smtp import proxy_header
@@ -196,3 +198,34 @@ async def test_the_early_talker_check_sees_what_follows_the_header(
             await talker.send(v2() + b"EHLO spam.test\r\n")
             assert (await talker.reply())[0] == 554
             assert await talker.closed()
+
+
+async def test_implicit_tls_with_proxy_on_serves_clients_not_behind_the_balancer(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    """With proxy_protocol_from set the implicit TLS listener leaves the handshake to the
+    session (after a header, if one is due): a client from elsewhere still gets TLS at
+    once, and one that sends no TLS at all is closed."""
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem")
+    )
+    smtp = {
+        "proxy_protocol_from": ["10.0.0.0/8"],
+        "allow_plaintext_auth": False,
+        "tls_cert": "server.pem",
+        "tls_key": "server.pem",
+        "implicit_tls_listen": "127.0.0.1:0",
+    }
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    async with gateway_with_upstream(tmp_path, issuer, smtp=smtp) as (gw, upstream):
+        assert gw.implicit_tls_port is not None
+        result = await FakeDevice(issuer).send(
+            gw.implicit_tls_port, implicit_tls=True, tls_context=context
+        )
+        assert result.accepted
+        assert b"with ESMTPSA" in upstream.messages[0].content
+        async with await RawSmtp.connect(gw.implicit_tls_port) as plain:
+            await plain.send(b"EHLO device.test\r\n")
+            assert await plain.closed()
