@@ -133,6 +133,7 @@ class SubmissionSMTP(SMTP):
         # we can read it whole and answer 500 5.5.6 rather than a generic error.
         self.line_length_limit = 2 * settings.max_auth_bytes + 64
         self._relaying = False  # set before aiosmtpd's __init__ evaluates our properties
+        self.proxy: ProxyHeader | None = None  # is_tls reads it
         self._on_activity = on_activity  # used by _reset_timeout, which connection_made calls
         limits = limits or LimitSettings()
         super().__init__(
@@ -165,7 +166,6 @@ class SubmissionSMTP(SMTP):
         self._errors = 0
         self._refusal: Reply | None = None  # set by on_open: a limit refuses the connection
         self._awaiting_proxy = False  # from a balancer: admitted once its PROXY header is read
-        self.proxy: ProxyHeader | None = None
 
     def __dir__(self) -> list[str]:
         """aiosmtpd's __init__ runs inspect.getmembers(self) and dir(self) on every
@@ -277,6 +277,7 @@ class SubmissionSMTP(SMTP):
             return
         ip, port = self.proxy.source
         facts = self.gsession().facts
+        facts.tls = self.is_tls
         facts.peer = f"[{ip}]:{port}"
         facts.peer_ip = ip
         self.gsession().peer = (ip, port)  # type: ignore[assignment]  # a tuple really
@@ -354,7 +355,9 @@ class SubmissionSMTP(SMTP):
 
     @property
     def is_tls(self) -> bool:
-        if self._tls_protocol is not None:
+        """TLS with us, or with the balancer that says so in its PROXY header (TLS
+        terminated there: docs/operations.md#behind-a-load-balancer)."""
+        if self._tls_protocol is not None or (self.proxy is not None and self.proxy.client_tls):
             return True
         return (
             self.transport is not None and self.transport.get_extra_info("ssl_object") is not None

@@ -50,9 +50,14 @@ def render_config(
     balance: str = "roundrobin",
     proxy: str = "send-proxy-v2",
     check_tls: bool = False,
+    tls_certificate: Path | None = None,
 ) -> str:
     """The balancer: TCP mode, ``proxy`` to every server, SMTP health checks (over TLS
-    after the PROXY header with ``check_tls``, for implicit TLS listeners)."""
+    after the PROXY header with ``check_tls``, for implicit TLS listeners). With
+    ``tls_certificate`` (key and chain, PEM) HAProxy terminates TLS itself and says so in
+    the PROXY header (``proxy-v2-options ssl``)."""
+    terminate = f" ssl crt {tls_certificate}" if tls_certificate is not None else ""
+    options = " proxy-v2-options ssl" if tls_certificate is not None else ""
     lines = [
         "global",
         f"    stats socket {root}/stats.sock mode 600 level admin",
@@ -64,12 +69,12 @@ def render_config(
         "    timeout server 30s",
         "    timeout check 2s",
         "frontend submission",
-        f"    bind 127.0.0.1:{port}",
+        f"    bind 127.0.0.1:{port}{terminate}",
         "    default_backend gateways",
         "backend gateways",
         f"    balance {balance}",
         "    option smtpchk HELO haproxy.test",
-        f"    default-server {proxy} check check-send-proxy inter {CHECK_INTERVAL_MS}ms"
+        f"    default-server {proxy}{options} check check-send-proxy inter {CHECK_INTERVAL_MS}ms"
         " fall 2 rise 1" + (" check-ssl verify none" if check_tls else ""),
     ]
     lines += [f"    server g{i} {host}:{p}" for i, (host, p) in enumerate(servers, 1)]
@@ -178,6 +183,7 @@ async def temporary_haproxy(
     balance: str = "roundrobin",
     proxy: str = "send-proxy-v2",
     check_tls: bool = False,
+    tls_certificate: Path | None = None,
 ) -> AsyncIterator[TemporaryHaproxy]:
     """HAProxy balancing ``servers`` (host, port) from a free loopback port; always
     stopped. Raises :class:`HaproxyUnavailable` when haproxy is not installed."""
@@ -192,6 +198,7 @@ async def temporary_haproxy(
             balance=balance,
             proxy=proxy,
             check_tls=check_tls,
+            tls_certificate=tls_certificate,
         )
         (root / "haproxy.cfg").write_text(text)
         await haproxy.start(binary)

@@ -64,6 +64,7 @@ async def fleet(
     limits: dict[str, object] | None = None,
     ca: trustme.CA | None = None,
     implicit_tls: bool = False,
+    terminate_tls: bool = False,
 ) -> AsyncIterator[tuple[TemporaryHaproxy, list[RunningGateway], FakeUpstream, io.StringIO]]:
     """``replicas`` gateways (one upstream) behind one HAProxy backend, logs captured."""
     stream = io.StringIO()
@@ -95,8 +96,19 @@ async def fleet(
                 for gw in gateways
                 if gw.implicit_tls_port is not None or not implicit_tls
             ]
+            certificate = None
+            if terminate_tls:
+                assert ca is not None
+                certificate = tmp_path / "haproxy.pem"
+                pem = ca.issue_cert("gateway.test").private_key_and_cert_chain_pem
+                pem.write_to_path(str(certificate))
             haproxy = await stack.enter_async_context(
-                temporary_haproxy(servers, balance=balance, check_tls=implicit_tls)
+                temporary_haproxy(
+                    servers,
+                    balance=balance,
+                    check_tls=implicit_tls,
+                    tls_certificate=certificate,
+                )
             )
             await haproxy.wait_up(replicas)
             yield haproxy, gateways, upstream, stream
@@ -260,3 +272,32 @@ async def test_implicit_tls_behind_haproxy_reads_proxy_before_the_handshake(
     ]
     assert all("with ESMTPSA" in m.headers for m in messages)
     assert not [e for e in events(stream) if e["level"] == "error"]
+
+
+async def test_tls_terminated_at_haproxy_counts_as_tls_when_the_header_says_so(
+    tmp_path: Path, issuer: TestIssuer, ca: trustme.CA
+) -> None:
+    """HAProxy ends the phone's TLS and forwards to the submission port with PROXY v2
+    and its SSL TLV (proxy-v2-options ssl): the gateway offers AUTH there (plaintext AUTH
+    is off) and records ESMTPSA. The same port, reached without the balancer's word, still
+    does not offer AUTH before STARTTLS."""
+    async with fleet(tmp_path, issuer, ca=ca, terminate_tls=True) as (haproxy, gws, upstream, _):
+        result = await FakeDevice(issuer).send(
+            haproxy.port, implicit_tls=True, tls_context=client_context(ca), source_address=PHONE_A
+        )
+        assert result.accepted
+        messages = await upstream.wait_for(1)
+        async with await RawSmtp.connect(gws[0].port) as direct:  # as a health check
+            await direct.send(proxy_v2_local())
+            assert (await direct.reply())[0] == 220
+            code, text = await direct.command("EHLO device.test")
+            assert code == 250
+            assert "AUTH" not in text
+            assert "STARTTLS" in text
+    assert messages[0].headers.startswith(f"Received: from device.test ([{PHONE_A}])")
+    assert "with ESMTPSA" in messages[0].headers
+
+
+def proxy_v2_local() -> bytes:
+    """What a health check sends: PROXY v2, LOCAL, no addresses."""
+    return b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
