@@ -273,11 +273,13 @@ class SubmissionSMTP(SMTP):
 
     def _use_proxied_address(self) -> None:
         """From now on the session is the client's the PROXY header named, if one did."""
-        if self.proxy is None or self.proxy.source is None:
+        if self.proxy is None:
+            return
+        facts = self.gsession().facts
+        facts.tls = self.is_tls  # TLS ended at the balancer counts (PP2_TYPE_SSL)
+        if self.proxy.source is None:  # LOCAL: the balancer's own connection
             return
         ip, port = self.proxy.source
-        facts = self.gsession().facts
-        facts.tls = self.is_tls
         facts.peer = f"[{ip}]:{port}"
         facts.peer_ip = ip
         self.gsession().peer = (ip, port)  # type: ignore[assignment]  # a tuple really

@@ -140,13 +140,14 @@ class TemporaryHaproxy:
 
     async def server_status(self) -> dict[str, str]:
         """Each backend server's status as HAProxy sees it: "UP" once its last health
-        check passed at layer 7 (the SMTP greeting and HELO), else what ``show stat``
+        check passed at layer 7 (the SMTP greeting and HELO; "* " marks a check running
+        now, after that result), else what ``show stat``
         says ("DOWN", "UP 1/2" while a check is failing, ...) and the check's result."""
         text = await self.command("show stat")
         rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
         return {
             row["svname"]: row["status"]
-            if row["status"] != "UP" or row["check_status"] == "L7OK"
+            if row["status"] != "UP" or row["check_status"].removeprefix("* ") == "L7OK"
             else f"UP {row['check_status']}"
             for row in rows
             if row.get("pxname") == "gateways" and row["svname"] not in ("BACKEND", "FRONTEND")

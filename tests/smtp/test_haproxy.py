@@ -65,6 +65,7 @@ async def fleet(
     ca: trustme.CA | None = None,
     implicit_tls: bool = False,
     terminate_tls: bool = False,
+    proxy: str = "send-proxy-v2",
 ) -> AsyncIterator[tuple[TemporaryHaproxy, list[RunningGateway], FakeUpstream, io.StringIO]]:
     """``replicas`` gateways (one upstream) behind one HAProxy backend, logs captured."""
     stream = io.StringIO()
@@ -108,6 +109,7 @@ async def fleet(
                     balance=balance,
                     check_tls=implicit_tls,
                     tls_certificate=certificate,
+                    proxy=proxy,
                 )
             )
             await haproxy.wait_up(replicas)
@@ -183,10 +185,12 @@ async def test_per_address_limits_see_the_phones_not_haproxy(
             )
 
 
+@pytest.mark.parametrize("proxy", ["send-proxy-v2", "send-proxy"])
 async def test_received_header_and_decision_event_carry_the_phones_address(
-    tmp_path: Path, issuer: TestIssuer
+    tmp_path: Path, issuer: TestIssuer, proxy: str
 ) -> None:
-    async with fleet(tmp_path, issuer) as (haproxy, _, upstream, stream):
+    """Version 2 (binary) and version 1 (text, HAProxy's send-proxy) alike."""
+    async with fleet(tmp_path, issuer, proxy=proxy) as (haproxy, _, upstream, stream):
         for source in (PHONE_A, PHONE_B, PHONE_A, PHONE_B):  # round robin: both replicas
             result = await FakeDevice(issuer).send(haproxy.port, source_address=source)
             assert result.accepted
