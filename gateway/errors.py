@@ -20,6 +20,7 @@
     ├── HoldStoreError                the hold store cannot durably store or read
     │   ├── HoldStoreDamaged          the database file is corrupt (quick_check, or a read)
     │   └── HoldStoreInUse            another gateway is serving from the same store
+    ├── ProxyHeaderError              a balancer's connection lacks a valid PROXY header
     └── RelayError                    the upstream could not take a message
         ├── RelayTemporaryError       4xx, timeout, disconnect: the client retries
         └── RelayPermanentError       5xx from the upstream: passed to the client
@@ -141,6 +142,18 @@ class HoldStoreLowOnSpace(HoldStoreError):
 
 class HoldStoreInUse(HoldStoreError):
     """Another gateway holds the store's lock: one serving gateway per store."""
+
+
+class ProxyHeaderError(GatewayError):
+    """A connection from a `[smtp] proxy_protocol_from` network did not begin with a valid
+    PROXY protocol header: it is closed without a greeting.
+
+    ``reason`` is a short stable code for metrics and logs; the message says what to fix.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class RelayError(GatewayError):

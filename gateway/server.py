@@ -130,6 +130,7 @@ class GatewayServer:
             self.settings.smtp,
             tls_context=tls_context,
             implicit_tls=implicit_tls,
+            tls_after_proxy=bool(self.settings.smtp.proxy_protocol_from),
             limits=self.settings.limits,
             on_open=self._session_opened,
             on_close=self._session_closed,
@@ -152,11 +153,13 @@ class GatewayServer:
         self._servers.append(submission)
         implicit: Endpoint | None = None
         if smtp.implicit_tls_listen is not None and tls_context is not None:
+            # Behind a balancer the PROXY header precedes the TLS handshake: then the
+            # sessions run the handshake themselves, after reading it.
             server = await loop.create_server(
                 lambda: self._factory(tls_context, implicit_tls=True),
                 smtp.implicit_tls_listen.host,
                 smtp.implicit_tls_listen.port,
-                ssl=tls_context,
+                ssl=None if smtp.proxy_protocol_from else tls_context,
             )
             self._servers.append(server)
             implicit = _bound(server)

@@ -185,6 +185,10 @@ class Submission:
         """The SMTP layer refused something under a limit it enforces itself."""
         self.metrics.limited.labels(limit).inc()
 
+    def proxy_header_refused(self, reason: str) -> None:
+        """A balancer's connection was closed for want of a valid PROXY header."""
+        self.metrics.proxy_header_refused.labels(reason).inc()
+
     # --- AUTH ---------------------------------------------------------------------------
 
     def auth_failure(self, facts: SessionFacts) -> AuthPenalty:
@@ -448,6 +452,7 @@ class Submission:
             access="send",  # the sync endpoint logs its logins as access "sync"
             protocol="smtp",
             session=facts.session_id,
+            client=facts.peer_ip,  # the phone's, also behind a balancer's PROXY header
             user=claims.subject if claims else None,
             device_id=claims.device.id if claims else None,
             action=decision.action.label,

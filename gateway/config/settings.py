@@ -61,6 +61,7 @@ BareLinefeeds = Literal["reject", "normalize"]
 UpstreamMode = Literal["smarthost", "mx"]
 SmarthostTls = Literal["none", "starttls", "tls"]
 HoldAtLogin = Literal["quarantine", "refuse"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 # --- How an admin writes a value ---------------------------------------------------------
@@ -228,6 +229,30 @@ class Nameservers(Kind):
 
     def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
         return _nameservers(table, key)
+
+    def show(self, value: Any) -> str | None:
+        return _toml_literal([str(v) for v in value]) if value else None
+
+
+@dataclass(frozen=True)
+class Networks(Kind):
+    """A list of networks in CIDR notation (a bare address is a /32 or /128)."""
+
+    def written(self) -> str:
+        return 'list of "network/prefix" (IPv4 or IPv6)'
+
+    def read(self, table: Table, key: str, base: Path, *, required: bool) -> Any:
+        texts = table.texts(key, required=required, allow_empty=True)
+        if texts is None:
+            return None
+        networks: list[IPNetwork] = []
+        for text in texts:
+            try:
+                networks.append(ipaddress.ip_network(text, strict=True))
+            except ValueError as exc:
+                table.problem(key, f'{text!r} is not a network such as "10.0.0.0/24" ({exc})')
+                return None
+        return tuple(networks)
 
     def show(self, value: Any) -> str | None:
         return _toml_literal([str(v) for v in value]) if value else None
@@ -657,6 +682,25 @@ class SmtpSettings:
         default=0.0,
         metadata=setting(
             Number(), "Wait before the greeting; clients that talk first get 554 5.5.0."
+        ),
+    )
+    proxy_protocol_from: tuple[IPNetwork, ...] = field(
+        default=(),
+        metadata=setting(
+            Networks(),
+            """The load balancer's networks: a connection from one of them must begin with a
+            PROXY protocol header (v2, or v1 text), whose source address then counts for
+            the per-address limits, the early-talker check, logs and the Received header.
+            Without a valid header it is closed. Others are never asked for one
+            (docs/operations.md#behind-a-load-balancer).""",
+            unset="no PROXY protocol",
+        ),
+    )
+    proxy_protocol_timeout: float = field(
+        default=5.0,
+        metadata=setting(
+            Number(minimum=0.1),
+            "Time a connection from `proxy_protocol_from` has to send its whole PROXY header.",
         ),
     )
 

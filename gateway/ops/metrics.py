@@ -74,6 +74,13 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        self.proxy_header_refused = Counter(
+            "gateway_proxy_header_refusals",
+            "Connections from a proxy_protocol_from network closed for want of a valid PROXY "
+            "header, by reason (missing, malformed, oversized, unsupported, timeout, closed)",
+            ["reason"],
+            registry=r,
+        )
         self.held = Gauge("gateway_held_messages", "Messages in the hold store", registry=r)
         self.held_bytes = Gauge(
             "gateway_held_bytes", "Bytes of the messages in the hold store", registry=r

@@ -22,9 +22,11 @@ import asyncio
 import binascii
 import collections
 import contextlib
+import ipaddress
 import re
 import ssl
 import time
+from asyncio import sslproto
 from base64 import b64decode, b64encode
 from collections.abc import Callable
 from typing import Any, AnyStr
@@ -34,8 +36,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway import replies
 from gateway.config.settings import LimitSettings, SmtpSettings
+from gateway.errors import ProxyHeaderError
 from gateway.limits import Reservation
 from gateway.replies import Reply, add_enhanced_code
+from gateway.smtp import proxy_header
+from gateway.smtp.proxy_header import ProxyHeader
 from gateway.smtp.sasl import MECHANISMS, PARSERS, SaslSyntaxError, error_challenge
 from gateway.submission import SessionFacts, Submission, Transaction, new_session_id
 
@@ -43,6 +48,7 @@ log = structlog.get_logger("gateway.smtp")
 
 RFC5321_LINE_LIMIT = 1001  # 998 octets + CRLF, + 1 for a transparent (stuffed) dot
 COMMAND_LIMIT = 512  # RFC 5321 s 4.5.3.1.4
+TLS_HANDSHAKE_TIMEOUT = 60.0  # as asyncio's own, for the handshakes we start ourselves
 _LINE_ENDINGS_RE = re.compile(rb"\r\n|\r|\n")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -116,6 +122,7 @@ class SubmissionSMTP(SMTP):
         *,
         tls_context: ssl.SSLContext | None,
         implicit_tls: bool = False,
+        tls_after_proxy: bool = False,
         limits: LimitSettings | None = None,
         on_open: Callable[[SubmissionSMTP], Reply | None] | None = None,
         on_close: Callable[[SubmissionSMTP], None] | None = None,
@@ -126,6 +133,7 @@ class SubmissionSMTP(SMTP):
         # we can read it whole and answer 500 5.5.6 rather than a generic error.
         self.line_length_limit = 2 * settings.max_auth_bytes + 64
         self._relaying = False  # set before aiosmtpd's __init__ evaluates our properties
+        self.proxy: ProxyHeader | None = None  # is_tls reads it
         self._on_activity = on_activity  # used by _reset_timeout, which connection_made calls
         limits = limits or LimitSettings()
         super().__init__(
@@ -147,6 +155,9 @@ class SubmissionSMTP(SMTP):
         self.submission = submission
         self.settings = settings
         self._implicit_tls = implicit_tls
+        # Implicit TLS on a listener that reads PROXY headers: the handshake is ours to run,
+        # after the header (docs/operations.md#behind-a-load-balancer).
+        self._handshake_context = tls_context if implicit_tls and tls_after_proxy else None
         self._on_open = on_open
         self._on_close = on_close
         self._on_authenticated = on_authenticated
@@ -154,6 +165,7 @@ class SubmissionSMTP(SMTP):
         self._max_errors = limits.max_errors
         self._errors = 0
         self._refusal: Reply | None = None  # set by on_open: a limit refuses the connection
+        self._awaiting_proxy = False  # from a balancer: admitted once its PROXY header is read
 
     def __dir__(self) -> list[str]:
         """aiosmtpd's __init__ runs inspect.getmembers(self) and dir(self) on every
@@ -181,7 +193,16 @@ class SubmissionSMTP(SMTP):
         facts.peer = f"[{peer[0]}]:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         facts.peer_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         facts.tls = self.is_tls
-        if first and self._on_open:
+        if not first:  # after STARTTLS: a new session (RFC 3207 s 4.2), the same client
+            self._use_proxied_address()
+        elif _from_balancer(facts.peer_ip, self.settings):
+            self._awaiting_proxy = True  # _handle_client reads the header, then admits
+        elif self._handshake_context is None:
+            self._admit()
+
+    def _admit(self) -> None:
+        """Count the session in the connection limits, under the address it now has."""
+        if self._on_open:
             self._refusal = self._on_open(self)
             if self._refusal is None:
                 self._reset_timeout()  # now counted: the pre-AUTH timeout may be shorter
@@ -200,8 +221,16 @@ class SubmissionSMTP(SMTP):
             self._on_close(self)
 
     async def _handle_client(self) -> None:
-        """Refuse over-limit connections and clients that talk before the greeting; then
-        aiosmtpd's command loop."""
+        """Read a balancer's PROXY header; refuse over-limit connections and clients that
+        talk before the greeting; then aiosmtpd's command loop."""
+        if self._awaiting_proxy and not await self._accept_proxy_header():
+            return
+        if self._handshake_context is not None and not await self._start_tls(
+            self._handshake_context
+        ):
+            return
+        if self._awaiting_proxy or self._handshake_context is not None:
+            self._admit()
         if self._refusal is not None:
             await self.write_reply(self._refusal)
             self._close()
@@ -211,6 +240,97 @@ class SubmissionSMTP(SMTP):
         if await self._refuse_early_input("early_talker"):
             return
         await super()._handle_client()
+
+    async def _accept_proxy_header(self) -> bool:
+        """Read the PROXY header within ``proxy_protocol_timeout``; from then on the
+        session is the client's, not the balancer's (unless it is the balancer's own
+        LOCAL connection). Without a valid header: log, count, close without a word."""
+        facts = self.gsession().facts
+        try:
+            async with asyncio.timeout(self.settings.proxy_protocol_timeout):
+                header = await self._read_proxy_header()
+        except (ProxyHeaderError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            reason = (
+                exc.reason
+                if isinstance(exc, ProxyHeaderError)
+                else "timeout"
+                if isinstance(exc, TimeoutError)
+                else "closed"
+            )
+            log.info(
+                "proxy_header_refused", session=facts.session_id, balancer=facts.peer, reason=reason
+            )
+            self.submission.proxy_header_refused(reason)
+            self._close()
+            return False
+        self.proxy = header
+        if header.source is not None:
+            log.debug(
+                "proxied", session=facts.session_id, balancer=facts.peer, client=header.source[0]
+            )
+        self._use_proxied_address()
+        return True
+
+    def _use_proxied_address(self) -> None:
+        """From now on the session is the client's the PROXY header named, if one did."""
+        if self.proxy is None:
+            return
+        facts = self.gsession().facts
+        facts.tls = self.is_tls  # TLS ended at the balancer counts (PP2_TYPE_SSL)
+        if self.proxy.source is None:  # LOCAL: the balancer's own connection
+            return
+        ip, port = self.proxy.source
+        facts.peer = f"[{ip}]:{port}"
+        facts.peer_ip = ip
+        self.gsession().peer = (ip, port)  # type: ignore[assignment]  # a tuple really
+
+    async def _start_tls(self, context: ssl.SSLContext) -> bool:
+        """Implicit TLS started by us rather than by the listener, because a PROXY header
+        comes first: aiosmtpd's own STARTTLS switch (smtp_STARTTLS), plus the bytes of the
+        client's handshake already read along with the header."""
+        buffer: bytearray = self._reader._buffer  # type: ignore[attr-defined]
+        early, transport = bytes(buffer), self.transport
+        buffer.clear()
+        assert transport is not None
+        waiter = self.loop.create_future()
+        tls = sslproto.SSLProtocol(self.loop, self, context, waiter, server_side=True)
+        self._tls_protocol = tls
+        self._original_transport = transport
+        transport.set_protocol(tls)
+        self.transport = tls._app_transport
+        tls.connection_made(transport)
+        if early:
+            _feed(tls, early)
+        try:
+            async with asyncio.timeout(TLS_HANDSHAKE_TIMEOUT):
+                await waiter
+        except (TimeoutError, ssl.SSLError, OSError) as exc:
+            facts = self.gsession().facts
+            log.info(
+                "tls_handshake_failed",
+                session=facts.session_id,
+                peer=facts.peer,
+                error=type(exc).__name__,
+            )
+            self._close()
+            return False
+        return True
+
+    async def _read_proxy_header(self) -> ProxyHeader:
+        """Exactly the header's bytes, so that anything after it stays for the
+        early-talker check; v1 lines are read a byte at a time up to their bound."""
+        reader = self._reader
+        prefix = await reader.readexactly(proxy_header.PREFIX_LENGTH)
+        if proxy_header.version_of(prefix) == 2:
+            fixed = prefix + await reader.readexactly(
+                proxy_header.V2_FIXED_LENGTH - proxy_header.PREFIX_LENGTH
+            )
+            body = await reader.readexactly(proxy_header.v2_body_length(fixed))
+            return proxy_header.parse_v2(fixed, body)
+        line = prefix
+        while not line.endswith(b"\n") and len(line) < proxy_header.V1_MAX_LENGTH:
+            line += await reader.readexactly(1)
+        return proxy_header.parse_v1(line)
 
     def _pending_input(self) -> int:
         """Bytes received but not yet read. StreamReader has no public way to ask; aiosmtpd
@@ -237,7 +357,9 @@ class SubmissionSMTP(SMTP):
 
     @property
     def is_tls(self) -> bool:
-        if self._tls_protocol is not None:
+        """TLS with us, or with the balancer that says so in its PROXY header (TLS
+        terminated there: docs/operations.md#behind-a-load-balancer)."""
+        if self._tls_protocol is not None or (self.proxy is not None and self.proxy.client_tls):
             return True
         return (
             self.transport is not None and self.transport.get_extra_info("ssl_object") is not None
@@ -620,6 +742,34 @@ class SubmissionSMTP(SMTP):
 
 
 _METHOD_NAMES: dict[type, list[str]] = {}
+
+
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Give ``protocol`` bytes as if they had just arrived from its transport."""
+    if isinstance(protocol, asyncio.BufferedProtocol):
+        view = memoryview(data)
+        while view:
+            buffer = memoryview(protocol.get_buffer(len(view)))
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            protocol.buffer_updated(size)
+            view = view[size:]
+    else:
+        assert isinstance(protocol, asyncio.Protocol)
+        protocol.data_received(data)
+
+
+def _from_balancer(ip: str, settings: SmtpSettings) -> bool:
+    """Whether a connection from ``ip`` must begin with a PROXY header."""
+    if not settings.proxy_protocol_from:
+        return False
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in settings.proxy_protocol_from)
 
 
 def _protocol_method_names(cls: type) -> list[str]:

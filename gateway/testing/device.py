@@ -99,6 +99,7 @@ class FakeDevice:
         at: datetime | None = None,
         mail_options: Sequence[str] = (),
         timeout: float = 10.0,  # noqa: ASYNC109  # passed to aiosmtplib as its socket timeout
+        source_address: str | None = None,  # a loopback address of its own (127.0.0.2, ...)
     ) -> SendResult:
         """One whole submission; stops at the first step that fails, like a real client."""
         result = SendResult()
@@ -112,6 +113,7 @@ class FakeDevice:
             tls_context=tls_context,
             timeout=timeout,
             local_hostname="device.test",
+            source_address=None if source_address is None else (source_address, 0),
         )
         await client.connect()
         try:

@@ -15,8 +15,13 @@ class RawSmtp:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, host: str = "127.0.0.1") -> RawSmtp:
-        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+    async def connect(
+        cls, port: int, host: str = "127.0.0.1", source: str | None = None
+    ) -> RawSmtp:
+        """``source``: the client's own address (127.0.0.2, ...), to look like another host."""
+        reader, writer = await asyncio.open_connection(
+            host, port, limit=1 << 20, local_addr=None if source is None else (source, 0)
+        )
         return cls(reader, writer)
 
     async def __aenter__(self) -> RawSmtp:

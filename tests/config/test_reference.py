@@ -6,6 +6,7 @@ documented default is the dataclass default."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import subprocess
 import sys
@@ -101,6 +102,11 @@ NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("smtp", "data_timeout"): ("30", 30.0),
     ("smtp", "bare_linefeeds"): ('"normalize"', "normalize"),
     ("smtp", "greeting_delay"): ("0.5", 0.5),
+    ("smtp", "proxy_protocol_from"): (
+        '["10.0.0.0/24", "2001:db8::/32"]',
+        (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("2001:db8::/32")),
+    ),
+    ("smtp", "proxy_protocol_timeout"): ("2.5", 2.5),
     ("upstream", "mode"): ('"mx"', "mx"),
     ("upstream", "timeout"): ("5", 5.0),
     ("upstream", "pool_size"): ("1", 1),

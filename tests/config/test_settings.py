@@ -219,3 +219,16 @@ def test_sections_left_out_take_the_dataclass_defaults(config: Path) -> None:
     assert settings.policy_dir == config.parent / "policies"
     assert settings.reload_interval == 30.0
     assert settings.inventory_retention == timedelta(days=30)
+
+
+def test_proxy_protocol_networks_must_be_networks(config: Path) -> None:
+    """A host address with a prefix (10.0.0.5/24) is refused, not widened silently: the
+    list says who may claim any client address (docs/operations.md#behind-a-load-balancer)."""
+    text = config.read_text().replace(
+        "[smtp]\n", '[smtp]\nproxy_protocol_from = ["10.0.0.5/24"]\n', 1
+    )
+    config.write_text(text)
+    (problem,) = problems(config)
+    assert "smtp.proxy_protocol_from: '10.0.0.5/24' is not a network" in problem
+    config.write_text(text.replace("10.0.0.5/24", "10.0.0.5"))
+    assert [str(n) for n in load_settings(config, {}).smtp.proxy_protocol_from] == ["10.0.0.5/32"]
