@@ -304,7 +304,7 @@ async def test_a_held_phone_finds_one_notice_in_its_quarantine_mailbox_and_then_
         assert await thread(imap_login, imap, USER, laptop) == ["Subject: Real mail"]
 
         await stack.set_ban(RETRACTED)
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):
             while BACK_SUBJECT not in (  # noqa: ASYNC110
                 subjects := await thread(imap_login, imap, USER, phone)
             ):
