@@ -476,7 +476,7 @@ class PostgresHoldStore:
         attempts: Sequence[int] | None = None,
     ) -> int:
         """Claim all of ``hold_ids`` for one release attempt, or none (0): none when another
-        live claim holds mail of the same device (another gateway relays it), or when a
+        gateway's live claim holds mail of the same device (it relays it), or when a
         message was settled, dropped or retried meanwhile (``attempts`` changed).
 
         Per device, claims are serialised by a transaction-level advisory lock, so two
@@ -486,6 +486,10 @@ class PostgresHoldStore:
             return 0
         stale = at - self.lease
         ids = list(hold_ids)
+        # "<gateway>.<attempt>": claims of this gateway's earlier attempts are its own to
+        # take back (its passes run one at a time, so none of them is still relaying):
+        # after a database outage the gateway does not wait out its own leases.
+        holder = claim_id.split(".", 1)[0]
 
         def work(cur: Cursor) -> int:
             cur.execute(
@@ -499,13 +503,14 @@ class PostgresHoldStore:
             if devices:
                 cur.execute(
                     "SELECT 1 FROM held WHERE device_id = ANY(%s) AND bounce_of IS NULL "
-                    "AND claim_id IS NOT NULL AND claim_id <> %s AND claimed_at >= %s LIMIT 1",
-                    (devices, claim_id, stale),
+                    "AND claim_id IS NOT NULL AND split_part(claim_id, '.', 1) <> %s "
+                    "AND claimed_at >= %s LIMIT 1",
+                    (devices, holder, stale),
                 )
                 if cur.fetchone() is not None:
                     return 0  # another gateway relays this device's mail now
             expected = ""
-            params: list[object] = [claim_id, at, ids, claim_id, stale]
+            params: list[object] = [claim_id, at, ids, holder, stale]
             if attempts is not None:
                 expected = (
                     " AND (hold_id, attempts) IN (SELECT * FROM unnest(%s::text[], %s::int[]))"
@@ -515,7 +520,8 @@ class PostgresHoldStore:
                 (
                     "UPDATE held SET claim_id = %s, claimed_at = %s WHERE seq IN ("
                     "SELECT seq FROM held WHERE hold_id = ANY(%s) "
-                    "AND (claim_id IS NULL OR claim_id = %s OR claimed_at < %s)"
+                    "AND (claim_id IS NULL OR split_part(claim_id, '.', 1) = %s "
+                    "OR claimed_at < %s)"
                     f"{expected} FOR UPDATE SKIP LOCKED)"
                 ).encode(),
                 params,

@@ -135,6 +135,8 @@ class Releaser:
         self.on_event = on_event
         self.parallel = parallel  # devices released at once (one upstream connection each)
         self.backoff = backoff
+        # Names this process in its claims (a shared store tells gateways apart by it).
+        self.instance = uuid.uuid4().hex[:16]
         # On a shared store a claim is a lease: a lane relaying longer than this renews it,
         # and stops if another gateway has taken it over meanwhile.
         self.claim_renewal = claim_renewal
@@ -318,7 +320,7 @@ class Releaser:
         async with legs:
             if self.fault is not None:
                 raise StoreFault(self.fault)  # another lane found the store failing
-            claim_id = uuid.uuid4().hex
+            claim_id = f"{self.instance}.{uuid.uuid4().hex}"
             try:
                 claimed = await self.store.claim(
                     [h.hold_id for h in releasable],

@@ -53,10 +53,13 @@ from pathlib import Path
 
 import aiosmtplib
 
-from gateway.hold.store import HoldStore
+from gateway.config.settings import load_settings
+from gateway.hold.backend import open_store as open_backend
+from gateway.hold.store import HoldBackend
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import write_config
 from gateway.testing.issuer import TestIssuer
+from gateway.testing.postgres import TemporaryPostgres, temporary_postgres
 from gateway.testing.proxy import FaultProxy, ProxyFaults
 from gateway.testing.upstream import FakeUpstream
 
@@ -117,6 +120,7 @@ class Report:
     peak_rss_mib: float = 0.0  # the gateway's largest VmHWM over all its runs
     cgroup_peak_mib: float = 0.0  # the cgroup's peak, page cache of the store included
     unexpected_exits: int = 0  # the gateway died without being killed (OOM, crash)
+    store_restarts: int = 0  # PostgreSQL stopped and started again (--postgres)
     violations: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -141,6 +145,7 @@ class Gateway:
         self.on_start: Callable[[int], None] | None = None  # called with each new pid
         self.log = config.parent / "gateway.log"  # every run's warnings, appended
         self.peak_seen = 0.0  # largest VmHWM of the processes killed or stopped so far
+        self.restarts_at_start = 0  # times it exited before listening and was started again
 
     @classmethod
     def configured(
@@ -151,8 +156,10 @@ class Gateway:
         policies: dict[str, str],
         upstream_timeout: int = 10,
         hold: dict[str, object] | None = None,
+        store_url: str | None = None,
     ) -> Gateway:
-        """Write a config for a fixed free port (kept across restarts)."""
+        """Write a config for a fixed free port (kept across restarts); with ``store_url``
+        the held mail lives in that PostgreSQL database."""
         port = free_port()
         config = write_config(
             workdir,
@@ -163,6 +170,14 @@ class Gateway:
             upstream={"timeout": upstream_timeout},
             hold=hold,
         )
+        if store_url is not None:
+            with config.open("a") as out:
+                # A short lease: a lane claimed when the database went away (or by a killed
+                # gateway) is free again within seconds rather than the default 5 minutes.
+                out.write(
+                    f'\n[store]\nurl = "{store_url}"\nconnect_timeout_seconds = 1\n'
+                    "claim_lease_seconds = 3\n"
+                )
         return cls(config, port)
 
     @property
@@ -184,23 +199,29 @@ class Gateway:
         return 0.0
 
     async def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway", "serve", "--config", str(self.config),
-                "--grace", "2", "--log-level", "warning",
-                stdout=asyncio.subprocess.DEVNULL, stderr=log,
-            )  # fmt: skip
+        """Start it, and start it again if it exits before it listens, as a supervisor
+        (systemd, Kubernetes) would: a gateway whose store is unreachable at start-up
+        exits with one line rather than serving without it."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            if self.on_start is not None:
-                self.on_start(self.process.pid)
-            return
+            with self.log.open("ab") as log:
+                self.process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "gateway", "serve", "--config", str(self.config),
+                    "--grace", "2", "--log-level", "warning",
+                    stdout=asyncio.subprocess.DEVNULL, stderr=log,
+                )  # fmt: skip
+            while time.monotonic() < deadline and self.process.returncode is None:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                except OSError:
+                    await asyncio.sleep(0.05)
+                    continue
+                writer.close()
+                if self.on_start is not None:
+                    self.on_start(self.process.pid)
+                return
+            self.restarts_at_start += 1
+            await asyncio.sleep(0.5)
         raise RuntimeError("gateway did not start")
 
     async def kill(self) -> None:
@@ -274,15 +295,15 @@ class StoreFaults:
     connection holding the write lock (BEGIN EXCLUSIVE), and a full disk (a ballast file
     filling the small tmpfs the store lives on)."""
 
-    def __init__(self, database: Path, ballast: Path | None) -> None:
-        self.database = database
+    def __init__(self, database: Path | None, ballast: Path | None) -> None:
+        self.database = database  # None: not a SQLite store (no lock faults)
         self.ballast = ballast
         self._locker: sqlite3.Connection | None = None
         self.locks = 0
         self.disk_fulls = 0
 
     def lock(self) -> None:
-        if self._locker is not None:
+        if self._locker is not None or self.database is None:
             return
         locker = sqlite3.connect(
             str(self.database), timeout=0.5, isolation_level=None, check_same_thread=False
@@ -436,7 +457,7 @@ async def release_chaos(
             store.clear()
             await gateway.start()
         roll = rng.random()
-        if store.locks == 0:
+        if store.locks == 0 and store.database is not None:
             roll = 0.0  # every run has each store fault at least once: a lock first,
         elif store.disk_fulls == 0 and store.ballast is not None:
             roll = 0.3  # then a full disk, then whatever the dice say
@@ -460,8 +481,25 @@ async def release_chaos(
     proxy.faults = ProxyFaults()
 
 
-def _held_count(database: Path) -> int:
-    store = HoldStore(database)
+async def restart_store(
+    server: TemporaryPostgres,
+    restarts: int,
+    progress: Callable[[], float],
+    done: asyncio.Event,
+    report: Report,
+) -> None:
+    """Stop the PostgreSQL server for a second each time another 1/(restarts+1) of the
+    messages is settled: holds meanwhile get 451 and are retried by their clients."""
+    while report.store_restarts < restarts and not done.is_set():
+        if progress() >= (report.store_restarts + 1) / (restarts + 1):
+            await server.restart(down_for=1.0)
+            report.store_restarts += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout=0.05)
+
+
+def _held_count(open_store: Callable[[], HoldBackend]) -> int:
+    store = open_store()
     try:
         return store.count()
     finally:
@@ -481,6 +519,43 @@ async def run(
     large: int = 0,
     large_size: int = 8 << 20,
     memory_limit_mib: int = 256,
+    postgres: bool = False,
+    store_restarts: int = 0,
+) -> Report:
+    """With ``postgres`` the held mail lives in a throwaway PostgreSQL server (the test
+    kit's), restarted ``store_restarts`` times while messages are sent and once more while
+    they are released; the SQLite store faults (lock, full disk) are then not made."""
+    if postgres:
+        async with temporary_postgres() as server:
+            return await _run_on(
+                workdir, server, messages=messages, clients=clients, kills=kills, seed=seed,
+                release=release, release_kills=release_kills, chaos_seconds=chaos_seconds,
+                large=large, large_size=large_size, memory_limit_mib=memory_limit_mib,
+                store_restarts=store_restarts,
+            )  # fmt: skip
+    return await _run_on(
+        workdir, None, messages=messages, clients=clients, kills=kills, seed=seed,
+        release=release, release_kills=release_kills, chaos_seconds=chaos_seconds,
+        large=large, large_size=large_size, memory_limit_mib=memory_limit_mib,
+        store_restarts=0,
+    )  # fmt: skip
+
+
+async def _run_on(
+    workdir: Path,
+    server: TemporaryPostgres | None,
+    *,
+    messages: int,
+    clients: int,
+    kills: int,
+    seed: int,
+    release: bool,
+    release_kills: int,
+    chaos_seconds: float,
+    large: int,
+    large_size: int,
+    memory_limit_mib: int,
+    store_restarts: int,
 ) -> Report:
     rng = random.Random(seed)
     issuer = TestIssuer.generate("k1")
@@ -490,7 +565,7 @@ async def run(
     cage = MemoryCage(memory_limit_mib) if large else None
     disk_context = (
         small_disk(store_dir, disk_mib, allow_tmpfs=not large)
-        if release
+        if release and server is None
         else contextlib.nullcontext("off")
     )
     with disk_context as disk:
@@ -498,7 +573,7 @@ async def run(
         database = store_dir / "hold.db"
         store_dir.mkdir(parents=True, exist_ok=True)
         ballast = store_dir / "ballast" if disk.startswith("on") else None
-        store_faults = StoreFaults(database, ballast)
+        store_faults = StoreFaults(database if server is None else None, ballast)
         try:
             async with FakeUpstream.running() as upstream:
                 await _run(
@@ -506,6 +581,7 @@ async def run(
                     messages=messages, clients=clients, kills=kills, seed=seed,
                     release=release, release_kills=release_kills,
                     chaos_seconds=chaos_seconds, large=large, large_size=large_size,
+                    server=server, store_restarts=store_restarts,
                 )  # fmt: skip
         finally:
             store_faults.clear()
@@ -535,6 +611,8 @@ async def _run(
     chaos_seconds: float,
     large: int,
     large_size: int,
+    server: TemporaryPostgres | None = None,
+    store_restarts: int = 0,
     release_timeout: float = 120.0,
 ) -> None:
     proxy = FaultProxy("127.0.0.1", upstream.port)
@@ -550,8 +628,14 @@ async def _run(
             retry_max_seconds=2,
         )
     gateway = Gateway.configured(
-        workdir, issuer, proxy.port, {"ban.toml": BAN}, upstream_timeout=3, hold=hold
-    )
+        workdir, issuer, proxy.port, {"ban.toml": BAN}, upstream_timeout=3, hold=hold,
+        store_url=server.url if server is not None else None,
+    )  # fmt: skip
+    settings = load_settings(gateway.config)
+
+    def open_store() -> HoldBackend:
+        return open_backend(settings)
+
     peak_rss = [0.0]
 
     def started(pid: int) -> None:
@@ -599,9 +683,16 @@ async def _run(
         return sum(1 for m in all_messages if m.final is not None) / len(all_messages)
 
     chaos_task = asyncio.create_task(chaos(proxy, gateway, kills, progress, done, rng))
+    restarts = (
+        asyncio.create_task(restart_store(server, store_restarts, progress, done, report))
+        if server is not None
+        else None
+    )
     await asyncio.gather(*(worker() for _ in range(clients)))
     done.set()
     report.kills = await chaos_task
+    if restarts is not None:
+        await restarts
     await asyncio.sleep(0.5)  # let a release or retry in flight finish
     if release:
         cuts_before = proxy.cuts + proxy.refused
@@ -610,9 +701,14 @@ async def _run(
                 upstream.faults.rcpt_replies[message.leaver] = REFUSED_AT_RELEASE
         (workdir / "policies" / "ban.toml").write_text(RETRACTED)
         began = time.monotonic()
+        if server is not None:  # the database goes away once while the mail is released
+            releasing = asyncio.create_task(server.restart(down_for=1.0))
         await release_chaos(proxy, gateway, store_faults, release_kills, chaos_seconds, rng, report)
+        if server is not None:
+            await releasing
+            report.store_restarts += 1
         deadline = time.monotonic() + release_timeout
-        while (left := _held_count(database)) and time.monotonic() < deadline:
+        while (left := _held_count(open_store)) and time.monotonic() < deadline:
             if gateway.died:
                 report.unexpected_exits += 1
                 report.violations.append("gateway exited by itself during release")
@@ -633,7 +729,7 @@ async def _run(
     await proxy.stop()
     report.proxy_cuts, report.proxy_refusals = proxy.cuts, proxy.refused
     report.peak_rss_mib = round(max(peak_rss[0], gateway.peak_seen), 1)
-    _account(report, all_messages, upstream, database, release)
+    _account(report, all_messages, upstream, open_store, release)
 
 
 def _ident(content: bytes) -> str | None:
@@ -645,7 +741,7 @@ def _account(
     report: Report,
     all_messages: list[Message],
     upstream: FakeUpstream,
-    database: Path,
+    open_store: Callable[[], HoldBackend],
     release: bool,
 ) -> None:
     delivered: Counter[str] = Counter()
@@ -662,7 +758,7 @@ def _account(
         delivered[ident] += 1
         delivered_bytes[ident] = body_after_trace(received.content)
         delivered_to.setdefault(ident, set()).update(received.recipients)
-    store = HoldStore(database)
+    store = open_store()
     held: dict[str, bytes] = {}
     for row in store.select(limit=1_000_000):
         content = store.content(row.hold_id)
@@ -730,6 +826,8 @@ def main() -> int:
     parser.add_argument("--large", type=int, default=0, help="large held messages")
     parser.add_argument("--large-size", type=int, default=8 << 20, help="bytes each")
     parser.add_argument("--memory-limit", type=int, default=256, help="MiB, with --large")
+    parser.add_argument("--postgres", action="store_true", help="held mail in PostgreSQL")
+    parser.add_argument("--store-restarts", type=int, default=2, help="with --postgres")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="nothing-lost-") as tmp:
         log = Path(tmp) / "gateway.log"
@@ -746,6 +844,8 @@ def main() -> int:
                 large=args.large,
                 large_size=args.large_size,
                 memory_limit_mib=args.memory_limit,
+                postgres=args.postgres,
+                store_restarts=args.store_restarts,
             )
         )
         if report.violations and log.exists():

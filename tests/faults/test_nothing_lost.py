@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.nothing_lost import run
+from tests.hold.conftest import have_postgres
 
 
 @pytest.mark.slow
@@ -46,3 +47,21 @@ async def test_release_under_store_faults_kills_and_refusals_loses_nothing(tmp_p
     in_flight = HoldSettings().release_concurrency + DELETE_BATCH
     assert report.release_duplicates <= report.release_kills * in_flight + report.release_cuts
     assert report.peak_rss_mib < 256
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not have_postgres(), reason="PostgreSQL not installed")
+async def test_nothing_lost_on_postgresql_through_database_restarts(tmp_path: Path) -> None:
+    """The same harness with the held mail in PostgreSQL: the database is stopped for a
+    second twice while messages are sent (holds get 451 and are retried) and once while
+    they are released; a gateway is killed in each phase."""
+    report = await run(
+        tmp_path, messages=80, clients=4, kills=1, release=True, release_kills=1,
+        chaos_seconds=5, postgres=True, store_restarts=2,
+    )  # fmt: skip
+    print(report.summary())
+    assert report.violations == []
+    assert report.unexpected_exits == 0
+    assert report.store_restarts == 3
+    assert report.held == report.released > 0
+    assert report.bounced > 0

@@ -142,6 +142,22 @@ def test_first_seen_is_recorded_once_and_the_first_writer_wins(store: HoldBacken
 # --- several gateways on one PostgreSQL store --------------------------------------------
 
 
+def test_a_gateway_takes_back_its_own_earlier_claims_at_once(pg_url: str) -> None:
+    """Claim ids are "<gateway>.<attempt>": after an outage cut a release short, the same
+    gateway claims the lane again without waiting out its lease; another gateway waits."""
+    one, two = pg(pg_url, claim_lease=60), pg(pg_url, claim_lease=60)
+    try:
+        ids = [one.hold(held(1)) for _ in range(2)]
+        now = time.time()
+        assert one.claim(ids, "gwA.attempt1", now) == 2
+        assert two.claim(ids, "gwB.attempt1", now) == 0  # another gateway's live claim
+        assert one.claim(ids, "gwA.attempt2", now + 1) == 2  # its own: taken back
+        assert two.claim(ids, "gwB.attempt2", now + 2) == 0
+    finally:
+        one.close()
+        two.close()
+
+
 def test_a_device_lane_is_claimed_by_one_gateway_at_a_time_until_its_lease_ends(
     pg_url: str,
 ) -> None:
