@@ -38,7 +38,10 @@ class PolicyDiff:
                 sorted(
                     pid
                     for pid in set(after) & set(before)
-                    if after[pid] != before[pid] and pid not in retracted
+                    # identical objects first: the parse cache keeps unchanged files'
+                    if after[pid] is not before[pid]
+                    and after[pid] != before[pid]
+                    and pid not in retracted
                 )
             ),
             retracted=retracted,

@@ -46,6 +46,8 @@ class PolicyStore:
         self._current: CompiledPolicySet | None = None
         self.last_result: ReloadResult | None = None
         self._parsed = ParseCache()  # unchanged files are not parsed again
+        # (in force, candidate, diff) computed by try_build off the event loop, for apply
+        self._diff: tuple[CompiledPolicySet, CompiledPolicySet, PolicyDiff] | None = None
 
     @property
     def current(self) -> CompiledPolicySet:
@@ -57,15 +59,23 @@ class PolicyStore:
     def ready(self) -> bool:
         return self._current is not None
 
-    def build(self) -> CompiledPolicySet:
-        """Read, validate and compile the directory without touching what is in force."""
-        return compile_policy_set(load_policy_dir(self.directory, self.groups, self._parsed))
+    def build(self, previous: CompiledPolicySet | None = None) -> CompiledPolicySet:
+        """Read, validate and compile the directory without touching what is in force;
+        policies of files unchanged since ``previous`` are not compiled again."""
+        return compile_policy_set(
+            load_policy_dir(self.directory, self.groups, self._parsed), previous
+        )
 
     def try_build(self) -> CompiledPolicySet | tuple[Problem, ...]:
         """:meth:`build`, with any failure turned into problems (a reload must never take
-        the server down). Safe to run in a worker thread."""
+        the server down). Safe to run in a worker thread; it also computes the diff against
+        the set in force there, so that :meth:`apply` on the event loop need not."""
+        base = self._current
         try:
-            return self.build()
+            built = self.build(base)
+            if base is not None and built.version != base.version:
+                self._diff = (base, built, PolicyDiff.between(base.source, built.source))
+            return built
         except PolicyLoadError as exc:
             return exc.problems
         except Exception as exc:
@@ -85,7 +95,7 @@ class PolicyStore:
         old = self._current
         if old is not None and built.version == old.version:
             return self._record(ReloadResult(True, built.version, trigger, _since(started)))
-        diff = PolicyDiff.between(old.source if old else None, built.source)
+        diff = self._diff_of(old, built)
         refusal = guard(old, built, diff) if guard is not None and old is not None else None
         if refusal is not None:
             problem = Problem(str(self.directory), None, "confirm_impact", refusal)
@@ -113,6 +123,12 @@ class PolicyStore:
             self._record(ReloadResult(False, "", trigger, _since(started), problems=built))
             raise PolicyLoadError(list(built))
         return self.apply(built, trigger, started, guard)
+
+    def _diff_of(self, old: CompiledPolicySet | None, built: CompiledPolicySet) -> PolicyDiff:
+        cached, self._diff = self._diff, None
+        if cached is not None and cached[0] is old and cached[1] is built:
+            return cached[2]
+        return PolicyDiff.between(old.source if old else None, built.source)
 
     def _kept(
         self, trigger: str, started: float, problems: tuple[Problem, ...], event: str
