@@ -177,8 +177,14 @@ def compile_policy_set(
 ) -> CompiledPolicySet:
     """Build the lookup tables. With ``previous``, a policy that is the very same object
     as one compiled there (a file the parse cache did not parse again) reuses its compiled
-    form and anchor: a one-file reload of 100,000 policies compiles that file only, and
-    spends the rest of its time filling the tables."""
+    form and anchor; and when only a run of policies changed in place (a one-file edit
+    that keeps the number of active policies), the previous tables are patched rather
+    than rebuilt: a one-file reload of 100,000 policies then costs about as much as the
+    file. The result is the same as compiling from scratch either way."""
+    if previous is not None and len(previous.anchors) == len(previous.active):
+        patched = _patched(previous, policy_set)
+        if patched is not None:
+            return patched
     tables: dict[str, defaultdict[str, list[int]]] = {
         kind: defaultdict(list) for kind in ("device", "user", "app", "group", "platform")
     }
@@ -237,6 +243,103 @@ def compile_policy_set(
         groups_by_user={u: frozenset(g) for u, g in groups_by_user.items()},
         narrowed=any(entry.policy.is_narrowed for entry in entries),
     )
+
+
+_TABLES = {
+    "device": "by_device",
+    "user": "by_user",
+    "app": "by_app",
+    "group": "by_group",
+}
+PATCH_LIMIT = 10_000  # changed policies beyond which a full compile is as quick
+
+
+def _patched(previous: CompiledPolicySet, policy_set: PolicySet) -> CompiledPolicySet | None:
+    """``previous`` with one run of policies replaced in place, or None when the change is
+    not of that shape: the number of active policies moved (positions after it would all
+    shift), or the run holds platform or unanchored policies (their tables are rebuilt)."""
+    old, new = previous.source.policies, policy_set.policies
+    shortest = min(len(old), len(new))
+    head = 0
+    while head < shortest and old[head] is new[head]:
+        head += 1
+    tail = 0
+    while tail < shortest - head and old[-1 - tail] is new[-1 - tail]:
+        tail += 1
+    old_run = [p for p in old[head : len(old) - tail] if p.is_active]
+    new_run = [p for p in new[head : len(new) - tail] if p.is_active]
+    if len(old_run) != len(new_run) or len(new_run) > PATCH_LIMIT:
+        return None
+    if head <= len(old) // 2:
+        start = sum(1 for p in old[:head] if p.is_active)
+    else:
+        start = (
+            len(previous.active)
+            - len(old_run)
+            - sum(1 for p in old[len(old) - tail :] if p.is_active)
+        )
+    end = start + len(old_run)
+    old_anchors = previous.anchors[start:end]
+    kept = {
+        id(entry.policy): (entry, anchor)
+        for entry, anchor in zip(previous.active[start:end], old_anchors, strict=True)
+    }
+    new_entries: list[CompiledPolicy] = []
+    new_anchors: list[_Anchor] = []
+    for policy in new_run:
+        found = kept.get(id(policy))
+        if found is not None and found[0].policy is policy:
+            entry, anchor = found
+        else:
+            kind, keys = _anchor(policy)
+            entry, anchor = CompiledPolicy.of(policy), (kind, keys, None)
+        new_entries.append(entry)
+        new_anchors.append(anchor)
+    if any(kind not in _TABLES for kind, _, _ in (*old_anchors, *new_anchors)):
+        return None
+    tables = {kind: dict(getattr(previous, attr)) for kind, attr in _TABLES.items()}
+    for offset, (kind, keys, _) in enumerate(old_anchors):
+        table, position = tables[kind], start + offset
+        for key in keys:
+            rest = tuple(p for p in table[key] if p != position)
+            if rest:
+                table[key] = rest
+            else:
+                del table[key]
+    for offset, (kind, keys, _) in enumerate(new_anchors):
+        table, position = tables[kind], start + offset
+        for key in keys:
+            table[key] = tuple(sorted((*table.get(key, ()), position)))
+    active = previous.active[:start] + tuple(new_entries) + previous.active[end:]
+    groups_by_user: defaultdict[str, set[str]] = defaultdict(set)
+    for group, members in policy_set.groups.items():
+        for member in members:
+            groups_by_user[member].add(group)
+    return CompiledPolicySet(
+        source=policy_set,
+        by_device=tables["device"],
+        by_user=tables["user"],
+        by_app=tables["app"],
+        by_group=tables["group"],
+        by_platform=previous.by_platform,
+        os_ceilings=previous.os_ceilings,
+        unanchored=previous.unanchored,
+        app_keys=frozenset(tables["app"]),
+        active=active,
+        anchors=previous.anchors[:start] + tuple(new_anchors) + previous.anchors[end:],
+        groups_by_user={u: frozenset(g) for u, g in groups_by_user.items()},
+        narrowed=_still_narrowed(previous.narrowed, old_run, new_run, active),
+    )
+
+
+def _still_narrowed(
+    before: bool, old_run: list[Policy], new_run: list[Policy], active: tuple[CompiledPolicy, ...]
+) -> bool:
+    if any(p.is_narrowed for p in new_run):
+        return True
+    if before and any(p.is_narrowed for p in old_run):  # maybe the only one: look again
+        return any(entry.policy.is_narrowed for entry in active)
+    return before
 
 
 def _contribution(policy: Policy, phase: Phase) -> Action:

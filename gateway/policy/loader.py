@@ -140,7 +140,7 @@ def load_policy_dir(
     problems: list[Problem] = []
     policies: list[Policy] = []
     contents: list[tuple[str, bytes]] = []
-    first_seen: dict[str, SourceRef] = {}
+    files_of: list[str] = []  # each policy's file, for a duplicate without a source
     cache.begin()
     for path in policy_files(directory) if files is None else files:
         name = _display(directory, path)
@@ -152,25 +152,39 @@ def load_policy_dir(
         parsed = cache.parse(raw, path, name, groups)
         problems.extend(parsed.problems)
         contents.append((path.name, raw))
-        for policy in parsed.policies:
-            earlier = first_seen.get(policy.id)
-            if earlier is not None:
-                problems.append(
-                    Problem(
-                        policy.source.file if policy.source else path.name,
-                        policy.source.line if policy.source else None,
-                        "id",
-                        f"duplicate policy id '{policy.id}' (first defined at {earlier})",
-                    )
-                )
-                continue
-            if policy.source:
-                first_seen[policy.id] = policy.source
-            policies.append(policy)
+        policies.extend(parsed.policies)
+        files_of.extend([path.name] * len(parsed.policies))
     cache.end()
+    ids = [policy.id for policy in policies]
+    if len(set(ids)) != len(ids):  # rare: find and name the duplicates one by one
+        policies = _first_of_each_id(policies, files_of, problems)
     if problems:
         raise PolicyLoadError(sorted(problems, key=lambda p: (p.file, p.line or 0)))
     return PolicySet(tuple(policies), policy_version(contents, groups), groups)
+
+
+def _first_of_each_id(
+    all_policies: list[Policy], files_of: list[str], problems: list[Problem]
+) -> list[Policy]:
+    """The first policy of each id; a problem for each later one."""
+    policies: list[Policy] = []
+    first_seen: dict[str, SourceRef] = {}
+    for policy, file in zip(all_policies, files_of, strict=True):
+        earlier = first_seen.get(policy.id)
+        if earlier is not None:
+            problems.append(
+                Problem(
+                    policy.source.file if policy.source else file,
+                    policy.source.line if policy.source else None,
+                    "id",
+                    f"duplicate policy id '{policy.id}' (first defined at {earlier})",
+                )
+            )
+            continue
+        if policy.source:
+            first_seen[policy.id] = policy.source
+        policies.append(policy)
+    return policies
 
 
 def _display(directory: Path, path: Path) -> str:
