@@ -44,7 +44,7 @@ log = structlog.get_logger("gateway.server")
 
 # TLS 1.3 session tickets per handshake (OpenSSL sends 2). Phones do not resume, and a
 # ticket only resumes on the process that issued it (its key is per process, never shared
-# across workers or replicas); issuing none saves 8-20 % of the server's CPU per handshake
+# across workers or replicas); issuing none saves 10-18 % of the server's CPU per handshake
 # (bench/tls_tickets.py, docs/performance.md).
 SESSION_TICKETS = 0
 
