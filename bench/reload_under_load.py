@@ -123,11 +123,13 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
                 process.terminate()
                 await process.wait()
             seconds = []
+            parsed_here = 0  # a changed file parsed in the serving process after all
             with log.open("rb") as stream:
                 stream.seek(log_before)
                 for line in stream:
                     if b'"policy_reload"' in line:
                         seconds.append(float(json.loads(line)["seconds"]))
+                    parsed_here += b'"policy_parse_process_failed"' in line
     return {
         "policies": args.policies,
         "files": args.files,
@@ -137,6 +139,7 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
         "reloads_logged": len(seconds),
         "reload_seconds_median": round(statistics.median(seconds), 3) if seconds else None,
         "p99_ratio": round(float(during["p99_ms"]) / float(idle["p99_ms"]), 2),
+        "parse_process_failures": parsed_here,
     }
 
 
@@ -166,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"p99 during / idle: {figures['p99_ratio']} (target <= 2)   "
         f"reloads: {figures['reloads_logged']} logged of {figures['reloads_sent']} sent, "
-        f"median {figures['reload_seconds_median']} s server-side   "
+        f"median {figures['reload_seconds_median']} s server-side, "
+        f"{figures['parse_process_failures']} parse-process failures   "
         f"({time.monotonic() - started:.0f} s)"
     )
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,33 +87,45 @@ def policy_version(
 
 
 @dataclass(frozen=True)
-class _ParsedFile:
+class ParsedFile:
     policies: tuple[Policy, ...]
     problems: tuple[Problem, ...]
+
+
+def parse_policy_file(
+    raw: bytes, path: Path, name: str, groups: Mapping[str, frozenset[str]]
+) -> ParsedFile:
+    """One file's policies and problems. A module-level function of picklable arguments,
+    so that a store can run it in another process."""
+    parsed = parse_toml(raw, path, name)
+    if isinstance(parsed, Problem):
+        return ParsedFile((), (parsed,))
+    problems: list[Problem] = []
+    policies = _policies_in(parsed, groups, problems)
+    return ParsedFile(tuple(policies), tuple(problems))
+
+
+FileParser = Callable[[bytes, Path, str, Mapping[str, frozenset[str]]], ParsedFile]
 
 
 class ParseCache:
     """Files parsed by the previous load, keyed by name and content hash: a reload after
     one edited file parses that file only (TOML parsing is most of a 10,000-policy load).
-    Only valid for one groups table, which is why a PolicyStore owns one."""
+    Only valid for one groups table, which is why a PolicyStore owns one. ``parser`` parses
+    a file not in the cache (the store may hand it to another process)."""
 
-    def __init__(self) -> None:
-        self._files: dict[tuple[str, bytes], _ParsedFile] = {}
-        self._next: dict[tuple[str, bytes], _ParsedFile] = {}
+    def __init__(self, parser: FileParser = parse_policy_file) -> None:
+        self._parser = parser
+        self._files: dict[tuple[str, bytes], ParsedFile] = {}
+        self._next: dict[tuple[str, bytes], ParsedFile] = {}
 
     def parse(
         self, raw: bytes, path: Path, name: str, groups: Mapping[str, frozenset[str]]
-    ) -> _ParsedFile:
+    ) -> ParsedFile:
         key = (name, hashlib.sha256(raw).digest())
         found = self._files.get(key)
         if found is None:
-            parsed = parse_toml(raw, path, name)
-            problems: list[Problem] = []
-            if isinstance(parsed, Problem):
-                found = _ParsedFile((), (parsed,))
-            else:
-                policies = _policies_in(parsed, groups, problems)
-                found = _ParsedFile(tuple(policies), tuple(problems))
+            found = self._parser(raw, path, name, groups)
         self._next[key] = found
         return found
 
