@@ -1,5 +1,6 @@
 import sys
 
-from gateway.cli import main
+if __name__ == "__main__":  # not when a worker process imports it (multiprocessing spawn)
+    from gateway.cli import main
 
-sys.exit(main())
+    sys.exit(main())

@@ -238,6 +238,7 @@ class Services:
         return None
 
     async def close(self) -> None:
+        self.policies.close()
         await self.relay.close()
         try:
             await self.inventory.flush()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -90,33 +90,45 @@ def policy_version(
 
 
 @dataclass(frozen=True)
-class _ParsedFile:
+class ParsedFile:
     policies: tuple[Policy, ...]
     problems: tuple[Problem, ...]
+
+
+def parse_policy_file(
+    raw: bytes, path: Path, name: str, groups: Mapping[str, frozenset[str]]
+) -> ParsedFile:
+    """One file's policies and problems. A module-level function of picklable arguments,
+    so that a store can run it in another process."""
+    parsed = parse_toml(raw, path, name)
+    if isinstance(parsed, Problem):
+        return ParsedFile((), (parsed,))
+    problems: list[Problem] = []
+    policies = _policies_in(parsed, groups, problems)
+    return ParsedFile(tuple(policies), tuple(problems))
+
+
+FileParser = Callable[[bytes, Path, str, Mapping[str, frozenset[str]]], ParsedFile]
 
 
 class ParseCache:
     """Files parsed by the previous load, keyed by name and content hash: a reload after
     one edited file parses that file only (TOML parsing is most of a 10,000-policy load).
-    Only valid for one groups table, which is why a PolicyStore owns one."""
+    Only valid for one groups table, which is why a PolicyStore owns one. ``parser`` parses
+    a file not in the cache (the store may hand it to another process)."""
 
-    def __init__(self) -> None:
-        self._files: dict[tuple[str, bytes], _ParsedFile] = {}
-        self._next: dict[tuple[str, bytes], _ParsedFile] = {}
+    def __init__(self, parser: FileParser = parse_policy_file) -> None:
+        self._parser = parser
+        self._files: dict[tuple[str, bytes], ParsedFile] = {}
+        self._next: dict[tuple[str, bytes], ParsedFile] = {}
 
     def parse(
         self, raw: bytes, path: Path, name: str, groups: Mapping[str, frozenset[str]]
-    ) -> _ParsedFile:
+    ) -> ParsedFile:
         key = (name, hashlib.sha256(raw).digest())
         found = self._files.get(key)
         if found is None:
-            parsed = parse_toml(raw, path, name)
-            problems: list[Problem] = []
-            if isinstance(parsed, Problem):
-                found = _ParsedFile((), (parsed,))
-            else:
-                policies = _policies_in(parsed, groups, problems)
-                found = _ParsedFile(tuple(policies), tuple(problems))
+            found = self._parser(raw, path, name, groups)
         self._next[key] = found
         return found
 
@@ -143,7 +155,7 @@ def load_policy_dir(
     problems: list[Problem] = []
     policies: list[Policy] = []
     contents: list[tuple[str, bytes]] = []
-    first_seen: dict[str, SourceRef] = {}
+    files_of: list[str] = []  # each policy's file, for a duplicate without a source
     cache.begin()
     for path in policy_files(directory) if files is None else files:
         name = _display(directory, path)
@@ -155,25 +167,39 @@ def load_policy_dir(
         parsed = cache.parse(raw, path, name, groups)
         problems.extend(parsed.problems)
         contents.append((path.name, raw))
-        for policy in parsed.policies:
-            earlier = first_seen.get(policy.id)
-            if earlier is not None:
-                problems.append(
-                    Problem(
-                        policy.source.file if policy.source else path.name,
-                        policy.source.line if policy.source else None,
-                        "id",
-                        f"duplicate policy id '{policy.id}' (first defined at {earlier})",
-                    )
-                )
-                continue
-            if policy.source:
-                first_seen[policy.id] = policy.source
-            policies.append(policy)
+        policies.extend(parsed.policies)
+        files_of.extend([path.name] * len(parsed.policies))
     cache.end()
+    ids = [policy.id for policy in policies]
+    if len(set(ids)) != len(ids):  # rare: find and name the duplicates one by one
+        policies = _first_of_each_id(policies, files_of, problems)
     if problems:
         raise PolicyLoadError(sorted(problems, key=lambda p: (p.file, p.line or 0)))
     return PolicySet(tuple(policies), policy_version(contents, groups), groups)
+
+
+def _first_of_each_id(
+    all_policies: list[Policy], files_of: list[str], problems: list[Problem]
+) -> list[Policy]:
+    """The first policy of each id; a problem for each later one."""
+    policies: list[Policy] = []
+    first_seen: dict[str, SourceRef] = {}
+    for policy, file in zip(all_policies, files_of, strict=True):
+        earlier = first_seen.get(policy.id)
+        if earlier is not None:
+            problems.append(
+                Problem(
+                    policy.source.file if policy.source else file,
+                    policy.source.line if policy.source else None,
+                    "id",
+                    f"duplicate policy id '{policy.id}' (first defined at {earlier})",
+                )
+            )
+            continue
+        if policy.source:
+            first_seen[policy.id] = policy.source
+        policies.append(policy)
+    return policies
 
 
 def _display(directory: Path, path: Path) -> str:

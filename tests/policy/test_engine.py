@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -335,3 +336,88 @@ def test_compiled_set_knows_whether_any_policy_is_narrowed() -> None:
     assert compiled(BAN, replace(BAN, id="sync-ban", access=SYNC_ONLY))
     # A draft or retracted narrowed policy never decides anything, so it does not count.
     assert not compiled(BAN, replace(BAN, id="d", access=SEND_ONLY, state=PolicyState.DRAFT))
+
+
+def test_compiling_against_the_previous_set_reuses_unchanged_policies_only() -> None:
+    """A one-file reload recompiles that file's policies; the tables come out exactly as a
+    compile from scratch would build them, positions included."""
+    lost = replace(BAN, id="lost", match=Conditions(device_ids=frozenset({"phone-9"})))
+    old_os = replace(
+        BAN,
+        id="old-android",
+        match=Conditions(platforms=frozenset({Platform.ANDROID}), os_version=parse_range("<10")),
+    )
+    first = compile_policy_set(PolicySet((BAN, lost, old_os), version="v1"))
+    edited = replace(lost, match=Conditions(device_ids=frozenset({"phone-7"})))
+    draft = replace(BAN, id="draft", state=PolicyState.DRAFT)
+    second_set = PolicySet((draft, BAN, edited, old_os), version="v2")
+    second = compile_policy_set(second_set, first)
+    scratch = compile_policy_set(second_set)
+    assert second.active[0] is first.active[0]  # BAN: the same object, not compiled again
+    assert second.active[2] is first.active[2]  # old-android
+    assert second.active[1] is not first.active[1]  # the edited policy is compiled afresh
+    for table in ("by_device", "by_user", "by_app", "by_group", "by_platform", "unanchored"):
+        assert getattr(second, table) == getattr(scratch, table), table
+    assert second.anchors == scratch.anchors
+    assert second.os_ceilings.keys() == scratch.os_ceilings.keys()
+    assert second.by_device == {"phone-7": (1,)}
+    now = ENFORCE + timedelta(hours=1)
+    for device_id, action in (("phone-7", Action.HOLD), ("phone-9", Action.ALLOW)):
+        token = claims(device_id=device_id, apps=frozenset())
+        assert decide(second, token, now).action is action
+        assert decide(scratch, token, now).action is action
+
+
+def _mixed_policies(rng: random.Random, count: int, tag: str) -> list[Policy]:
+    """Policies of every anchor kind, some inactive, as a directory of them would hold."""
+    kinds = [
+        Conditions(apps_any=frozenset({f"com.app{rng.randrange(30)}", TIKTOK})),
+        Conditions(device_ids=frozenset({f"phone-{rng.randrange(10)}"})),
+        Conditions(users=frozenset({"alice@example.test"})),
+        Conditions(groups=frozenset({"staff"})),
+        Conditions(platforms=frozenset({Platform.ANDROID}), os_version=parse_range("<12")),
+        Conditions(),
+    ]
+    states = [PolicyState.ENFORCE, PolicyState.AUDIT, PolicyState.DRAFT, PolicyState.RETRACTED]
+    return [
+        replace(
+            BAN,
+            id=f"{tag}-{n}",
+            match=rng.choice(kinds),
+            state=rng.choice(states),
+            scope=Conditions(),
+        )
+        for n in range(count)
+    ]
+
+
+def test_patched_tables_equal_a_compile_from_scratch() -> None:
+    """Edits in place, insertions, deletions and edits touching platform or unanchored
+    policies: whichever path the compile takes, its tables are those of a fresh compile."""
+    rng = random.Random(18)
+    policies = _mixed_policies(rng, 60, "p")
+    compiled = compile_policy_set(PolicySet(tuple(policies), version="0"))
+    for round_ in range(300):
+        start = rng.randrange(len(policies))
+        end = min(len(policies), start + rng.randrange(1, 6))
+        shape = rng.random()
+        if shape < 0.6:  # a file edited in place: same count, new objects
+            run = [
+                replace(p, message=f"edited {round_}", state=rng.choice(list(PolicyState)))
+                if rng.random() < 0.7
+                else replace(p, message=f"edited {round_}")
+                for p in policies[start:end]
+            ]
+        else:
+            run = _mixed_policies(rng, rng.randrange(0, 6), f"r{round_}")
+        policies = policies[:start] + run + policies[end:]
+        policy_set = PolicySet(tuple(policies), version=str(round_))
+        compiled = compile_policy_set(policy_set, compiled)
+        scratch = compile_policy_set(policy_set)
+        assert [e.policy for e in compiled.active] == [e.policy for e in scratch.active]
+        assert compiled.anchors == scratch.anchors
+        for field_name in (
+            "by_device", "by_user", "by_app", "by_group", "by_platform",
+            "os_ceilings", "unanchored", "app_keys", "groups_by_user", "narrowed",
+        ):  # fmt: skip
+            assert getattr(compiled, field_name) == getattr(scratch, field_name), field_name

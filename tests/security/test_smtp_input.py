@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -161,6 +162,44 @@ async def test_starttls_injection_is_discarded(
             "AUTH OAUTHBEARER PLAIN XOAUTH2" in text
         )  # the EHLO reply, not a replayed NOOP's "OK"
         assert await client.command("NOOP") == (250, "2.0.0 OK")
+
+
+async def test_first_command_right_after_the_handshake_is_answered(
+    tmp_path: Path, issuer: TestIssuer, ca: trustme.CA
+) -> None:
+    """A command in the same TCP segment as the client's TLS Finished reaches the session
+    before the upgrade returns: the injection defence must not discard it (a prototype of
+    the loop-TLS STARTTLS did, and the client waited forever)."""
+    cert = ca.issue_cert("gateway.test", "127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    smtp = {"allow_plaintext_auth": False, "tls_cert": "server.pem", "tls_key": "server.pem"}
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    async with (
+        gateway_with_upstream(tmp_path, issuer, smtp=smtp) as (gw, _),
+        await RawSmtp.connect(gw.port) as client,
+    ):
+        await client.reply()
+        await client.command("EHLO device.test")
+        assert (await client.command("STARTTLS"))[0] == 220
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname="gateway.test")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await client.send(outgoing.read())
+                incoming.write(await asyncio.wait_for(client.reader.read(65536), 5))
+        tls.write(b"EHLO device.test\r\n")
+        await client.send(outgoing.read())  # Finished and EHLO, one segment
+        received = b""
+        while b"250 HELP" not in received:
+            incoming.write(await asyncio.wait_for(client.reader.read(65536), 5))
+            with contextlib.suppress(ssl.SSLWantReadError):
+                while chunk := tls.read(65536):
+                    received += chunk
+        assert b"AUTH OAUTHBEARER PLAIN XOAUTH2" in received
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from gateway.testing.harness import (
     write_config,
 )
 from gateway.testing.issuer import TestIssuer
+from gateway.testing.raw import RawSmtp
 from gateway.testing.upstream import FakeUpstream
 
 MECHANISMS = ["PLAIN", "XOAUTH2", "OAUTHBEARER"]
@@ -369,3 +370,29 @@ async def test_idle_client_gets_421_4_4_2(tmp_path: Path, issuer: TestIssuer) ->
         assert line == b"421 4.4.2 Timeout exceeded, closing connection\r\n"
         assert await reader.read() == b""
         writer.close()
+
+
+async def test_no_tls_session_tickets_are_issued(
+    tmp_path: Path, issuer: TestIssuer, ca: trustme.CA
+) -> None:
+    """Phones do not resume and each process has its own ticket key: OpenSSL's two TLS 1.3
+    tickets per handshake were CPU for nothing (docs/performance.md)."""
+    cert = ca.issue_cert("gateway.test", "127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    smtp = {"allow_plaintext_auth": False, "tls_cert": "server.pem", "tls_key": "server.pem"}
+    client_context = ssl.create_default_context()
+    client_context.minimum_version = ssl.TLSVersion.TLSv1_3
+    ca.configure_trust(client_context)
+    async with (
+        gateway_with_upstream(tmp_path, issuer, smtp=smtp) as (gw, _),
+        await RawSmtp.connect(gw.port) as client,
+    ):
+        await client.reply()
+        await client.command("EHLO device.test")
+        assert (await client.command("STARTTLS"))[0] == 220
+        await client.start_tls(client_context, server_hostname="gateway.test")
+        assert (await client.command("EHLO device.test"))[0] == 250  # after any ticket
+        tls = client.writer.get_extra_info("ssl_object")
+        assert tls.version() == "TLSv1.3"
+        assert tls.session is not None
+        assert not tls.session.has_ticket
