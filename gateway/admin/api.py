@@ -51,7 +51,7 @@ from gateway.policy.engine import CompiledPolicySet, compile_policy_set, decide
 from gateway.policy.impact import assess, blast_radius_refusal
 from gateway.policy.loader import load_policy_dir
 from gateway.policy.model import PolicySet
-from gateway.policy.store import PolicyStore
+from gateway.policy.store import PolicyStore, ReloadResult
 
 log = structlog.get_logger("gateway.admin")
 
@@ -391,19 +391,12 @@ class Handlers:
         store = self.api.policies
         live = store.current
         now = self.api.clock()
-        last = store.last_result
         return _json(
             {
                 "version": live.version,
                 "policies": [_policy_row(p, now) for p in live.source.policies],
-                "reload": None
-                if last is None
-                else {
-                    "ok": last.ok,
-                    "version": last.version,
-                    "trigger": last.trigger,
-                    "problems": [_problem(p) for p in last.problems],
-                },
+                "reload": _reload(store.last_result),
+                "last_error": _reload(store.last_failure),
             }
         )
 
@@ -508,6 +501,17 @@ def _policy_row(policy: Any, now: datetime) -> dict[str, object]:
         "retracted_reason": policy.retracted_reason,
         "message": policy.message,
         "source": str(policy.source) if policy.source else None,
+    }
+
+
+def _reload(result: ReloadResult | None) -> dict[str, object] | None:
+    if result is None:
+        return None
+    return {
+        "ok": result.ok,
+        "version": result.version,
+        "trigger": result.trigger,
+        "problems": [_problem(p) for p in result.problems],
     }
 
 

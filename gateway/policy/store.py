@@ -45,6 +45,7 @@ class PolicyStore:
         self.groups = groups
         self._current: CompiledPolicySet | None = None
         self.last_result: ReloadResult | None = None
+        self.last_failure: ReloadResult | None = None  # the last reload that failed, if any
         self._parsed = ParseCache()  # unchanged files are not parsed again
 
     @property
@@ -127,6 +128,8 @@ class PolicyStore:
 
     def _record(self, result: ReloadResult) -> ReloadResult:
         self.last_result = result
+        if not result.ok:
+            self.last_failure = result
         return result
 
 

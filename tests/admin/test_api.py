@@ -225,6 +225,13 @@ async def test_devices_policies_status_and_session(tmp_path: Path, issuer: TestI
         assert any(
             p["file"].endswith("broken.toml") and p["line"] for p in body["reload"]["problems"]
         )
+        (c.gateway.policy_dir / "broken.toml").unlink()
+        await c.gateway.server.reload("test")
+        status, body = await c.viewer.get("/policies")
+        assert body["reload"]["ok"] is True
+        problems = body["last_error"]["problems"]  # the last failure stays visible
+        assert all(p["file"].endswith("broken.toml") for p in problems)
+        assert 2 in [p["line"] for p in problems]
 
         status, body = await c.viewer.get("/status")
         assert status == 200
