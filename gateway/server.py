@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 
 from gateway import __version__, replies
-from gateway.admin.api import AdminApi, admin_api
+from gateway.admin.api import AdminApi, admin_apps
 from gateway.admin.tokens import TokensFile
 from gateway.config.settings import Endpoint, Settings
 from gateway.domain import Clock, utc_now
@@ -82,7 +82,9 @@ class GatewayServer:
                 "/status": self._status,
             }
         )
-        self.admin.mount("/api/v1", admin_api(self._admin_api(clock)))
+        api, pages = admin_apps(self._admin_api(clock))
+        self.admin.mount("/api/v1", api)
+        self.admin.mount("/admin", pages)
         self.admin_port: int | None = None
         self.sync = SyncServer(self.services.logins, settings.sync)
         self.doveadm: DoveadmSessions | None = None

@@ -63,7 +63,7 @@ MAX_HEADER_VALUE = 2000  # characters of one header value shown
 MAX_BULK = 10_000  # messages one bulk drop with DSN settles
 MAX_FILTER = 320  # characters of a filter value (an address's longest)
 _HOLD_ID = re.compile(r"^[0-9a-f]{32}$")
-_ADMIN_KEY = web.RequestKey("admin", Admin)
+ADMIN_KEY = web.RequestKey("admin", Admin)
 
 
 class ApiError(Exception):
@@ -126,7 +126,7 @@ def _authenticate(api: AdminApi, request: web.Request) -> Admin:
     return admin
 
 
-def _same_origin(request: web.Request) -> bool:
+def same_origin(request: web.Request) -> bool:
     origin = request.headers.get("Origin")
     if origin is None:
         return True
@@ -147,14 +147,14 @@ def _guard(api: AdminApi, needs: Mapping[tuple[str, str], Role]) -> Any:
                     raise ApiError(
                         403, f"role {admin.role.value} may not do this; it needs {needed.value}"
                     )
-                if not _same_origin(request):
+                if not same_origin(request):
                     raise ApiError(403, "cross-origin request refused")
                 sent = request.headers.get(CSRF_HEADER, "")
                 if not hmac.compare_digest(sent.encode(), api.csrf_for(admin).encode()):
                     raise ApiError(
                         403, f"missing or wrong {CSRF_HEADER} header (GET /api/v1/session gives it)"
                     )
-            request[_ADMIN_KEY] = admin
+            request[ADMIN_KEY] = admin
             return await handler(request)
         except ApiError as exc:
             return _error(exc.status, exc.message)
@@ -235,7 +235,7 @@ class Handlers:
     async def audit(
         self, request: web.Request, action: str, target: dict[str, object], count: int
     ) -> None:
-        admin = request[_ADMIN_KEY]
+        admin = request[ADMIN_KEY]
         await self.api.hold_store.record_admin_action(
             time.time(), admin.name, admin.role.value, action, target, count
         )
@@ -247,7 +247,7 @@ class Handlers:
 
     async def session(self, request: web.Request) -> web.Response:
         _params(request, set())
-        admin = request[_ADMIN_KEY]
+        admin = request[ADMIN_KEY]
         return _json({"name": admin.name, "role": admin.role.value, "csrf": self.api.csrf_for(admin),
                       "csrf_header": CSRF_HEADER})  # fmt: skip
 
@@ -414,13 +414,23 @@ class Handlers:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ApiError(400, "the candidate policy file must be UTF-8 TOML text") from exc
+        outcome = await self.impact_of(text, mode)
+        if isinstance(outcome, tuple):
+            return _json(
+                {"error": "the candidate policy file has problems",
+                 "problems": [_problem(p) for p in outcome]}, 400
+            )  # fmt: skip
+        return _json(outcome)
+
+    async def impact_of(self, text: str, mode: str) -> dict[str, object] | tuple[Problem, ...]:
+        """:func:`preview` in a worker thread, over a snapshot of the inventory taken here,
+        on the loop (the thread reads only the snapshot)."""
         inventory = self.api.inventory
-        devices = inventory.devices()  # a snapshot, taken on the loop: the thread reads only it
+        devices = inventory.devices()
         accesses = {c.device.id: inventory.accesses_of(c) for c in devices}
-        live = self.api.policies.current
-        outcome = await asyncio.to_thread(
+        return await asyncio.to_thread(
             preview,
-            live,
+            self.api.policies.current,
             text,
             mode,
             devices,
@@ -428,12 +438,6 @@ class Handlers:
             self.api.clock(),
             self.api.blast_radius_limit,
         )
-        if isinstance(outcome, tuple):
-            return _json(
-                {"error": "the candidate policy file has problems",
-                 "problems": [_problem(p) for p in outcome]}, 400
-            )  # fmt: skip
-        return _json(outcome)
 
     async def audit_list(self, request: web.Request) -> web.Response:
         values = _params(request, {"limit", "before"})
@@ -573,11 +577,19 @@ def preview(
     }
 
 
-def admin_api(api: AdminApi) -> web.Application:
-    """The /api/v1 application (mounted on the admin listener by the server)."""
+def admin_apps(api: AdminApi) -> tuple[web.Application, web.Application]:
+    """The /api/v1 application and the /admin pages over the same handlers (mounted on
+    the admin listener by the server)."""
+    from gateway.admin.pages import admin_pages
+
     if not api.csrf_key:
         api = AdminApi(**{**api.__dict__, "csrf_key": secrets.token_bytes(32)})
     handlers = Handlers(api)
+    return admin_api(api, handlers), admin_pages(api, handlers)
+
+
+def admin_api(api: AdminApi, handlers: Handlers) -> web.Application:
+    """The /api/v1 application."""
     needs = {("POST", "/api/v1/impact"): Role.VIEWER}
     app = web.Application(middlewares=[_guard(api, needs)])
     app.router.add_get("/openapi.json", handlers.openapi)
