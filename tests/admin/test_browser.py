@@ -21,10 +21,19 @@ CHROMIUM = shutil.which("chromium")
 playwright = pytest.importorskip("playwright.async_api", reason="pip install playwright")
 
 
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    directory = Path(os.environ.get("GATEWAY_TEST_ARTEFACTS") or tmp_path / "screenshots")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _saved(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("*.png"))
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed")
-async def test_admin_pages_in_chromium(tmp_path: Path) -> None:
-    shots = Path(os.environ.get("GATEWAY_TEST_ARTEFACTS") or tmp_path / "screenshots")
-    shots.mkdir(parents=True, exist_ok=True)
+async def test_admin_pages_in_chromium(tmp_path: Path, shots: Path) -> None:
     issuer = TestIssuer.generate("k1")
     async with console(tmp_path, issuer) as c, playwright.async_playwright() as pw:
         phone = carol(issuer)
@@ -93,7 +102,7 @@ async def test_admin_pages_in_chromium(tmp_path: Path) -> None:
             await page.screenshot(path=shots / "audit.png")
         finally:
             await browser.close()
-    assert sorted(p.name for p in shots.glob("*.png")) == [
+    assert _saved(shots) == [
         "audit.png", "devices.png", "held.png", "impact.png", "login.png", "overview.png",
         "policies.png",
     ]  # fmt: skip
