@@ -207,7 +207,7 @@ class Pages:
 
     async def held(self, request: web.Request) -> web.Response:
         session = request[_SESSION_KEY]
-        answer = await self.call(self.handlers.held_list, request)
+        answer = await self.call(self.handlers.held_list, _filled(request))
         operator = session.admin.role is Role.OPERATOR
         rows = []
         for m in answer["messages"]:
@@ -277,7 +277,7 @@ class Pages:
 
     async def devices(self, request: web.Request) -> web.Response:
         session = request[_SESSION_KEY]
-        answer = await self.call(self.handlers.devices, request)
+        answer = await self.call(self.handlers.devices, _filled(request))
         rows = []
         for d in answer["devices"]:
             why = []
@@ -367,7 +367,7 @@ class Pages:
 
     async def audit(self, request: web.Request) -> web.Response:
         session = request[_SESSION_KEY]
-        answer = await self.call(self.handlers.audit_list, request)
+        answer = await self.call(self.handlers.audit_list, _filled(request))
         rows = [
             [_e(e["at"]), _e(e["actor"]), _e(e["role"]), _e(e["action"]),
              _e(json.dumps(e["target"], sort_keys=True)), _e(e["count"])]
@@ -391,6 +391,14 @@ def _impact_form(session: Session, text: str) -> str:
         '<p><label><input type="radio" name="mode" value="merge" checked> merge</label> '
         '<label><input type="radio" name="mode" value="replace"> replace</label> '
         '<button type="submit">Preview</button></p></form>'
+    )
+
+
+def _filled(request: web.Request) -> web.Request:
+    """The request without the empty fields a filter form submits (``?user=&device=``):
+    an empty field means no filter, where the API would refuse an empty value."""
+    return request.clone(
+        rel_url=request.rel_url.with_query({k: v for k, v in request.query.items() if v})
     )
 
 

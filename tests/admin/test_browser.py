@@ -53,20 +53,20 @@ async def test_admin_pages_in_chromium(tmp_path: Path, shots: Path) -> None:
             assert page.url.endswith("/admin/login")
             await page.screenshot(path=shots / "login.png")
             await page.fill("input[name=token]", c.operator.token)
-            await page.click("text=Log in")
+            await page.click("button:has-text('Log in')")
             await page.wait_for_selector("h1:has-text('Overview')")
             await page.screenshot(path=shots / "overview.png")
 
             await page.goto(root + "/admin/held")
             await page.fill("input[name=user]", "carol@example.test")
-            await page.click("text=Filter")
+            await page.click("button:has-text('Filter')")
             await page.wait_for_selector("text=carol-phone")
             assert await page.locator("text=dave-phone").count() == 0
             await page.screenshot(path=shots / "held.png")
 
             await page.goto(root + "/admin/devices")
             await page.fill("input[name=user]", "carol@example.test")
-            await page.click("text=Filter")
+            await page.click("button:has-text('Filter')")
             await page.wait_for_selector("text=remove-tiktok (enforce): Remove TikTok.")
             await page.screenshot(path=shots / "devices.png")
 
@@ -87,7 +87,7 @@ async def test_admin_pages_in_chromium(tmp_path: Path, shots: Path) -> None:
                 "textarea[name=policy]",
                 tiktok_ban("hold", state="retracted", extra='retracted_reason = "sent in error"\n'),
             )
-            await page.click("text=Preview")
+            await page.click("button:has-text('Preview')")
             await page.wait_for_selector("h2:has-text('Released (2)')")
             assert await page.locator("td:text-is('carol-phone')").count() == 1
             assert await page.locator("td:text-is('dave-phone')").count() == 1

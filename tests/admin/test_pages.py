@@ -55,9 +55,9 @@ async def test_pages_walkthrough(tmp_path: Path, issuer: TestIssuer) -> None:
 
         browser, root = await _login(c, c.operator.token)
         async with browser:
-            async with browser.get(
-                root + "/admin/held", params={"user": "carol@example.test"}
-            ) as r:
+            # As the filter form submits it: empty fields mean no filter.
+            filters = {"user": "carol@example.test", "device": "", "policy": ""}
+            async with browser.get(root + "/admin/held", params=filters) as r:
                 page = await r.text()
             ids = re.findall(r'action="/admin/held/([0-9a-f]{32})/release"', page)
             assert len(ids) == 2
