@@ -377,13 +377,17 @@ class Handlers:
         device = _text(values, "device")
         live = self.api.policies.current
         now = self.api.clock()
-        rows = []
-        for claims in sorted(self.api.inventory.devices(), key=lambda c: (c.user, c.device.id)):
-            if user is not None and claims.user != user.casefold():
-                continue
-            if device is not None and claims.device.id != device:
-                continue
-            rows.append(_device_row(live, claims, now, self.api.inventory.accesses_of(claims)))
+        inventory = self.api.inventory
+        chosen = [  # a snapshot, on the loop; deciding them all is a worker thread's job
+            (claims, inventory.accesses_of(claims))
+            for claims in inventory.devices()
+            if (user is None or claims.user == user.casefold())
+            and (device is None or claims.device.id == device)
+        ]
+        chosen.sort(key=lambda pair: (pair[0].user, pair[0].device.id))
+        rows = await asyncio.to_thread(
+            lambda: [_device_row(live, claims, now, used) for claims, used in chosen]
+        )
         return _json({"policy_version": live.version, "at": now.isoformat(), "devices": rows})
 
     async def policies(self, request: web.Request) -> web.Response:
