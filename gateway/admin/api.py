@@ -19,13 +19,17 @@ audit           every release and drop is written to the store's audit table (wh
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
+import multiprocessing
 import re
 import secrets
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime
 from email.parser import BytesHeaderParser
@@ -44,7 +48,7 @@ from gateway.domain import Access, Clock, DeviceClaims
 from gateway.errors import HoldStoreError, PolicyLoadError, Problem
 from gateway.hold.dsn import admin_drop_report
 from gateway.hold.release import Releaser, Spawn
-from gateway.hold.store import AsyncHoldStore, HeldMessage, HoldFilter, Settlement
+from gateway.hold.store import AsyncHoldStore, HeldMessage, HoldFilter, HoldStore, Settlement
 from gateway.ops.logs import printable
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet, compile_policy_set, decide
@@ -231,6 +235,7 @@ def _hold_id(request: web.Request) -> str:
 class Handlers:
     def __init__(self, api: AdminApi) -> None:
         self.api = api
+        self._pool: ProcessPoolExecutor | None = None  # impact previews, started on first use
 
     async def audit(
         self, request: web.Request, action: str, target: dict[str, object], count: int
@@ -427,21 +432,45 @@ class Handlers:
         return _json(outcome)
 
     async def impact_of(self, text: str, mode: str) -> dict[str, object] | tuple[Problem, ...]:
-        """:func:`preview` in a worker thread, over a snapshot of the inventory taken here,
-        on the loop (the thread reads only the snapshot)."""
-        inventory = self.api.inventory
-        devices = inventory.devices()
-        accesses = {c.device.id: inventory.accesses_of(c) for c in devices}
-        return await asyncio.to_thread(
-            preview,
-            self.api.policies.current,
-            text,
-            mode,
-            devices,
-            accesses,
-            self.api.clock(),
-            self.api.blast_radius_limit,
-        )
+        """:func:`preview_from_store` in a worker process: deciding every inventory device
+        twice is pure CPU, and in a thread of this process it would take the GIL from the
+        event loop for as long (SMTP latency would move). The inventory is flushed to the
+        store first, so the worker reads what this process has seen."""
+        await self.api.inventory.flush()
+        now = self.api.clock()
+        since = now - self.api.inventory.retention
+        loop = asyncio.get_running_loop()
+        if self._pool is None:
+            # spawn: no fork of a process with threads; one task per child, so the memory
+            # of a large inventory is returned when the preview ends.
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                max_tasks_per_child=1,
+            )
+        try:
+            return await loop.run_in_executor(
+                self._pool,
+                preview_from_store,
+                _picklable(self.api.policies.current.source),
+                text,
+                mode,
+                self.api.hold_store.path,
+                since,
+                now,
+                self.api.blast_radius_limit,
+            )
+        except BrokenProcessPool as exc:
+            self._pool = None
+            log.error("impact_preview_worker_failed", error=type(exc).__name__)
+            raise ApiError(
+                503, "the impact preview's worker process failed; see the gateway's log"
+            ) from exc
+
+    async def close(self, app: web.Application) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
     async def audit_list(self, request: web.Request) -> web.Response:
         values = _params(request, {"limit", "before"})
@@ -532,6 +561,38 @@ def _problem(problem: Problem) -> dict[str, object]:
     }
 
 
+def _picklable(policy_set: PolicySet) -> PolicySet:
+    """The set without what compiling cached on its conditions (the check functions,
+    closures that cannot be pickled): fresh Conditions, the same values."""
+    policies = tuple(
+        dataclasses.replace(
+            p, match=dataclasses.replace(p.match), scope=dataclasses.replace(p.scope)
+        )
+        for p in policy_set.policies
+    )
+    return PolicySet(policies, policy_set.version, dict(policy_set.groups))
+
+
+def preview_from_store(
+    live: PolicySet,
+    text: str,
+    mode: str,
+    database: Path,
+    since: datetime,
+    now: datetime,
+    limit: int | None,
+) -> dict[str, object] | tuple[Problem, ...]:
+    """:func:`preview` in a worker process, over the inventory the hold store keeps (read
+    as `gateway impact` reads it: a second SQLite connection, no lock taken)."""
+    store = HoldStore(database)
+    try:
+        devices = store.devices(since)
+        accesses = store.device_accesses(since)
+    finally:
+        store.close()
+    return preview(compile_policy_set(live), text, mode, devices, accesses, now, limit)
+
+
 def preview(
     live: CompiledPolicySet,
     text: str,
@@ -596,6 +657,7 @@ def admin_api(api: AdminApi, handlers: Handlers) -> web.Application:
     """The /api/v1 application."""
     needs = {("POST", "/api/v1/impact"): Role.VIEWER}
     app = web.Application(middlewares=[_guard(api, needs)])
+    app.on_cleanup.append(handlers.close)
     app.router.add_get("/openapi.json", handlers.openapi)
     app.router.add_get("/session", handlers.session)
     app.router.add_get("/status", handlers.status)
