@@ -65,6 +65,7 @@ MAX_POLICY_BYTES = 1024 * 1024  # an uploaded candidate policy file
 MAX_HEADERS = 200  # header fields shown for one held message
 MAX_HEADER_VALUE = 2000  # characters of one header value shown
 MAX_BULK = 10_000  # messages one bulk drop with DSN settles
+MAX_IMPACT_ROWS = 1000  # devices listed per category of an impact preview (counts are whole)
 MAX_FILTER = 320  # characters of a filter value (an address's longest)
 _HOLD_ID = re.compile(r"^[0-9a-f]{32}$")
 ADMIN_KEY = web.RequestKey("admin", Admin)
@@ -626,6 +627,11 @@ def preview(
     report = assess(live, candidate, devices, now, lambda c: accesses.get(c.device.id, every))
     diff = PolicyDiff.between(live.source, candidate.source)
     refusal = blast_radius_refusal(report, candidate, diff, limit)
+    rows = report.as_dict()
+    lists = ("newly_warned", "newly_deferred", "newly_held", "newly_rejected", "released")
+    counts = {key: len(rows[key]) for key in lists}  # type: ignore[arg-type]
+    for key in lists:  # the first rows only: a page or a client needs no 25,000-row answer
+        rows[key] = rows[key][:MAX_IMPACT_ROWS]  # type: ignore[index]
     return {
         "at": now.isoformat(),
         "mode": mode,
@@ -637,7 +643,9 @@ def preview(
             "retracted": list(diff.retracted),
             "removed": list(diff.removed),
         },
-        **report.as_dict(),
+        **rows,
+        "counts": counts,
+        "rows_limit": MAX_IMPACT_ROWS,
         "guard": {"limit": limit, "refused": refusal is not None, "reason": refusal},
     }
 

@@ -354,7 +354,7 @@ class Pages:
                 rows = [[_e(r["user"]), _e(r["device_id"]), _e(", ".join(r["access"])),
                          _e(f"{r['before']} → {r['after']}"), _e(", ".join(r["policy_ids"]))]
                         for r in answer[key]]  # fmt: skip
-                result += f"<h2>{_e(title)} ({len(rows)})</h2>" + _table(
+                result += f"<h2>{_e(title)} ({_e(answer['counts'][key])})</h2>" + _table(
                     ["user", "device", "for", "decision", "policies"], rows
                 )
             guard = answer["guard"]
