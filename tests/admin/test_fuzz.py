@@ -55,6 +55,7 @@ async def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
             f"{CSRF}: {c.operator.csrf}",
             "--report-dir",
             str(tmp_path / "schemathesis"),
+            cwd=tmp_path,  # its cache (.schemathesis/) lands there, not in the checkout
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
