@@ -716,6 +716,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(status)
     status.set_defaults(func=cmd_status)
 
+    admin = sub.add_parser("admin", help="admin API tokens (docs/admin.md)")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    token = admin_sub.add_parser("token", help="admin API tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    token_add = token_sub.add_parser(
+        "add", help="create a token: print it once, store only its hash in [admin] tokens_file"
+    )
+    token_add.add_argument("name", help="who holds it (shown in the audit trail)")
+    token_add.add_argument("--role", choices=["viewer", "operator"], required=True)
+    _completes(
+        token_add.add_argument(
+            "--file", metavar="PATH", help="the tokens file (default: [admin] tokens_file)"
+        ),
+        _FILE,
+    )
+    _add_config(token_add)
+    token_add.set_defaults(func=cmd_admin_token_add)
+
     completion = sub.add_parser(
         "completion",
         help="print a shell completion script (bash, zsh or tcsh), generated from these options",
@@ -733,6 +751,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=lambda args: _run_demo(dovecot=args.dovecot))
     return parser
+
+
+# --- admin -------------------------------------------------------------------------------
+
+
+def cmd_admin_token_add(args: argparse.Namespace) -> int:
+    """The token goes to standard output once; only its SHA-256 is written to the file."""
+    from gateway.admin.tokens import Role, add_token
+
+    if args.file:
+        path = Path(args.file)
+    else:
+        path_set = _settings(args).admin_tokens_file
+        if path_set is None:
+            raise CliError("no [admin] tokens_file in the configuration; set it, or give --file")
+        path = path_set
+    token = add_token(path, args.name, Role(args.role))
+    print(token)
+    print(
+        f"token {args.name!r} ({args.role}) added to {path}; it is shown only now",
+        file=sys.stderr,
+    )
+    return EXIT_OK
 
 
 # --- impact ------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from typing import Any
 import structlog
 
 from gateway import __version__, replies
+from gateway.admin.api import AdminApi, admin_apps
+from gateway.admin.tokens import TokensFile
 from gateway.config.settings import Endpoint, Settings
 from gateway.domain import Clock, utc_now
 from gateway.errors import HoldStoreError
@@ -88,6 +90,9 @@ class GatewayServer:
                 "/status": self._status,
             }
         )
+        api, pages = admin_apps(self._admin_api(clock))
+        self.admin.mount("/api/v1", api)
+        self.admin.mount("/admin", pages)
         self.admin_port: int | None = None
         self.sync = SyncServer(self.services.logins, settings.sync)
         self.doveadm: DoveadmSessions | None = None
@@ -109,6 +114,22 @@ class GatewayServer:
         self._background_stop = asyncio.Event()
         self.draining = False
         self.addresses: BoundAddresses | None = None
+
+    def _admin_api(self, clock: Clock) -> AdminApi:
+        services = self.services
+        return AdminApi(
+            hold_store=services.hold_store,
+            settings=self.settings,
+            inventory=services.inventory,
+            policies=services.policies,
+            releaser=services.releaser,
+            clock=clock,
+            hostname=self.settings.smtp.hostname,
+            tokens=TokensFile(self.settings.admin_tokens_file),
+            status=lambda: json.loads(self._status()[2]),
+            spawn=self.spawn,
+            blast_radius_limit=self.settings.max_newly_blocked_devices,
+        )
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """A named background task, kept referenced until it ends; failures are logged."""

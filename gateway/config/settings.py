@@ -1165,10 +1165,23 @@ class Settings:
         default=None,
         metadata=setting(
             HostPort(),
-            "The admin HTTP listener: /livez, /readyz, /metrics, /status (gateway status).",
+            """The admin HTTP listener: /livez, /readyz, /metrics, /status (gateway status),
+            and the admin API under /api/v1 (tokens required, docs/admin.md).""",
             key="listen",
             section="admin",
             unset="no admin port",
+        ),
+    )
+    admin_tokens_file: Path | None = field(
+        default=None,
+        metadata=setting(
+            PathKind(),
+            """Admin API tokens, one per line: `name role sha256-hex` (role `viewer` or
+            `operator`); written by `gateway admin token add` (docs/admin.md). Read again
+            on every request that presents a token, so adding one needs no restart.""",
+            key="tokens_file",
+            section="admin",
+            unset="no tokens: every /api/v1 request is refused with 401",
         ),
     )
     groups: Mapping[str, frozenset[str]] = field(

@@ -4,8 +4,16 @@ gateway), or PostgreSQL at ``[store] url`` (shared by several). Both satisfy
 
 from __future__ import annotations
 
-from gateway.config.settings import Settings
-from gateway.hold.store import AsyncHoldStore, AsyncStore, HoldBackend, HoldStore
+from pathlib import Path
+
+from gateway.config.settings import Settings, StoreSettings
+from gateway.hold.store import (
+    DEFAULT_BUSY_TIMEOUT,
+    AsyncHoldStore,
+    AsyncStore,
+    HoldBackend,
+    HoldStore,
+)
 
 
 def describe_store(settings: Settings) -> str:
@@ -19,11 +27,18 @@ def describe_store(settings: Settings) -> str:
 
 def open_store(settings: Settings) -> HoldBackend:
     """The synchronous store (the CLI). PostgreSQL's migrations are applied on the way."""
-    if settings.store.url is not None:
+    return open_store_at(settings.hold.database, settings.store, settings.hold.busy_timeout)
+
+
+def open_store_at(
+    database: Path, store: StoreSettings, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+) -> HoldBackend:
+    """:func:`open_store` from the two sections alone (picklable, for a worker process)."""
+    if store.url is not None:
         from gateway.hold.postgres import PostgresHoldStore
 
-        return PostgresHoldStore(settings.store, pool_size=1)
-    return HoldStore(settings.hold.database, busy_timeout=settings.hold.busy_timeout)
+        return PostgresHoldStore(store, pool_size=1)
+    return HoldStore(database, busy_timeout=busy_timeout)
 
 
 def async_store(settings: Settings) -> AsyncStore:

@@ -60,6 +60,26 @@ def expiry_report(
     return _report(held, original_headers, hostname, now, text, failed)
 
 
+def admin_drop_report(
+    held: HeldMessage, original_headers: bytes, hostname: str, now: datetime
+) -> bytes:
+    """The bounce for held mail an administrator dropped and chose to tell the sender
+    about (the admin API's drop with ``dsn``): every recipient failed."""
+    policies = _one_line(", ".join(held.policy_ids))
+    text = (
+        f"Your message of {held.received_at.isoformat()} was held because the device it was"
+        f" sent from did not comply with policy ({policies}), and an administrator dropped"
+        f" it. It has not been delivered."
+    )
+    failed = [
+        FailedRecipient(
+            r, "5.7.1", f"550 5.7.1 held by policy {policies} and dropped by an administrator"
+        )
+        for r in held.recipients
+    ]
+    return _report(held, original_headers, hostname, now, text, failed)
+
+
 def refusal_report(
     held: HeldMessage,
     original_headers: bytes,

@@ -45,6 +45,7 @@ from gateway.domain import Access, DeviceClaims, HeldSubmission
 from gateway.errors import HoldStoreError, HoldStoreLowOnSpace
 from gateway.hold.store import (
     HEADER_LIMIT,
+    AdminAction,
     AsyncStore,
     HeldMessage,
     HeldStats,
@@ -125,6 +126,21 @@ CREATE TABLE policy_first_seen (
     policy_id  text NOT NULL,
     first_seen double precision NOT NULL,
     PRIMARY KEY (device_id, policy_id)
+);
+""",
+    ),
+    (
+        3,
+        """
+-- Admin actions through the admin API: who, what, when (gateway/admin).
+CREATE TABLE admin_audit (
+    seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at         double precision NOT NULL,
+    actor      text NOT NULL,
+    role       text NOT NULL,
+    action     text NOT NULL,
+    target     jsonb NOT NULL,
+    count      integer NOT NULL
 );
 """,
     ),
@@ -425,10 +441,14 @@ class PostgresHoldStore:
         self._write(_INSERT_AND_NOTIFY, values)
         return hold_id
 
-    def select(self, where: HoldFilter = _EVERYTHING, limit: int = 1000) -> list[HeldMessage]:
+    def select(
+        self, where: HoldFilter = _EVERYTHING, limit: int = 1000, after: int = 0
+    ) -> list[HeldMessage]:
+        """Held messages in arrival order; ``after`` pages on by seq (the admin API)."""
         clause, params = _where(where)
+        clause += (" AND " if clause else " WHERE ") + "seq > %s"
         rows = self._read(
-            f"SELECT {_COLUMNS} FROM held{clause} ORDER BY seq LIMIT %s", [*params, limit]
+            f"SELECT {_COLUMNS} FROM held{clause} ORDER BY seq LIMIT %s", [*params, after, limit]
         )
         return [_row(r) for r in rows]
 
@@ -732,6 +752,36 @@ class PostgresHoldStore:
             return float(row["first_seen"])
 
         return datetime.fromtimestamp(self._transaction("write", work), UTC)
+
+    def record_admin_action(
+        self, at: float, actor: str, role: str, action: str, target: dict[str, object], count: int
+    ) -> None:
+        """One admin action in the audit table, seen by every gateway on the store."""
+        self._write(
+            "INSERT INTO admin_audit (at, actor, role, action, target, count) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            (at, actor, role, action, Jsonb(target), count),
+        )
+
+    def admin_actions(self, limit: int = 100, before: int | None = None) -> list[AdminAction]:
+        """The audit table, newest first; ``before`` pages back by seq."""
+        rows = self._read(
+            "SELECT seq, at, actor, role, action, target, count FROM admin_audit "
+            "WHERE seq < %s ORDER BY seq DESC LIMIT %s",
+            (before if before is not None else 2**62, limit),
+        )
+        return [
+            AdminAction(
+                r["seq"],
+                datetime.fromtimestamp(r["at"], UTC),
+                r["actor"],
+                r["role"],
+                r["action"],
+                dict(r["target"]),
+                r["count"],
+            )
+            for r in rows
+        ]
 
     def first_seen_times(self, device_id: str) -> dict[str, datetime]:
         rows = self._read(

@@ -161,6 +161,12 @@ class Releaser:
     def note_held(self, device_id: str) -> None:
         self.devices_with_mail.add(device_id)
 
+    def paused(self) -> asyncio.Lock:
+        """Held while an admin drops held mail: no release pass (nor expiry) claims or
+        sends a message meanwhile, so a drop never races that message's delivery, and a
+        bounce never reports mail that was delivered."""
+        return self._lock
+
     async def idle(self) -> None:
         """Wait for a release pass in progress to finish."""
         async with self._lock:

@@ -98,6 +98,16 @@ CREATE TABLE IF NOT EXISTS health (
     id         INTEGER PRIMARY KEY CHECK (id = 1),
     written_at REAL NOT NULL
 );
+-- Admin actions taken through the admin API (who, what, when), newest last.
+CREATE TABLE IF NOT EXISTS admin_audit (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         REAL NOT NULL,                          -- unix time
+    actor      TEXT NOT NULL,                          -- the admin token's name
+    role       TEXT NOT NULL,
+    action     TEXT NOT NULL,                          -- e.g. hold.release
+    target     TEXT NOT NULL,                          -- JSON: ids, filter
+    count      INTEGER NOT NULL                        -- messages it touched
+);
 CREATE TABLE IF NOT EXISTS devices (
     device_id  TEXT PRIMARY KEY,
     user       TEXT NOT NULL,
@@ -566,11 +576,15 @@ class HoldStore:
         self._transaction(lambda: self._insert_held(values, held.content))
         return hold_id
 
-    def select(self, where: HoldFilter = HoldFilter(), limit: int = 1000) -> list[HeldMessage]:
+    def select(
+        self, where: HoldFilter = HoldFilter(), limit: int = 1000, after: int = 0
+    ) -> list[HeldMessage]:
+        """Held messages in arrival order; ``after`` pages on by seq (the admin API's cursor)."""
         clause, params = where.where()
+        clause += (" AND " if clause else " WHERE ") + "seq > ?"
         rows = self._read(
             f"SELECT {_COLUMNS} FROM held{clause} ORDER BY seq LIMIT ?",
-            [*params, limit],  # fixed column list, values bound as parameters
+            [*params, after, limit],  # fixed column list, values bound as parameters
         )  # clause is built from fixed strings
         return [_row(r) for r in rows]
 
@@ -849,6 +863,37 @@ class HoldStore:
     def prune_devices(self, seen_before: datetime) -> int:
         return self._write("DELETE FROM devices WHERE last_seen < ?", (seen_before.timestamp(),))
 
+    def record_admin_action(
+        self, at: float, actor: str, role: str, action: str, target: dict[str, object], count: int
+    ) -> None:
+        """One admin action in the audit table (the admin API writes one per request that
+        changes something, after it was done)."""
+        self._write(
+            "INSERT INTO admin_audit (at, actor, role, action, target, count) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (at, actor, role, action, json.dumps(target, sort_keys=True), count),
+        )
+
+    def admin_actions(self, limit: int = 100, before: int | None = None) -> list[AdminAction]:
+        """The audit table, newest first; ``before`` pages back by seq."""
+        rows = self._read(
+            "SELECT seq, at, actor, role, action, target, count FROM admin_audit "
+            "WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+            (before if before is not None else 2**62, limit),
+        )
+        return [
+            AdminAction(
+                r["seq"],
+                datetime.fromtimestamp(r["at"], UTC),
+                r["actor"],
+                r["role"],
+                r["action"],
+                json.loads(r["target"]),
+                r["count"],
+            )
+            for r in rows
+        ]
+
     def expired(self, before: datetime, limit: int = 100, after: int = 0) -> list[HeldMessage]:
         """Held longer than allowed, oldest first, without their bytes; paged by seq."""
         rows = self._read(
@@ -876,6 +921,19 @@ class Settlement:
 
 
 @dataclass(frozen=True)
+class AdminAction:
+    """One row of the admin audit table."""
+
+    seq: int
+    at: datetime
+    actor: str
+    role: str
+    action: str
+    target: dict[str, object]
+    count: int
+
+
+@dataclass(frozen=True)
 class HeldStats:
     """What the hold store holds, in brief (metrics)."""
 
@@ -891,7 +949,9 @@ class HoldBackend(Protocol):
 
     def close(self) -> None: ...
     def hold(self, held: HeldSubmission) -> str: ...
-    def select(self, where: HoldFilter = ..., limit: int = 1000) -> list[HeldMessage]: ...
+    def select(
+        self, where: HoldFilter = ..., limit: int = 1000, after: int = 0
+    ) -> list[HeldMessage]: ...
     def get(self, hold_id: str, with_content: bool = True) -> HeldMessage | None: ...
     def due(
         self, now: datetime, device_id: str | None = None, limit: int = 500, after: int = 0
@@ -922,6 +982,10 @@ class HoldBackend(Protocol):
     def noticed_devices(self, policy_id: str) -> list[str]: ...
     def first_seen(self, device_id: str, policy_id: str, now: datetime) -> datetime: ...
     def first_seen_times(self, device_id: str) -> dict[str, datetime]: ...
+    def record_admin_action(
+        self, at: float, actor: str, role: str, action: str, target: dict[str, object], count: int
+    ) -> None: ...
+    def admin_actions(self, limit: int = 100, before: int | None = None) -> list[AdminAction]: ...
     def devices(self, seen_since: datetime) -> list[DeviceClaims]: ...
     def device_accesses(self, seen_since: datetime) -> dict[str, frozenset[Access]]: ...
     def prune_devices(self, seen_before: datetime) -> int: ...
@@ -1025,6 +1089,32 @@ class AsyncStore:
 
     async def stats(self) -> HeldStats:
         return await self._run(lambda store: store.stats())
+
+    # The admin API's calls (gateway/admin).
+
+    async def select(
+        self, where: HoldFilter = HoldFilter(), limit: int = 1000, after: int = 0
+    ) -> list[HeldMessage]:
+        return await self._run(lambda store: store.select(where, limit, after))
+
+    async def get(self, hold_id: str, with_content: bool = True) -> HeldMessage | None:
+        return await self._run(lambda store: store.get(hold_id, with_content))
+
+    async def request_release(self, where: HoldFilter, hold_ids: Sequence[str] = ()) -> int:
+        return await self._run(lambda store: store.request_release(where, hold_ids))
+
+    async def drop(self, where: HoldFilter, hold_ids: Sequence[str] = ()) -> int:
+        return await self._run(lambda store: store.drop(where, hold_ids))
+
+    async def record_admin_action(
+        self, at: float, actor: str, role: str, action: str, target: dict[str, object], count: int
+    ) -> None:
+        await self._run(
+            lambda store: store.record_admin_action(at, actor, role, action, target, count)
+        )
+
+    async def admin_actions(self, limit: int = 100, before: int | None = None) -> list[AdminAction]:
+        return await self._run(lambda store: store.admin_actions(limit, before))
 
 
 class AsyncHoldStore(AsyncStore):

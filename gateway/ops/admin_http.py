@@ -1,4 +1,5 @@
-"""The admin HTTP port, served from the event loop: /livez, /readyz, /metrics, /status.
+"""The admin HTTP port, served from the event loop: /livez, /readyz, /metrics, /status,
+and the admin API mounted under /api/v1 (gateway/admin).
 
 HTTP is aiohttp's (gateway/ops/http.py), not ours. Each route is a plain function that
 returns (status, content type, body): probes and scrapes need nothing more.
@@ -35,6 +36,11 @@ class AdminServer:
     def __init__(self, routes: dict[str, Route]) -> None:
         self.routes = routes
         self._listener = HttpListener(admin_app(routes))
+
+    def mount(self, prefix: str, app: web.Application) -> None:
+        """Serve ``app`` under ``prefix`` (before start): its own middlewares (the admin
+        API's authentication) apply to its routes only, so the probes stay open."""
+        self._listener.app.add_subapp(prefix, app)
 
     async def start(self, host: str, port: int) -> int:
         return await self._listener.start(host, port)

@@ -53,6 +53,7 @@ class PolicyStore:
         self.groups = groups
         self._current: CompiledPolicySet | None = None
         self.last_result: ReloadResult | None = None
+        self.last_failure: ReloadResult | None = None  # the last reload that failed, if any
         self._parsed = ParseCache(self._parse)  # unchanged files are not parsed again
         self._pool: ProcessPoolExecutor | None = None
         # (in force, candidate, diff) computed by try_build off the event loop, for apply
@@ -177,6 +178,8 @@ class PolicyStore:
 
     def _record(self, result: ReloadResult) -> ReloadResult:
         self.last_result = result
+        if not result.ok:
+            self.last_failure = result
         return result
 
 

@@ -30,6 +30,7 @@ def write_config(
     upstream: Mapping[str, object] | None = None,
     hold: Mapping[str, object] | None = None,
     sync: Mapping[str, object] | None = None,
+    admin: Mapping[str, object] | None = None,
 ) -> Path:
     """Write gateway.toml, the issuer's JWKS and policy files; returns the config path.
 
@@ -37,7 +38,8 @@ def write_config(
 
     ``smtp``, ``limits``, ``upstream`` and ``hold`` entries override keys of those sections
     (values are written as TOML literals); ``extra`` is written into ``[hold]``. ``sync``
-    turns the sync endpoint on (a free loopback port) with these keys. The message rate
+    turns the sync endpoint on (a free loopback port) with these keys; ``admin`` adds
+    keys to ``[admin]`` (its listener is always on a free loopback port). The message rate
     limit is lifted unless ``limits`` sets it, so that
     tests which send a lot are not throttled.
     """
@@ -59,6 +61,8 @@ def write_config(
     upstream_values.update(upstream or {})
     hold_values: dict[str, object] = {"database": "hold.db"}
     hold_values.update(hold or {})
+    admin_values: dict[str, object] = {"listen": "127.0.0.1:0"}
+    admin_values.update(admin or {})
     sync_section = ""
     if sync is not None:
         sync_values: dict[str, object] = {"enabled": True, "listen": "127.0.0.1:0"}
@@ -100,7 +104,7 @@ tls = "none"
 "alice@example.test" = ["a.smith@example.test"]
 
 [admin]
-listen = "127.0.0.1:0"
+{_toml_lines(admin_values)}
 
 [hold]
 {_toml_lines(hold_values)}

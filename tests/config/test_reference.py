@@ -143,6 +143,7 @@ NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("limits", "max_errors"): ("2", 2),
     ("limits", "command_call_limit"): ('{ "*" = 50, noop = 5 }', {"*": 50, "NOOP": 5}),
     ("admin", "listen"): ('"127.0.0.1:9000"', Endpoint("127.0.0.1", 9000)),
+    ("admin", "tokens_file"): ('"admin-tokens"', Path("base/admin-tokens")),
     ("sync", "enabled"): ("true", True),
     ("sync", "listen"): ('"[::1]:9589"', Endpoint("::1", 9589)),
     ("store", "url"): (

@@ -139,6 +139,20 @@ def test_first_seen_is_recorded_once_and_the_first_writer_wins(store: HoldBacken
     assert store.first_seen_times("phone-9") == {}
 
 
+def test_admin_audit_and_paging_by_seq(store: HoldBackend) -> None:
+    """The admin API's audit trail and its list cursor, alike on both stores."""
+    ids = [store.hold(held(1)) for _ in range(3)]
+    (first,) = store.select(limit=1)
+    assert first.hold_id == ids[0]
+    assert [h.hold_id for h in store.select(after=first.seq)] == ids[1:]
+    store.record_admin_action(1.0, "carol", "operator", "hold.release", {"ids": ids[:1]}, 1)
+    store.record_admin_action(2.0, "dave", "viewer", "impact", {}, 0)
+    newest, older = store.admin_actions()
+    assert (newest.actor, older.actor) == ("dave", "carol")
+    assert older.target == {"ids": ids[:1]}
+    assert [a.actor for a in store.admin_actions(before=newest.seq)] == ["carol"]
+
+
 # --- several gateways on one PostgreSQL store --------------------------------------------
 
 
@@ -251,7 +265,9 @@ def test_gateway_store_migrate_creates_the_schema_and_reports_nothing_to_do_afte
     with config.open("a") as out:
         out.write(f'\n[store]\nurl = "{pg_url}"\n')
     assert main(["store", "migrate", "--config", str(config)]) == 0
-    assert f"applied migration(s) 1, 2; schema version {SCHEMA_VERSION}" in capsys.readouterr().out
+    assert (
+        f"applied migration(s) 1, 2, 3; schema version {SCHEMA_VERSION}" in capsys.readouterr().out
+    )
     assert main(["store", "migrate", "--config", str(config)]) == 0
     assert "nothing to apply" in capsys.readouterr().out
     # The CLI's hold commands use the shared store by the same setting.

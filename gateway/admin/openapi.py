@@ -1,0 +1,215 @@
+"""The OpenAPI 3.1 document of the admin API, served at /api/v1/openapi.json.
+
+Written by hand, next to the handlers it describes (gateway/admin/api.py); the
+schemathesis run in tests/admin/test_fuzz.py checks the API against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {
+    "description": "refused, with a message for the admin",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"error": {"type": "string"}},
+                "required": ["error"],
+            }
+        }
+    },
+}
+
+
+def _ok(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema or {"type": "object"}}},
+    }
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
+_TEXT = {"type": "string", "minLength": 1, "maxLength": 320}
+_FILTERS = [
+    _query("user", "the sending user's address", _TEXT),
+    _query("device", "the device id", _TEXT),
+    _query("policy", "a policy id the message was held by", _TEXT),
+]
+_HOLD_ID = {
+    "name": "hold_id",
+    "in": "path",
+    "required": True,
+    "description": "a held message's id (32 hex digits)",
+    "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+}
+_DSN = _query("dsn", "send the sender a delivery status notification", {"type": "boolean"})
+_REFUSALS = {"400": _ERROR, "401": _ERROR, "403": _ERROR}
+_HELD = {
+    "type": "object",
+    "required": ["seq", "hold_id", "received_at", "sender", "recipients", "user", "device_id",
+                 "policy_ids", "size"],
+    "properties": {
+        "seq": {"type": "integer"},
+        "hold_id": {"type": "string"},
+        "received_at": {"type": "string", "format": "date-time"},
+        "sender": {"type": "string"},
+        "recipients": {"type": "array", "items": {"type": "string"}},
+        "user": {"type": "string"},
+        "device_id": {"type": "string"},
+        "policy_ids": {"type": "array", "items": {"type": "string"}},
+        "policy_version": {"type": "string"},
+        "size": {"type": "integer"},
+        "attempts": {"type": "integer"},
+        "last_error": {"type": ["string", "null"]},
+        "release_requested": {"type": "boolean"},
+        "options": {"type": "array", "items": {"type": "string"}},
+        "bounce_of": {"type": ["string", "null"]},
+    },
+}  # fmt: skip
+_ACTION = {
+    "type": "object",
+    "required": ["action", "count"],
+    "properties": {
+        "action": {"type": "string", "enum": ["release", "drop"]},
+        "count": {"type": "integer"},
+        "bounces": {"type": "integer"},
+    },
+}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "Compliance Gateway admin API",
+        "version": "1",
+        "description": "Held mail, devices and why, policies, impact preview, audit trail "
+        "(docs/admin.md). Every operation but this document needs a bearer token; POSTs "
+        "also need the X-Gateway-CSRF header from GET /session.",
+    },
+    "servers": [{"url": "/api/v1"}],
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/openapi.json": {
+            "get": {"summary": "this document", "security": [], "responses": {"200": _ok("OpenAPI 3.1")}}
+        },
+        "/session": {
+            "get": {
+                "summary": "who the token is, and the CSRF value for its POSTs",
+                "responses": {
+                    "200": _ok("the session", {
+                        "type": "object", "required": ["name", "role", "csrf"],
+                        "properties": {"name": {"type": "string"},
+                                       "role": {"type": "string", "enum": ["viewer", "operator"]},
+                                       "csrf": {"type": "string"}, "csrf_header": {"type": "string"}},
+                    }),
+                    **_REFUSALS,
+                },
+            }
+        },
+        "/status": {
+            "get": {"summary": "readiness, policy version, held mail in brief, upstreams",
+                    "responses": {"200": _ok("status (the /status body plus held)"), **_REFUSALS}}
+        },
+        "/held": {
+            "get": {
+                "summary": "held messages in arrival order, paged by seq",
+                "parameters": [
+                    *_FILTERS,
+                    _query("after", "the seq to page on from (the previous page's next)",
+                           {"type": "integer", "minimum": 0}),
+                    _query("limit", "messages per page", {"type": "integer", "minimum": 1, "maximum": 500}),
+                ],
+                "responses": {
+                    "200": _ok("a page", {
+                        "type": "object", "required": ["messages", "next"],
+                        "properties": {"messages": {"type": "array", "items": _HELD},
+                                       "next": {"type": ["integer", "null"]}},
+                    }),
+                    **_REFUSALS,
+                },
+            }
+        },
+        "/held/{action}": {
+            "post": {
+                "summary": "release or drop every held message of a policy or device (operator)",
+                "parameters": [
+                    {"name": "action", "in": "path", "required": True,
+                     "schema": {"type": "string", "enum": ["release", "drop"]}},
+                    *_FILTERS,
+                    _DSN,
+                ],
+                "responses": {"200": _ok("done", _ACTION), **_REFUSALS},
+            }
+        },
+        "/held/{hold_id}": {
+            "get": {
+                "summary": "one held message with its recipients, claims and headers (bounded)",
+                "parameters": [_HOLD_ID],
+                "responses": {"200": _ok("the message", _HELD), **_REFUSALS, "404": _ERROR},
+            }
+        },
+        "/held/{hold_id}/release": {
+            "post": {
+                "summary": "release one held message now, whatever its device's state (operator)",
+                "parameters": [_HOLD_ID],
+                "responses": {"200": _ok("marked for release", _ACTION), **_REFUSALS, "404": _ERROR},
+            }
+        },
+        "/held/{hold_id}/drop": {
+            "post": {
+                "summary": "drop one held message, with or without a DSN to its sender (operator)",
+                "parameters": [_HOLD_ID, _DSN],
+                "responses": {"200": _ok("dropped", _ACTION), **_REFUSALS, "404": _ERROR},
+            }
+        },
+        "/devices": {
+            "get": {
+                "summary": "the device inventory, each with its decision for send and sync and why",
+                "parameters": [_FILTERS[0], _FILTERS[1]],
+                "responses": {"200": _ok("devices"), **_REFUSALS},
+            }
+        },
+        "/policies": {
+            "get": {
+                "summary": "the policy set in force, each policy's state and dates; last reload",
+                "responses": {"200": _ok("policies"), **_REFUSALS},
+            }
+        },
+        "/impact": {
+            "post": {
+                "summary": "who a candidate policy file would newly warn, defer, hold, reject or release",
+                "parameters": [
+                    _query("mode", "merge: the file's policies replace the live ones of the same "
+                           "id; replace: the file alone", {"type": "string", "enum": ["merge", "replace"]}),
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"text/plain": {"schema": {"type": "string", "maxLength": 1048576}}},
+                },
+                "responses": {"200": _ok("the impact report"), **_REFUSALS, "413": _ERROR},
+            }
+        },
+        "/audit": {
+            "get": {
+                "summary": "admin actions, newest first",
+                "parameters": [
+                    _query("limit", "entries per page", {"type": "integer", "minimum": 1, "maximum": 500}),
+                    _query("before", "the seq to page back from", {"type": "integer", "minimum": 1}),
+                ],
+                "responses": {"200": _ok("entries"), **_REFUSALS},
+            }
+        },
+    },
+}  # fmt: skip

@@ -1,0 +1,291 @@
+"""The admin API over real HTTP against a running gateway with mail held over SMTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.testing.device import FakeDevice
+from gateway.testing.issuer import TestIssuer
+from tests.admin.kit import CSRF, carol, console, hold
+from tests.stories import TIKTOK, tiktok_ban
+
+
+@pytest.fixture(scope="module")
+def issuer() -> TestIssuer:
+    return TestIssuer.generate("k1")
+
+
+async def test_list_show_release_and_drop_with_dsn(tmp_path: Path, issuer: TestIssuer) -> None:
+    """Carol's held mail: listed (filters, paging by seq), shown with headers and
+    recipients, one released (it reaches the upstream), one dropped with a DSN (the
+    bounce reaches her), one dropped silently; each action is in the audit trail."""
+    async with console(tmp_path, issuer) as c:
+        phone = carol(c.issuer)
+        for n in range(3):
+            await hold(phone, c.gateway.port, f"carol #{n}")
+        dave = FakeDevice(c.issuer, user="dave@example.test", device_id="dave-phone", apps={TIKTOK})
+        await hold(dave, c.gateway.port, "dave #0")
+
+        status, page = await c.viewer.get("/held", user="carol@example.test", limit=2)
+        assert status == 200
+        assert [m["user"] for m in page["messages"]] == ["carol@example.test"] * 2
+        assert page["next"] == page["messages"][-1]["seq"]
+        status, rest = await c.viewer.get("/held", user="carol@example.test", after=page["next"])
+        assert (status, len(rest["messages"]), rest["next"]) == (200, 1, None)
+        ids = [m["hold_id"] for m in page["messages"] + rest["messages"]]
+        assert len((await c.viewer.get("/held", policy="remove-tiktok"))[1]["messages"]) == 4
+        assert len((await c.viewer.get("/held", device="dave-phone"))[1]["messages"]) == 1
+
+        status, shown = await c.viewer.get(f"/held/{ids[0]}")
+        assert status == 200
+        assert shown["recipients"] == ["bob@example.test"]
+        assert ["Subject", "carol #0"] in shown["headers"]
+        assert shown["policy_ids"] == ["remove-tiktok"]
+        assert shown["claims"]["device_id"] == "carol-phone"
+
+        assert await c.operator.post(f"/held/{ids[0]}/release") == (
+            200,
+            {"action": "release", "count": 1},
+        )
+        (released,) = await c.upstream.wait_for(1, timeout=10)
+        assert "Subject: carol #0" in released.headers
+
+        status, dropped = await c.operator.post(f"/held/{ids[1]}/drop", dsn="true")
+        assert (status, dropped) == (200, {"action": "drop", "count": 1, "bounces": 1})
+        messages = await c.upstream.wait_for(2, timeout=10)
+        bounce = messages[1]
+        assert bounce.recipients == ("carol@example.test",)
+        assert bounce.sender == ""
+        assert b"dropped by an administrator" in bounce.content
+        assert b"Subject: carol #1" in bounce.content  # the original's headers
+
+        assert await c.operator.post(f"/held/{ids[2]}/drop") == (
+            200,
+            {"action": "drop", "count": 1, "bounces": 0},
+        )
+        status, left = await c.viewer.get("/held")
+        assert [m["user"] for m in left["messages"]] == ["dave@example.test"]
+
+        status, audit = await c.viewer.get("/audit")
+        assert status == 200
+        assert [(e["actor"], e["role"], e["action"], e["count"]) for e in audit["entries"]] == [
+            ("ops", "operator", "hold.drop", 1),
+            ("ops", "operator", "hold.drop", 1),
+            ("ops", "operator", "hold.release", 1),
+        ]
+        assert audit["entries"][1]["target"] == {"hold_ids": [ids[1]], "dsn": True}
+        await asyncio.sleep(0.3)
+        assert len(c.upstream.messages) == 2  # the silent drop sent nothing
+
+
+async def test_refusals(tmp_path: Path, issuer: TestIssuer) -> None:
+    """No credentials 401, a wrong token 401, a viewer releasing 403, no CSRF header 403,
+    a cross-origin POST 403, unknown ids 404, bad filters 400 with a message; the probes
+    stay open without a login."""
+    async with console(tmp_path, issuer) as c:
+        await hold(carol(c.issuer), c.gateway.port, "carol #0")
+        (held,) = (await c.viewer.get("/held"))[1]["messages"]
+        hold_id = held["hold_id"]
+
+        async with c.http.get(c.base + "/held") as r:
+            assert r.status == 401
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+            assert "Authorization: Bearer" in (await r.json())["error"]
+        async with c.http.post(c.base + f"/held/{hold_id}/release") as r:
+            assert r.status == 401
+        async with c.http.get(c.base + "/held", headers={"Authorization": "Bearer nope"}) as r:
+            assert (r.status, await r.json()) == (401, {"error": "unknown token"})
+
+        status, body = await c.viewer.post(f"/held/{hold_id}/release")
+        assert status == 403
+        assert "needs operator" in body["error"]
+        status, body = await c.operator.post(f"/held/{hold_id}/release", csrf=False)
+        assert status == 403
+        assert CSRF in body["error"]
+        headers = {**c.operator.headers(), CSRF: c.viewer.csrf}  # another session's value
+        async with c.http.post(c.base + f"/held/{hold_id}/drop", headers=headers) as r:
+            assert r.status == 403
+        headers = {**c.operator.headers(), "Origin": "https://evil.example"}
+        async with c.http.post(c.base + f"/held/{hold_id}/drop", headers=headers) as r:
+            assert r.status == 403
+            assert "cross-origin" in (await r.json())["error"]
+
+        for path in (f"/held/{'0' * 32}", "/held/not-an-id"):
+            status, body = await c.viewer.get(path)
+            assert status == 404
+            assert "no such held message" in body["error"]
+        assert (await c.operator.post(f"/held/{'0' * 32}/release"))[0] == 404
+        assert (await c.operator.post(f"/held/{'0' * 32}/drop", dsn="true"))[0] == 404
+
+        for params, says in (
+            ({"limit": "501"}, "limit must be an integer from 1 to 500"),
+            ({"after": "-1"}, "after must be an integer"),
+            ({"user": ""}, "bad filter: user"),
+            ({"colour": "red"}, "unknown parameter 'colour'"),
+        ):
+            status, body = await c.viewer.get("/held", **params)
+            assert status == 400, params
+            assert says in body["error"]
+        status, body = await c.operator.post("/held/drop")
+        assert (status, "needs policy or device" in body["error"]) == (400, True)
+        status, body = await c.operator.post(f"/held/{hold_id}/drop", dsn="maybe")
+        assert (status, "dsn must be true or false" in body["error"]) == (400, True)
+
+        # Nothing above changed anything.
+        assert [m["hold_id"] for m in (await c.viewer.get("/held"))[1]["messages"]] == [hold_id]
+        assert (await c.viewer.get("/audit"))[1]["entries"] == []
+
+        base = c.base.removesuffix("/api/v1")
+        for path in ("/livez", "/readyz", "/metrics", "/status", "/api/v1/openapi.json"):
+            async with c.http.get(base + path) as r:
+                assert r.status == 200, path
+
+
+async def test_without_a_tokens_file_the_api_is_closed(tmp_path: Path, issuer: TestIssuer) -> None:
+    async with console(tmp_path, issuer, tokens=False) as c:
+        for admin in (c.operator, c.viewer):
+            status, body = await admin.get("/status")
+            assert status == 401
+            assert "[admin] tokens_file" in body["error"]
+
+
+async def test_bulk_release_by_device_and_drop_by_policy(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    async with console(tmp_path, issuer) as c:
+        phone = carol(c.issuer)
+        dave = FakeDevice(c.issuer, user="dave@example.test", device_id="dave-phone", apps={TIKTOK})
+        for n in range(2):
+            await hold(phone, c.gateway.port, f"carol #{n}")
+        for n in range(2):
+            await hold(dave, c.gateway.port, f"dave #{n}")
+        status, body = await c.operator.post("/held/release", device="carol-phone")
+        assert (status, body) == (200, {"action": "release", "count": 2, "bounces": 0})
+        got = await c.upstream.wait_for(2, timeout=10)
+        assert sorted(m.sender for m in got) == ["carol@example.test"] * 2
+        status, body = await c.operator.post("/held/drop", policy="remove-tiktok", dsn="true")
+        assert (status, body) == (200, {"action": "drop", "count": 2, "bounces": 2})
+        got = await c.upstream.wait_for(4, timeout=10)
+        assert [m.recipients for m in got[2:]] == [("dave@example.test",)] * 2
+        entries = (await c.viewer.get("/audit"))[1]["entries"]
+        assert [(e["action"], e["target"], e["count"]) for e in entries] == [
+            ("hold.bulk_drop", {"policy": "remove-tiktok", "dsn": True}, 2),
+            ("hold.bulk_release", {"device": "carol-phone", "dsn": False}, 2),
+        ]
+
+
+async def test_devices_policies_status_and_session(tmp_path: Path, issuer: TestIssuer) -> None:
+    """The inventory with each device's decision for send and sync and why; the policies
+    in force with their state; status with the held figures; the token's session."""
+    async with console(tmp_path, issuer) as c:
+        await hold(carol(c.issuer), c.gateway.port, "carol #0")
+        laptop = FakeDevice(c.issuer, user="erin@example.test", device_id="erin-laptop")
+        assert (await laptop.send(c.gateway.port)).accepted
+
+        status, body = await c.viewer.get("/devices")
+        assert status == 200
+        devices = {d["device_id"]: d for d in body["devices"]}
+        assert set(devices) == {"carol-phone", "erin-laptop"}
+        why = devices["carol-phone"]["decisions"]["send"]
+        assert (why["action"], why["phase"], why["policy_ids"]) == (
+            "hold",
+            "enforce",
+            ["remove-tiktok"],
+        )
+        assert why["message"] == "Remove TikTok."
+        assert devices["carol-phone"]["decisions"]["sync"]["action"] == "hold"
+        assert devices["erin-laptop"]["decisions"]["send"]["action"] == "allow"
+        status, body = await c.viewer.get("/devices", user="CAROL@example.test")
+        assert [d["device_id"] for d in body["devices"]] == ["carol-phone"]
+
+        status, body = await c.viewer.get("/policies")
+        assert status == 200
+        (policy,) = body["policies"]
+        assert (policy["id"], policy["state"], policy["action"], policy["phase_now"]) == (
+            "remove-tiktok",
+            "enforce",
+            "hold",
+            "enforce",
+        )
+        assert policy["source"].endswith("ban.toml:2")
+        assert body["reload"]["ok"] is True
+        assert body["version"] == c.gateway.server.services.policies.current.version
+
+        (c.gateway.policy_dir / "broken.toml").write_text("[[policy]]\nid = 3\n")
+        await c.gateway.server.reload("test")
+        status, body = await c.viewer.get("/policies")
+        assert body["reload"]["ok"] is False
+        assert any(
+            p["file"].endswith("broken.toml") and p["line"] for p in body["reload"]["problems"]
+        )
+        (c.gateway.policy_dir / "broken.toml").unlink()
+        await c.gateway.server.reload("test")
+        status, body = await c.viewer.get("/policies")
+        assert body["reload"]["ok"] is True
+        problems = body["last_error"]["problems"]  # the last failure stays visible
+        assert all(p["file"].endswith("broken.toml") for p in problems)
+        assert 2 in [p["line"] for p in problems]
+
+        status, body = await c.viewer.get("/status")
+        assert status == 200
+        assert body["ready"] is True
+        assert body["held"]["messages"] == 1
+
+        assert (await c.operator.get("/session"))[1]["role"] == "operator"
+        status, session = await c.viewer.get("/session")
+        assert (session["name"], session["role"], session["csrf_header"]) == (
+            "audrey",
+            "viewer",
+            CSRF,
+        )
+
+
+async def test_impact_preview_of_an_uploaded_retraction(tmp_path: Path, issuer: TestIssuer) -> None:
+    """A retraction uploaded as TOML text: the two phones it would release are listed,
+    computed in a worker process over the store's inventory (flushed first: these phones
+    were seen after the last release tick); a broken file gets its problems by line."""
+    async with console(tmp_path, issuer) as c:
+        await hold(carol(c.issuer), c.gateway.port, "carol #0")
+        dave = FakeDevice(c.issuer, user="dave@example.test", device_id="dave-phone", apps={TIKTOK})
+        await hold(dave, c.gateway.port, "dave #0")
+        retraction = tiktok_ban(
+            "hold", state="retracted", extra='retracted_reason = "sent in error"\n'
+        )
+        status, report = await c.viewer.post("/impact", data=retraction)
+        assert status == 200, report
+        assert sorted(r["device_id"] for r in report["released"]) == ["carol-phone", "dave-phone"]
+        assert report["diff"]["retracted"] == ["remove-tiktok"]
+        assert report["newly_held"] == []
+        assert report["guard"]["refused"] is False
+
+        status, body = await c.viewer.post("/impact", data="[[policy]]\nid = \n")
+        assert status == 400
+        assert body["problems"][0]["file"] == "candidate.toml"
+        assert body["problems"][0]["line"] == 2
+        status, body = await c.viewer.post("/impact", data="x", mode="sideways")
+        assert status == 400
+
+
+def test_token_add_prints_the_token_once_and_stores_its_hash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.admin.tokens import TokensFile, token_hash
+
+    path = tmp_path / "tokens"
+    assert main(["admin", "token", "add", "ann", "--role", "viewer", "--file", str(path)]) == 0
+    token = capsys.readouterr().out.strip()
+    text = path.read_text()
+    assert token not in text
+    assert text == f"ann viewer {token_hash(token)}\n"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    found = TokensFile(path).find(token)
+    assert found is not None
+    assert found.name == "ann"
+    assert main(["admin", "token", "add", "ann", "--role", "operator", "--file", str(path)]) == 2
+    assert "already has a token named 'ann'" in capsys.readouterr().err
