@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING
 from gateway import __version__
 from gateway.config.settings import Settings, default_config_path, load_settings
 from gateway.domain import Access, PolicyMatch
-from gateway.errors import ConfigError, GatewayError, PolicyLoadError, Problem, TokenError
+from gateway.errors import (
+    ConfigError,
+    GatewayError,
+    ListenError,
+    PolicyLoadError,
+    Problem,
+    TokenError,
+)
 from gateway.policy.engine import compile_policy_set, decide
 from gateway.policy.loader import ignored_files, load_policy_dir, policy_files
 
@@ -1007,7 +1014,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         server = GatewayServer(settings)
-        await server.start()
+        try:
+            await server.start()
+        except ListenError:
+            await server.stop(grace=0)  # what did open (the hold store) is closed again
+            raise
         server.install_signal_handlers()
         await server.wait_stopped()
         await server.stop(grace=args.grace)
