@@ -93,9 +93,12 @@ async def test_reset_after_the_dot_is_no_exception_and_never_half(
     assert bad == [], json.dumps(bad, indent=1)
     # Never half: a message received whole is relayed whole (its relay is not cut short
     # when the client goes), with one decision event; the upstream has exactly those.
+    # (A reset that overtakes the dot in the kernel loses the message before the gateway
+    # reads it: then there is no decision and nothing upstream, which is also whole.)
     decisions = [e for e in events if e["event"] == "decision"]
-    assert [d["result"] for d in decisions] == ["relayed"] * 9
-    assert len({d["session"] for d in decisions}) == 9
-    assert len(upstream.messages) == 9
+    assert {d["result"] for d in decisions} == {"relayed"}
+    assert len({d["session"] for d in decisions}) == len(decisions) == len(upstream.messages)
+    gone = {e["session"] for e in events if e["event"] == "client_gone_after_dot"}
+    assert gone <= {d["session"] for d in decisions}  # received whole: relayed and logged
     for message in upstream.messages[:-1]:
         assert message.content.endswith(BODY.split(b"\r\n\r\n", 1)[1]), message.content[-200:]
