@@ -153,9 +153,19 @@ def test_the_documented_docker_run_line_works_as_written() -> None:
             "GATEWAY_ADMIN__LISTEN": "127.0.0.1:0",
         }
         argv = [str(Path(sys.executable).parent / image["argv"][0]), *image["argv"][1:]]
-        as_user = as_root and shutil.which("setpriv") is not None
-        if as_user:  # util-linux's setpriv: the uid, gid and no supplementary groups
-            ids = [f"--reuid={image['uid']}", f"--regid={image['gid']}", "--clear-groups"]
+        # util-linux's setpriv: the image's uid and gid, no supplementary groups. Only when
+        # this machine's interpreter is usable by that user (a Python under /root is not):
+        # else as ourselves, which still checks everything but the file's owner.
+        ids = [f"--reuid={image['uid']}", f"--regid={image['gid']}", "--clear-groups"]
+        as_user = (
+            as_root
+            and shutil.which("setpriv") is not None
+            and subprocess.run(
+                ["setpriv", *ids, argv[0], "--version"],
+                capture_output=True, timeout=60, check=False,
+            ).returncode == 0
+        )  # fmt: skip
+        if as_user:
             argv = ["setpriv", *ids, *argv]
         process = subprocess.Popen(argv, env=environ, cwd=data, stderr=subprocess.PIPE, text=True)
         try:
