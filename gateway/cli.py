@@ -21,6 +21,7 @@ from gateway.errors import (
     ConfigError,
     GatewayError,
     HoldStoreError,
+    ListenError,
     PolicyLoadError,
     Problem,
     TokenError,
@@ -1186,7 +1187,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         server = GatewayServer(settings)
-        await server.start()
+        try:
+            await server.start()
+        except ListenError:
+            await server.stop(grace=0)  # what did open (the hold store) is closed again
+            raise
         server.install_signal_handlers()
         await server.wait_stopped()
         await server.stop(grace=args.grace)

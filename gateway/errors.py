@@ -54,6 +54,11 @@ class Problem:
         return f"{where}:{key} {self.message}"
 
 
+class ListenError(GatewayError):
+    """A listener could not bind (the port is taken, or needs privileges): one line for the
+    operator naming the address and the setting, not a traceback."""
+
+
 class ConfigError(GatewayError):
     """Configuration that cannot be used; carries every problem found, not just the first."""
 

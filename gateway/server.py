@@ -15,11 +15,13 @@ starts, serves and stops them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +33,7 @@ from gateway.admin.api import AdminApi, admin_apps
 from gateway.admin.tokens import TokensFile
 from gateway.config.settings import Endpoint, Settings
 from gateway.domain import Clock, utc_now
-from gateway.errors import HoldStoreError
+from gateway.errors import HoldStoreError, ListenError
 from gateway.limits import ConnectionLimits
 from gateway.ops.admin_http import AdminServer
 from gateway.policy.store import ReloadResult
@@ -174,35 +176,47 @@ class GatewayServer:
         smtp = self.settings.smtp
         if smtp.allow_plaintext_auth:
             log.warning("plaintext_auth_enabled", note="AUTH without TLS is for local testing only")
-        submission = await loop.create_server(
-            lambda: self._factory(tls_context, implicit_tls=False),
-            smtp.listen.host,
-            smtp.listen.port,
-        )
+        async with _binding(smtp.listen, "[smtp] listen"):
+            submission = await loop.create_server(
+                lambda: self._factory(tls_context, implicit_tls=False),
+                smtp.listen.host,
+                smtp.listen.port,
+            )
         self._servers.append(submission)
         implicit: Endpoint | None = None
         if smtp.implicit_tls_listen is not None and tls_context is not None:
             # Behind a balancer the PROXY header precedes the TLS handshake: then the
             # sessions run the handshake themselves, after reading it.
-            server = await loop.create_server(
-                lambda: self._factory(tls_context, implicit_tls=True),
-                smtp.implicit_tls_listen.host,
-                smtp.implicit_tls_listen.port,
-                ssl=None if smtp.proxy_protocol_from else tls_context,
-            )
+            async with _binding(smtp.implicit_tls_listen, "[smtp] implicit_tls_listen"):
+                server = await loop.create_server(
+                    lambda: self._factory(tls_context, implicit_tls=True),
+                    smtp.implicit_tls_listen.host,
+                    smtp.implicit_tls_listen.port,
+                    ssl=None if smtp.proxy_protocol_from else tls_context,
+                )
             self._servers.append(server)
             implicit = _bound(server)
         self.addresses = BoundAddresses(_bound(submission), implicit)
         if self.settings.admin_listen is not None:
-            self.admin_port = await self.admin.start(
-                self.settings.admin_listen.host, self.settings.admin_listen.port
-            )
+            async with _binding(self.settings.admin_listen, "[admin] listen"):
+                self.admin_port = await self.admin.start(
+                    self.settings.admin_listen.host, self.settings.admin_listen.port
+                )
             log.info(
                 "admin_listening", admin=f"{self.settings.admin_listen.host}:{self.admin_port}"
             )
+        else:
+            # Said out loud: without it a container's health check and a pod's probes fail
+            # and Prometheus scrapes nothing, with no other sign of why.
+            log.warning(
+                "admin_disabled",
+                note="no [admin] section: no /livez or /readyz probes, no /metrics, no "
+                'gateway status; add [admin] listen = "127.0.0.1:9587"',
+            )
         sync = self.settings.sync
         if sync.enabled:
-            self.sync_port = await self.sync.start(sync.listen.host, sync.listen.port)
+            async with _binding(sync.listen, "[sync] listen"):
+                self.sync_port = await self.sync.start(sync.listen.host, sync.listen.port)
             log.info("sync_listening", sync=str(Endpoint(sync.listen.host, self.sync_port)))
         stop = self._background_stop
         reloader = self.services.reloader
@@ -376,3 +390,14 @@ class GatewayServer:
 def _bound(server: asyncio.base_events.Server) -> Endpoint:
     host, port = server.sockets[0].getsockname()[:2]
     return Endpoint(host, port)
+
+
+@contextlib.asynccontextmanager
+async def _binding(endpoint: Endpoint, setting: str) -> AsyncIterator[None]:
+    """A listener that cannot bind becomes a ListenError naming the address and setting."""
+    try:
+        yield
+    except OSError as exc:
+        # asyncio's own text repeats the address; the errno's is the short reason.
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise ListenError(f"cannot listen on {endpoint} ({setting}): {reason}") from exc

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.hold.store import HoldStore
+from gateway.hold.store import held_rows
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
@@ -60,7 +60,7 @@ async def test_the_story_end_to_end(tmp_path: Path, issuer: TestIssuer) -> None:
                     result = await device.send(gateway.port, message=content)
                     assert result.data == (250, "2.6.0 held: Remove TikTok.")
             assert upstream.messages == []
-            assert len(HoldStore(gateway.settings.hold.database).select()) == 6
+            assert len(held_rows(gateway.settings.hold.database)) == 6
 
             # Alice complies: removing the app and authenticating again releases her mail.
             alice.remove(TIKTOK)
@@ -89,7 +89,7 @@ async def test_the_story_end_to_end(tmp_path: Path, issuer: TestIssuer) -> None:
             assert [m.content[m.content.index(b"From: ") :] for m in carols] == expected
             # Rows go only after the upstream's 250 (at least once), so allow a moment.
             async with asyncio.timeout(5):
-                while HoldStore(gateway.settings.hold.database).select():  # noqa: ASYNC110  # polls another process's view of the SQLite file
+                while held_rows(gateway.settings.hold.database):  # noqa: ASYNC110  # polls another process's view of the SQLite file
                     await asyncio.sleep(0.05)
 
 

@@ -637,7 +637,9 @@ class SmtpSettings:
     allow_plaintext_auth: bool = field(
         default=False,
         metadata=setting(
-            Flag(), "Allow AUTH without TLS: for loopback tests and the demo, never in production."
+            Flag(),
+            """Allow AUTH without TLS: for loopback tests and the demo. Refused when `listen`
+            is not a loopback address (as Postfix's `smtpd_tls_auth_only`).""",
         ),
     )
     max_message_size: int = field(
@@ -1428,6 +1430,15 @@ def _read_smtp(table: Table | None, base: Path) -> SmtpSettings:
         table.problem("tls_cert", "tls_cert and tls_key go together")
     if settings.implicit_tls_listen and not settings.tls_enabled:
         table.problem("implicit_tls_listen", "implicit TLS needs tls_cert and tls_key")
+    if settings.allow_plaintext_auth and not is_loopback(settings.listen.host):
+        # As Postfix's smtpd_tls_auth_only: a token sent in clear on a network is a
+        # token anyone on the path can replay (RFC 4954 s 4, RFC 8314 s 3).
+        table.problem(
+            "allow_plaintext_auth",
+            f"AUTH without TLS on {settings.listen}, which other hosts can reach: tokens "
+            "would cross the network in clear. Remove allow_plaintext_auth and set "
+            "tls_cert and tls_key (AUTH after STARTTLS), or listen on a loopback address",
+        )
     table.finish()
     return settings
 
@@ -1509,11 +1520,23 @@ def _read_section(table: Table | None, cls: type[Any], base: Path) -> Any:
     return cls(**values)
 
 
+def _read_smarthost(table: Table, base: Path) -> Smarthost:
+    host: Smarthost = _read_section(table, Smarthost, base)
+    credentials = table.has("username") or table.has("password_file")
+    if host.tls == "none" and credentials:
+        table.problem(
+            "tls",
+            f'smarthost {host} has credentials (username, password_file) and tls = "none": '
+            'the password would go over plain TCP. Use tls = "starttls" or "tls"',
+        )
+    return host
+
+
 def _read_upstream(table: Table | None, base: Path) -> UpstreamSettings:
     if table is None:
         return UpstreamSettings()
     values = _read_keys(table, UpstreamSettings, base)
-    hosts = tuple(_read_section(t, Smarthost, base) for t in table.tables("smarthosts"))
+    hosts = tuple(_read_smarthost(t, base) for t in table.tables("smarthosts"))
     settings = UpstreamSettings(**values, smarthosts=hosts)
     if settings.mode == "smarthost" and not hosts:
         table.problem("smarthosts", 'mode = "smarthost" needs at least one [[upstream.smarthosts]]')

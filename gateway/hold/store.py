@@ -495,6 +495,14 @@ class HoldStore:
         with self._errors("close"):
             self._db.close()
 
+    def __enter__(self) -> HoldStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """``with HoldStore(path) as store:`` closes the connection (an unclosed one is a
+        ResourceWarning from Python 3.13)."""
+        self.close()
+
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
         """Every query goes through here: all rows, or a HoldStoreError."""
         with self._errors("read"):
@@ -1168,3 +1176,10 @@ class AsyncHoldStore(AsyncStore):
                 self._lock.release()  # after the connection closed (or failed to)
             finally:
                 self._executor.shutdown(wait=True)
+
+
+def held_rows(path: Path) -> list[HeldMessage]:
+    """Every held message in the store at ``path`` (opened, read, closed): for tools and
+    tests that look once."""
+    with HoldStore(path) as store:
+        return store.select()

@@ -45,6 +45,19 @@ _SCOPE_KEYS = {
 }
 _MATCH_KEYS = _SCOPE_KEYS | {"apps_any", "apps_all", "posture", "all_devices"}
 
+# Policy text reaches SMTP replies, the X-Compliance-Notice header, notice mail, logs and
+# the admin's terminal, so it is refused at load when it holds a control character (C0,
+# DEL, C1, and the Unicode line/paragraph separators): a CR LF would forge reply lines or
+# headers, an ESC would drive a terminal.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# The longest reply carrying policy text is "250 2.0.0 Message accepted. NOTICE: " (37
+# octets) + message + " (enforced from <ISO time>)" (at most 49) + CRLF: with 400
+# characters (the reply is sent as ASCII, one octet each) it stays within RFC 5321's 512
+# octets per reply line (s 4.5.3.1.5), and the X-Compliance-Notice header line within RFC
+# 5322's 998 (s 2.1.1) with room for the policy ids.
+MAX_POLICY_TEXT = 400
+_TEXT_KEYS = ("title", "message", "retracted_reason")
+
 
 def policy_files(directory: Path) -> list[Path]:
     """The files that make up a policy directory, in a stable order."""
@@ -231,13 +244,13 @@ def _read_policy(table: Table, groups: Mapping[str, frozenset[str]]) -> Policy |
             f"'{policy_id}' is not a valid id: use lowercase letters, digits, '.', '_' and '-'",
         )
         policy_id = None
-    title = table.text("title")
+    title = _policy_text(table, "title")
     action_text = table.choice("action", [a.label for a in Action], required=True)
     state_text = table.choice("state", [s.value for s in PolicyState])
-    message = table.text("message")
+    message = _policy_text(table, "message")
     announce_at = table.moment("announce_at")
     enforce_at = table.moment("enforce_at")
-    retracted_reason = table.text("retracted_reason")
+    retracted_reason = _policy_text(table, "retracted_reason")
     confirm_impact = table.integer("confirm_impact", minimum=0)
     grace_hours = table.number("grace_hours")
     rollout_table = table.table("rollout")
@@ -352,6 +365,31 @@ def _percent(table: Table, key: str) -> float | None:
     value = table.number(key)
     if value is not None and value > 100:
         table.problem(key, f"a percentage is at most 100, got {value:g}")
+        return None
+    return value
+
+
+def _policy_text(table: Table, key: str) -> str | None:
+    """A text key that reaches replies, headers, notices, logs and terminals: one line of
+    printable text, at most MAX_POLICY_TEXT characters."""
+    value = table.text(key)
+    if value is None:
+        return None
+    found = _CONTROL_RE.search(value)
+    if found is not None:
+        table.problem(
+            key,
+            f"contains a control character (U+{ord(found.group()):04X}) at position "
+            f"{found.start() + 1}: policy text goes into SMTP replies and headers, so write "
+            "it on one line of printable characters",
+        )
+        return None
+    if len(value) > MAX_POLICY_TEXT:
+        table.problem(
+            key,
+            f"is {len(value)} characters long; at most {MAX_POLICY_TEXT} keep the SMTP reply "
+            "line within RFC 5321's 512 octets",
+        )
         return None
     return value
 

@@ -217,6 +217,13 @@ class SubmissionSMTP(SMTP):
         self._lost = True
         session = self.session
         super().connection_lost(error)
+        # asyncio's StreamReaderProtocol keeps a reset in its ``_closed`` future, which
+        # only its __del__ retrieves; when the session outlives the connection (a relay
+        # finishing after the client reset), the future can be collected first and
+        # asyncio logs "Future exception was never retrieved". Nobody waits on it here.
+        closed = getattr(self, "_closed", None)
+        if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
+            closed.exception()
         if isinstance(session, GatewaySession) and session.transaction is not None:
             transaction, session.transaction = session.transaction, None
             task = self.loop.create_task(
@@ -246,7 +253,13 @@ class SubmissionSMTP(SMTP):
             await asyncio.sleep(self.settings.greeting_delay)
         if await self._refuse_early_input("early_talker"):
             return
-        await super()._handle_client()
+        try:
+            await super()._handle_client()
+        except ConnectionError:
+            # aiosmtpd re-raises a reset (from a drain, or from DATA's reader) out of its
+            # task, which nobody awaits: asyncio would log "Task exception was never
+            # retrieved". The client is gone; connection_lost has already cleaned up.
+            log.info("client_gone", session=self.gsession().facts.session_id)
 
     async def _accept_proxy_header(self) -> bool:
         """Read the PROXY header within ``proxy_protocol_timeout``; from then on the
@@ -406,12 +419,32 @@ class SubmissionSMTP(SMTP):
             self._writer.write(reply.line().encode() + b"\r\n")
         self.transport.close()
 
+    def _can_write(self) -> bool:
+        """Whether a reply can still go out. A reset (RST) closes the transport before
+        connection_lost cancels this task, so a reply computed in between (the answer to
+        the dot, typically) finds it closed: asyncio's transport drops the write, uvloop's
+        raises RuntimeError, which aiosmtpd's error path then meets again while pushing
+        its 500, and the task ends in "Task exception was never retrieved". There is
+        nobody left to tell, so the reply is dropped."""
+        transport = self.transport
+        return transport is not None and not transport.is_closing()
+
+    async def _write(self, data: bytes) -> None:
+        """Every byte the session sends goes through here (or :meth:`push`)."""
+        if not self._can_write():
+            return
+        self._writer.write(data)
+        await self._writer.drain()
+
     async def push(self, status: AnyStr) -> None:
         line = (
             add_enhanced_code(status)
             if isinstance(status, str)
             else status.decode("ascii", "replace")
         )
+        if not self._can_write():
+            log.info("reply_dropped", session=self.gsession().facts.session_id, code=line[:3])
+            return
         await super().push(line)
         if line.startswith("421"):
             self._close()  # RFC 5321 s 3.8: 421 closes the channel
@@ -475,8 +508,7 @@ class SubmissionSMTP(SMTP):
         await self._write_lines([f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"])
 
     async def _write_lines(self, lines: list[str]) -> None:
-        self._writer.write("".join(f"{line}\r\n" for line in lines).encode())
-        await self._writer.drain()
+        await self._write("".join(f"{line}\r\n" for line in lines).encode())
 
     # --- STARTTLS (RFC 3207) ------------------------------------------------------------
 
@@ -628,8 +660,7 @@ class SubmissionSMTP(SMTP):
 
     async def _challenge(self, challenge: bytes) -> bytes | Reply:
         """Send ``334 <base64>``; read and decode the client's one-line answer."""
-        self._writer.write(b"334 " + b64encode(challenge) + b"\r\n")
-        await self._writer.drain()
+        await self._write(b"334 " + b64encode(challenge) + b"\r\n")
         try:
             line = await self._reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as exc:
@@ -727,8 +758,20 @@ class SubmissionSMTP(SMTP):
             self._reset_timeout(self.submission.data_reply_within)
             session.transaction = None
             self._relaying = True
+            relay = asyncio.ensure_future(self.submission.data(session.facts, transaction, content))
             try:
-                reply = await self.submission.data(session.facts, transaction, content)
+                reply = await asyncio.shield(relay)
+            except asyncio.CancelledError:
+                # The client reset the connection after the dot (connection_lost cancels
+                # this task). The message was received whole, so its relay or hold runs to
+                # the end and is logged like any other; only the reply is lost. Cancelling
+                # it instead would cut the upstream's DATA short with no decision logged.
+                log.info("client_gone_after_dot", session=session.facts.session_id)
+                await asyncio.wait([relay])
+                if not relay.cancelled() and relay.exception() is not None:
+                    await self.submission.abort(transaction)
+                self._relaying = False
+                raise
             except Exception:
                 await self.submission.abort(transaction)
                 raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,8 +32,14 @@ def write_config(
     hold: Mapping[str, object] | None = None,
     sync: Mapping[str, object] | None = None,
     admin: Mapping[str, object] | None = None,
+    sections: Mapping[str, Mapping[str, object]] | None = None,
 ) -> Path:
     """Write gateway.toml, the issuer's JWKS and policy files; returns the config path.
+
+    ``sections`` sets keys of any section, merged over what is written otherwise:
+    ``{"groups": {"sales": ["bob@example.test"]}, "gateway": {"notices": True}}``; a
+    nested table or a list of tables (``{"upstream": {"smarthosts": [{...}]}}``) replaces
+    the one written.
 
     Notice mails are off unless ``notices=True``, so tests count only their own mail.
 
@@ -113,7 +120,57 @@ tls = "none"
 {sync_section}
 """
     )
+    if sections:
+        merged = tomllib.loads(config.read_text())
+        for name, values in sections.items():
+            merged.setdefault(name, {}).update(values)
+        config.write_text(dump_toml(merged))
     return config
+
+
+def dump_toml(data: Mapping[str, object]) -> str:
+    """Enough TOML for a gateway.toml: tables, arrays of tables, strings, numbers,
+    booleans, lists and inline tables (the standard library reads TOML only)."""
+    lines: list[str] = []
+
+    def is_tables(value: object) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+    def table(path: str, values: Mapping[str, object], header: str) -> None:
+        lines.append(f"\n{header}")
+        for key, value in values.items():
+            if not isinstance(value, dict) and not is_tables(value):
+                lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+        for key, value in values.items():
+            child = f"{path}.{_toml_key(key)}"
+            if isinstance(value, dict):
+                table(child, value, f"[{child}]")
+            elif is_tables(value):
+                assert isinstance(value, list)
+                for item in value:
+                    table(child, item, f"[[{child}]]")
+
+    for name, values in data.items():
+        assert isinstance(values, dict), f"[{name}] must be a table"
+        table(_toml_key(name), values, f"[{_toml_key(name)}]")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isalnum() or c in "_-" for c in key) else json.dumps(key)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }"
+    raise TypeError(f"no TOML for {type(value).__name__}")
 
 
 def _toml_lines(values: Mapping[str, object]) -> str:

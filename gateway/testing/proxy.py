@@ -36,14 +36,20 @@ class FaultProxy:
         return self.port
 
     async def stop(self) -> None:
+        # Connections first: from Python 3.12.1, Server.wait_closed() waits for them too.
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        if handler is not None:  # stop() ends it, closing both sides
+            self._tasks.add(handler)
+            handler.add_done_callback(self._tasks.discard)
         faults = ProxyFaults(self.faults.refuse, self.faults.cut_after, self.faults.delay)
         if faults.refuse:
             self.refused += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -101,16 +102,19 @@ class FakeUpstream:
         self.connections = 0
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
+        self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
 
     def _factory(self) -> SMTP:
         self.connections += 1
-        return SMTP(
+        session = SMTP(
             _Recorder(self),
             hostname="upstream.test",
             data_size_limit=None,
             tls_context=None if self.implicit_tls else self.tls_context,
             loop=asyncio.get_running_loop(),
         )
+        self._sessions.add(session)
+        return session
 
     async def start(self, host: str = "127.0.0.1") -> None:
         ssl_context = self.tls_context if self.implicit_tls else None
@@ -120,8 +124,14 @@ class FakeUpstream:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        """Stop listening and drop every open connection, as a server going down does.
+        (From Python 3.12.1, Server.wait_closed() waits for open connections too: an idle
+        pooled connection from the gateway would otherwise keep it waiting for ever.)"""
         if self._server is not None:
             self._server.close()
+            for session in list(self._sessions):
+                if session.transport is not None:
+                    session.transport.close()
             await self._server.wait_closed()
             self._server = None
 

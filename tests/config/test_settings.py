@@ -232,3 +232,37 @@ def test_proxy_protocol_networks_must_be_networks(config: Path) -> None:
     assert "smtp.proxy_protocol_from: '10.0.0.5/24' is not a network" in problem
     config.write_text(text.replace("10.0.0.5/24", "10.0.0.5"))
     assert [str(n) for n in load_settings(config, {}).smtp.proxy_protocol_from] == ["10.0.0.5/32"]
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:2587", "[::]:587", "192.0.2.10:587"])
+def test_plaintext_auth_is_refused_off_loopback(config: Path, listen: str) -> None:
+    """As Postfix's smtpd_tls_auth_only: tokens never cross a network in clear."""
+    text = config.read_text().replace('listen = "127.0.0.1:2587"', f'listen = "{listen}"')
+    config.write_text(text)
+    line = 1 + text.splitlines().index(
+        next(x for x in text.splitlines() if x.startswith("allow_plaintext_auth"))
+    )
+    (problem,) = problems(config)
+    assert problem.startswith(f"{config}:{line}: smtp.allow_plaintext_auth: AUTH without TLS on ")
+    assert "set tls_cert and tls_key" in problem
+    # An override names the variable that put the listener on the network.
+    config.write_text(text.replace(f'listen = "{listen}"', 'listen = "127.0.0.1:2587"'))
+    (problem,) = problems(config, {"GATEWAY_SMTP__LISTEN": "0.0.0.0:2587"})
+    assert "smtp.allow_plaintext_auth: AUTH without TLS on 0.0.0.0:2587" in problem
+    assert load_settings(config, {"GATEWAY_SMTP__LISTEN": "[::1]:2587"}).smtp.allow_plaintext_auth
+
+
+def test_upstream_credentials_over_plain_tcp_are_refused(config: Path) -> None:
+    (config.parent / "relay.secret").write_text("s3cret\n")
+    text = config.read_text().replace(
+        'tls = "none"', 'tls = "none"\nusername = "gw"\npassword_file = "relay.secret"'
+    )
+    config.write_text(text)
+    line = 1 + text.splitlines().index(next(x for x in text.splitlines() if x.startswith("tls =")))
+    (problem,) = problems(config)
+    assert problem.startswith(
+        f"{config}:{line}: upstream.smarthosts[0].tls: smarthost 127.0.0.1:2525"
+    )
+    assert 'tls = "none"' in problem
+    settings = load_settings(config, {"GATEWAY_UPSTREAM__SMARTHOSTS__0__TLS": "starttls"})
+    assert settings.upstream.smarthosts[0].password == "s3cret"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import trustme
 import yaml
 
 from gateway.config.settings import load_settings
+from gateway.errors import SettingsError
 from gateway.policy.store import PolicyStore
 from gateway.testing.device import FakeDevice
 from gateway.testing.harness import gateway_with_upstream
@@ -138,19 +140,103 @@ def test_the_sync_listener_is_served_mounted_and_reachable_inside_the_cluster() 
 def test_compose_mounts_and_environment_give_valid_settings(tmp_path: Path) -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     service = compose["services"]["gateway"]
-    assert "${GATEWAY_CONFIG_DIR:-../config}:/etc/gateway:ro" in service["volumes"]
+    (config_volume,) = [v for v in service["volumes"] if v.endswith(":/etc/gateway:ro")]
+    # No default: the repository's demo config (development key, plaintext AUTH) is never
+    # what compose starts with; compose refuses to start without GATEWAY_CONFIG_DIR.
+    assert config_volume.startswith("${GATEWAY_CONFIG_DIR:?")
     assert "gateway-data:/var/lib/gateway" in service["volumes"]
     assert service["command"] == ["serve", "--grace", str(GRACE)]
     assert int(service["stop_grace_period"].rstrip("s")) > GRACE
-    shutil.copytree(REPO / "config", tmp_path / "config")
     environ = {
         name: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)  # compose's ${VAR:-default}
         for name, value in service["environment"].items()
     }
-    settings = load_settings(tmp_path / "config" / "gateway.toml", environ)
+    # The shipped starting point for a container's configuration directory loads there...
+    config = container_config_dir(tmp_path / "mine")
+    settings = load_settings(config, environ)
     assert str(settings.smtp.listen) == "0.0.0.0:2587"  # inside the container
+    assert settings.smtp.tls_enabled
+    assert not settings.smtp.allow_plaintext_auth
     assert settings.hold.database == Path("/var/lib/gateway/hold.db")
     assert settings.upstream.smarthosts[0].host == "host.docker.internal"
+    # ...and the demo config, mounted by mistake, is refused with the setting named.
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(tmp_path / "config" / "gateway.toml", environ)
+    (problem,) = caught.value.problems
+    assert "smtp.allow_plaintext_auth: AUTH without TLS on 0.0.0.0:2587" in str(problem)
+    assert str(problem).startswith(str(tmp_path / "config" / "gateway.toml"))
+
+
+def container_config_dir(directory: Path) -> Path:
+    """deploy/docker/gateway.toml with the files it expects next to it (test stand-ins)."""
+    directory.mkdir(parents=True)
+    shutil.copy(DEPLOY / "docker" / "gateway.toml", directory / "gateway.toml")
+    (directory / "policies").mkdir()
+    shutil.copy(REPO / "config" / "policies" / "remove-tiktok.toml", directory / "policies")
+    (directory / "keys").mkdir()
+    TestIssuer.generate("k1").write_jwks(directory / "keys" / "mdm.jwks.json")
+    (directory / "tls").mkdir()
+    cert = trustme.CA().issue_cert("smtp-gateway.example.com", "127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(directory / "tls" / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(directory / "tls" / "key.pem"))
+    return directory / "gateway.toml"
+
+
+def test_the_image_reference_is_one_a_cluster_can_pull() -> None:
+    """kustomize's images: names a registry and a version (never :latest); the rendered
+    Deployment carries it (kubectl kustomize, when kubectl is installed)."""
+    kustomization = yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
+    (container,) = k8s_objects()[("Deployment", "compliance-gateway")]["spec"]["template"]["spec"][
+        "containers"
+    ]
+    (image,) = [i for i in kustomization["images"] if i["name"] == container["image"]]
+    registry = image["newName"].split("/", 1)[0]
+    assert "." in registry or ":" in registry, "a registry host, not a bare local name"
+    assert image.get("newTag") not in (None, "", "latest") or image.get("digest")
+    expected = f"{image['newName']}:{image['newTag']}"
+    if shutil.which("kubectl"):
+        rendered = subprocess.run(
+            ["kubectl", "kustomize", str(DEPLOY / "kubernetes")],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        deployment = next(
+            d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment"
+        )
+        assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == expected
+    operations = (REPO / "docs" / "operations.md").read_text()
+    assert "kustomize edit set image" in operations
+
+
+def test_a_network_policy_keeps_the_admin_and_sync_ports_inside() -> None:
+    """Phones reach the submission ports from anywhere; /metrics and /status only from
+    the monitoring namespace; the sync endpoint only from the mail namespace."""
+    objects = k8s_objects()
+    policy = objects[("NetworkPolicy", "compliance-gateway")]
+    pod = objects[("Deployment", "compliance-gateway")]["spec"]["template"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    allowed: dict[int, list[Any]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            allowed.setdefault(port["port"], []).append(rule.get("from"))
+    assert set(allowed) == set(ports.values())  # every port is named: nothing else is open
+    assert allowed[ports["submission"]] == [None]
+    assert allowed[ports["submissions"]] == [None]
+
+    def namespaces(port: int) -> list[str]:
+        (sources,) = allowed[port]
+        return [
+            s["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for s in sources
+        ]
+
+    assert namespaces(ports["admin"]) == ["monitoring"]
+    assert namespaces(ports["sync"]) == ["mail"]
+    sync_url = yaml.safe_load((DEPLOY / "kubernetes" / "config.yaml").read_text())["data"][
+        "gateway.toml"
+    ]
+    assert tomllib.loads(sync_url)["sync"]["doveadm_url"].startswith("http://dovecot.mail.svc")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.hold.store import HoldStore
+from gateway.hold.store import HoldStore, held_rows
 from gateway.smtp.sasl import plain_response
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import gateway_with_upstream
@@ -60,7 +60,7 @@ async def test_store_full_or_failing_to_sync_gives_451_and_no_row(
         await store._run(break_commits)
         result = await FakeDevice(issuer, apps={TIKTOK}).send(gw.port)
         assert result.data == (451, "4.3.0 Temporary storage failure; please try again later")
-        assert HoldStore(gw.settings.hold.database).select() == []  # rolled back: no partial row
+        assert held_rows(gw.settings.hold.database) == []  # rolled back: no partial row
         assert upstream.messages == []
 
 
@@ -76,7 +76,7 @@ async def test_hold_store_really_full(tmp_path: Path, issuer: TestIssuer) -> Non
         big = make_message(body=("x" * 900 + "\r\n") * 200)
         result = await FakeDevice(issuer, apps={TIKTOK}).send(gw.port, message=big)
         assert result.data == (451, "4.3.0 Temporary storage failure; please try again later")
-        assert HoldStore(gw.settings.hold.database).select() == []
+        assert held_rows(gw.settings.hold.database) == []
 
 
 @pytest.mark.slow
@@ -103,7 +103,7 @@ async def test_sigkill_during_data_leaves_no_ghost(tmp_path: Path, issuer: TestI
         finally:
             await gateway.stop()
         assert upstream.messages == []
-        assert HoldStore(tmp_path / "hold.db").select() == []
+        assert held_rows(tmp_path / "hold.db") == []
 
 
 async def test_clock_jump_expires_tokens_but_not_sessions(
@@ -169,7 +169,7 @@ async def test_sigkill_during_release_loses_nothing(tmp_path: Path, issuer: Test
             killed_at = len(upstream.messages)
             await gateway.start()  # the retracted ban is in force: release at start-up
             async with asyncio.timeout(30):
-                while HoldStore(tmp_path / "hold.db").select():  # noqa: ASYNC110
+                while held_rows(tmp_path / "hold.db"):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
         finally:
             await gateway.stop()
@@ -225,7 +225,7 @@ async def test_sigkill_after_the_message_is_safe_but_before_the_250(
                 )
             )
             async with asyncio.timeout(10):
-                while not database.exists() or not HoldStore(database).select():  # noqa: ASYNC110
+                while not database.exists() or not held_rows(database):  # noqa: ASYNC110
                     await asyncio.sleep(0.001)
             await gateway.kill()
             try:
@@ -237,6 +237,6 @@ async def test_sigkill_after_the_message_is_safe_but_before_the_250(
         finally:
             await gateway.stop()
     assert [b"Subject: relayed" in m.content for m in upstream.messages] == [True]
-    (row,) = HoldStore(database).select()  # survived the kill, whether or not 250 went out
+    (row,) = held_rows(database)  # survived the kill, whether or not 250 went out
     assert row.user == "alice@example.test"
     print(f"held message: client got 250 before the kill: {got_250}")

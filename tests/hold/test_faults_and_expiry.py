@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.hold.store import HoldStore
+from gateway.hold.store import held_rows
 from gateway.testing.device import FakeDevice
 from gateway.testing.harness import running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
@@ -40,7 +40,7 @@ async def test_locked_store_gives_451_4_3_0_and_no_row(tmp_path: Path, issuer: T
                 locker.execute("ROLLBACK")
                 locker.close()
             assert result.data == (451, "4.3.0 Temporary storage failure; please try again later")
-            assert HoldStore(gateway.settings.hold.database).select() == []
+            assert held_rows(gateway.settings.hold.database) == []
             # And once the lock is gone, holding works again.
             again = await FakeDevice(issuer, apps={TIKTOK}).send(gateway.port)
             assert again.data == (250, "2.6.0 held: Remove TikTok.")
@@ -61,7 +61,7 @@ async def test_expired_held_mail_bounces_with_a_dsn(tmp_path: Path, issuer: Test
             clock[0] += timedelta(hours=2)
             (bounce,) = await upstream.wait_for(1)
             async with asyncio.timeout(5):  # the row goes right after the bounce's 250
-                while HoldStore(gateway.settings.hold.database).select():  # noqa: ASYNC110
+                while held_rows(gateway.settings.hold.database):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
     assert bounce.sender == ""  # null reverse-path: bounces never bounce
     assert bounce.recipients == ("alice@example.test",)
@@ -86,6 +86,6 @@ async def test_a_hold_below_the_free_space_floor_gets_452_4_3_1_and_no_row(
         async with running_gateway(config) as gateway:
             result = await FakeDevice(issuer, apps={TIKTOK}).send(gateway.port)
             assert result.data == (452, "4.3.1 Insufficient system storage; please try again later")
-            assert HoldStore(gateway.settings.hold.database).select() == []
+            assert held_rows(gateway.settings.hold.database) == []
             # Allowed mail is not held, so it is not refused.
             assert (await FakeDevice(issuer).send(gateway.port)).accepted

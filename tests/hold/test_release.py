@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.hold.store import HoldStore
+from gateway.hold.store import held_rows
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
@@ -64,5 +64,5 @@ async def test_release_pages_lanes_and_batched_deletes_keep_each_devices_order(
                     if m.sender == f"{name}@example.test"
                 ]
                 assert got == sent[name]
-            left = HoldStore(gateway.settings.hold.database).select()
+            left = held_rows(gateway.settings.hold.database)
             assert [h.user for h in left] == ["ann@example.test", "ann@example.test"]

@@ -96,7 +96,11 @@ def test_a_store_from_the_first_release_gains_the_new_columns_and_keeps_its_rows
         assert store.content("old-1") == MESSAGE
     finally:
         store.close()
-    columns = {row[1] for row in sqlite3.connect(str(database)).execute("PRAGMA table_info(held)")}
+    db = sqlite3.connect(str(database))
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(held)")}
+    finally:
+        db.close()
     assert {"options", "claim_id", "claimed_at", "bounce_of"} <= columns
 
 

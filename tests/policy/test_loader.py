@@ -292,3 +292,60 @@ def test_parse_cache_reparses_only_changed_files(tmp_path: Path) -> None:
         '[[policy]]\nid = "b"\nmatch.users = ["b@example.test"]\naction = "warn"\n'
     )
     assert load_policy_dir(tmp_path, cache=cache).version == load_policy_dir(tmp_path).version
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "code"),
+    [
+        ("message", "Remove\\u0000 TikTok", "U+0000"),
+        ("message", "Remove\\u0007 TikTok", "U+0007"),
+        ("title", "\\u001b[31mRed title", "U+001B"),
+        ("message", "Remove\\r\\n250 fake", "U+000D"),
+        ("retracted_reason", "sent\\u0085in error", "U+0085"),
+        ("message", "line\\u2028separator", "U+2028"),
+    ],
+)
+def test_control_characters_in_policy_text_are_refused(
+    tmp_path: Path, key: str, value: str, code: str
+) -> None:
+    # NUL, BEL, ESC and CR LF would otherwise reach the SMTP reply, the
+    # X-Compliance-Notice header, notices, logs and the admin's terminal.
+    extra = f'{key} = "{value}"\n'
+    text = BAN.replace('message = "Remove TikTok."\n', "") + extra
+    if key == "retracted_reason":
+        text = BAN + 'state = "retracted"\n' + extra
+    write(tmp_path, "ban.toml", text)
+    (problem,) = problems_of(tmp_path)
+    line = text.count("\n")  # the key is the file's last line
+    assert problem.startswith(f"{tmp_path / 'ban.toml'}:{line}: policy[0].{key}: ")
+    assert code in problem
+
+
+def test_policy_text_length_is_bounded_by_the_reply_line(tmp_path: Path) -> None:
+    from gateway.policy.loader import MAX_POLICY_TEXT
+
+    write(tmp_path, "ban.toml", BAN.replace("Remove TikTok.", "x" * 3000))
+    (problem,) = problems_of(tmp_path)
+    assert f"{tmp_path / 'ban.toml'}:8: policy[0].message: is 3000 characters long" in problem
+    assert "512 octets" in problem
+    write(tmp_path, "ban.toml", BAN.replace("Remove TikTok.", "x" * MAX_POLICY_TEXT))
+    assert load_policy_dir(tmp_path, GROUPS).policies[0].message == "x" * MAX_POLICY_TEXT
+
+
+def test_longest_policy_text_keeps_every_reply_within_512_octets(tmp_path: Path) -> None:
+    """The bound is what it claims: the longest reply built from policy text (the
+    announce-phase NOTICE with its deadline) still fits RFC 5321's reply line."""
+    from dataclasses import replace
+    from datetime import datetime, timedelta, timezone
+
+    from gateway.domain import Phase
+    from gateway.policy.loader import MAX_POLICY_TEXT
+    from gateway.replies import Reply
+
+    write(tmp_path, "ban.toml", BAN.replace("Remove TikTok.", "é" * MAX_POLICY_TEXT))
+    policy = load_policy_dir(tmp_path, GROUPS).policies[0]
+    deadline = datetime(2020, 7, 10, 23, 59, 59, 999999, timezone(timedelta(hours=-7)))
+    policy = replace(policy, enforce_at=deadline)
+    text = policy.message_for(Phase.ANNOUNCE)
+    wire = Reply(250, "2.0.0", f"Message accepted. NOTICE: {text}").wire() + "\r\n"
+    assert len(wire.encode()) <= 512

@@ -11,7 +11,7 @@ import aiosmtplib
 import pytest
 import trustme
 
-from gateway.hold.store import HoldStore
+from gateway.hold.store import held_rows
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import (
     RunningGateway,
@@ -108,7 +108,7 @@ async def test_hold_stores_durably_and_answers_250_2_6_0(
     result = await FakeDevice(issuer, user="hold@example.test").send(gw.port, mechanism=mechanism)
     assert result.data == (250, "2.6.0 held: Policy says hold.")
     assert upstream.messages == []
-    (held,) = HoldStore(gw.settings.hold.database).select()
+    (held,) = held_rows(gw.settings.hold.database)
     assert held.user == "hold@example.test"
     assert held.policy_ids == ("hold-policy",)
 

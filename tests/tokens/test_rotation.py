@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -104,15 +105,22 @@ async def test_random_kids_cannot_make_the_gateway_hammer_the_issuer(tmp_path: P
     with FakeJwksServer.running() as jwks:
         jwks.publish(issuer)
         async with FakeUpstream.running() as upstream:
-            config = write_config(tmp_path, issuer=issuer, upstream_port=upstream.port)
+            # Failed AUTHs are slowed down per session (0.5 s each by default): that would
+            # stretch the 20 attempts past the 10 s window this test is about.
+            config = write_config(
+                tmp_path, issuer=issuer, upstream_port=upstream.port,
+                limits={"auth_failure_delay_seconds": 0.01},
+            )  # fmt: skip
             use_jwks(config, jwks.url, refresh_seconds=3600)
             async with running_gateway(config) as gateway:
                 phone = FakeDevice(issuer)
+                started = time.monotonic()
                 for n in range(20):
                     forged = issuer.sign(issuer.claims(), header={"kid": f"made-up-{n}"})
                     result = await phone.send(gateway.port, token=forged)
                     assert result.auth is not None
                     assert result.auth[0] == 535
+                assert time.monotonic() - started < 10  # within one rate-limit window
                 assert jwks.requests == 2  # the start, and one unknown-kid fetch
 
 
