@@ -294,9 +294,11 @@ class Submission:
             return replies.TOO_MANY_MESSAGES, None
         await self.events.before_mail(claims)
         if self.first_seen is not None:
-            decision = await self.first_seen.decide(self.policies.current, claims, now)
+            decision = await self.first_seen.decide(
+                self.policies.current, claims, now, overrides=self.policies.overrides
+            )
         else:
-            decision = decide(self.policies.current, claims, now)
+            decision = decide(self.policies.current, claims, now, overrides=self.policies.overrides)
         self.metrics.decided(decision)
         if decision.action is not Action.ALLOW:
             self.events.decided(claims, decision)
