@@ -1184,7 +1184,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
                 else f"policy {args.policy_id} was not suspended"
             )
         else:
-            subject = f"user:{args.user}" if args.user else f"device:{args.device}"
+            subject = f"user:{args.user.casefold()}" if args.user else f"device:{args.device}"
             if args.remove:
                 count = store.remove_exemption(args.policy_id, subject)
                 fields |= {"subject": subject, "removed": count}

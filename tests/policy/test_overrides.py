@@ -182,3 +182,57 @@ def test_policy_cli_refuses_an_unknown_policy_and_a_missing_reason(
     argv = ["policy", "suspend", "remove-tiktok", "--for", "soon", "--reason", "x"]
     assert main([*argv, "--config", str(config)]) == 2
     assert "not a duration" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+async def test_admin_api_suspend_resume_exempt_and_refusals(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    from tests.admin.kit import carol, console, hold
+
+    async with console(tmp_path, issuer) as c:
+        gateway, upstream = c.gateway, c.upstream
+        await hold(carol(issuer), gateway.port, "carol held")
+        path = "/policies/remove-tiktok/suspend"
+        terms = {"seconds": "3600", "reason": "incident 42"}
+        # Refusals first: none of them suspends anything.
+        assert (await c.viewer.post(path, **terms))[0] == 403
+        status, body = await c.operator.post(path, csrf=False, **terms)
+        assert status == 403
+        assert "X-Gateway-CSRF" in body["error"]
+        assert (await c.operator.post(path, seconds="3600"))[0] == 400  # no reason
+        assert (await c.operator.post(path, reason="x"))[0] == 400  # no duration
+        assert (await c.operator.post("/policies/no-such/suspend", **terms))[0] == 404
+        assert (await c.operator.post("/policies/remove-tiktok/resume"))[0] == 404
+        assert (await c.viewer.get("/overrides")) == (200, {"overrides": []})
+        assert upstream.messages == []
+
+        status, body = await c.operator.post(path, **terms)
+        assert status == 200, body
+        # The API change is applied at once: the held mail goes out within 5 s.
+        await upstream.wait_for(1, timeout=5.0)
+        status, listed = await c.viewer.get("/overrides")
+        assert status == 200
+        assert [(o["policy_id"], o["kind"], o["actor"]) for o in listed["overrides"]] == [
+            ("remove-tiktok", "suspension", "admin:ops")
+        ]
+        status, body = await c.operator.post("/policies/remove-tiktok/resume")
+        assert (status, body["count"]) == (200, 1)
+        assert gateway.server.services.policies.overrides == Overrides()
+        await hold(carol(issuer), gateway.port, "carol held again")
+
+        exemptions = "/policies/remove-tiktok/exemptions"
+        assert (await c.viewer.post(exemptions, user="carol@example.test", **terms))[0] == 403
+        assert (await c.operator.post(exemptions, **terms))[0] == 400  # nobody named
+        status, body = await c.operator.post(
+            exemptions, user="Carol@Example.test", seconds="3600", reason="travel"
+        )
+        assert status == 200, body
+        assert body["subject"] == "user:carol@example.test"
+        await upstream.wait_for(2, timeout=5.0)
+        status, audit = await c.viewer.get("/audit")
+        assert [e["action"] for e in audit["entries"]][:3] == [
+            "policy.exempt",
+            "policy.resume",
+            "policy.suspend",
+        ]
