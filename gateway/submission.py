@@ -462,6 +462,7 @@ class Submission:
             policy_ids=list(decision.policy_ids),
             audit=[f"{m.policy_id}:{m.action.label}" for m in decision.audit],
             exempted=list(decision.exempted),
+            overridden=list(decision.overridden),
             outside_rollout=list(decision.outside_rollout),
             deadlines=decision.deadlines,
             policy_version=decision.policy_version,

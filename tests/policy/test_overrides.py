@@ -89,9 +89,14 @@ async def test_suspend_by_cli_releases_held_mail_and_its_expiry_enforces_again(
             finally:
                 store.close()
             # New mail from the phone is relayed while the policy is suspended.
+            capsys.readouterr()
             code, _text = await send(gateway, ann, "while suspended")
             assert code == 250
             await upstream.wait_for(2)
+            decision_log = [
+                line for line in capsys.readouterr().out.splitlines() if "decision" in line
+            ]
+            assert any("overridden=['remove-tiktok: suspended']" in line for line in decision_log)
 
             code = await cli(gateway, "policy", "overrides", "--json")
             out = capsys.readouterr().out  # the gateway's own log lines are on stdout too
