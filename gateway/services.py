@@ -368,12 +368,14 @@ class Services:
         limit = self.settings.max_newly_blocked_devices
         if limit is None:
             return None
+        overrides = self.policies.overrides  # a suspended policy blocks nobody, before or after
         report = assess(
             live,
             candidate,
             self.inventory.devices(),
             self.clock(),
             accesses_of=self.inventory.accesses_of,
+            overrides=(overrides, overrides),
         )
         return blast_radius_refusal(report, candidate, diff, limit)
 

@@ -46,7 +46,7 @@ from gateway.admin.openapi import OPENAPI
 from gateway.admin.tokens import Admin, Role, TokensFile, TokensFileError
 from gateway.config.settings import Settings, StoreSettings
 from gateway.devices.inventory import Inventory
-from gateway.domain import Access, Clock, DeviceClaims
+from gateway.domain import Access, Clock, DeviceClaims, Overrides
 from gateway.errors import HoldStoreError, PolicyLoadError, Problem
 from gateway.hold.backend import open_store_at
 from gateway.hold.dsn import admin_drop_report
@@ -419,7 +419,7 @@ class Handlers:
         values = _params(request, {"user", "device"})
         user = _text(values, "user")
         device = _text(values, "device")
-        live = self.api.policies.current
+        live, overrides = self.api.policies.current, self.api.policies.overrides
         now = self.api.clock()
         inventory = self.api.inventory
         chosen = [  # a snapshot, on the loop; deciding them all is a worker thread's job
@@ -430,7 +430,7 @@ class Handlers:
         ]
         chosen.sort(key=lambda pair: (pair[0].user, pair[0].device.id))
         rows = await asyncio.to_thread(
-            lambda: [_device_row(live, claims, now, used) for claims, used in chosen]
+            lambda: [_device_row(live, claims, now, used, overrides) for claims, used in chosen]
         )
         return _json({"policy_version": live.version, "at": now.isoformat(), "devices": rows})
 
@@ -602,13 +602,18 @@ def _headers(block: bytes) -> tuple[list[list[str]], bool]:
 
 
 def _device_row(
-    live: CompiledPolicySet, claims: DeviceClaims, now: datetime, accesses: frozenset[Access]
+    live: CompiledPolicySet,
+    claims: DeviceClaims,
+    now: datetime,
+    accesses: frozenset[Access],
+    overrides: Overrides,
 ) -> dict[str, object]:
     return {
         **claims.summary(),
         "seen_for": sorted(a.value for a in accesses),
         "decisions": {
-            access.value: decide(live, claims, now, access).as_dict() for access in Access
+            access.value: decide(live, claims, now, access, overrides=overrides).as_dict()
+            for access in Access
         },
     }
 

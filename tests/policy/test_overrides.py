@@ -221,6 +221,10 @@ async def test_admin_api_suspend_resume_exempt_and_refusals(
         assert [(o["policy_id"], o["kind"], o["actor"]) for o in listed["overrides"]] == [
             ("remove-tiktok", "suspension", "admin:ops")
         ]
+        status, devices = await c.viewer.get("/devices", device="carol-phone")
+        assert status == 200
+        (row,) = devices["devices"]
+        assert row["decisions"]["send"]["overridden"] == ["remove-tiktok: suspended"]
         status, body = await c.operator.post("/policies/remove-tiktok/resume")
         assert (status, body["count"]) == (200, 1)
         assert gateway.server.services.policies.overrides == Overrides()
