@@ -123,24 +123,14 @@ CREATE TABLE IF NOT EXISTS policy_first_seen (
     first_seen REAL NOT NULL,
     PRIMARY KEY (device_id, policy_id)
 );
--- Operator overrides without editing policy files (gateway policy suspend / exempt); rows
--- past ``until`` are ignored and pruned.
-CREATE TABLE IF NOT EXISTS policy_suspensions (
-    policy_id  TEXT PRIMARY KEY,
-    until      REAL NOT NULL,                          -- unix time
-    reason     TEXT NOT NULL,
-    actor      TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS policy_exemptions (
-    policy_id      TEXT NOT NULL,
-    user_or_device TEXT NOT NULL,                      -- user:NAME or device:ID
-    until          REAL NOT NULL,
-    reason         TEXT NOT NULL,
-    actor          TEXT NOT NULL,
-    created_at     REAL NOT NULL,
-    PRIMARY KEY (policy_id, user_or_device)
-);
+-- Operator overrides without editing policy files (gateway policy suspend / exempt): rows
+-- past ``until`` (unix time) are ignored and pruned; user_or_device is user:NAME or device:ID.
+CREATE TABLE IF NOT EXISTS policy_suspensions (policy_id TEXT PRIMARY KEY, until REAL NOT NULL,
+    reason TEXT NOT NULL, actor TEXT NOT NULL, created_at REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS policy_exemptions (policy_id TEXT NOT NULL,
+    user_or_device TEXT NOT NULL, until REAL NOT NULL, reason TEXT NOT NULL,
+    actor TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (policy_id, user_or_device)) WITHOUT ROWID;
 """
 
 # Columns added after the first release of the store: (table, name, declaration). A store
