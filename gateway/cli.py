@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.config.settings import Settings, default_config_path, load_settings
-from gateway.domain import Access, PolicyMatch
+from gateway.domain import Access, Overrides, PolicyMatch
 from gateway.errors import (
     ConfigError,
     GatewayError,
@@ -257,7 +257,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     policy_set = load_policy_dir(settings.policy_dir, settings.groups)
     compiled = compile_policy_set(policy_set)
     first_seen = _first_seen_times(settings, policy_set, claims.device.id)
-    decision = decide(compiled, claims, now, access, first_seen)
+    overrides = _overrides(settings, now)
+    decision = decide(compiled, claims, now, access, first_seen, overrides)
     # Policies that would apply to the other access only: the answer to "why does the
     # sync ban not show here?". Empty unless some policy narrows scope.access.
     other = Access.SYNC if access is Access.SEND else Access.SEND
@@ -265,7 +266,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     other_matches: dict[str, PolicyMatch] = {}
     if compiled.narrowed:
         here = {m.policy_id for m in (*decision.matches, *decision.audit)} | set(decision.exempted)
-        there = decide(compiled, claims, now, other, first_seen)
+        there = decide(compiled, claims, now, other, first_seen, overrides)
         other_matches = {m.policy_id: m for m in (*there.matches, *there.audit)}
         other_only = sorted((set(other_matches) | set(there.exempted)) - here)
     sources = {p.id: str(p.source) for p in policy_set.policies}
@@ -310,6 +311,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         )
     for policy_id in decision.exempted:
         print(f"  {'exempted':<20} {policy_id:<24} {'':<7} {'':<9} {sources.get(policy_id, '')}")
+    for text in decision.overridden:
+        policy_id, _, why = text.partition(": ")
+        print(f"  {'overridden':<20} {policy_id:<24} {why} (gateway policy overrides)")
     for policy_id in other_only:
         title = f"{other.value} only"
         found = other_matches.get(policy_id)
@@ -335,6 +339,28 @@ def _first_seen_times(
     except HoldStoreError as exc:
         print(f"warning: first-seen times: {exc}; grace counted from now", file=sys.stderr)
         return {}
+    finally:
+        store.close()
+
+
+def _overrides(settings: Settings, now: datetime) -> Overrides:
+    """The operator overrides in force (gateway policy suspend / exempt), as the running
+    gateway applies them; none when there is no store here."""
+    from gateway.hold.backend import open_store
+    from gateway.hold.store import overrides_of
+
+    if settings.store.url is None and not settings.hold.database.is_file():
+        return Overrides()
+    try:
+        store = open_store(settings)
+    except HoldStoreError as exc:
+        print(f"warning: policy overrides: {exc}; none applied", file=sys.stderr)
+        return Overrides()
+    try:
+        return overrides_of(store.policy_overrides(now))
+    except HoldStoreError as exc:
+        print(f"warning: policy overrides: {exc}; none applied", file=sys.stderr)
+        return Overrides()
     finally:
         store.close()
 
@@ -665,6 +691,32 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--json", action="store_true")
         _add_config(action)
         action.set_defaults(func=cmd_hold)
+
+    policy = sub.add_parser(
+        "policy", help="suspend, resume or exempt from a policy without editing files"
+    )
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    suspend = policy_sub.add_parser("suspend", help="a policy contributes nothing for a while")
+    resume = policy_sub.add_parser("resume", help="end a policy's suspension now")
+    exempt = policy_sub.add_parser(
+        "exempt", help="break-glass: exempt one user or device from a policy for a while"
+    )
+    overrides = policy_sub.add_parser("overrides", help="list the overrides in force")
+    for action in (suspend, resume, exempt):
+        action.add_argument("policy_id", metavar="ID")
+    for action in (suspend, exempt):
+        action.add_argument("--for", dest="duration", metavar="DURATION", help="e.g. 30m, 2h, 1d")
+        action.add_argument("--reason", default="", help="why (shown and audited)")
+    suspend.set_defaults(until=None)
+    exempt.add_argument("--until", metavar="TIME", help="ISO 8601 with a UTC offset")
+    who = exempt.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user")
+    who.add_argument("--device")
+    exempt.add_argument("--remove", action="store_true", help="end this exemption now")
+    for action in (suspend, resume, exempt, overrides):
+        action.add_argument("--json", action="store_true")
+        _add_config(action)
+        action.set_defaults(func=cmd_policy)
 
     store = sub.add_parser("store", help="the shared PostgreSQL store ([store] url)")
     store_sub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
@@ -1033,6 +1085,129 @@ def _audit_hold(
         count=count,
         database=database,
     )
+
+
+# --- policy overrides --------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_duration(text: str) -> timedelta:
+    """``90s``, ``15m``, ``2h``, ``1d`` (or a number of seconds)."""
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in _UNITS else (text, "s")
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value * _UNITS[unit] > 366 * 86400:
+        raise CliError(f"--for: {text!r} is not a duration such as 30m, 2h or 1d (at most 366d)")
+    return timedelta(seconds=value * _UNITS[unit])
+
+
+def _override_until(args: argparse.Namespace, now: datetime) -> datetime:
+    if getattr(args, "until", None):
+        until = _parse_time(args.until)
+        if until <= now:
+            raise CliError(f"--until: {args.until} is not in the future")
+        return until
+    if args.duration is None:
+        raise CliError("say how long: --for 2h (or --until TIME)")
+    return now + _parse_duration(args.duration)
+
+
+def _known_policy(settings: Settings, policy_id: str) -> None:
+    """Refuse a policy id the policy directory does not have (a typo would override
+    nothing); a directory that does not load is only warned about."""
+    try:
+        ids = {p.id for p in load_policy_dir(settings.policy_dir, settings.groups).policies}
+    except PolicyLoadError as exc:
+        print(f"warning: policies in {settings.policy_dir} do not load: {exc}", file=sys.stderr)
+        return
+    if policy_id not in ids:
+        raise CliError(
+            f"no policy {policy_id!r} in {settings.policy_dir} (gateway check lists them)"
+        )
+
+
+def _os_user() -> str:
+    import getpass
+    import os
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        return f"uid {os.getuid()}"
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    """Suspend, resume and exempt from policies without editing files: written to the hold
+    store, which the running gateways read within seconds (docs/policies.md)."""
+    from gateway.hold.backend import describe_store, open_store
+    from gateway.ops import logs
+
+    settings = _settings(args)
+    now = datetime.now(UTC)
+    command = args.policy_command
+    if command == "suspend" or (command == "exempt" and not args.remove):
+        _known_policy(settings, args.policy_id)
+        if not args.reason.strip():
+            raise CliError("--reason: say why (it is shown with the override and audited)")
+    store = open_store(settings)
+    try:
+        if command == "overrides":
+            rows = store.policy_overrides(now)
+            if args.json:
+                _print_json({"schema": 1, "overrides": [r.as_dict() for r in rows]})
+            else:
+                for r in rows:
+                    what = "suspended" if r.subject is None else f"exempt {r.subject}"
+                    print(
+                        _terminal_safe(
+                            f"{r.policy_id:<24} {what:<32} until {r.until.isoformat()} "
+                            f"by {r.actor}: {r.reason}"
+                        )
+                    )
+                print(f"{len(rows)} override(s)", file=sys.stderr)
+            return EXIT_OK
+        actor = f"cli:{_os_user()}"
+        fields: dict[str, object] = {"policy_id": args.policy_id}
+        if command == "suspend":
+            until = _override_until(args, now)
+            store.suspend_policy(args.policy_id, until, args.reason, actor, now)
+            fields |= {"until": until.isoformat(), "reason": args.reason}
+            text = f"policy {args.policy_id} suspended until {until.isoformat()}"
+        elif command == "resume":
+            count = store.resume_policy(args.policy_id)
+            fields["count"] = count
+            text = (
+                f"policy {args.policy_id} resumed"
+                if count
+                else f"policy {args.policy_id} was not suspended"
+            )
+        else:
+            subject = f"user:{args.user.casefold()}" if args.user else f"device:{args.device}"
+            if args.remove:
+                count = store.remove_exemption(args.policy_id, subject)
+                fields |= {"subject": subject, "removed": count}
+                text = f"{count} exemption(s) of {subject} from {args.policy_id} removed"
+            else:
+                until = _override_until(args, now)
+                store.exempt_from_policy(args.policy_id, subject, until, args.reason, actor, now)
+                fields |= {"subject": subject, "until": until.isoformat(), "reason": args.reason}
+                text = f"{subject} exempt from {args.policy_id} until {until.isoformat()}"
+        logs.audit(
+            f"admin_policy_{command}",
+            os_user=_os_user(),
+            database=describe_store(settings),
+            **fields,
+        )
+        if args.json:
+            _print_json({"schema": 1, "action": command, **fields})
+        else:
+            print(_terminal_safe(text) + "; running gateways apply it within seconds")
+        return EXIT_OK
+    finally:
+        store.close()
 
 
 # --- store -------------------------------------------------------------------------------

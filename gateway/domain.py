@@ -206,6 +206,9 @@ class Decision:
     matches: tuple[PolicyMatch, ...] = ()  # policies in force that matched
     audit: tuple[PolicyMatch, ...] = ()  # audit-state policies: what would have happened
     exempted: tuple[str, ...] = ()  # policies that matched but exempt this user/device
+    # Policies that matched but an operator override set aside: "ID: suspended" or
+    # "ID: break-glass exemption" (gateway policy suspend / exempt).
+    overridden: tuple[str, ...] = ()
     # Policies with grace_hours that applied without a first-seen time for this device: the
     # engine counted from ``now``; the caller records the time and may decide again.
     first_seen_needed: tuple[str, ...] = ()
@@ -252,7 +255,24 @@ class Decision:
             "matches": [match_dict(m) for m in self.matches],
             "audit": [match_dict(m) for m in self.audit],
             "exempted": list(self.exempted),
+            "overridden": list(self.overridden),
         }
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Operator overrides in force, read from the hold store by the services: suspended
+    policy ids, and (policy id, subject) break-glass exemptions where the subject is
+    ``user:NAME`` or ``device:ID``. The engine is given them and stays pure."""
+
+    suspended: frozenset[str] = frozenset()
+    exempt: frozenset[tuple[str, str]] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.suspended or self.exempt)
+
+
+NO_OVERRIDES = Overrides()
 
 
 @dataclass(frozen=True)

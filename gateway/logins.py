@@ -25,7 +25,7 @@ from typing import Protocol
 import structlog
 
 from gateway.config.settings import HoldAtLogin, SyncSettings
-from gateway.domain import Access, Action, Clock, Decision, DeviceClaims
+from gateway.domain import NO_OVERRIDES, Access, Action, Clock, Decision, DeviceClaims, Overrides
 from gateway.errors import TokenError
 from gateway.hold.first_seen import FirstSeenTimes
 from gateway.ops.logs import printable
@@ -119,11 +119,15 @@ def sync_changes(
     now: datetime,
     accesses_of: Callable[[DeviceClaims], Iterable[Access]],
     hold: HoldAtLogin,
+    overrides: tuple[Overrides, Overrides] = (NO_OVERRIDES, NO_OVERRIDES),
 ) -> list[SyncChange]:
     """The devices that sync (per ``accesses_of``) whose login outcome differs between the
-    two sets: allow to warn changes nothing for a session, allow to hold does."""
+    two sets (each with its operator ``overrides``): allow to warn changes nothing for a
+    session, allow to hold does."""
     syncing = [d for d in devices if Access.SYNC in set(accesses_of(d))]
-    report = assess(live, candidate, syncing, now, accesses_of=lambda _d: (Access.SYNC,))
+    report = assess(
+        live, candidate, syncing, now, accesses_of=lambda _d: (Access.SYNC,), overrides=overrides
+    )
     changes = []
     for change in report.changes:
         before, after = sync_outcome(change.before, hold), sync_outcome(change.after, hold)
@@ -225,10 +229,16 @@ class Logins:
         self.events.logged_in(claims)
         if self.first_seen is not None:
             decision = await self.first_seen.decide(
-                self.policies.current, claims, self.clock(), Access.SYNC
+                self.policies.current, claims, self.clock(), Access.SYNC, self.policies.overrides
             )
         else:
-            decision = decide(self.policies.current, claims, self.clock(), access=Access.SYNC)
+            decision = decide(
+                self.policies.current,
+                claims,
+                self.clock(),
+                access=Access.SYNC,
+                overrides=self.policies.overrides,
+            )
         return LoginResult(self._outcome(decision), claims, decision, started=started)
 
     def _outcome(self, decision: Decision) -> Outcome:
@@ -287,6 +297,7 @@ class Logins:
             policy_ids=list(decision.policy_ids),
             audit=[f"{m.policy_id}:{m.action.label}" for m in decision.audit],
             exempted=list(decision.exempted),
+            overridden=list(decision.overridden),
             outside_rollout=list(decision.outside_rollout),
             deadlines=decision.deadlines,
             policy_version=decision.policy_version,

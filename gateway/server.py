@@ -131,6 +131,7 @@ class GatewayServer:
             status=lambda: json.loads(self._status()[2]),
             spawn=self.spawn,
             blast_radius_limit=self.settings.max_newly_blocked_devices,
+            overrides_changed=services.refresh_overrides,
         )
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:

@@ -25,7 +25,7 @@ from gateway.errors import HoldStoreError, SettingsError
 from gateway.hold.backend import async_store
 from gateway.hold.first_seen import FirstSeenTimes
 from gateway.hold.release import Releaser, Spawn
-from gateway.hold.store import HeldMessage
+from gateway.hold.store import HeldMessage, PolicyOverride, overrides_of
 from gateway.logins import Logins, SessionEnder, SyncChange, sync_changes
 from gateway.ops.metrics import Metrics
 from gateway.policy.diff import PolicyDiff
@@ -42,6 +42,10 @@ from gateway.upstream.mx import MxRouter, configured_resolver
 from gateway.upstream.relay import Relay, RelayObserver
 
 log = structlog.get_logger("gateway.server")
+
+# Seconds between reads of the operator overrides (gateway policy suspend / exempt): another
+# process (the CLI, another replica) may change them, and the change must act within seconds.
+OVERRIDES_POLL = 1.0
 
 
 def build_relay(settings: Settings, observer: RelayObserver | None = None) -> Relay:
@@ -144,6 +148,7 @@ class Services:
         # the server when [sync] doveadm_url is (the doveadm HTTP API is an adapter).
         self.session_ender: SessionEnder | None = None
         self._in_force: CompiledPolicySet | None = None  # the set before the next reload
+        self.override_rows: list[PolicyOverride] = []  # the overrides in force, as stored
         self.logins = Logins(
             settings.sync,
             self.verifier,
@@ -175,6 +180,8 @@ class Services:
         if self.settings.store.postgres:  # other gateways' holds and admin releases
             self.spawn(self.hold_store.listen(self._store_notice), "store-notifications")
         await self.inventory.load()
+        await self.refresh_overrides()
+        self.spawn(self._watch_overrides(), "overrides")
         await self.measure_held()
         self.last_good_reload = time.time()
         if self.jwks.enabled:
@@ -198,12 +205,60 @@ class Services:
         """The periodic pass: the store's write probe, expiry (its bounces go out in the
         same tick), retries and admin releases, the inventory flush."""
         await self.check_store()
+        await self.refresh_overrides(prune=True)
         await self.releaser.expire()
         await self.releaser.run()
         await self.inventory.flush()
         await self.measure_held()
         if self.announcer is not None:
             self.spawn(self.announcer.sweep(self.policies.current), "announce")
+
+    async def refresh_overrides(self, *, prune: bool = False) -> bool:
+        """Read the operator overrides in force; when they changed (a suspension, an
+        exemption, a resume, an expiry), act as after a reload: a release pass for held
+        mail, and sync sessions ended where the login decision changes. A store that
+        cannot be read keeps the overrides in force."""
+        now = self.clock()
+        try:
+            if prune:
+                await self.hold_store.prune_overrides(now)
+            rows = await self.hold_store.policy_overrides(now)
+        except HoldStoreError as exc:
+            log.warning("policy_overrides_unavailable", error=str(exc))
+            return False
+        self.override_rows = rows
+        before, after = self.policies.overrides, overrides_of(rows)
+        if after == before:
+            return False
+        self.policies.overrides = after
+        log.info(
+            "policy_overrides_changed",
+            suspended=sorted(after.suspended),
+            exemptions=sorted(f"{p} {s}" for p, s in after.exempt),
+        )
+        if not self.policies.ready:
+            return True
+        self.spawn(self.releaser.run(), "release-after-override")
+        if self.settings.sync.enabled:
+            in_force = self.policies.current
+            changes = sync_changes(
+                in_force,
+                in_force,
+                self.inventory.devices(),
+                now,
+                self.inventory.accesses_of,
+                self.settings.sync.hold,
+                overrides=(before, after),
+            )
+            if changes:
+                self._sync_changed(changes)
+        return True
+
+    async def _watch_overrides(self) -> None:
+        """Pick up overrides written by another process within :data:`OVERRIDES_POLL`."""
+        while True:
+            await asyncio.sleep(OVERRIDES_POLL)
+            await self.refresh_overrides()
 
     async def measure_held(self) -> None:
         """The held-mail gauges, from one aggregate query."""
@@ -266,6 +321,7 @@ class Services:
         if not result.diff.is_empty:
             self.spawn(self.releaser.run(), "release-after-reload")
         if before is not None and self.settings.sync.enabled:
+            overrides = self.policies.overrides
             changes = sync_changes(
                 before,
                 self.policies.current,
@@ -273,6 +329,7 @@ class Services:
                 self.clock(),
                 self.inventory.accesses_of,
                 self.settings.sync.hold,
+                overrides=(overrides, overrides),
             )
             if changes:
                 self._sync_changed(changes)
@@ -311,12 +368,14 @@ class Services:
         limit = self.settings.max_newly_blocked_devices
         if limit is None:
             return None
+        overrides = self.policies.overrides  # a suspended policy blocks nobody, before or after
         report = assess(
             live,
             candidate,
             self.inventory.devices(),
             self.clock(),
             accesses_of=self.inventory.accesses_of,
+            overrides=(overrides, overrides),
         )
         return blast_radius_refusal(report, candidate, diff, limit)
 
@@ -354,6 +413,8 @@ class Services:
             self.releaser.note_held(device_id)
         elif kind == "release":
             self.spawn(self.releaser.run(), "release-notified")
+        elif kind == "overrides":
+            self.spawn(self.refresh_overrides(), "overrides-notified")
 
     def _released(self, held: HeldMessage) -> None:
         if self.notifier is not None:

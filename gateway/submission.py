@@ -294,9 +294,11 @@ class Submission:
             return replies.TOO_MANY_MESSAGES, None
         await self.events.before_mail(claims)
         if self.first_seen is not None:
-            decision = await self.first_seen.decide(self.policies.current, claims, now)
+            decision = await self.first_seen.decide(
+                self.policies.current, claims, now, overrides=self.policies.overrides
+            )
         else:
-            decision = decide(self.policies.current, claims, now)
+            decision = decide(self.policies.current, claims, now, overrides=self.policies.overrides)
         self.metrics.decided(decision)
         if decision.action is not Action.ALLOW:
             self.events.decided(claims, decision)
@@ -460,6 +462,7 @@ class Submission:
             policy_ids=list(decision.policy_ids),
             audit=[f"{m.policy_id}:{m.action.label}" for m in decision.audit],
             exempted=list(decision.exempted),
+            overridden=list(decision.overridden),
             outside_rollout=list(decision.outside_rollout),
             deadlines=decision.deadlines,
             policy_version=decision.policy_version,

@@ -6,13 +6,14 @@ Access control, in one middleware (:func:`_guard`), before any handler runs:
 authentication  ``Authorization: Bearer <token>``, checked against the hashed tokens
                 file; none configured, none given or none matching: 401 (whatever the
                 listener's address, so the API is never open to whoever can reach it)
-roles           viewer: GET and the impact preview; operator: also release and drop: 403
+roles           viewer: GET and the impact preview; operator: also release and drop, and
+                suspend, resume and exempt from policies: 403
 CSRF            every POST carries ``X-Gateway-CSRF`` equal to the value GET /session
                 returns for that token (an HMAC of the token's hash under a per-process
                 key), and an ``Origin``, when sent, must be this listener's: else 403.
                 A page on another site cannot set the header without a CORS preflight,
                 which this API never grants.
-audit           every release and drop is written to the store's audit table (who,
+audit           every release, drop and policy override is written to the store's audit table (who,
                 what, when, how many), readable at GET /audit
 """
 
@@ -31,7 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
@@ -45,7 +46,7 @@ from gateway.admin.openapi import OPENAPI
 from gateway.admin.tokens import Admin, Role, TokensFile, TokensFileError
 from gateway.config.settings import Settings, StoreSettings
 from gateway.devices.inventory import Inventory
-from gateway.domain import Access, Clock, DeviceClaims
+from gateway.domain import Access, Clock, DeviceClaims, Overrides
 from gateway.errors import HoldStoreError, PolicyLoadError, Problem
 from gateway.hold.backend import open_store_at
 from gateway.hold.dsn import admin_drop_report
@@ -98,6 +99,9 @@ class AdminApi:
     spawn: Spawn
     blast_radius_limit: int | None = None
     csrf_key: bytes = b""
+    # Called after an override changed: the services read the overrides again and act
+    # on them at once (release pass, sync kicks), as after a reload.
+    overrides_changed: Callable[[], Awaitable[object]] | None = None
 
     def csrf_for(self, admin: Admin) -> str:
         return hmac.new(self.csrf_key, admin.token_hash.encode(), hashlib.sha256).hexdigest()[:32]
@@ -222,6 +226,37 @@ def _filter(values: Mapping[str, str]) -> HoldFilter:
         device_id=_text(values, "device"),
         policy_id=_text(values, "policy"),
     )
+
+
+MAX_OVERRIDE_SECONDS = 366 * 86400  # the longest suspension or exemption
+
+
+def _policy_id(api: AdminApi, request: web.Request) -> str:
+    policy_id = request.match_info["policy_id"]
+    if policy_id not in {p.id for p in api.policies.current.source.policies}:
+        raise ApiError(404, "no such policy in the set in force (GET /api/v1/policies lists them)")
+    return policy_id
+
+
+def _override_terms(values: Mapping[str, str], now: datetime) -> tuple[datetime, str]:
+    """Until when (``seconds`` from now, or ``until``) and why (``reason``) of an override."""
+    reason = values.get("reason", "")
+    if not reason.strip() or len(reason) > 500 or not reason.isprintable():
+        raise ApiError(400, "bad parameter: reason must be 1 to 500 printable characters")
+    if ("seconds" in values) == ("until" in values):
+        raise ApiError(400, "bad parameter: give seconds or until (one of them)")
+    if "seconds" in values:
+        seconds = _integer(values, "seconds", 0, 1, MAX_OVERRIDE_SECONDS)
+        return now + timedelta(seconds=seconds), reason
+    try:
+        until = datetime.fromisoformat(values["until"].replace("Z", "+00:00"))
+    except ValueError:
+        until = None
+    if until is None or until.tzinfo is None or not now < until:
+        raise ApiError(400, "bad parameter: until must be a future ISO 8601 time with an offset")
+    if until > now + timedelta(seconds=MAX_OVERRIDE_SECONDS):
+        raise ApiError(400, "bad parameter: until is more than 366 days ahead")
+    return until, reason
 
 
 def _hold_id(request: web.Request) -> str:
@@ -384,7 +419,7 @@ class Handlers:
         values = _params(request, {"user", "device"})
         user = _text(values, "user")
         device = _text(values, "device")
-        live = self.api.policies.current
+        live, overrides = self.api.policies.current, self.api.policies.overrides
         now = self.api.clock()
         inventory = self.api.inventory
         chosen = [  # a snapshot, on the loop; deciding them all is a worker thread's job
@@ -395,7 +430,7 @@ class Handlers:
         ]
         chosen.sort(key=lambda pair: (pair[0].user, pair[0].device.id))
         rows = await asyncio.to_thread(
-            lambda: [_device_row(live, claims, now, used) for claims, used in chosen]
+            lambda: [_device_row(live, claims, now, used, overrides) for claims, used in chosen]
         )
         return _json({"policy_version": live.version, "at": now.isoformat(), "devices": rows})
 
@@ -477,6 +512,55 @@ class Handlers:
         if pool is not None:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
+    async def overrides(self, request: web.Request) -> web.Response:
+        _params(request, set())
+        rows = await self.api.hold_store.policy_overrides(self.api.clock())
+        return _json({"overrides": [r.as_dict() for r in rows]})
+
+    async def _overrides_changed(self) -> None:
+        if self.api.overrides_changed is not None:
+            await self.api.overrides_changed()
+
+    async def suspend(self, request: web.Request) -> web.Response:
+        values = _params(request, {"seconds", "until", "reason"})
+        policy_id = _policy_id(self.api, request)
+        now = self.api.clock()
+        until, reason = _override_terms(values, now)
+        actor = f"admin:{request[ADMIN_KEY].name}"
+        await self.api.hold_store.suspend_policy(policy_id, until, reason, actor, now)
+        target: dict[str, object] = {"policy_id": policy_id, "until": until.isoformat(),
+                                     "reason": reason}  # fmt: skip
+        await self.audit(request, "policy.suspend", target, 1)
+        await self._overrides_changed()
+        return _json({"action": "suspend", **target})
+
+    async def resume(self, request: web.Request) -> web.Response:
+        _params(request, set())
+        policy_id = request.match_info["policy_id"]
+        count = await self.api.hold_store.resume_policy(policy_id)
+        if count == 0:
+            raise ApiError(404, "that policy is not suspended (GET /api/v1/overrides lists them)")
+        await self.audit(request, "policy.resume", {"policy_id": policy_id}, count)
+        await self._overrides_changed()
+        return _json({"action": "resume", "policy_id": policy_id, "count": count})
+
+    async def exempt(self, request: web.Request) -> web.Response:
+        values = _params(request, {"user", "device", "seconds", "until", "reason"})
+        policy_id = _policy_id(self.api, request)
+        user, device = _text(values, "user"), _text(values, "device")
+        if (user is None) == (device is None):
+            raise ApiError(400, "bad parameter: give user or device (one of them)")
+        subject = f"user:{user.casefold()}" if user is not None else f"device:{device}"
+        now = self.api.clock()
+        until, reason = _override_terms(values, now)
+        actor = f"admin:{request[ADMIN_KEY].name}"
+        await self.api.hold_store.exempt_from_policy(policy_id, subject, until, reason, actor, now)
+        target: dict[str, object] = {"policy_id": policy_id, "subject": subject,
+                                     "until": until.isoformat(), "reason": reason}  # fmt: skip
+        await self.audit(request, "policy.exempt", target, 1)
+        await self._overrides_changed()
+        return _json({"action": "exempt", **target})
+
     async def audit_list(self, request: web.Request) -> web.Response:
         values = _params(request, {"limit", "before"})
         limit = _integer(values, "limit", 100, 1, MAX_PAGE)
@@ -518,13 +602,18 @@ def _headers(block: bytes) -> tuple[list[list[str]], bool]:
 
 
 def _device_row(
-    live: CompiledPolicySet, claims: DeviceClaims, now: datetime, accesses: frozenset[Access]
+    live: CompiledPolicySet,
+    claims: DeviceClaims,
+    now: datetime,
+    accesses: frozenset[Access],
+    overrides: Overrides,
 ) -> dict[str, object]:
     return {
         **claims.summary(),
         "seen_for": sorted(a.value for a in accesses),
         "decisions": {
-            access.value: decide(live, claims, now, access).as_dict() for access in Access
+            access.value: decide(live, claims, now, access, overrides=overrides).as_dict()
+            for access in Access
         },
     }
 
@@ -684,4 +773,8 @@ def admin_api(api: AdminApi, handlers: Handlers) -> web.Application:
     app.router.add_get("/policies", handlers.policies)
     app.router.add_post("/impact", handlers.impact)
     app.router.add_get("/audit", handlers.audit_list)
+    app.router.add_get("/overrides", handlers.overrides)
+    app.router.add_post("/policies/{policy_id}/suspend", handlers.suspend)
+    app.router.add_post("/policies/{policy_id}/resume", handlers.resume)
+    app.router.add_post("/policies/{policy_id}/exemptions", handlers.exempt)
     return app

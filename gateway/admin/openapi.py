@@ -86,6 +86,55 @@ _ACTION = {
     },
 }
 
+_POLICY_ID = {
+    "name": "policy_id",
+    "in": "path",
+    "required": True,
+    "description": "a policy id of the set in force",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 320},
+}
+_TERMS = [
+    _query(
+        "seconds",
+        "how long from now (give this or until)",
+        {"type": "integer", "minimum": 1, "maximum": 366 * 86400},
+    ),
+    _query(
+        "until",
+        "when it ends (ISO 8601 with a UTC offset)",
+        {"type": "string", "format": "date-time"},
+    ),
+    {
+        "name": "reason",
+        "in": "query",
+        "required": True,
+        "description": "why (audited)",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 500},
+    },
+]
+_OVERRIDES = {
+    "type": "object",
+    "required": ["overrides"],
+    "properties": {
+        "overrides": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["policy_id", "kind", "subject", "until", "reason", "actor", "created_at"],
+                "properties": {
+                    "policy_id": {"type": "string"},
+                    "kind": {"type": "string", "enum": ["suspension", "exemption"]},
+                    "subject": {"type": ["string", "null"]},
+                    "until": {"type": "string", "format": "date-time"},
+                    "reason": {"type": "string"},
+                    "actor": {"type": "string"},
+                    "created_at": {"type": "string", "format": "date-time"},
+                },
+            },
+        }
+    },
+}  # fmt: skip
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
@@ -199,6 +248,35 @@ OPENAPI: dict[str, Any] = {
                     "content": {"text/plain": {"schema": {"type": "string", "maxLength": 1048576}}},
                 },
                 "responses": {"200": _ok("the impact report"), **_REFUSALS, "413": _ERROR},
+            }
+        },
+        "/overrides": {
+            "get": {
+                "summary": "policy suspensions and break-glass exemptions in force",
+                "responses": {"200": _ok("overrides", _OVERRIDES), **_REFUSALS},
+            }
+        },
+        "/policies/{policy_id}/suspend": {
+            "post": {
+                "summary": "suspend a policy for a while: it contributes nothing; held mail it "
+                "held goes out (operator)",
+                "parameters": [_POLICY_ID, *_TERMS],
+                "responses": {"200": _ok("suspended"), **_REFUSALS, "404": _ERROR},
+            }
+        },
+        "/policies/{policy_id}/resume": {
+            "post": {
+                "summary": "end a policy's suspension now (operator)",
+                "parameters": [_POLICY_ID],
+                "responses": {"200": _ok("resumed"), **_REFUSALS, "404": _ERROR},
+            }
+        },
+        "/policies/{policy_id}/exemptions": {
+            "post": {
+                "summary": "break-glass: exempt one user or device from a policy for a while "
+                "(operator)",
+                "parameters": [_POLICY_ID, _FILTERS[0], _FILTERS[1], *_TERMS],
+                "responses": {"200": _ok("exempted"), **_REFUSALS, "404": _ERROR},
             }
         },
         "/audit": {

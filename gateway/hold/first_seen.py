@@ -15,7 +15,7 @@ from typing import Protocol
 
 import structlog
 
-from gateway.domain import Access, Decision, DeviceClaims
+from gateway.domain import NO_OVERRIDES, Access, Decision, DeviceClaims, Overrides
 from gateway.errors import HoldStoreError
 from gateway.policy.engine import CompiledPolicySet, decide
 
@@ -42,6 +42,7 @@ class FirstSeenTimes:
         claims: DeviceClaims,
         now: datetime,
         access: Access = Access.SEND,
+        overrides: Overrides = NO_OVERRIDES,
     ) -> Decision:
         """The engine's decision, with this device's first-seen times (recorded if new).
 
@@ -49,7 +50,7 @@ class FirstSeenTimes:
         is warned, not held): a store fault must not enforce a ban early on anybody.
         """
         device_id = claims.device.id
-        decision = decide(compiled, claims, now, access, self.known(device_id))
+        decision = decide(compiled, claims, now, access, self.known(device_id), overrides)
         if not decision.first_seen_needed:
             return decision
         if len(self._known) >= MAX_DEVICES and device_id not in self._known:
@@ -61,4 +62,4 @@ class FirstSeenTimes:
             except HoldStoreError as exc:
                 log.warning("first_seen_unavailable", policy_id=policy_id, error=str(exc))
                 return decision
-        return decide(compiled, claims, now, access, times)
+        return decide(compiled, claims, now, access, times, overrides)

@@ -51,7 +51,9 @@ from gateway.hold.store import (
     HeldStats,
     HoldBackend,
     HoldFilter,
+    PolicyOverride,
     Settlement,
+    override_of_row,
 )
 
 T = TypeVar("T")
@@ -141,6 +143,28 @@ CREATE TABLE admin_audit (
     action     text NOT NULL,
     target     jsonb NOT NULL,
     count      integer NOT NULL
+);
+""",
+    ),
+    (
+        4,
+        """
+-- Operator overrides without editing policy files (gateway policy suspend / exempt).
+CREATE TABLE policy_suspensions (
+    policy_id  text PRIMARY KEY,
+    until      double precision NOT NULL,
+    reason     text NOT NULL,
+    actor      text NOT NULL,
+    created_at double precision NOT NULL
+);
+CREATE TABLE policy_exemptions (
+    policy_id      text NOT NULL,
+    user_or_device text NOT NULL,
+    until          double precision NOT NULL,
+    reason         text NOT NULL,
+    actor          text NOT NULL,
+    created_at     double precision NOT NULL,
+    PRIMARY KEY (policy_id, user_or_device)
 );
 """,
     ),
@@ -782,6 +806,71 @@ class PostgresHoldStore:
             )
             for r in rows
         ]
+
+    def _override_write(self, sql: str, params: Sequence[object]) -> int:
+        """One change of the overrides, waking every gateway on the store (NOTIFY at
+        COMMIT) so each reads them at once."""
+
+        def work(cur: Cursor) -> int:
+            cur.execute(sql.encode(), params)
+            count = cur.rowcount
+            cur.execute("SELECT pg_notify(%s, 'overrides')", (CHANNEL,))
+            return count
+
+        return self._transaction("write", work)
+
+    def suspend_policy(
+        self, policy_id: str, until: datetime, reason: str, actor: str, now: datetime
+    ) -> None:
+        """Suspend a policy on every gateway sharing the store (replaces an earlier one)."""
+        self._override_write(
+            "INSERT INTO policy_suspensions (policy_id, until, reason, actor, created_at) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (policy_id) DO UPDATE SET "
+            "until = EXCLUDED.until, reason = EXCLUDED.reason, actor = EXCLUDED.actor, "
+            "created_at = EXCLUDED.created_at",
+            (policy_id, until.timestamp(), reason, actor, now.timestamp()),
+        )
+
+    def resume_policy(self, policy_id: str) -> int:
+        return self._override_write(
+            "DELETE FROM policy_suspensions WHERE policy_id = %s", (policy_id,)
+        )
+
+    def exempt_from_policy(
+        self, policy_id: str, subject: str, until: datetime, reason: str, actor: str, now: datetime
+    ) -> None:
+        self._override_write(
+            "INSERT INTO policy_exemptions (policy_id, user_or_device, until, reason, actor, "
+            "created_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (policy_id, "
+            "user_or_device) DO UPDATE SET until = EXCLUDED.until, reason = EXCLUDED.reason, "
+            "actor = EXCLUDED.actor, created_at = EXCLUDED.created_at",
+            (policy_id, subject, until.timestamp(), reason, actor, now.timestamp()),
+        )
+
+    def remove_exemption(self, policy_id: str, subject: str) -> int:
+        return self._override_write(
+            "DELETE FROM policy_exemptions WHERE policy_id = %s AND user_or_device = %s",
+            (policy_id, subject),
+        )
+
+    def prune_overrides(self, now: datetime) -> int:
+        """Delete the overrides that ended by ``now``; how many."""
+        at = now.timestamp()
+        return self._write("DELETE FROM policy_suspensions WHERE until <= %s", (at,)) + (
+            self._write("DELETE FROM policy_exemptions WHERE until <= %s", (at,))
+        )
+
+    def policy_overrides(self, now: datetime) -> list[PolicyOverride]:
+        """The overrides in force at ``now`` (ended ones are ignored), suspensions first."""
+        at = now.timestamp()
+        rows = self._read(
+            "SELECT policy_id, NULL::text AS subject, until, reason, actor, created_at "
+            "FROM policy_suspensions WHERE until > %s UNION ALL SELECT policy_id, "
+            "user_or_device, until, reason, actor, created_at FROM policy_exemptions "
+            "WHERE until > %s ORDER BY subject NULLS FIRST, policy_id",
+            (at, at),
+        )
+        return [override_of_row(r) for r in rows]
 
     def first_seen_times(self, device_id: str) -> dict[str, datetime]:
         rows = self._read(

@@ -292,8 +292,10 @@ class Releaser:
         self, compiled: CompiledPolicySet, claims: DeviceClaims, now: datetime
     ) -> Decision:
         if self.first_seen is not None:
-            return await self.first_seen.decide(compiled, claims, now)
-        return decide(compiled, claims, now)
+            return await self.first_seen.decide(
+                compiled, claims, now, overrides=self.policies.overrides
+            )
+        return decide(compiled, claims, now, overrides=self.policies.overrides)
 
     async def _release_lane(
         self,

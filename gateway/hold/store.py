@@ -39,9 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from gateway.domain import Access, DeviceClaims, HeldSubmission
+from gateway.domain import Access, DeviceClaims, HeldSubmission, Overrides
 from gateway.errors import HoldStoreDamaged, HoldStoreError, HoldStoreInUse, HoldStoreLowOnSpace
 
 T = TypeVar("T")
@@ -123,6 +123,14 @@ CREATE TABLE IF NOT EXISTS policy_first_seen (
     first_seen REAL NOT NULL,
     PRIMARY KEY (device_id, policy_id)
 );
+-- Operator overrides without editing policy files (gateway policy suspend / exempt): rows
+-- past ``until`` (unix time) are ignored and pruned; user_or_device is user:NAME or device:ID.
+CREATE TABLE IF NOT EXISTS policy_suspensions (policy_id TEXT PRIMARY KEY, until REAL NOT NULL,
+    reason TEXT NOT NULL, actor TEXT NOT NULL, created_at REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS policy_exemptions (policy_id TEXT NOT NULL,
+    user_or_device TEXT NOT NULL, until REAL NOT NULL, reason TEXT NOT NULL,
+    actor TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (policy_id, user_or_device)) WITHOUT ROWID;
 """
 
 # Columns added after the first release of the store: (table, name, declaration). A store
@@ -882,6 +890,55 @@ class HoldStore:
             (at, actor, role, action, json.dumps(target, sort_keys=True), count),
         )
 
+    def suspend_policy(
+        self, policy_id: str, until: datetime, reason: str, actor: str, now: datetime
+    ) -> None:
+        """Suspend a policy until ``until`` (a second suspension replaces the first)."""
+        self._write(
+            "INSERT OR REPLACE INTO policy_suspensions (policy_id, until, reason, actor, "
+            "created_at) VALUES (?, ?, ?, ?, ?)",
+            (policy_id, until.timestamp(), reason, actor, now.timestamp()),
+        )
+
+    def resume_policy(self, policy_id: str) -> int:
+        """End a policy's suspension; how many there were (0 or 1)."""
+        return self._write("DELETE FROM policy_suspensions WHERE policy_id = ?", (policy_id,))
+
+    def exempt_from_policy(
+        self, policy_id: str, subject: str, until: datetime, reason: str, actor: str, now: datetime
+    ) -> None:
+        """A break-glass exemption of one ``user:NAME`` or ``device:ID`` from one policy."""
+        self._write(
+            "INSERT OR REPLACE INTO policy_exemptions (policy_id, user_or_device, until, "
+            "reason, actor, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (policy_id, subject, until.timestamp(), reason, actor, now.timestamp()),
+        )
+
+    def remove_exemption(self, policy_id: str, subject: str) -> int:
+        return self._write(
+            "DELETE FROM policy_exemptions WHERE policy_id = ? AND user_or_device = ?",
+            (policy_id, subject),
+        )
+
+    def prune_overrides(self, now: datetime) -> int:
+        """Delete the overrides that ended by ``now``; how many."""
+        at = now.timestamp()
+        return self._write("DELETE FROM policy_suspensions WHERE until <= ?", (at,)) + self._write(
+            "DELETE FROM policy_exemptions WHERE until <= ?", (at,)
+        )
+
+    def policy_overrides(self, now: datetime) -> list[PolicyOverride]:
+        """The overrides in force at ``now`` (ended ones are ignored), suspensions first."""
+        at = now.timestamp()
+        rows = self._read(
+            "SELECT policy_id, NULL AS subject, until, reason, actor, created_at "
+            "FROM policy_suspensions WHERE until > ? UNION ALL SELECT policy_id, "
+            "user_or_device, until, reason, actor, created_at FROM policy_exemptions "
+            "WHERE until > ? ORDER BY subject, policy_id",
+            (at, at),
+        )
+        return [override_of_row(dict(r)) for r in rows]
+
     def admin_actions(self, limit: int = 100, before: int | None = None) -> list[AdminAction]:
         """The audit table, newest first; ``before`` pages back by seq."""
         rows = self._read(
@@ -942,6 +999,49 @@ class AdminAction:
 
 
 @dataclass(frozen=True)
+class PolicyOverride:
+    """A suspension (``subject`` None) or a break-glass exemption of one ``user:NAME`` or
+    ``device:ID`` from one policy, until ``until``."""
+
+    policy_id: str
+    subject: str | None
+    until: datetime
+    reason: str
+    actor: str
+    created_at: datetime
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "policy_id": self.policy_id,
+            "kind": "suspension" if self.subject is None else "exemption",
+            "subject": self.subject,
+            "until": self.until.isoformat(),
+            "reason": self.reason,
+            "actor": self.actor,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+def override_of_row(row: dict[str, Any]) -> PolicyOverride:
+    return PolicyOverride(
+        row["policy_id"],
+        row["subject"],
+        datetime.fromtimestamp(row["until"], UTC),
+        row["reason"],
+        row["actor"],
+        datetime.fromtimestamp(row["created_at"], UTC),
+    )
+
+
+def overrides_of(rows: Sequence[PolicyOverride]) -> Overrides:
+    """The engine's value of the overrides in force."""
+    return Overrides(
+        frozenset(r.policy_id for r in rows if r.subject is None),
+        frozenset((r.policy_id, r.subject) for r in rows if r.subject is not None),
+    )
+
+
+@dataclass(frozen=True)
 class HeldStats:
     """What the hold store holds, in brief (metrics)."""
 
@@ -994,6 +1094,16 @@ class HoldBackend(Protocol):
         self, at: float, actor: str, role: str, action: str, target: dict[str, object], count: int
     ) -> None: ...
     def admin_actions(self, limit: int = 100, before: int | None = None) -> list[AdminAction]: ...
+    def suspend_policy(
+        self, policy_id: str, until: datetime, reason: str, actor: str, now: datetime
+    ) -> None: ...
+    def resume_policy(self, policy_id: str) -> int: ...
+    def exempt_from_policy(
+        self, policy_id: str, subject: str, until: datetime, reason: str, actor: str, now: datetime
+    ) -> None: ...
+    def remove_exemption(self, policy_id: str, subject: str) -> int: ...
+    def policy_overrides(self, now: datetime) -> list[PolicyOverride]: ...
+    def prune_overrides(self, now: datetime) -> int: ...
     def devices(self, seen_since: datetime) -> list[DeviceClaims]: ...
     def device_accesses(self, seen_since: datetime) -> dict[str, frozenset[Access]]: ...
     def prune_devices(self, seen_before: datetime) -> int: ...
@@ -1123,6 +1233,32 @@ class AsyncStore:
 
     async def admin_actions(self, limit: int = 100, before: int | None = None) -> list[AdminAction]:
         return await self._run(lambda store: store.admin_actions(limit, before))
+
+    # Operator overrides (gateway policy suspend / exempt, the admin API).
+
+    async def suspend_policy(
+        self, policy_id: str, until: datetime, reason: str, actor: str, now: datetime
+    ) -> None:
+        await self._run(lambda s: s.suspend_policy(policy_id, until, reason, actor, now))
+
+    async def resume_policy(self, policy_id: str) -> int:
+        return await self._run(lambda s: s.resume_policy(policy_id))
+
+    async def exempt_from_policy(
+        self, policy_id: str, subject: str, until: datetime, reason: str, actor: str, now: datetime
+    ) -> None:
+        await self._run(
+            lambda s: s.exempt_from_policy(policy_id, subject, until, reason, actor, now)
+        )
+
+    async def remove_exemption(self, policy_id: str, subject: str) -> int:
+        return await self._run(lambda s: s.remove_exemption(policy_id, subject))
+
+    async def policy_overrides(self, now: datetime) -> list[PolicyOverride]:
+        return await self._run(lambda s: s.policy_overrides(now))
+
+    async def prune_overrides(self, now: datetime) -> int:
+        return await self._run(lambda s: s.prune_overrides(now))
 
 
 class AsyncHoldStore(AsyncStore):

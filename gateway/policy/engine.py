@@ -32,7 +32,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from gateway.domain import Access, Action, Decision, DeviceClaims, Phase, PolicyMatch, PolicyState
+from gateway.domain import (
+    NO_OVERRIDES,
+    Access,
+    Action,
+    Decision,
+    DeviceClaims,
+    Overrides,
+    Phase,
+    PolicyMatch,
+    PolicyState,
+)
 from gateway.policy.model import Conditions, DeviceFacts, Policy, PolicySet
 from gateway.policy.versions import Version
 
@@ -360,17 +370,22 @@ def decide(
     now: datetime,
     access: Access = Access.SEND,
     first_seen: Mapping[str, datetime] | None = None,
+    overrides: Overrides = NO_OVERRIDES,
 ) -> Decision:
     """The one decision for this device at ``now``: for a message it sends, or for a login
     that syncs its mail (``access``). ``first_seen``: per policy id, when this device was
     first seen matching it (only policies with ``grace_hours`` ask); a policy missing from it
-    counts from ``now`` and is listed in the decision's ``first_seen_needed``."""
+    counts from ``now`` and is listed in the decision's ``first_seen_needed``.
+    ``overrides``: suspended policies contribute nothing and break-glass exemptions exempt
+    their one user or device; both are named in the decision's ``overridden``."""
     user_groups = compiled.groups_by_user.get(claims.user, frozenset())
     facts = DeviceFacts(claims, user_groups)
     in_force: list[PolicyMatch] = []
     audit: list[PolicyMatch] = []
     exempted: list[str] = []
     needed: list[str] = []
+    overridden: list[str] = []
+    subjects = (f"user:{claims.user}", f"device:{claims.device.id}")
     sync = access is Access.SYNC
     for position in compiled.candidates(facts):
         entry = compiled.active[position]
@@ -384,14 +399,30 @@ def decide(
             if not check(facts):
                 break
         else:
+            if overrides:
+                reason = _overridden(policy.id, subjects, overrides)
+                if reason is not None:
+                    overridden.append(f"{policy.id}: {reason}")
+                    continue
             if entry.gated and not entry.policy.exempt.covers(facts):
                 _record_gated(entry, phase, facts, now, first_seen or {}, needed, in_force, audit)
             else:
                 _record(entry, phase, facts, in_force, audit, exempted)
     decision = _conclude(compiled.version, in_force, audit, exempted)
+    if overridden:
+        decision = replace(decision, overridden=tuple(sorted(overridden)))
     if needed:
         return replace(decision, first_seen_needed=tuple(sorted(needed)))
     return decision
+
+
+def _overridden(policy_id: str, subjects: tuple[str, str], overrides: Overrides) -> str | None:
+    if policy_id in overrides.suspended:
+        return "suspended"
+    for subject in subjects:
+        if (policy_id, subject) in overrides.exempt:
+            return f"break-glass exemption for {subject}"
+    return None
 
 
 def _record_gated(

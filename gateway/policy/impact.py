@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from gateway.domain import Access, Action, DeviceClaims
+from gateway.domain import NO_OVERRIDES, Access, Action, DeviceClaims, Overrides
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet, decide
 from gateway.policy.model import DeviceFacts
@@ -95,8 +95,11 @@ def assess(
     devices: Iterable[DeviceClaims],
     now: datetime,
     accesses_of: Callable[[DeviceClaims], Iterable[Access]] = every_access,
+    overrides: tuple[Overrides, Overrides] = (NO_OVERRIDES, NO_OVERRIDES),
 ) -> ImpactReport:
-    """Decide every device under both sets, for each access it uses (``accesses_of``)."""
+    """Decide every device under both sets, for each access it uses (``accesses_of``);
+    ``overrides``: the operator overrides with each set (before, after)."""
+    over_live, over_candidate = overrides
     # Without a narrowed policy on either side, send and sync decide alike: decide once.
     alike = not (live.narrowed or candidate.narrowed)
     changes = []
@@ -108,8 +111,8 @@ def assess(
         if not accesses:
             continue
         if alike:
-            before = decide(live, claims, now)
-            after = decide(candidate, claims, now)
+            before = decide(live, claims, now, overrides=over_live)
+            after = decide(candidate, claims, now, overrides=over_candidate)
             if before.action is not after.action:
                 ids = after.policy_ids or before.policy_ids
                 changes.append(
@@ -118,7 +121,7 @@ def assess(
                     )
                 )
             continue
-        changes.extend(_changes_by_access(live, candidate, claims, now, accesses))
+        changes.extend(_changes_by_access(live, candidate, claims, now, accesses, overrides))
     return ImpactReport(count, tuple(changes))
 
 
@@ -128,12 +131,13 @@ def _changes_by_access(
     claims: DeviceClaims,
     now: datetime,
     accesses: tuple[Access, ...],
+    overrides: tuple[Overrides, Overrides] = (NO_OVERRIDES, NO_OVERRIDES),
 ) -> list[DeviceChange]:
     """One row per distinct (before, after) of this device, naming the accesses it holds for."""
     rows: dict[tuple[Action, Action], tuple[list[Access], set[str]]] = {}
     for access in accesses:
-        before = decide(live, claims, now, access)
-        after = decide(candidate, claims, now, access)
+        before = decide(live, claims, now, access, overrides=overrides[0])
+        after = decide(candidate, claims, now, access, overrides=overrides[1])
         if before.action is after.action:
             continue
         found, ids = rows.setdefault((before.action, after.action), ([], set()))

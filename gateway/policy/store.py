@@ -18,6 +18,7 @@ from pathlib import Path
 
 import structlog
 
+from gateway.domain import NO_OVERRIDES, Overrides
 from gateway.errors import PolicyLoadError, Problem
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet, compile_policy_set
@@ -52,6 +53,9 @@ class PolicyStore:
         self.directory = directory
         self.groups = groups
         self._current: CompiledPolicySet | None = None
+        # Operator overrides in force (suspensions, break-glass exemptions), read from the
+        # hold store by the services and given to every decision with the set in force.
+        self.overrides: Overrides = NO_OVERRIDES
         self.last_result: ReloadResult | None = None
         self.last_failure: ReloadResult | None = None  # the last reload that failed, if any
         self._parsed = ParseCache(self._parse)  # unchanged files are not parsed again

@@ -27,7 +27,7 @@ from gateway.domain import Access
 from gateway.errors import HoldStoreError, HoldStoreLowOnSpace, SettingsError
 from gateway.hold.backend import open_store
 from gateway.hold.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresHoldStore, _failure
-from gateway.hold.store import HoldBackend, HoldFilter, HoldStore, Settlement
+from gateway.hold.store import HoldBackend, HoldFilter, HoldStore, Settlement, overrides_of
 from gateway.testing.harness import write_config
 from gateway.testing.issuer import TestIssuer
 from tests.hold.conftest import PostgresServer, have_postgres
@@ -153,6 +153,31 @@ def test_admin_audit_and_paging_by_seq(store: HoldBackend) -> None:
     assert [a.actor for a in store.admin_actions(before=newest.seq)] == ["carol"]
 
 
+def test_policy_overrides_end_by_themselves_and_are_pruned(store: HoldBackend) -> None:
+    """Suspensions and break-glass exemptions, alike on both stores (docs/policies.md)."""
+    hour = timedelta(hours=1)
+    store.suspend_policy("ban", NOW + hour, "incident", "cli:root", NOW)
+    store.suspend_policy("ban", NOW + 2 * hour, "longer", "cli:root", NOW)  # replaces
+    store.exempt_from_policy("ban", "user:ann@example.test", NOW + hour, "ceo", "admin:ops", NOW)
+    store.exempt_from_policy("other", "device:p1", NOW + 3 * hour, "x", "admin:ops", NOW)
+    rows = store.policy_overrides(NOW)
+    assert [(r.policy_id, r.subject, r.reason) for r in rows] == [
+        ("ban", None, "longer"),
+        ("other", "device:p1", "x"),
+        ("ban", "user:ann@example.test", "ceo"),
+    ]
+    overrides = overrides_of(rows)
+    assert overrides.suspended == {"ban"}
+    assert overrides.exempt == {("ban", "user:ann@example.test"), ("other", "device:p1")}
+    later = NOW + hour  # the exemption ends exactly then: ignored, then pruned
+    assert [r.subject for r in store.policy_overrides(later)] == [None, "device:p1"]
+    assert store.prune_overrides(later) == 1
+    assert store.resume_policy("ban") == 1
+    assert store.resume_policy("ban") == 0
+    assert store.remove_exemption("other", "device:p1") == 1
+    assert store.policy_overrides(NOW) == []
+
+
 # --- several gateways on one PostgreSQL store --------------------------------------------
 
 
@@ -266,7 +291,8 @@ def test_gateway_store_migrate_creates_the_schema_and_reports_nothing_to_do_afte
         out.write(f'\n[store]\nurl = "{pg_url}"\n')
     assert main(["store", "migrate", "--config", str(config)]) == 0
     assert (
-        f"applied migration(s) 1, 2, 3; schema version {SCHEMA_VERSION}" in capsys.readouterr().out
+        f"applied migration(s) 1, 2, 3, 4; schema version {SCHEMA_VERSION}"
+        in capsys.readouterr().out
     )
     assert main(["store", "migrate", "--config", str(config)]) == 0
     assert "nothing to apply" in capsys.readouterr().out

@@ -46,7 +46,7 @@ async def test_decision_event_and_no_tokens_in_logs(tmp_path: Path) -> None:
     assert decisions[0] | {"session": "", "timestamp": "", "elapsed_ms": 0} == {
         "v": 1, "event": "decision", "level": "info", "session": "", "timestamp": "", "elapsed_ms": 0,
         "access": "send", "protocol": "smtp", "client": "127.0.0.1", "user": "alice@example.test", "device_id": "phone-1", "action": "warn", "phase": "enforce",
-        "policy_ids": ["ban"], "audit": [], "exempted": [], "outside_rollout": [], "deadlines": {},
+        "policy_ids": ["ban"], "audit": [], "exempted": [], "overridden": [], "outside_rollout": [], "deadlines": {},
         "policy_version": version,
         "sender": "alice@example.test", "recipients": 1, "refused": 0, "result": "relayed",
         "upstream_reply": "250 2.0.0 upstream: queued as 1", "size": decisions[0]["size"],

@@ -421,3 +421,29 @@ def test_patched_tables_equal_a_compile_from_scratch() -> None:
             "os_ceilings", "unanchored", "app_keys", "groups_by_user", "narrowed",
         ):  # fmt: skip
             assert getattr(compiled, field_name) == getattr(scratch, field_name), field_name
+
+
+def test_overrides_suspend_a_policy_or_exempt_one_user_or_device_and_say_so() -> None:
+    """gateway policy suspend / exempt: the engine is given the overrides (pure) and names
+    what they set aside in ``overridden``; another policy still applies."""
+    from gateway.domain import Overrides
+
+    warn = replace(BAN, id="warn-tiktok", action=Action.WARN, message="TikTok?")
+    compiled = compile_policy_set(PolicySet((BAN, warn), version="v1", groups={}))
+    alice, bob = claims(), claims(user="bob@example.test", device_id="phone-2")
+    suspended = Overrides(suspended=frozenset({"remove-tiktok"}))
+    decision = decide(compiled, alice, ENFORCE, overrides=suspended)
+    assert (decision.action, decision.policy_ids) == (Action.WARN, ("warn-tiktok",))
+    assert decision.overridden == ("remove-tiktok: suspended",)
+    assert decision.as_dict()["overridden"] == ["remove-tiktok: suspended"]
+    for access in Access:
+        assert decide(compiled, alice, ENFORCE, access, overrides=suspended).action is Action.WARN
+    by_user = Overrides(exempt=frozenset({("remove-tiktok", "user:alice@example.test")}))
+    by_device = Overrides(exempt=frozenset({("remove-tiktok", "device:phone-1")}))
+    for exempt in (by_user, by_device):
+        decision = decide(compiled, alice, ENFORCE, overrides=exempt)
+        assert decision.action is Action.WARN
+        assert decision.overridden[0].startswith("remove-tiktok: break-glass exemption for ")
+        assert decide(compiled, bob, ENFORCE, overrides=exempt).action is Action.HOLD
+    plain = decide(compiled, alice, ENFORCE)
+    assert (plain.action, plain.overridden) == (Action.HOLD, ())

@@ -356,3 +356,28 @@ async def test_a_notice_that_cannot_be_delivered_does_not_stop_the_login(tmp_pat
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+async def test_a_suspension_by_the_cli_ends_the_phones_quarantine_within_seconds(
+    tmp_path: Path,
+) -> None:
+    """`gateway policy suspend` (no file edited, no reload): the running gateway picks the
+    override up from its store, ends the quarantined session, and the next login opens
+    the real inbox (docs/policies.md)."""
+    from gateway.cli import main
+
+    issuer = TestIssuer.generate("k1")
+    async with kicking_stack(tmp_path, issuer) as stack:
+        dovecot, imap = stack.dovecot, stack.dovecot.ports.imap
+        await thread(deliver, dovecot, USER, "Real mail")
+        await stack.set_ban(BAN)
+        phone = issuer.token(subject=USER, device_id="phone-1", apps=[TIKTOK])
+        assert "Subject: Real mail" not in await thread(imap_login, imap, USER, phone)
+        quarantine_idle = IdleSession(imap, USER, phone)
+        quarantine_running = await start_idle(quarantine_idle)
+        suspended_at = time.monotonic()
+        argv = ["policy", "suspend", "remove-tiktok", "--for", "1h", "--reason", "incident"]
+        config = str(stack.gateway.config_path)
+        assert await asyncio.to_thread(main, [*argv, "--config", config]) == 0
+        assert await ended_within(quarantine_running, quarantine_idle, suspended_at) < KICK_WITHIN
+        assert "Subject: Real mail" in await thread(imap_login, imap, USER, phone)
