@@ -14,6 +14,7 @@ import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import RunningGateway, running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
+from tests.devices.test_announce import ANNOUNCE, DISREGARD, RETRACTED, WARN, notices, settle
+from tests.devices.test_announce import BAN as ANNOUNCED
 from tests.hold.conftest import PostgresServer, have_postgres
 from tests.hold.test_durability import serve
 from tests.stories import TIKTOK, tiktok_ban
@@ -270,3 +273,44 @@ async def test_sigkill_of_a_gateway_mid_release_loses_nothing_and_its_lease_expi
         assert set(numbers) == set(range(10))  # nothing lost
         assert len(numbers) - 10 <= 2  # duplicates within the bound
         assert numbers == sorted(numbers)  # and in order, a resent one right after itself
+
+
+async def test_two_gateways_on_one_store_announce_and_withdraw_once_per_device(
+    tmp_path: Path, issuer: TestIssuer, pg_url: str
+) -> None:
+    """Issue 17's "two replicas send no second copy": both gateways know both phones (each
+    phone sent through each), both sweep the announcement and the retraction, and the
+    shared notices table lets exactly one of them send each notice."""
+
+    wall = [ANNOUNCE - timedelta(hours=2)]
+    phones = [
+        FakeDevice(issuer, user=f"{name}@example.test", device_id=f"{name}-phone", apps={TIKTOK})
+        for name in ("alice", "bob")
+    ]
+    async with FakeUpstream.running() as upstream, AsyncExitStack() as stack:
+        gateways = []
+        for n in range(2):
+            config = write_config(
+                tmp_path / f"gw{n}", issuer=issuer, upstream_port=upstream.port,
+                policies={"ban.toml": ANNOUNCED}, notices=True,
+            )  # fmt: skip
+            with config.open("a") as out:
+                out.write(f'\n[store]\nurl = "{pg_url}"\nconnect_timeout_seconds = 1\n')
+            gateways.append(
+                await stack.enter_async_context(
+                    running_gateway(config, clock=lambda: wall[0], release_tick=0.2)
+                )
+            )
+        for gateway in gateways:
+            for phone in phones:
+                assert (await phone.send(gateway.port, at=wall[0])).accepted
+        wall[0] = ANNOUNCE + timedelta(minutes=1)
+        await settle(upstream, 2)
+        for gateway in gateways:
+            (gateway.policy_dir / "ban.toml").write_text(RETRACTED)
+        await asyncio.gather(*(g.server.reload("test") for g in gateways))
+        await settle(upstream, 4)
+    assert notices(upstream) == {
+        "alice": [WARN.format("alice-phone"), DISREGARD.format("alice-phone")],
+        "bob": [WARN.format("bob-phone"), DISREGARD.format("bob-phone")],
+    }
