@@ -53,6 +53,7 @@ from gateway.hold.store import (
     HoldFilter,
     PolicyOverride,
     Settlement,
+    accesses_used,
     override_of_row,
 )
 
@@ -891,15 +892,7 @@ class PostgresHoldStore:
             "SELECT device_id, last_send, last_sync FROM devices WHERE last_seen >= %s",
             (seen_since.timestamp(),),
         )
-        accesses: dict[str, frozenset[Access]] = {}
-        for row in rows:
-            used = frozenset(
-                access
-                for access, at in ((Access.SEND, row["last_send"]), (Access.SYNC, row["last_sync"]))
-                if at is not None
-            )
-            accesses[row["device_id"]] = used or frozenset(Access)
-        return accesses
+        return {row["device_id"]: accesses_used(row["last_send"], row["last_sync"]) for row in rows}
 
     def prune_devices(self, seen_before: datetime) -> int:
         return self._write("DELETE FROM devices WHERE last_seen < %s", (seen_before.timestamp(),))

@@ -866,15 +866,7 @@ class HoldStore:
             "SELECT device_id, last_send, last_sync FROM devices WHERE last_seen >= ?",
             (seen_since.timestamp(),),
         )
-        accesses: dict[str, frozenset[Access]] = {}
-        for row in rows:
-            used = frozenset(
-                access
-                for access, at in ((Access.SEND, row["last_send"]), (Access.SYNC, row["last_sync"]))
-                if at is not None
-            )
-            accesses[row["device_id"]] = used or frozenset(Access)
-        return accesses
+        return {row["device_id"]: accesses_used(row["last_send"], row["last_sync"]) for row in rows}
 
     def prune_devices(self, seen_before: datetime) -> int:
         return self._write("DELETE FROM devices WHERE last_seen < ?", (seen_before.timestamp(),))
@@ -983,6 +975,17 @@ class Settlement:
     retry_at: float = 0.0
     error: str | None = None
     bounce: bytes | None = None
+
+
+def accesses_used(last_send: float | None, last_sync: float | None) -> frozenset[Access]:
+    """What a device was seen doing, from the inventory's two times; a device recorded
+    before sending and syncing were told apart has neither and counts as both."""
+    used = frozenset(
+        access
+        for access, at in ((Access.SEND, last_send), (Access.SYNC, last_sync))
+        if at is not None
+    )
+    return used or frozenset(Access)
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,13 @@ import signal
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.testing.process import failure_text, stop_group
+
 START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy" / "dovecot"
 #: The master user nginx logs in as (deploy/dovecot/README.md: /etc/dovecot/master-users).
@@ -283,25 +284,12 @@ class TemporaryDovecot:
             return
 
     async def _failure(self) -> str:
-        stderr = b""
-        process = self.process
-        if process is not None and process.stderr is not None and process.returncode is not None:
-            stderr = await process.stderr.read()
-        return (stderr.decode(errors="replace") + self.log_text())[-3000:]
+        return await failure_text(self.process, self.log_text())
 
     async def stop(self) -> None:
         """SIGTERM to the master (it ends its children), then SIGKILL to the group."""
         process, self.process = self.process, None
-        if process is None:
-            return
-        if process.returncode is None:
-            process.terminate()
-            with suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        if process.returncode is None:
-            await process.wait()
+        await stop_group(process, signal.SIGTERM)
 
 
 def _prepare(

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.testing.dovecot import free_port
+from gateway.testing.process import stop_group
 
 START_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
 CHECK_INTERVAL_MS = 200
 
 
@@ -165,16 +165,7 @@ class TemporaryHaproxy:
     async def stop(self) -> None:
         """SIGTERM (hard stop: connections end at once), then SIGKILL to the group."""
         process, self.process = self.process, None
-        if process is None:
-            return
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            with suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        if process.returncode is None:
-            await process.wait()
+        await stop_group(process, signal.SIGTERM)
 
 
 @asynccontextmanager

@@ -16,14 +16,14 @@ import shutil
 import signal
 import tempfile
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.testing.dovecot import REPO_ROOT, free_port, self_signed_certificate, substitute
+from gateway.testing.process import failure_text, stop_group
 
 START_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
 DEPLOY_FILE = REPO_ROOT / "deploy" / "nginx" / "nginx-mail.conf"
 #: Where Debian's libnginx-mod-mail installs the module the shipped file loads.
 MAIL_MODULE = Path("/usr/lib/nginx/modules/ngx_mail_module.so")
@@ -120,25 +120,12 @@ class TemporaryNginx:
             raise RuntimeError(f"nginx did not start:\n{await self._failure()}") from None
 
     async def _failure(self) -> str:
-        stderr = b""
-        process = self.process
-        if process is not None and process.stderr is not None and process.returncode is not None:
-            stderr = await process.stderr.read()
-        return (stderr.decode(errors="replace") + self.log_text())[-3000:]
+        return await failure_text(self.process, self.log_text())
 
     async def stop(self) -> None:
         """SIGQUIT (graceful) to the master, then SIGKILL to its group."""
         process, self.process = self.process, None
-        if process is None:
-            return
-        if process.returncode is None:
-            process.send_signal(signal.SIGQUIT)
-            with suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        if process.returncode is None:
-            await process.wait()
+        await stop_group(process, signal.SIGQUIT)
 
 
 def _prepare(shipped: Path, root: Path, *, imaps_port: int, auth_http: str, secret: str) -> None:
