@@ -7,26 +7,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench.kit import run_bench
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("smtp-source") is None, reason="needs Debian's postfix tools")
 def test_bench_smoke_run_completes_without_failed_messages() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_bench("run", "--smoke")
     assert done.returncode == 0, done.stderr[-2000:]
     report = done.stdout
     for section in ("## Throughput", "## Ratios", "## Peak RSS", "## Other figures"):
@@ -40,23 +30,7 @@ def test_bench_smoke_run_completes_without_failed_messages() -> None:
 
 @pytest.mark.slow
 def test_inflight_rss_bench_runs_and_reports_figures() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.inflight_rss",
-            "--messages",
-            "2",
-            "--size-mib",
-            "1",
-            "--json",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_bench("inflight_rss", "--messages", "2", "--size-mib", "1", "--json", timeout=120)
     figures = json.loads(done.stdout)
     assert figures["accepted"] == figures["upstream_accepted"] == 2
     assert figures["peak_rss_mib"] >= figures["rss_before_mib"] > 0
@@ -65,14 +39,7 @@ def test_inflight_rss_bench_runs_and_reports_figures() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("smtp-sink") is None, reason="needs Debian's postfix tools")
 def test_held_rss_quick_run_prints_every_case_and_both_verdicts() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.held_rss", "--quick"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_bench("held_rss", "--quick")
     assert done.returncode == 0, done.stderr[-2000:]
     report = done.stdout
     assert "## RSS with held mail across release ticks" in report
@@ -95,14 +62,7 @@ def test_sync_bench_smoke_run_reports_both_passdbs_and_the_endpoint() -> None:
         dovecot_binary()
     except DovecotUnavailable as exc:
         pytest.skip(str(exc))
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.sync", "--smoke", "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    done = run_bench("sync", "--smoke", "--json", timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout)
     for passdb in ("gateway", "static"):
