@@ -100,13 +100,6 @@ def refusal_report(
     return _report(held, original_headers, hostname, now, text, failed)
 
 
-def delivery_status_notification(
-    held: HeldMessage, hostname: str, now: datetime, held_for: timedelta
-) -> bytes:
-    """The expiry bounce for a message whose bytes are at hand (``held.content``)."""
-    return expiry_report(held, _header_block(held.content or b""), hostname, now, held_for)
-
-
 def _header_block(original: bytes) -> bytes:
     header_end = original.find(b"\r\n\r\n")
     return original[: header_end + 2] if header_end >= 0 else original

@@ -1170,9 +1170,6 @@ class AsyncStore:
     async def probe_write(self, at: float) -> None:
         await self._run(lambda store: store.probe_write(at))
 
-    async def postpone(self, hold_id: str, next_attempt: float, error: str) -> None:
-        await self._run(lambda store: store.postpone(hold_id, next_attempt, error))
-
     async def expired(
         self, before: datetime, limit: int = 100, after: int = 0
     ) -> list[HeldMessage]:

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.config.settings import Smarthost, UpstreamSettings
 from gateway.domain import Device, DeviceClaims, DeviceClass, Platform
-from gateway.hold.dsn import delivery_status_notification
+from gateway.hold.dsn import expiry_report
 from gateway.hold.store import HeldMessage
 from gateway.testing.upstream import FakeUpstream
 from gateway.upstream.relay import Relay
@@ -64,7 +64,7 @@ def held_message(
 
 
 def dsn(held: HeldMessage) -> bytes:
-    return delivery_status_notification(held, "gateway.test", NOW, timedelta(days=7))
+    return expiry_report(held, held.content or b"", "gateway.test", NOW, timedelta(days=7))
 
 
 def status_blocks(report: Message) -> list[Message]:
