@@ -17,7 +17,7 @@ from email.message import EmailMessage, Message, MIMEPart
 from email.policy import SMTP
 from email.utils import format_datetime
 
-from gateway.hold.store import HeldMessage
+from gateway.hold.store import HeldMessage, header_block
 
 
 def _one_line(value: str) -> str:
@@ -100,11 +100,6 @@ def refusal_report(
     return _report(held, original_headers, hostname, now, text, failed)
 
 
-def _header_block(original: bytes) -> bytes:
-    header_end = original.find(b"\r\n\r\n")
-    return original[: header_end + 2] if header_end >= 0 else original
-
-
 def _report(
     held: HeldMessage,
     original_headers: bytes,
@@ -138,7 +133,7 @@ def _report(
             )
         )
 
-    original_headers = _header_block(original_headers)
+    original_headers = header_block(original_headers)
     headers = MIMEPart(policy=SMTP)
     headers.set_content(
         original_headers,

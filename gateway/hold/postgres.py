@@ -54,6 +54,7 @@ from gateway.hold.store import (
     PolicyOverride,
     Settlement,
     accesses_used,
+    header_block,
     override_of_row,
 )
 
@@ -509,9 +510,7 @@ class PostgresHoldStore:
         )
         if not rows:
             return b""
-        start = bytes(rows[0]["start"])
-        end = start.find(b"\r\n\r\n")
-        return start[: end + 2] if end >= 0 else start
+        return header_block(bytes(rows[0]["start"]))
 
     def claim(
         self,

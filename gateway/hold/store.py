@@ -146,6 +146,14 @@ _ADDED_COLUMNS = (
 
 HEADER_LIMIT = 64 * 1024  # bytes of a held message read for a bounce's header part
 
+
+def header_block(message: bytes) -> bytes:
+    """The header section of a message (RFC 5322 s 2.1), up to the blank line; all of it
+    when there is none (or it lies past what was read)."""
+    end = message.find(b"\r\n\r\n")
+    return message[: end + 2] if end >= 0 else message
+
+
 _INSERT = (
     "INSERT INTO held (hold_id, received_at, sender, recipients, user, device_id, claims, "
     "policy_ids, policy_version, size, options, release_requested, bounce_of, message) "
@@ -641,9 +649,7 @@ class HoldStore:
         )
         if not rows:
             return b""
-        start = bytes(rows[0][0])
-        end = start.find(b"\r\n\r\n")
-        return start[: end + 2] if end >= 0 else start
+        return header_block(bytes(rows[0][0]))
 
     def claim(
         self,
