@@ -182,7 +182,10 @@ async def measure_mode(
     }
 
 
-def _run(main: Coroutine[Any, Any, dict[str, float | int | str]]) -> dict[str, float | int | str]:
+def run_mode(
+    main: Coroutine[Any, Any, dict[str, float | int | str]],
+) -> dict[str, float | int | str]:
+    """Run one mode's measurement on uvloop when installed, as the gateway runs."""
     try:
         import uvloop
     except ImportError:
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     rows = []
     for mode in args.modes.split(","):
-        row = _run(measure_mode(mode, args.sessions, args.gateway_src))
+        row = run_mode(measure_mode(mode, args.sessions, args.gateway_src))
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)

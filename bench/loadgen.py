@@ -1,14 +1,19 @@
 """A fast asyncio SMTP load generator: pipelining, optional AUTH PLAIN, per-message latency.
 
     python -m bench.loadgen --port 2525 --messages 2000 --concurrency 20 --per-connection 100
-        [--size 1024] [--auth TOKENS.json] [--json]
+        [--size 1024] [--auth TOKENS.json [--rotate]] [--tls none|starttls|implicit] [--json]
 
-Each of ``concurrency`` workers opens a connection, says EHLO, authenticates when
-given tokens (AUTH PLAIN with a pre-minted token: one user and device per worker), then
-sends up to ``per-connection`` messages, pipelining MAIL, RCPT and DATA (RFC 2920), and
-reconnects until the shared message budget is spent. Latency is per message: from
-writing MAIL FROM to reading the final 250. It prints the figures, and its own CPU time,
-so the bench can show its cost is well below the targets' (it runs against smtp-sink).
+Each of ``concurrency`` workers opens a connection, says EHLO, starts TLS when asked
+(STARTTLS, RFC 3207, then EHLO again; or TLS from the first byte, RFC 8314), authenticates
+when given tokens (AUTH PLAIN with a pre-minted token), then sends up to
+``per-connection`` messages, pipelining MAIL, RCPT and DATA (RFC 2920), and reconnects
+until the shared message budget is spent. Without ``--rotate`` each worker keeps one
+user and device; with it every connection takes the next token of the file, as a fleet of
+distinct phones does. Latency is per message (from writing MAIL FROM to reading the final
+250) and per connection (from connecting to the last message's 250). It prints the
+figures, and its own CPU time, so the bench can show its cost is well below the targets'
+(it runs against smtp-sink). The client does not verify the server's certificate: its
+own cost is not what is measured.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import base64
 import json
 import resource
+import ssl
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,26 +36,31 @@ class LoadResult:
     failures: int = 0
     seconds: float = 0.0
     cpu_seconds: float = 0.0
+    connections: int = 0
     latencies_ms: list[float] = field(default_factory=list, repr=False)
+    connection_ms: list[float] = field(default_factory=list, repr=False)
     first_failure: str = ""
 
     @property
     def rate(self) -> float:
         return self.messages / self.seconds if self.seconds else 0.0
 
-    def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
+    def percentile(self, q: float, of: list[float] | None = None) -> float:
+        values = self.latencies_ms if of is None else of
+        if not values:
             return 0.0
-        ordered = sorted(self.latencies_ms)
+        ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     def summary(self) -> dict[str, float | int | str]:
         data = asdict(self)
-        del data["latencies_ms"]
+        del data["latencies_ms"], data["connection_ms"]
         data.update(
             rate=round(self.rate, 1),
             p50_ms=round(self.percentile(0.50), 3),
             p99_ms=round(self.percentile(0.99), 3),
+            connection_p50_ms=round(self.percentile(0.50, self.connection_ms), 3),
+            connection_p99_ms=round(self.percentile(0.99, self.connection_ms), 3),
         )
         return data
 
@@ -90,29 +101,68 @@ async def _expect(reader: asyncio.StreamReader, code: int) -> None:
         raise SmtpFailure(line.decode("ascii", "replace").strip())
 
 
+def client_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the client's cost is not what is measured
+    return context
+
+
+class Credentials:
+    """Which user and token a connection authenticates with: one fixed pair per worker,
+    or (``rotate``) the next pair of the whole list for every connection."""
+
+    def __init__(self, tokens: list[tuple[str, str]] | None, rotate: bool, offset: int) -> None:
+        self.tokens = tokens
+        self.rotate = rotate
+        self.next = offset
+
+    def for_connection(self, worker_index: int) -> tuple[str, str] | None:
+        if not self.tokens:
+            return None
+        if not self.rotate:
+            return self.tokens[worker_index % len(self.tokens)]
+        self.next += 1
+        return self.tokens[self.next % len(self.tokens)]
+
+
 async def worker(
     host: str,
     port: int,
     budget: list[int],
     per_connection: int,
     body: bytes,
-    credentials: tuple[str, str] | None,
+    credentials: Credentials,
+    index: int,
     result: LoadResult,
+    tls: str = "none",
 ) -> None:
-    sender = credentials[0] if credentials else "load@example.test"
-    envelope = f"MAIL FROM:<{sender}>\r\nRCPT TO:<sink@example.test>\r\nDATA\r\n".encode()
+    context = client_context() if tls != "none" else None
     while budget[0] > 0:
-        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+        pair = credentials.for_connection(index)
+        sender = pair[0] if pair else "load@example.test"
+        envelope = f"MAIL FROM:<{sender}>\r\nRCPT TO:<sink@example.test>\r\nDATA\r\n".encode()
+        connected = time.perf_counter()
+        sent = 0
+        reader, writer = await asyncio.open_connection(
+            host, port, limit=1 << 20, ssl=context if tls == "implicit" else None
+        )
         try:
             await _expect(reader, 220)
             writer.write(b"EHLO load.test\r\n")
             await _expect(reader, 250)
-            if credentials:
-                user, token = credentials
+            if tls == "starttls":
+                assert context is not None
+                writer.write(b"STARTTLS\r\n")
+                await _expect(reader, 220)
+                await writer.start_tls(context)
+                writer.write(b"EHLO load.test\r\n")
+                await _expect(reader, 250)
+            if pair:
+                user, token = pair
                 blob = base64.b64encode(f"\0{user}\0{token}".encode())
                 writer.write(b"AUTH PLAIN " + blob + b"\r\n")
                 await _expect(reader, 235)
-            sent = 0
             while sent < per_connection and budget[0] > 0:
                 budget[0] -= 1
                 started = time.perf_counter()
@@ -130,9 +180,16 @@ async def worker(
                 result.latencies_ms.append((time.perf_counter() - started) * 1000)
                 result.messages += 1
                 sent += 1
+            if sent:
+                result.connections += 1
+                result.connection_ms.append((time.perf_counter() - connected) * 1000)
             writer.write(b"QUIT\r\n")
             await writer.drain()
-        except (SmtpFailure, ConnectionError) as failure:
+        except (SmtpFailure, ConnectionError, ssl.SSLError) as failure:
+            # A connection that fails before its first message spends one message of the
+            # budget, so a target refusing every session ends the run instead of looping.
+            if not sent:
+                budget[0] -= 1
             result.failures += 1
             result.first_failure = result.first_failure or str(failure)
             await asyncio.sleep(0.01)
@@ -149,8 +206,12 @@ async def run_load(
     per_connection: int,
     size: int,
     tokens: list[tuple[str, str]] | None = None,
+    rotate: bool = False,
+    offset: int = 0,
+    tls: str = "none",
 ) -> LoadResult:
     result = LoadResult()
+    credentials = Credentials(tokens, rotate, offset)
     budget = [messages]
     body = make_body(size, 0)
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
@@ -163,8 +224,10 @@ async def run_load(
                 budget,
                 per_connection,
                 body,
-                tokens[i % len(tokens)] if tokens else None,
+                credentials,
+                i,
                 result,
+                tls,
             )
             for i in range(concurrency)
         )
@@ -186,6 +249,11 @@ def main() -> None:
     parser.add_argument("--per-connection", type=int, default=100)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--auth", type=Path, help="JSON list of [user, token] pairs")
+    parser.add_argument(
+        "--rotate", action="store_true", help="every connection takes the next token (devices)"
+    )
+    parser.add_argument("--offset", type=int, default=0, help="first token with --rotate")
+    parser.add_argument("--tls", choices=("none", "starttls", "implicit"), default="none")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     tokens = (
@@ -199,6 +267,9 @@ def main() -> None:
         per_connection=args.per_connection,
         size=args.size,
         tokens=tokens,
+        rotate=args.rotate,
+        offset=args.offset,
+        tls=args.tls,
     )
     try:
         import uvloop  # as the targets use it when installed

@@ -19,8 +19,24 @@ def test_bench_smoke_run_completes_without_failed_messages() -> None:
     done = run_bench("run", "--smoke")
     assert done.returncode == 0, done.stderr[-2000:]
     report = done.stdout
-    for section in ("## Throughput", "## Ratios", "## Peak RSS", "## Other figures"):
+    for section in (
+        "## Throughput",
+        "## Ratios",
+        "## Peak RSS",
+        "## Other figures",
+        "## The phones' workload",
+        "## Idle sessions",
+    ):
         assert section in report
+    phone_rows = re.findall(
+        r"^\| (ECDSA P-256|RSA 2048) \| (starttls|implicit) \| (gateway|bare) \|.* (\d+) \|$",
+        report,
+        re.MULTILINE,
+    )
+    assert len(phone_rows) == 8  # 2 certificates x 2 TLS modes x 2 targets
+    assert all(failures == "0" for *_, failures in phone_rows)
+    idle_rows = re.findall(r"^\| 50 \| (clear|starttls|implicit) \|", report, re.MULTILINE)
+    assert idle_rows == ["clear", "starttls", "implicit"]
     rows = [line for line in report.splitlines() if re.match(r"\| c=\d", line)]
     assert len(rows) == 8 + 2  # 2 cells x 4 targets, then 2 ratio rows
     assert all(line.rstrip(" |").endswith(" 0") for line in rows[:8])  # no failed message
