@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.admin.api import IMPACT_NICENESS, impact_pool
 from gateway.cli import main
 from gateway.testing.device import FakeDevice
 from gateway.testing.issuer import TestIssuer
@@ -270,6 +271,14 @@ async def test_impact_preview_of_an_uploaded_retraction(tmp_path: Path, issuer: 
         assert body["problems"][0]["line"] == 2
         status, body = await c.viewer.post("/impact", data="x", mode="sideways")
         assert status == 400
+
+
+def test_the_impact_preview_worker_runs_at_the_lowest_cpu_priority() -> None:
+    """The preview is minutes of CPU over a large inventory: on a busy machine it must be
+    the one that waits, not SMTP (docs/admin.md)."""
+    with impact_pool() as pool:
+        niceness = pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(timeout=60)
+    assert niceness == IMPACT_NICENESS == 19
 
 
 def test_token_add_prints_the_token_once_and_stores_its_hash(
