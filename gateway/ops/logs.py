@@ -63,38 +63,35 @@ def message_id(content: bytes | bytearray) -> str | None:
     return printable(value, MESSAGE_ID_LIMIT) or None
 
 
-def _mask(value: Any) -> Any:
+_SHORTEST_JWS = 13  # "eyJ" + 4 + "." + 4 + ".": nothing shorter can match _JWS_RE
+
+
+def _guard(value: Any) -> Any:
+    """One field made safe to log: anything shaped like a compact JWS masked, then control
+    characters escaped. The regex runs only on text with two dots that is long enough, so
+    the usual fields (ids, addresses, replies) cost two cheap checks."""
     if isinstance(value, str):
-        return _JWS_RE.sub("<redacted-token>", value) if "." in value else value
+        if len(value) >= _SHORTEST_JWS and value.count(".") >= 2:
+            value = _JWS_RE.sub("<redacted-token>", value)
+        return (
+            value
+            if len(value) <= FIELD_LIMIT and value.isprintable()
+            else printable(value, FIELD_LIMIT)
+        )
     if isinstance(value, list | tuple):
-        return [_mask(item) for item in value]
+        return [_guard(item) for item in value] if value else value
     return value
 
 
-def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Drop secret-named fields and mask anything shaped like a compact JWS."""
-    for key in list(event):
+def guard_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Secret-named fields dropped, token-shaped text masked and control characters escaped
+    in every field, in one pass, so each line stays one line and holds no secret (the
+    rendered ``exception`` keeps its newlines: JSON escapes them)."""
+    for key, value in event.items():
         if key.lower() in _SECRET_KEYS:
             event[key] = "<redacted>"
-        elif key != "exc_info":
-            event[key] = _mask(event[key])
-    return event
-
-
-def _escape(value: Any) -> Any:
-    if isinstance(value, str):
-        return printable(value, FIELD_LIMIT)
-    if isinstance(value, list | tuple):
-        return [_escape(item) for item in value]
-    return value
-
-
-def escape_text(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Control characters in any text field escaped, so the line stays one line whatever
-    the renderer (the rendered ``exception`` keeps its newlines: JSON escapes them)."""
-    for key, value in event.items():
-        if key not in ("exception", "exc_info"):
-            event[key] = _escape(value)
+        elif key not in ("exception", "exc_info"):
+            event[key] = _guard(value)
     return event
 
 
@@ -120,8 +117,7 @@ def _processors(json: bool) -> Iterable[Any]:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact_secrets,
-        escape_text,
+        guard_fields,
         *exceptions,
         renderer,
     ]
@@ -184,8 +180,7 @@ def audit(action: str, **fields: Any) -> None:
     for processor in (
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact_secrets,
-        escape_text,
+        guard_fields,
     ):
         event = processor(None, "info", event)
     sys.stderr.write(jsonlib.dumps(dict(event), default=repr) + "\n")

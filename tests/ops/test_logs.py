@@ -57,7 +57,7 @@ async def test_decision_event_and_no_tokens_in_logs(tmp_path: Path) -> None:
 
 
 def test_redaction_masks_token_shaped_strings() -> None:
-    event = logs.redact_secrets(
+    event = logs.guard_fields(
         None, "info", {"token": "x", "detail": "got eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl here"}
     )
     assert event == {"token": "<redacted>", "detail": "got <redacted-token> here"}
@@ -72,10 +72,10 @@ def test_redaction_masks_any_jws_shaped_string_not_only_eyj() -> None:
     other = base64.urlsafe_b64encode(b' {"alg":"ES256"}').rstrip(b"=").decode()
     assert not other.startswith("eyJ")
     for secret in (token, f"{other}.{payload}.{signature}", f"{other}.{payload}."):
-        event = logs.redact_secrets(None, "info", {"user": secret, "problems": [f"x {secret}"]})
+        event = logs.guard_fields(None, "info", {"user": secret, "problems": [f"x {secret}"]})
         assert event == {"user": "<redacted-token>", "problems": ["x <redacted-token>"]}
     kept = {"upstream": "smtp.example.com:587", "version": "1.2.3", "host": "mx1.mail.example.net"}
-    assert logs.redact_secrets(None, "info", dict(kept)) == kept
+    assert logs.guard_fields(None, "info", dict(kept)) == kept
 
 
 async def test_the_decision_event_carries_an_escaped_bounded_message_id(tmp_path: Path) -> None:
