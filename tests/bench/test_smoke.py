@@ -88,3 +88,15 @@ def test_sync_bench_smoke_run_reports_both_passdbs_and_the_endpoint() -> None:
     assert figures["endpoint"]["requests"] > 0
     assert figures["endpoint"]["errors"] == 0
     assert figures["endpoint"]["p99_ms"] >= figures["endpoint"]["p50_ms"] > 0
+
+
+@pytest.mark.slow
+def test_log_cost_bench_captures_a_sessions_lines_and_prints_each_chain() -> None:
+    done = run_bench("log_cost", "--rounds", "1", "--calls", "200", timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = done.stdout
+    assert "- auth_ok: 1 per message" in report
+    assert "- decision: 1 per message" in report
+    chains = re.findall(r"^\| (full|no-guards|filtered) \| ([\d.]+) \|", report, re.MULTILINE)
+    assert [name for name, _ in chains] == ["full", "no-guards", "filtered"]
+    assert all(float(value) > 0 for _, value in chains)
