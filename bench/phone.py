@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import trustme
 
 from bench.run import (
     REPO,
+    Figures,
     Target,
     cpu_seconds,
     free_port,
@@ -70,19 +70,12 @@ class PhoneTarget:
 
 
 @dataclass
-class PhoneFigures:
-    rate: list[float] = field(default_factory=list)
-    p50: list[float] = field(default_factory=list)
-    p99: list[float] = field(default_factory=list)
+class PhoneFigures(Figures):
+    """bench.run's figures, plus latency per connection and the first failure's text."""
+
     connection_p50: list[float] = field(default_factory=list)
     connection_p99: list[float] = field(default_factory=list)
-    cpu_per_1000: list[float] = field(default_factory=list)
-    failures: int = 0
     first_failure: str = ""
-
-    def median(self, name: str) -> float:
-        values: list[float] = getattr(self, name)
-        return statistics.median(values) if values else 0.0
 
 
 def certificate(directory: Path, key_type: trustme.KeyType) -> Path:
