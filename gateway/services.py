@@ -86,6 +86,7 @@ class Services:
                 self.first_seen.known,
                 clock,
                 settings.announce_rate,
+                overrides=lambda: self.policies.overrides,
             )
             if self.notifier is not None
             else None
@@ -235,6 +236,8 @@ class Services:
         if not self.policies.ready:
             return True
         self.spawn(self.releaser.run(), "release-after-override")
+        if self.announcer is not None:  # a policy resumed announces to whom it now warns
+            self.spawn(self.announcer.sweep(self.policies.current), "announce-after-override")
         if self.settings.sync.enabled:
             in_force = self.policies.current
             changes = sync_changes(
