@@ -68,6 +68,7 @@ async def replicas(
     count: int,
     release_tick: float = 0.2,
     store: str = "",
+    ban: str = BAN,
 ) -> AsyncIterator[list[RunningGateway]]:
     async with AsyncExitStack() as stack:
         gateways = []
@@ -76,7 +77,7 @@ async def replicas(
                 tmp_path / f"gw{n}",
                 issuer=issuer,
                 upstream_port=upstream.port,
-                policies={"ban.toml": BAN},
+                policies={"ban.toml": ban},
             )
             with config.open("a") as out:
                 out.write(f'\n[store]\nurl = "{url}"\nconnect_timeout_seconds = 1\n{store}\n')
@@ -294,13 +295,19 @@ async def test_two_gateways_on_one_store_announce_and_withdraw_once_per_device(
 ) -> None:
     """Issue 17's "two replicas send no second copy": both gateways know both phones (each
     phone sent through each), both sweep the announcement and the retraction, and the
-    shared notices table lets exactly one of them send each notice."""
+    shared notices table lets exactly one of them send each notice; the laptop-only user
+    is told nothing by either."""
 
     wall = [ANNOUNCE - timedelta(hours=2)]
     phones = [
         FakeDevice(issuer, user=f"{name}@example.test", device_id=f"{name}-phone", apps={TIKTOK})
         for name in ("alice", "bob")
     ]
+    laptop = FakeDevice(  # the laptop-only user: the app, but the ban is for phones
+        issuer, user="carol@example.test", device_id="carol-laptop", device_class="desktop",
+        platform="macos", apps={TIKTOK},
+    )  # fmt: skip
+    phones.append(laptop)
     async with FakeUpstream.running() as upstream, AsyncExitStack() as stack:
         gateways = []
         for n in range(2):
@@ -440,3 +447,31 @@ async def test_a_suspension_acts_on_every_replica_within_5_seconds_and_its_expir
             imap = replica.dovecot.ports.imap
             assert "Subject: Real mail" not in await thread(imap_login, imap, user, phone.token())
         assert len(upstream.messages) == 2
+
+
+async def test_a_rollout_holds_the_same_devices_on_every_replica_and_after_a_restart(
+    tmp_path: Path, issuer: TestIssuer, pg_url: str
+) -> None:
+    """A 10% rollout: each of two gateways on one store holds exactly the devices whose
+    stable bucket is in the stage, and so do both again once restarted."""
+    from gateway.policy.model import rollout_bucket
+
+    ban = tiktok_ban("hold", extra="rollout.percent = 10\n")
+    devices = [
+        FakeDevice(issuer, user=f"p{n}@example.test", device_id=f"phone-{n:02d}", apps={TIKTOK})
+        for n in range(40)
+    ]
+    expected = {d.device_id for d in devices if rollout_bucket(d.device_id, "remove-tiktok") < 1000}
+    assert 0 < len(expected) < 10
+    async with FakeUpstream.running() as upstream:
+        for start in ("first", "restarted"):
+            async with replicas(tmp_path / start, issuer, upstream, pg_url, 2, ban=ban) as found:
+                for gateway in found:
+                    held = set()
+                    for device in devices:
+                        result = await device.send(gateway.port)
+                        assert result.data is not None
+                        assert result.data[0] == 250
+                        if result.data == HELD:
+                            held.add(device.device_id)
+                    assert held == expected, start
