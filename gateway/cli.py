@@ -831,13 +831,20 @@ def cmd_admin_token_add(args: argparse.Namespace) -> int:
 
 # --- impact ------------------------------------------------------------------------------
 
+IMPACT_ROWS = 1000  # notices listed per kind by `gateway impact` (the counts are whole)
+
 
 def cmd_impact(args: argparse.Namespace) -> int:
-    from gateway.devices.announce import announcements, warning_policies
     from gateway.hold.backend import describe_store, open_store
-    from gateway.hold.store import HoldStore
+    from gateway.hold.store import HoldStore, overrides_of
     from gateway.policy.diff import PolicyDiff
-    from gateway.policy.impact import assess, blast_radius_refusal, rollout_stages
+    from gateway.policy.impact import (
+        WhoIsTold,
+        assess,
+        blast_radius_refusal,
+        rollout_stages,
+        who_is_told,
+    )
     from gateway.policy.model import PolicySet
 
     settings = _settings(args)
@@ -867,8 +874,12 @@ def cmd_impact(args: argparse.Namespace) -> int:
         devices = store.devices(since)
         accesses = store.device_accesses(since)
         known = 0 if devices else len(store.devices(datetime.fromtimestamp(0, UTC)))
-        graced = any(p.grace for p in candidate.source.policies)
+        both = live.source.policies + candidate.source.policies
+        graced = any(p.grace for p in both)
         first_seen = {d.device.id: store.first_seen_times(d.device.id) for d in devices if graced}
+        # As the gateway decides at --at: with the operator overrides then in force.
+        overrides = overrides_of(store.policy_overrides(now))
+        sent = store.notices_sent([p.id for p in both]) if settings.notices else set()
     finally:
         store.close()
     if not devices:
@@ -882,16 +893,27 @@ def cmd_impact(args: argparse.Namespace) -> int:
         )
     every = frozenset(Access)
     report = assess(
-        live, candidate, devices, now, accesses_of=lambda c: accesses.get(c.device.id, every)
-    )
-    stages = rollout_stages(candidate, devices, now)
-    told = announcements(
+        live,
         candidate,
-        [p.id for p in warning_policies(candidate, now)],
         devices,
         now,
         accesses_of=lambda c: accesses.get(c.device.id, every),
-        first_seen_of=lambda device_id: first_seen.get(device_id, {}),
+        overrides=(overrides, overrides),
+    )
+    stages = rollout_stages(candidate, devices, now, overrides)
+    told = (
+        who_is_told(
+            live,
+            candidate,
+            devices,
+            now,
+            lambda c: accesses.get(c.device.id, every),
+            lambda device_id: first_seen.get(device_id, {}),
+            sent,
+            overrides,
+        )
+        if settings.notices
+        else WhoIsTold()
     )
     diff = PolicyDiff.between(live.source, candidate.source)
     refusal = blast_radius_refusal(report, candidate, diff, settings.max_newly_blocked_devices)
@@ -907,11 +929,13 @@ def cmd_impact(args: argparse.Namespace) -> int:
                 "candidate_version": candidate.version,
                 **report.as_dict(),
                 "rollout_stages": [s.as_dict() for s in stages],
-                # Who the announcement warns (once per device: those told before are not again).
-                "announced_to": [
-                    {"user": a.user, "device_id": a.device_id, "policy_id": a.policy_id}
-                    for a in told
-                ],
+                # Who would be told: the announcement (each device once per policy: those
+                # told before are not again) and the "disregard" notice of a withdrawal.
+                "notices": {"enabled": settings.notices, **told.as_dict(IMPACT_ROWS)},
+                "overrides": {
+                    "suspended": sorted(overrides.suspended),
+                    "exempt": [{"policy_id": p, "subject": s} for p, s in sorted(overrides.exempt)],
+                },
                 "guard": {
                     "limit": settings.max_newly_blocked_devices,
                     "refused": refusal is not None,
@@ -947,13 +971,32 @@ def cmd_impact(args: argparse.Namespace) -> int:
                     f"{row['before']} -> {row['after']}  {','.join(row['policy_ids'])}"
                 )
             )
-    if told:
+    if not settings.notices:
+        print("notices:         off ([gateway] notices = false): nobody is told")
+    for title, rows_told, what in (
+        ("announced to:", told.announced, "the warning, at once"),
+        ("withdrawn to:", told.withdrawn, '"disregard the earlier notice"'),
+    ):
+        if not settings.notices:
+            break
         print(
-            f"{'announced to:':<16} {len({a.device_id for a in told})} device(s), "
-            f"{len({a.user for a in told})} user(s) (warned at once, each device once)"
+            f"{title:<16} {len({r.device_id for r in rows_told})} device(s), "
+            f"{len({r.user for r in rows_told})} user(s) ({what}; each device once per policy)"
         )
-        for row in told:
+        for row in rows_told[:IMPACT_ROWS]:
             print(_terminal_safe(f"    {row.device_id:<24} {row.user:<30} {row.policy_id}"))
+        if len(rows_told) > IMPACT_ROWS:
+            print(f"    ... and {len(rows_told) - IMPACT_ROWS} more (--json lists {IMPACT_ROWS})")
+    if overrides:
+        print(
+            _terminal_safe(
+                "overrides in force (counted): "
+                + ", ".join(
+                    [f"{p} suspended" for p in sorted(overrides.suspended)]
+                    + [f"{p} exempts {s}" for p, s in sorted(overrides.exempt)]
+                )
+            )
+        )
     for stage in stages:
         mark = "  <- now" if stage.current else ""
         print(

@@ -43,10 +43,6 @@ from gateway.upstream.relay import Relay, RelayObserver
 
 log = structlog.get_logger("gateway.server")
 
-# Seconds between reads of the operator overrides (gateway policy suspend / exempt): another
-# process (the CLI, another replica) may change them, and the change must act within seconds.
-OVERRIDES_POLL = 1.0
-
 
 def build_relay(settings: Settings, observer: RelayObserver | None = None) -> Relay:
     upstream = settings.upstream
@@ -90,6 +86,7 @@ class Services:
                 self.first_seen.known,
                 clock,
                 settings.announce_rate,
+                overrides=lambda: self.policies.overrides,
             )
             if self.notifier is not None
             else None
@@ -239,6 +236,8 @@ class Services:
         if not self.policies.ready:
             return True
         self.spawn(self.releaser.run(), "release-after-override")
+        if self.announcer is not None:  # a policy resumed announces to whom it now warns
+            self.spawn(self.announcer.sweep(self.policies.current), "announce-after-override")
         if self.settings.sync.enabled:
             in_force = self.policies.current
             changes = sync_changes(
@@ -255,9 +254,10 @@ class Services:
         return True
 
     async def _watch_overrides(self) -> None:
-        """Pick up overrides written by another process within :data:`OVERRIDES_POLL`."""
+        """Pick up overrides written by another process (the CLI, another replica): they
+        must act within seconds, so they are read every ``[gateway] overrides_poll_seconds``."""
         while True:
-            await asyncio.sleep(OVERRIDES_POLL)
+            await asyncio.sleep(self.settings.overrides_poll)
             await self.refresh_overrides()
 
     async def measure_held(self) -> None:

@@ -183,10 +183,128 @@ def test_impact_shows_who_the_announcement_tells(
     announced = "2020-07-10T12:00:00-07:00"  # between the shipped ban's announce_at and enforce_at
     code, out, err = run(capsys, "impact", "--at", announced, "--config", str(config), "--json")
     assert code == 0, err
-    assert json.loads(out)["announced_to"] == [
-        {"user": "phone-1@example.test", "device_id": "phone-1", "policy_id": "remove-tiktok"},
-        {"user": "phone-2@example.test", "device_id": "phone-2", "policy_id": "remove-tiktok"},
-    ]
+    told = json.loads(out)["notices"]
+    assert told["enabled"] is True
+    assert told["announced"] == {
+        "notices": 2,
+        "users": 2,
+        "devices": 2,
+        "rows": [
+            {"user": "phone-1@example.test", "device_id": "phone-1", "policy_id": "remove-tiktok"},
+            {"user": "phone-2@example.test", "device_id": "phone-2", "policy_id": "remove-tiktok"},
+        ],
+    }
+    assert told["withdrawn"]["notices"] == 0
     code, out, _ = run(capsys, "impact", "--at", announced, "--config", str(config))
     assert "announced to:    2 device(s), 2 user(s)" in out
     assert "laptop-1" not in out
+    # Phone 1 was told already (the notices table): the preview leaves it out.
+    store = HoldStore(path)
+    store.claim_notice("phone-1", "remove-tiktok", "warn", NOW)
+    store.close()
+    code, out, _ = run(capsys, "impact", "--at", announced, "--config", str(config), "--json")
+    assert [r["device_id"] for r in json.loads(out)["notices"]["announced"]["rows"]] == ["phone-2"]
+
+
+def retract(config: Path) -> Path:
+    """A copy of the live policies with the shipped ban retracted: the candidate."""
+    candidate = config.parent / "candidate"
+    shutil.copytree(config.parent / "policies", candidate)
+    ban = candidate / "remove-tiktok.toml"
+    ban.write_text(
+        ban.read_text().replace(
+            'state = "enforce"', 'state = "retracted"\nretracted_reason = "sent in error"'
+        )
+    )
+    return candidate
+
+
+def test_impact_shows_who_a_retraction_tells_to_disregard(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    """A retraction: the users told about the ban (warn, hold or released) are listed for
+    the "disregard" notice, and nobody else; one already told so is not listed again."""
+    path = inventory(config, "phone-1", "phone-2", "phone-3")
+    store = HoldStore(path)
+    store.claim_notice("phone-1", "remove-tiktok", "warn", NOW)
+    store.claim_notice("phone-1", "remove-tiktok", "hold", NOW)
+    store.claim_notice("phone-2", "remove-tiktok", "released", NOW)
+    store.claim_notice("phone-3", "another-policy", "warn", NOW)
+    store.close()
+    candidate = retract(config)
+    code, out, err = impact(capsys, config, str(candidate), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert [r["device_id"] for r in report["released"]] == ["phone-1", "phone-2", "phone-3"]
+    assert report["notices"]["withdrawn"] == {
+        "notices": 2,
+        "users": 2,
+        "devices": 2,
+        "rows": [
+            {"user": "phone-1@example.test", "device_id": "phone-1", "policy_id": "remove-tiktok"},
+            {"user": "phone-2@example.test", "device_id": "phone-2", "policy_id": "remove-tiktok"},
+        ],
+    }
+    assert report["notices"]["announced"]["notices"] == 0
+    code, out, _ = impact(capsys, config, str(candidate))
+    assert "withdrawn to:    2 device(s), 2 user(s)" in out
+    store = HoldStore(path)
+    store.claim_notice("phone-2", "remove-tiktok", "withdrawn", NOW)
+    store.close()
+    code, out, _ = impact(capsys, config, str(candidate), "--json")
+    assert [r["device_id"] for r in json.loads(out)["notices"]["withdrawn"]["rows"]] == ["phone-1"]
+
+
+def test_impact_counts_the_operator_overrides_in_force(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    """A suspended ban holds nobody and announces to nobody in the preview, as in the
+    gateway; a break-glass exemption leaves out its one user."""
+    path = inventory(config, "phone-1", "phone-2")
+    code, out, _ = impact(capsys, config, "--json")
+    assert [r["device_id"] for r in json.loads(out)["newly_held"]] == ["phone-1", "phone-2"]
+    store = HoldStore(path)
+    until = NOW + timedelta(hours=2)
+    store.exempt_from_policy(
+        "remove-tiktok", "user:phone-1@example.test", until, "travelling", "test", NOW
+    )
+    store.close()
+    code, out, _ = impact(capsys, config, "--json")
+    report = json.loads(out)
+    assert [r["device_id"] for r in report["newly_held"]] == ["phone-2"]
+    assert report["overrides"]["exempt"] == [
+        {"policy_id": "remove-tiktok", "subject": "user:phone-1@example.test"}
+    ]
+    announced = "2020-07-10T12:00:00-07:00"
+    code, out, _ = run(capsys, "impact", "--at", announced, "--config", str(config), "--json")
+    assert [r["device_id"] for r in json.loads(out)["notices"]["announced"]["rows"]] == ["phone-2"]
+    store = HoldStore(path)
+    store.suspend_policy("remove-tiktok", until, "INC-1", "test", NOW)
+    store.close()
+    code, out, _ = impact(capsys, config)
+    assert "newly held:      0 device(s), 0 user(s)" in out
+    assert "overrides in force (counted): remove-tiktok suspended" in out
+    code, out, _ = run(capsys, "impact", "--at", announced, "--config", str(config), "--json")
+    assert json.loads(out)["notices"]["announced"]["notices"] == 0
+    # Once the suspension and the exemption end (a later --at), both count again.
+    later = (until + timedelta(minutes=1)).isoformat()
+    code, out, _ = run(capsys, "impact", "--at", later, "--config", str(config), "--json")
+    assert code == 0
+    assert len(json.loads(out)["newly_held"]) == 2
+
+
+def test_impact_says_nobody_is_told_when_notices_are_off(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    config.write_text(config.read_text().replace("notices = true", "notices = false"))
+    inventory(config, "phone-1")
+    code, out, _ = run(
+        capsys, "impact", "--at", "2020-07-10T12:00:00-07:00", "--config", str(config), "--json"
+    )
+    assert json.loads(out)["notices"]["enabled"] is False
+    assert json.loads(out)["notices"]["announced"]["notices"] == 0
+    code, out, _ = run(
+        capsys, "impact", "--at", "2020-07-10T12:00:00-07:00", "--config", str(config)
+    )
+    assert code == 0
+    assert "notices:         off ([gateway] notices = false): nobody is told" in out

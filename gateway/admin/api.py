@@ -47,16 +47,16 @@ from gateway.admin.openapi import OPENAPI
 from gateway.admin.tokens import Admin, Role, TokensFile, TokensFileError
 from gateway.config.settings import Settings, StoreSettings
 from gateway.devices.inventory import Inventory
-from gateway.domain import Access, Clock, DeviceClaims, Overrides
+from gateway.domain import NO_OVERRIDES, Access, Clock, DeviceClaims, Overrides
 from gateway.errors import HoldStoreError, PolicyLoadError, Problem
 from gateway.hold.backend import open_store_at
 from gateway.hold.dsn import admin_drop_report
 from gateway.hold.release import Releaser, Spawn
-from gateway.hold.store import AsyncStore, HeldMessage, HoldFilter, Settlement
+from gateway.hold.store import AsyncStore, HeldMessage, HoldFilter, Settlement, overrides_of
 from gateway.ops.logs import printable
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet, compile_policy_set, decide
-from gateway.policy.impact import assess, blast_radius_refusal
+from gateway.policy.impact import WhoIsTold, assess, blast_radius_refusal, who_is_told
 from gateway.policy.loader import load_policy_dir
 from gateway.policy.model import PolicySet
 from gateway.policy.store import PolicyStore, ReloadResult
@@ -494,6 +494,7 @@ class Handlers:
                 since,
                 now,
                 self.api.blast_radius_limit,
+                self.api.settings.notices,
             )
         except BrokenProcessPool as exc:
             self._pool = None
@@ -690,29 +691,55 @@ def preview_from_store(
     since: datetime,
     now: datetime,
     limit: int | None,
+    notices: bool = True,
 ) -> dict[str, object] | tuple[Problem, ...]:
     """:func:`preview` in a worker process, over the inventory the hold store keeps (read
     as `gateway impact` reads it: SQLite through a second connection, no lock taken, or
-    the shared PostgreSQL store)."""
+    the shared PostgreSQL store), with the operator overrides in force and the notices
+    already sent."""
+    compiled = compile_policy_set(live)
+    candidate = candidate_of(compiled, text, mode)
+    if isinstance(candidate, tuple):
+        return candidate
     store = open_store_at(database, store_settings)
     try:
         devices = store.devices(since)
         accesses = store.device_accesses(since)
+        state = PreviewState(overrides_of(store.policy_overrides(now)), notices=notices)
+        if notices:
+            both = live.policies + candidate.source.policies
+            graced = any(p.grace for p in both)
+            state = dataclasses.replace(
+                state,
+                sent=frozenset(store.notices_sent([p.id for p in both])),
+                first_seen={
+                    d.device.id: store.first_seen_times(d.device.id) for d in devices if graced
+                },
+            )
     finally:
         store.close()
-    return preview(compile_policy_set(live), text, mode, devices, accesses, now, limit)
+    return preview(compiled, candidate, mode, devices, accesses, now, limit, state)
 
 
-def preview(
-    live: CompiledPolicySet,
-    text: str,
-    mode: str,
-    devices: list[DeviceClaims],
-    accesses: Mapping[str, frozenset[Access]],
-    now: datetime,
-    limit: int | None,
-) -> dict[str, object] | tuple[Problem, ...]:
-    """The impact of a candidate file (run in a worker thread: CPU over the inventory).
+@dataclass(frozen=True)
+class PreviewState:
+    """What the preview reads besides the inventory: the operator overrides in force,
+    the notices sent so far (device, policy, phase), per device the first-seen times
+    (grace policies), and whether notices are sent at all ([gateway] notices)."""
+
+    overrides: Overrides = NO_OVERRIDES
+    sent: frozenset[tuple[str, str, str]] = frozenset()
+    first_seen: Mapping[str, Mapping[str, datetime]] = dataclasses.field(default_factory=dict)
+    notices: bool = True
+
+
+PREVIEW_STATE = PreviewState()
+
+
+def candidate_of(
+    live: CompiledPolicySet, text: str, mode: str
+) -> CompiledPolicySet | tuple[Problem, ...]:
+    """The candidate set of an uploaded file, or its problems by line.
 
     ``merge``: the live set with the file's policies in place of the live ones of the same
     id (upload a retraction of one ban); ``replace``: the file alone is the candidate set.
@@ -731,11 +758,47 @@ def preview(
     ids = {p.id for p in uploaded.policies}
     kept = () if mode == "replace" else tuple(p for p in live.source.policies if p.id not in ids)
     candidate_set = PolicySet(kept + uploaded.policies, f"candidate-{uploaded.version}", groups)
-    candidate = compile_policy_set(candidate_set)
+    return compile_policy_set(candidate_set)
+
+
+def preview(
+    live: CompiledPolicySet,
+    candidate: CompiledPolicySet,
+    mode: str,
+    devices: list[DeviceClaims],
+    accesses: Mapping[str, frozenset[Access]],
+    now: datetime,
+    limit: int | None,
+    state: PreviewState = PREVIEW_STATE,
+) -> dict[str, object]:
+    """The impact of a candidate set over the inventory (CPU: run in a worker process):
+    whom it newly warns, holds or rejects, whom it releases, and whom it would tell."""
     every = frozenset(Access)
-    report = assess(live, candidate, devices, now, lambda c: accesses.get(c.device.id, every))
+    overrides = state.overrides
+    report = assess(
+        live,
+        candidate,
+        devices,
+        now,
+        lambda c: accesses.get(c.device.id, every),
+        overrides=(overrides, overrides),
+    )
     diff = PolicyDiff.between(live.source, candidate.source)
     refusal = blast_radius_refusal(report, candidate, diff, limit)
+    told = (
+        who_is_told(
+            live,
+            candidate,
+            devices,
+            now,
+            lambda c: accesses.get(c.device.id, every),
+            lambda device_id: state.first_seen.get(device_id, {}),
+            state.sent,
+            overrides,
+        )
+        if state.notices
+        else WhoIsTold()
+    )
     rows = report.as_dict()
     lists = ("newly_warned", "newly_deferred", "newly_held", "newly_rejected", "released")
     counts = {key: len(rows[key]) for key in lists}  # type: ignore[arg-type]
@@ -755,6 +818,11 @@ def preview(
         **rows,
         "counts": counts,
         "rows_limit": MAX_IMPACT_ROWS,
+        "notices": {"enabled": state.notices, **told.as_dict(MAX_IMPACT_ROWS)},
+        "overrides": {
+            "suspended": sorted(overrides.suspended),
+            "exempt": [{"policy_id": p, "subject": s} for p, s in sorted(overrides.exempt)],
+        },
         "guard": {"limit": limit, "refused": refusal is not None, "reason": refusal},
     }
 

@@ -238,7 +238,8 @@ OPENAPI: dict[str, Any] = {
         },
         "/impact": {
             "post": {
-                "summary": "who a candidate policy file would newly warn, defer, hold, reject or release",
+                "summary": "who a candidate policy file would newly warn, defer, hold, reject or "
+                "release, and who it would tell (announcement, withdrawal)",
                 "parameters": [
                     _query("mode", "merge: the file's policies replace the live ones of the same "
                            "id; replace: the file alone", {"type": "string", "enum": ["merge", "replace"]}),

@@ -357,6 +357,7 @@ class Pages:
                 result += f"<h2>{_e(title)} ({_e(answer['counts'][key])})</h2>" + _table(
                     ["user", "device", "for", "decision", "policies"], rows
                 )
+            result += _told_tables(answer)
             guard = answer["guard"]
             result += (
                 f'<p class="error">The reload guard would refuse it: {_e(guard["reason"])}</p>'
@@ -376,6 +377,30 @@ class Pages:
         return _page(
             "Audit", _table(["when", "who", "role", "what", "target", "messages"], rows), session
         )
+
+
+def _told_tables(answer: Any) -> str:
+    """Who would be told: the announcement and the "disregard" notice (a preview's
+    ``notices``), and the operator overrides the preview counted."""
+    told = answer["notices"]
+    if not told["enabled"]:
+        return "<h2>Would be told</h2><p>Nobody: notices are off ([gateway] notices).</p>"
+    html = ""
+    for title, key in (("Would be told: announcement", "announced"),
+                       ('Would be told: "disregard the earlier notice"', "withdrawn")):  # fmt: skip
+        part = told[key]
+        rows = [[_e(r["user"]), _e(r["device_id"]), _e(r["policy_id"])] for r in part["rows"]]
+        html += (
+            f"<h2>{_e(title)} ({_e(part['users'])} users, {_e(part['notices'])} notices)</h2>"
+            + _table(["user", "device", "policy"], rows)
+        )
+    overrides = answer["overrides"]
+    if overrides["suspended"] or overrides["exempt"]:
+        named = [f"{p} suspended" for p in overrides["suspended"]] + [
+            f"{e['policy_id']} exempts {e['subject']}" for e in overrides["exempt"]
+        ]
+        html += f"<p>Operator overrides in force (counted): {_e(', '.join(named))}.</p>"
+    return html
 
 
 _LOGIN_ERRORS = ("That token is not valid.",)

@@ -1122,6 +1122,16 @@ class Settings:
             (SIGHUP reloads at once).""",
         ),
     )
+    overrides_poll: float = field(
+        default=1.0,
+        metadata=setting(
+            Number(minimum=0.1),
+            """How often the operator overrides (`gateway policy suspend`, `exempt`) are
+            read from the hold store, for those another process or replica wrote; this
+            gateway's own admin API and, on PostgreSQL, a NOTIFY act at once.""",
+            key="overrides_poll_seconds",
+        ),
+    )
     max_newly_blocked_devices: int | None = field(
         default=None,
         metadata=setting(

@@ -8,7 +8,10 @@ retracted (or deleted), every device that was sent a notice mail for it gets one
 policy and phase, whichever process or replica gets there first, so a restart sends no
 second copy. Sends are paced (``announce_notices_per_second``).
 
-:func:`announcements` is pure (time passed in); :class:`Announcer` does the sending.
+:func:`gateway.policy.impact.announcements` is pure (time and operator overrides passed
+in; `gateway impact` previews with it); :class:`Announcer` does the sending. A suspended
+policy announces to nobody, and a user or device with a break-glass exemption from it is
+not told; when the overrides change, the announcements are checked again.
 """
 
 from __future__ import annotations
@@ -16,68 +19,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
 
 from gateway.devices.notices import Notifier, disregard_text
-from gateway.domain import Access, Action, Clock, DeviceClaims, Phase, PolicyState
+from gateway.domain import Access, Clock, DeviceClaims, Overrides, PolicyState
 from gateway.errors import HoldStoreError
 from gateway.hold.store import AsyncStore
-from gateway.policy.engine import CompiledPolicySet, decide
-from gateway.policy.model import Policy
+from gateway.policy.engine import CompiledPolicySet
+from gateway.policy.impact import Announcement, announcements, warning_policies
 
 log = structlog.get_logger("gateway.notices")
 
 CHUNK = 500  # devices decided between yields to the event loop (~3 ms with a rollout)
 RESWEEP = 60.0  # seconds between sweeps for rollout and grace policies, which warn anew
-
-
-@dataclass(frozen=True)
-class Announcement:
-    user: str
-    device_id: str
-    policy_id: str
-    message: str
-
-
-def warning_policies(compiled: CompiledPolicySet, now: datetime) -> list[Policy]:
-    """Enforce-state policies that can warn a device at ``now``: in their announce phase,
-    or enforcing with a rollout or a grace period (devices left out are warned)."""
-    found = []
-    for policy in compiled.source.policies:
-        if policy.state is not PolicyState.ENFORCE or policy.action <= Action.WARN:
-            continue
-        phase = policy.phase_at(now)
-        if phase is Phase.ANNOUNCE or (
-            phase is Phase.ENFORCE and (policy.rollout is not None or policy.grace is not None)
-        ):
-            found.append(policy)
-    return found
-
-
-def announcements(
-    compiled: CompiledPolicySet,
-    policy_ids: Iterable[str],
-    devices: Iterable[DeviceClaims],
-    now: datetime,
-    accesses_of: Callable[[DeviceClaims], Iterable[Access]],
-    first_seen_of: Callable[[str], Mapping[str, datetime]],
-) -> list[Announcement]:
-    """Who these policies warn at ``now``, among ``devices``: one row per (device, policy),
-    for any access the device uses."""
-    wanted = set(policy_ids)
-    rows: list[Announcement] = []
-    for claims in devices:
-        found: dict[str, str] = {}
-        for access in sorted(accesses_of(claims), key=lambda a: a.value):
-            decision = decide(compiled, claims, now, access, first_seen_of(claims.device.id))
-            for match in decision.matches:
-                if match.policy_id in wanted and match.action is Action.WARN:
-                    found.setdefault(match.policy_id, match.message)
-        rows += [Announcement(claims.subject, claims.device.id, p, m) for p, m in found.items()]
-    return sorted(rows, key=lambda a: (a.policy_id, a.user, a.device_id))
 
 
 class Announcer:
@@ -90,6 +46,7 @@ class Announcer:
         first_seen_of: Callable[[str], Mapping[str, datetime]],
         clock: Clock,
         per_second: float,
+        overrides: Callable[[], Overrides] = Overrides,
     ) -> None:
         self.notifier = notifier
         self.store = store
@@ -98,7 +55,9 @@ class Announcer:
         self.first_seen_of = first_seen_of
         self.clock = clock
         self.pause = 1.0 / per_second
+        self.overrides = overrides  # the operator overrides in force now
         self._swept: set[tuple[str, str, str]] = set()  # (kind, policy id, version) done here
+        self._swept_under = Overrides()  # the overrides the announcements were swept under
         self._deleted: dict[str, str | None] = {}  # deleted since start: id -> reason
         # (device, policy, phase) known sent, here or by another process: not asked again.
         self._told: set[tuple[str, str, str]] = set()
@@ -118,10 +77,15 @@ class Announcer:
         async with self._lock:
             now = self.clock()
             version = compiled.version
+            overrides = self.overrides()
+            if overrides != self._swept_under:
+                # A suspension ended or an exemption expired: whom to tell may have grown.
+                self._swept = {k for k in self._swept if k[0] != "announce"}
+                self._swept_under = overrides
             resweep = time.monotonic() - self._last_resweep >= RESWEEP
             fresh = [
                 p.id
-                for p in warning_policies(compiled, now)
+                for p in warning_policies(compiled, now, overrides)
                 if ("announce", p.id, version) not in self._swept
                 and (resweep or (p.rollout is None and p.grace is None))
             ]
@@ -135,7 +99,7 @@ class Announcer:
                 if p.id in fresh and p.rollout is None and p.grace is None
             )
             if fresh:
-                await self._announce(compiled, fresh, now)
+                await self._announce(compiled, fresh, now, overrides)
             retracted = {
                 p.id: p.retracted_reason
                 for p in compiled.source.policies
@@ -150,7 +114,11 @@ class Announcer:
                     await self._withdraw(policy_id, reason, now)
 
     async def _announce(
-        self, compiled: CompiledPolicySet, policy_ids: list[str], now: datetime
+        self,
+        compiled: CompiledPolicySet,
+        policy_ids: list[str],
+        now: datetime,
+        overrides: Overrides,
     ) -> None:
         devices = self.devices()
         rows: list[Announcement] = []
@@ -162,6 +130,7 @@ class Announcer:
                 now,
                 self.accesses_of,
                 self.first_seen_of,
+                overrides,
             )
             await asyncio.sleep(0)
         for row in rows:

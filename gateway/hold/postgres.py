@@ -757,6 +757,15 @@ class PostgresHoldStore:
         )
         return [row["device_id"] for row in rows]
 
+    def notices_sent(self, policy_ids: Sequence[str]) -> set[tuple[str, str, str]]:
+        """(device, policy, phase) of the notice mails sent for these policies (impact)."""
+        rows = self._read(
+            "SELECT device_id, policy_id, phase FROM notices WHERE policy_id = ANY(%s) "
+            "AND phase NOT LIKE '%%:sync'",
+            (list(policy_ids),),
+        )
+        return {(r["device_id"], r["policy_id"], r["phase"]) for r in rows}
+
     def first_seen(self, device_id: str, policy_id: str, now: datetime) -> datetime:
         """When this device was first seen matching this policy, by any gateway: recorded
         as ``now`` if it never was (the first writer wins)."""

@@ -845,6 +845,21 @@ class HoldStore:
         )
         return [row[0] for row in rows]
 
+    def notices_sent(self, policy_ids: Sequence[str]) -> set[tuple[str, str, str]]:
+        """(device, policy, phase) of the notice mails sent for these policies (not mailbox
+        notices): whom `gateway impact` need not count as told anew."""
+        found: set[tuple[str, str, str]] = set()
+        ids = list(dict.fromkeys(policy_ids))
+        for start in range(0, len(ids), 500):  # SQLite's bound on variables per statement
+            chunk = ids[start : start + 500]
+            rows = self._read(
+                "SELECT device_id, policy_id, phase FROM notices WHERE policy_id IN "
+                f"({', '.join('?' * len(chunk))}) AND phase NOT LIKE '%:sync'",
+                chunk,
+            )
+            found.update((r[0], r[1], r[2]) for r in rows)
+        return found
+
     def first_seen_times(self, device_id: str) -> dict[str, datetime]:
         """Per policy, when this device was first seen matching it (read only: explain)."""
         rows = self._read(
@@ -1097,6 +1112,7 @@ class HoldBackend(Protocol):
     def claim_notice(self, device_id: str, policy_id: str, phase: str, now: datetime) -> bool: ...
     def unclaim_notice(self, device_id: str, policy_id: str, phase: str) -> None: ...
     def noticed_devices(self, policy_id: str) -> list[str]: ...
+    def notices_sent(self, policy_ids: Sequence[str]) -> set[tuple[str, str, str]]: ...
     def first_seen(self, device_id: str, policy_id: str, now: datetime) -> datetime: ...
     def first_seen_times(self, device_id: str) -> dict[str, datetime]: ...
     def record_admin_action(

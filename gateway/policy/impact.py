@@ -12,18 +12,34 @@ do that (a send-only ban counts devices that send), so each device is decided fo
 access it uses (``accesses_of``: the inventory's record of its last send and last sync),
 and a change row says for which access(es) it holds. Without ``accesses_of`` every
 device counts as doing both.
+
+Who is told: :func:`announcements` is who a warning policy tells at once (the gateway's
+announcer sends exactly these), and :func:`who_is_told` is what a change would send:
+the announcement to devices it newly warns and that were not told before, the
+"disregard" notice to every device told about a policy it retracts or deletes.
+
+Operator overrides (suspensions, break-glass exemptions) count everywhere: a suspended
+policy blocks, warns and tells nobody; an exempted user or device is not counted for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from gateway.domain import NO_OVERRIDES, Access, Action, DeviceClaims, Overrides
+from gateway.domain import (
+    NO_OVERRIDES,
+    Access,
+    Action,
+    DeviceClaims,
+    Overrides,
+    Phase,
+    PolicyState,
+)
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet, decide
-from gateway.policy.model import DeviceFacts
+from gateway.policy.model import DeviceFacts, Policy
 
 BLOCKING = (Action.DEFER, Action.HOLD, Action.REJECT)
 
@@ -156,7 +172,8 @@ class StageReport:
     """One stage of a policy's staged rollout over the inventory: of the ``matching``
     devices (the policy applies, no exemption), how many it enforces on from ``at`` (the
     stages reached by then, cumulative). ``current``: the stage in force at the preview's
-    time."""
+    time. ``suspended``: an operator suspended the policy, so it enforces on nobody now
+    (``enforced`` counts as if it were not: what resuming it would do)."""
 
     policy_id: str
     stage: str
@@ -164,6 +181,7 @@ class StageReport:
     enforced: int
     matching: int
     current: bool
+    suspended: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -173,13 +191,18 @@ class StageReport:
             "enforced": self.enforced,
             "matching": self.matching,
             "current": self.current,
+            "suspended": self.suspended,
         }
 
 
 def rollout_stages(
-    compiled: CompiledPolicySet, devices: Iterable[DeviceClaims], now: datetime
+    compiled: CompiledPolicySet,
+    devices: Iterable[DeviceClaims],
+    now: datetime,
+    overrides: Overrides = NO_OVERRIDES,
 ) -> list[StageReport]:
-    """Each stage of each active policy with a rollout: whom it enforces on, in the inventory."""
+    """Each stage of each active policy with a rollout: whom it enforces on, in the
+    inventory (a device with a break-glass exemption from the policy does not match)."""
     staged = [p for p in compiled.source.policies if p.is_active and p.rollout is not None]
     if not staged:
         return []
@@ -187,6 +210,9 @@ def rollout_stages(
     for claims in devices:
         facts = DeviceFacts(claims, compiled.groups_by_user.get(claims.user, frozenset()))
         for policy in staged:
+            subjects = (f"user:{claims.user}", f"device:{claims.device.id}")
+            if any((policy.id, s) in overrides.exempt for s in subjects):
+                continue
             if not policy.exempt.covers(facts) and any(
                 policy.applies_to(facts, access) for access in policy.access
             ):
@@ -204,7 +230,7 @@ def rollout_stages(
             reports.append(
                 StageReport(
                     policy.id, str(stage), stage.at, enforced, len(matching[policy.id]),
-                    stage is current,
+                    stage is current, policy.id in overrides.suspended,
                 )
             )  # fmt: skip
     return reports
@@ -234,3 +260,154 @@ def blast_radius_refusal(
         f"this change would newly hold or reject {blocked} devices (limit {limit}); "
         f"check with `gateway impact`, then set confirm_impact = {blocked} on the changed policy"
     )
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A warning a policy gives a device at once (its announce phase, or left out of a
+    rollout stage or in its grace period), with the policy's message."""
+
+    user: str
+    device_id: str
+    policy_id: str
+    message: str
+
+
+def warning_policies(
+    compiled: CompiledPolicySet, now: datetime, overrides: Overrides = NO_OVERRIDES
+) -> list[Policy]:
+    """Enforce-state policies that can warn a device at ``now``: in their announce phase,
+    or enforcing with a rollout or a grace period (devices left out are warned). Not a
+    policy an operator suspended."""
+    found = []
+    for policy in compiled.source.policies:
+        if policy.state is not PolicyState.ENFORCE or policy.action <= Action.WARN:
+            continue
+        if policy.id in overrides.suspended:
+            continue
+        phase = policy.phase_at(now)
+        if phase is Phase.ANNOUNCE or (
+            phase is Phase.ENFORCE and (policy.rollout is not None or policy.grace is not None)
+        ):
+            found.append(policy)
+    return found
+
+
+def announcements(
+    compiled: CompiledPolicySet,
+    policy_ids: Iterable[str],
+    devices: Iterable[DeviceClaims],
+    now: datetime,
+    accesses_of: Callable[[DeviceClaims], Iterable[Access]],
+    first_seen_of: Callable[[str], Mapping[str, datetime]],
+    overrides: Overrides = NO_OVERRIDES,
+) -> list[Announcement]:
+    """Who these policies warn at ``now``, among ``devices``: one row per (device, policy),
+    for any access the device uses; ``overrides`` as the engine applies them."""
+    wanted = set(policy_ids)
+    rows: list[Announcement] = []
+    for claims in devices:
+        found: dict[str, str] = {}
+        for access in sorted(accesses_of(claims), key=lambda a: a.value):
+            decision = decide(
+                compiled, claims, now, access, first_seen_of(claims.device.id), overrides
+            )
+            for match in decision.matches:
+                if match.policy_id in wanted and match.action is Action.WARN:
+                    found.setdefault(match.policy_id, match.message)
+        rows += [Announcement(claims.subject, claims.device.id, p, m) for p, m in found.items()]
+    return sorted(rows, key=lambda a: (a.policy_id, a.user, a.device_id))
+
+
+#: The notice phases a withdrawal answers (the announcer's, from the notices table).
+NOTICED_PHASES = ("warn", "hold", "released")
+
+
+@dataclass(frozen=True)
+class Told:
+    """One notice a change would send: to ``user``, about ``device_id`` and ``policy_id``."""
+
+    user: str
+    device_id: str
+    policy_id: str
+
+
+@dataclass(frozen=True)
+class WhoIsTold:
+    """The notices a change would send: the announcement (the "warn" notice) and the
+    "withdrawn" ("disregard the earlier notice") notice, one per device and policy."""
+
+    announced: tuple[Told, ...] = ()
+    withdrawn: tuple[Told, ...] = ()
+
+    def as_dict(self, limit: int | None = None) -> dict[str, object]:
+        """Each list with its counts; at most ``limit`` rows listed (the counts are whole)."""
+
+        def part(rows: tuple[Told, ...]) -> dict[str, object]:
+            return {
+                "notices": len(rows),
+                "users": len({r.user for r in rows}),
+                "devices": len({r.device_id for r in rows}),
+                "rows": [
+                    {"user": r.user, "device_id": r.device_id, "policy_id": r.policy_id}
+                    for r in rows[:limit]
+                ],
+            }
+
+        return {"announced": part(self.announced), "withdrawn": part(self.withdrawn)}
+
+
+def withdrawn_policies(live: CompiledPolicySet, candidate: CompiledPolicySet) -> list[str]:
+    """Policies the change retracts, or deletes while they were active: their notices
+    are withdrawn (as the gateway's announcer does after the reload)."""
+    diff = PolicyDiff.between(live.source, candidate.source)
+    active = {p.id for p in live.source.policies if p.is_active}
+    return sorted(set(diff.retracted) | {p for p in diff.removed if p in active})
+
+
+def who_is_told(
+    live: CompiledPolicySet,
+    candidate: CompiledPolicySet,
+    devices: Iterable[DeviceClaims],
+    now: datetime,
+    accesses_of: Callable[[DeviceClaims], Iterable[Access]],
+    first_seen_of: Callable[[str], Mapping[str, datetime]],
+    sent: Collection[tuple[str, str, str]],
+    overrides: Overrides = NO_OVERRIDES,
+) -> WhoIsTold:
+    """Who the change from ``live`` to ``candidate`` would send a notice to at ``now``.
+
+    Announced: devices the candidate warns for a policy (announce phase, rollout, grace)
+    that the live set did not, and that had no "warn" notice for it (``sent``: the
+    notices table's (device, policy, phase) rows, mailbox notices left out). Withdrawn:
+    for each policy retracted or deleted, the devices ``sent`` a warn, hold or released
+    notice for it and no "withdrawn" one yet, if in ``devices`` (the inventory names
+    the user). Overrides apply to both sets alike."""
+    devices = list(devices)
+    warning = [p.id for p in warning_policies(candidate, now, overrides)]
+    after = announcements(candidate, warning, devices, now, accesses_of, first_seen_of, overrides)
+    before_ids = [p.id for p in warning_policies(live, now, overrides)]
+    before = {
+        (a.device_id, a.policy_id)
+        for a in announcements(
+            live, before_ids, devices, now, accesses_of, first_seen_of, overrides
+        )
+    }
+    announced = tuple(
+        Told(a.user, a.device_id, a.policy_id)
+        for a in after
+        if (a.device_id, a.policy_id) not in before
+        and (a.device_id, a.policy_id, "warn") not in sent
+    )
+    users = {c.device.id: c.subject for c in devices}
+    withdrawing = set(withdrawn_policies(live, candidate))
+    noticed = sorted(
+        (policy_id, users[device_id], device_id)
+        for device_id, policy_id, phase in set(sent)
+        if policy_id in withdrawing
+        and phase in NOTICED_PHASES
+        and device_id in users
+        and (device_id, policy_id, "withdrawn") not in sent
+    )
+    withdrawn = tuple(dict.fromkeys(Told(u, d, p) for p, u, d in noticed))
+    return WhoIsTold(announced, withdrawn)

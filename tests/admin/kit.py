@@ -61,9 +61,10 @@ class Console:
 
 @asynccontextmanager
 async def console(
-    tmp_path: Path, issuer: TestIssuer, *, tokens: bool = True
+    tmp_path: Path, issuer: TestIssuer, *, tokens: bool = True, notices: bool = False
 ) -> AsyncIterator[Console]:
-    """The TikTok ban holding mail; tokens ``ops`` (operator) and ``audrey`` (viewer)."""
+    """The TikTok ban holding mail; tokens ``ops`` (operator) and ``audrey`` (viewer);
+    ``notices``: notice mails on (off by default, so tests count only their own mail)."""
     tokens_file = tmp_path / "admin-tokens"
     operator_token = add_token(tokens_file, "ops", Role.OPERATOR)
     viewer_token = add_token(tokens_file, "audrey", Role.VIEWER)
@@ -74,6 +75,7 @@ async def console(
             upstream_port=upstream.port,
             policies={"ban.toml": tiktok_ban("hold")},
             admin={"tokens_file": str(tokens_file)} if tokens else {},
+            notices=notices,
         )
         async with (
             running_gateway(config, release_tick=60) as gateway,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -279,6 +280,74 @@ def test_the_impact_preview_worker_runs_at_the_lowest_cpu_priority() -> None:
     with impact_pool() as pool:
         niceness = pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(timeout=60)
     assert niceness == IMPACT_NICENESS == 19
+
+
+def desktop_ban_announced_now() -> str:
+    """A second ban, for laptops with the app, in its announce phase now."""
+    now = datetime.now(UTC)
+    return (
+        "[[policy]]\n"
+        'id = "remove-tiktok-desktop"\n'
+        f'match.apps_any = ["{TIKTOK}"]\n'
+        'scope.device_class = ["desktop"]\n'
+        f"announce_at = {(now - timedelta(hours=1)).isoformat()}\n"
+        f"enforce_at = {(now + timedelta(days=1)).isoformat()}\n"
+        'action = "hold"\nmessage = "Remove TikTok from your laptop."\nstate = "enforce"\n'
+    )
+
+
+async def test_impact_preview_names_who_would_be_told(tmp_path: Path, issuer: TestIssuer) -> None:
+    """With notices on, Carol's and Dave's phones were sent the hold notice: a retraction's
+    preview lists exactly them for the "disregard" notice; a new ban in its announce
+    phase lists the laptop it would warn, not the phones; a suspension is counted (the
+    retraction then releases nobody, and still withdraws the notices sent)."""
+    async with console(tmp_path, issuer, notices=True) as c:
+        await hold(carol(c.issuer), c.gateway.port, "carol #0")
+        dave = FakeDevice(c.issuer, user="dave@example.test", device_id="dave-phone", apps={TIKTOK})
+        await hold(dave, c.gateway.port, "dave #0")
+        erin = FakeDevice(
+            c.issuer, user="erin@example.test", device_id="erin-laptop", device_class="desktop",
+            platform="macos", apps={TIKTOK},
+        )  # fmt: skip
+        assert (await erin.send(c.gateway.port)).accepted  # the ban is for phones
+        # Erin's mail and the two hold notices.
+        await c.upstream.wait_for(3, timeout=10)
+        retraction = tiktok_ban(
+            "hold", state="retracted", extra='retracted_reason = "sent in error"\n'
+        )
+        status, report = await c.viewer.post("/impact", data=retraction)
+        assert status == 200, report
+        assert report["notices"]["enabled"] is True
+        assert report["notices"]["withdrawn"] == {
+            "notices": 2,
+            "users": 2,
+            "devices": 2,
+            "rows": [
+                {"user": "carol@example.test", "device_id": "carol-phone",
+                 "policy_id": "remove-tiktok"},
+                {"user": "dave@example.test", "device_id": "dave-phone",
+                 "policy_id": "remove-tiktok"},
+            ],
+        }  # fmt: skip
+        assert report["notices"]["announced"]["notices"] == 0
+
+        status, report = await c.viewer.post("/impact", data=desktop_ban_announced_now())
+        assert status == 200, report
+        assert report["notices"]["announced"]["rows"] == [
+            {"user": "erin@example.test", "device_id": "erin-laptop",
+             "policy_id": "remove-tiktok-desktop"},
+        ]  # fmt: skip
+        assert report["notices"]["withdrawn"]["notices"] == 0
+
+        status, body = await c.operator.post(
+            "/policies/remove-tiktok/suspend", seconds="3600", reason="INC-7"
+        )
+        assert status == 200, body
+        status, report = await c.viewer.post("/impact", data=retraction)
+        assert status == 200, report
+        assert report["overrides"] == {"suspended": ["remove-tiktok"], "exempt": []}
+        assert report["released"] == []  # suspended: it blocks nobody before or after
+        assert report["notices"]["withdrawn"]["notices"] == 2
 
 
 def test_token_add_prints_the_token_once_and_stores_its_hash(

@@ -156,3 +156,32 @@ async def test_a_viewer_sees_no_buttons_and_cannot_post_them(
             ) as r:
                 assert r.status == 403
         assert (await c.viewer.get("/audit"))[1]["entries"] == []
+
+
+async def test_impact_page_shows_who_would_be_told(tmp_path: Path, issuer: TestIssuer) -> None:
+    """The impact page lists the users a retraction would tell to disregard their notice
+    (Carol, whose phone had the hold notice), escaped, with the overrides it counted."""
+    async with console(tmp_path, issuer, notices=True) as c:
+        await hold(carol(c.issuer), c.gateway.port, "carol #0")
+        await c.upstream.wait_for(1, timeout=10)  # the hold notice
+        status, _ = await c.operator.post(
+            "/policies/remove-tiktok/suspend", seconds="3600", reason="INC-7"
+        )
+        assert status == 200
+        browser, root = await _login(c, c.viewer.token)
+        async with browser:
+            async with browser.get(root + "/admin/impact") as r:
+                csrf = _csrf(await r.text())
+            retraction = tiktok_ban("hold", state="retracted")
+            async with browser.post(
+                root + "/admin/impact", data={"csrf": csrf, "policy": retraction}
+            ) as r:
+                page = await r.text()
+    assert "<h2>Would be told: announcement (0 users, 0 notices)</h2><p>None.</p>" in page
+    assert (
+        "<h2>Would be told: &quot;disregard the earlier notice&quot; (1 users, 1 notices)</h2>"
+        "<table><tr><th>user</th><th>device</th><th>policy</th></tr>"
+        "<tr><td>carol@example.test</td><td>carol-phone</td><td>remove-tiktok</td></tr></table>"
+    ) in page
+    assert "Operator overrides in force (counted): remove-tiktok suspended." in page
+    assert "Released (0)" in page  # suspended: the retraction releases nobody

@@ -71,6 +71,7 @@ NOT_KEYS = {
 NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("gateway", "policy_dir"): ('"rules"', Path("base/rules")),
     ("gateway", "reload_interval"): ("5", 5.0),
+    ("gateway", "overrides_poll_seconds"): ("2.5", 2.5),
     ("gateway", "max_newly_blocked_devices"): ("0", 0),
     ("gateway", "inventory_retention_days"): ("7", timedelta(days=7)),
     ("gateway", "notices"): ("false", False),

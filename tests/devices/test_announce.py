@@ -95,3 +95,39 @@ async def test_announcement_and_withdrawal_reach_exactly_the_affected_users(
     }
     withdrawn = [m for m in upstream.messages if b"Disregard" in m.content]
     assert all(b"sent in error" in m.content for m in withdrawn)
+
+
+@pytest.mark.slow
+async def test_a_suspended_policy_announces_to_nobody_and_an_exempted_user_is_not_told(
+    tmp_path: Path,
+) -> None:
+    """Operator overrides hold for the announcement too: while the ban is suspended its
+    announce phase tells nobody; once resumed it tells the phones, except the user with
+    a break-glass exemption."""
+    issuer = TestIssuer.generate("k1")
+    wall = [ANNOUNCE - timedelta(hours=2)]
+    alice = FakeDevice(issuer, user="alice@example.test", device_id="alice-phone", apps={TIKTOK})
+    bob = FakeDevice(issuer, user="bob@example.test", device_id="bob-phone", apps={TIKTOK})
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            tmp_path, issuer=issuer, upstream_port=upstream.port, policies={"ban.toml": BAN},
+            notices=True,
+        )  # fmt: skip
+        async with running_gateway(config, clock=lambda: wall[0]) as gateway:
+            for device in (alice, bob):
+                assert (await device.send(gateway.port, at=wall[0])).accepted
+            services = gateway.server.services
+            store, now = services.hold_store, wall[0]
+            until = ENFORCE + timedelta(days=1)
+            await store.suspend_policy("remove-tiktok", until, "INC-1", "test", now)
+            await store.exempt_from_policy(
+                "remove-tiktok", "user:bob@example.test", until, "travelling", "test", now
+            )
+            assert await services.refresh_overrides()
+            wall[0] = ANNOUNCE + timedelta(minutes=1)  # the announce phase begins, suspended
+            await asyncio.sleep(1.5)  # several release ticks, each a sweep
+            assert notices(upstream) == {}
+            assert await store.resume_policy("remove-tiktok") == 1
+            assert await services.refresh_overrides()
+            await settle(upstream, 1)
+    assert notices(upstream) == {"alice": [WARN.format("alice-phone")]}

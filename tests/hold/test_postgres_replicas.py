@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import signal
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,6 +24,14 @@ import pytest
 
 from gateway.cli import main
 from gateway.testing.device import FakeDevice, make_message
+from gateway.testing.dovecot import (
+    MASTER_USER,
+    DovecotPorts,
+    DovecotUnavailable,
+    TemporaryDovecot,
+    dovecot_binary,
+    temporary_dovecot,
+)
 from gateway.testing.harness import RunningGateway, running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
@@ -29,6 +40,9 @@ from tests.devices.test_announce import BAN as ANNOUNCED
 from tests.hold.conftest import PostgresServer, have_postgres
 from tests.hold.test_durability import serve
 from tests.stories import TIKTOK, tiktok_ban
+from tests.sync.test_dovecot import BACKEND_PASSWORD, CLIENT_SECRET, write_secrets
+from tests.sync.test_real_dovecot import deliver, imap_login, thread
+from tests.sync.test_sessions import KICK_WITHIN, IdleSession, ended_within, start_idle
 
 pytestmark = [
     pytest.mark.slow,
@@ -54,6 +68,7 @@ async def replicas(
     count: int,
     release_tick: float = 0.2,
     store: str = "",
+    ban: str = BAN,
 ) -> AsyncIterator[list[RunningGateway]]:
     async with AsyncExitStack() as stack:
         gateways = []
@@ -62,7 +77,7 @@ async def replicas(
                 tmp_path / f"gw{n}",
                 issuer=issuer,
                 upstream_port=upstream.port,
-                policies={"ban.toml": BAN},
+                policies={"ban.toml": ban},
             )
             with config.open("a") as out:
                 out.write(f'\n[store]\nurl = "{url}"\nconnect_timeout_seconds = 1\n{store}\n')
@@ -280,13 +295,19 @@ async def test_two_gateways_on_one_store_announce_and_withdraw_once_per_device(
 ) -> None:
     """Issue 17's "two replicas send no second copy": both gateways know both phones (each
     phone sent through each), both sweep the announcement and the retraction, and the
-    shared notices table lets exactly one of them send each notice."""
+    shared notices table lets exactly one of them send each notice; the laptop-only user
+    is told nothing by either."""
 
     wall = [ANNOUNCE - timedelta(hours=2)]
     phones = [
         FakeDevice(issuer, user=f"{name}@example.test", device_id=f"{name}-phone", apps={TIKTOK})
         for name in ("alice", "bob")
     ]
+    laptop = FakeDevice(  # the laptop-only user: the app, but the ban is for phones
+        issuer, user="carol@example.test", device_id="carol-laptop", device_class="desktop",
+        platform="macos", apps={TIKTOK},
+    )  # fmt: skip
+    phones.append(laptop)
     async with FakeUpstream.running() as upstream, AsyncExitStack() as stack:
         gateways = []
         for n in range(2):
@@ -314,3 +335,143 @@ async def test_two_gateways_on_one_store_announce_and_withdraw_once_per_device(
         "alice": [WARN.format("alice-phone"), DISREGARD.format("alice-phone")],
         "bob": [WARN.format("bob-phone"), DISREGARD.format("bob-phone")],
     }
+
+
+@dataclass
+class Replica:
+    """One gateway on the shared store, with a Dovecot of its own whose logins it decides
+    and whose sessions it ends (doveadm HTTP API)."""
+
+    gateway: RunningGateway
+    dovecot: TemporaryDovecot
+
+
+@asynccontextmanager
+async def replicas_with_dovecot(
+    tmp_path: Path, issuer: TestIssuer, upstream: FakeUpstream, url: str, count: int
+) -> AsyncIterator[list[Replica]]:
+    try:
+        dovecot_binary()
+    except DovecotUnavailable as exc:
+        pytest.skip(str(exc))
+    async with AsyncExitStack() as stack:
+        found = []
+        for n in range(count):
+            directory = tmp_path / f"gw{n}"
+            ports = DovecotPorts.free()
+            api_key = secrets.token_urlsafe(16)
+            directory.mkdir()
+            (directory / "doveadm-api-key").write_text(api_key + "\n")
+            keys = write_secrets(directory) | {
+                "imap_backend": f"127.0.0.1:{ports.imap}",
+                "backend_master_user": MASTER_USER,
+                "doveadm_url": f"http://127.0.0.1:{ports.doveadm_http}/doveadm/v1",
+                "doveadm_api_key_file": "doveadm-api-key",
+            }
+            config = write_config(
+                directory, issuer=issuer, upstream_port=upstream.port,
+                policies={"ban.toml": BAN}, sync=keys,
+            )  # fmt: skip
+            with config.open("a") as out:
+                out.write(f'\n[store]\nurl = "{url}"\nconnect_timeout_seconds = 1\n')
+            # A long release tick: only the overrides' own release pass can be in time.
+            gateway = await stack.enter_async_context(running_gateway(config, release_tick=60))
+            dovecot = await stack.enter_async_context(
+                temporary_dovecot(
+                    gateway_url=f"http://127.0.0.1:{gateway.sync_port}/",
+                    client_secret=CLIENT_SECRET,
+                    master_password=BACKEND_PASSWORD,
+                    ports=ports,
+                    doveadm_api_key=api_key,
+                )
+            )
+            found.append(Replica(gateway, dovecot))
+        yield found
+
+
+async def test_a_suspension_acts_on_every_replica_within_5_seconds_and_its_expiry_enforces_again(
+    tmp_path: Path, issuer: TestIssuer, pg_url: str
+) -> None:
+    """`gateway policy suspend` run next to one gateway: on each of two gateways sharing
+    PostgreSQL, the mail it held is released (once) and the quarantined IMAP IDLE session
+    of the phone it decided is ended within 5 s, and that phone's next login opens its
+    real inbox; when the suspension expires, both hold and quarantine again."""
+    users = ("alice@example.test", "bob@example.test")
+    phones = [
+        FakeDevice(issuer, user=user, device_id=f"phone-{n}", apps={TIKTOK})
+        for n, user in enumerate(users)
+    ]
+    async with (
+        FakeUpstream.running() as upstream,
+        replicas_with_dovecot(tmp_path, issuer, upstream, pg_url, 2) as found,
+    ):
+        sessions = []
+        for replica, phone, user in zip(found, phones, users, strict=True):
+            content = make_message(subject=f"{user} #0", sender=user)
+            assert (await phone.send(replica.gateway.port, message=content)).data == HELD
+            await thread(deliver, replica.dovecot, user, "Real mail")
+            imap = replica.dovecot.ports.imap
+            assert "Subject: Real mail" not in await thread(imap_login, imap, user, phone.token())
+            idle = IdleSession(imap, user, phone.token())
+            sessions.append((idle, await start_idle(idle)))
+        assert upstream.messages == []
+
+        suspended_at = time.monotonic()
+        argv = ["policy", "suspend", "remove-tiktok", "--for", "1h", "--reason", "INC-9"]
+        config = str(found[0].gateway.config_path)
+        assert await asyncio.to_thread(main, [*argv, "--config", config]) == 0
+        for idle, running in sessions:  # each replica ended the session of its own phone
+            assert await ended_within(running, idle, suspended_at) < KICK_WITHIN
+        await upstream.wait_for(
+            2, timeout=max(0.1, KICK_WITHIN - (time.monotonic() - suspended_at))
+        )
+        assert time.monotonic() - suspended_at < KICK_WITHIN
+        for replica, phone, user in zip(found, phones, users, strict=True):
+            imap = replica.dovecot.ports.imap
+            assert "Subject: Real mail" in await thread(imap_login, imap, user, phone.token())
+        await asyncio.sleep(0.5)
+        assert sorted(received(upstream)) == [("alice@example.test", 0), ("bob@example.test", 0)]
+
+        # A short suspension in place of the long one: when it expires, every replica
+        # enforces again (mail held, the login quarantined).
+        argv = ["policy", "suspend", "remove-tiktok", "--for", "2s", "--reason", "INC-9"]
+        assert await asyncio.to_thread(main, [*argv, "--config", config]) == 0
+        async with asyncio.timeout(8):
+            while any(  # noqa: ASYNC110  # the replicas' own state, polled
+                r.gateway.server.services.policies.overrides.suspended for r in found
+            ):
+                await asyncio.sleep(0.1)
+        for replica, phone, user in zip(found, phones, users, strict=True):
+            content = make_message(subject=f"{user} #1", sender=user)
+            assert (await phone.send(replica.gateway.port, message=content)).data == HELD
+            imap = replica.dovecot.ports.imap
+            assert "Subject: Real mail" not in await thread(imap_login, imap, user, phone.token())
+        assert len(upstream.messages) == 2
+
+
+async def test_a_rollout_holds_the_same_devices_on_every_replica_and_after_a_restart(
+    tmp_path: Path, issuer: TestIssuer, pg_url: str
+) -> None:
+    """A 10% rollout: each of two gateways on one store holds exactly the devices whose
+    stable bucket is in the stage, and so do both again once restarted."""
+    from gateway.policy.model import rollout_bucket
+
+    ban = tiktok_ban("hold", extra="rollout.percent = 10\n")
+    devices = [
+        FakeDevice(issuer, user=f"p{n}@example.test", device_id=f"phone-{n:02d}", apps={TIKTOK})
+        for n in range(40)
+    ]
+    expected = {d.device_id for d in devices if rollout_bucket(d.device_id, "remove-tiktok") < 1000}
+    assert 0 < len(expected) < 10
+    async with FakeUpstream.running() as upstream:
+        for start in ("first", "restarted"):
+            async with replicas(tmp_path / start, issuer, upstream, pg_url, 2, ban=ban) as found:
+                for gateway in found:
+                    held = set()
+                    for device in devices:
+                        result = await device.send(gateway.port)
+                        assert result.data is not None
+                        assert result.data[0] == 250
+                        if result.data == HELD:
+                            held.add(device.device_id)
+                    assert held == expected, start

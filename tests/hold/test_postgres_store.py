@@ -128,6 +128,17 @@ def test_inventory_and_notices(store: HoldBackend) -> None:
     assert store.noticed_devices("p") == []  # "enforce" is not a notice mail's phase
     assert store.claim_notice("phone-2", "p", "warn", NOW) is True
     assert store.noticed_devices("p") == ["phone-2"]
+    # What the impact preview reads: the notice mails sent for these policies, not the
+    # mailbox notices (":sync"), not other policies'.
+    assert store.claim_notice("phone-2", "p", "warn:sync", NOW) is True
+    assert store.claim_notice("phone-3", "q", "hold", NOW) is True
+    assert store.claim_notice("phone-4", "r", "hold", NOW) is True
+    assert store.notices_sent(["p", "q"]) == {
+        ("phone-1", "p", "enforce"),
+        ("phone-2", "p", "warn"),
+        ("phone-3", "q", "hold"),
+    }
+    assert store.notices_sent([]) == set()
 
 
 def test_first_seen_is_recorded_once_and_the_first_writer_wins(store: HoldBackend) -> None:
