@@ -162,12 +162,15 @@ class Gateway:
         smtp: dict[str, object] | None = None,
         limits: dict[str, object] | None = None,
         store: dict[str, object] | None = None,
+        admin: bool = False,
     ) -> Gateway:
-        """Write a config for fixed free ports (submission and admin, kept across
-        restarts); with ``store_url`` the held mail lives in that PostgreSQL database.
-        ``smtp``, ``limits`` and ``store`` set keys of those sections (a fleet's replica:
-        PROXY headers from its balancer, a per-address limit, a shorter lease)."""
-        port, admin_port = free_port(), free_port()
+        """Write a config for a fixed free port (kept across restarts); with ``store_url``
+        the held mail lives in that PostgreSQL database. ``smtp``, ``limits`` and
+        ``store`` set keys of those sections (a fleet's replica: PROXY headers from its
+        balancer, a per-address limit, a shorter lease); with ``admin`` the admin
+        listener (/readyz, /metrics) gets a fixed free port too, ``admin_port``."""
+        port = free_port()
+        admin_port = free_port() if admin else None
         sections: dict[str, dict[str, object]] = {}
         if store_url is not None:
             # A short lease: a lane claimed when the database went away (or by a killed
@@ -187,7 +190,7 @@ class Gateway:
             limits=limits,
             upstream={"timeout": upstream_timeout},
             hold=hold,
-            admin={"listen": f"127.0.0.1:{admin_port}"},
+            admin={"listen": f"127.0.0.1:{admin_port or 0}"},
             sections=sections,
         )
         return cls(config, port, admin_port)

@@ -114,6 +114,7 @@ async def fleet(
                 smtp={"proxy_protocol_from": ["127.0.0.1/32"]},
                 limits={"max_connections_per_ip": PER_ADDRESS},
                 store={"claim_lease_seconds": LEASE},
+                admin=True,
             )
             for n in range(REPLICAS)
         ]
