@@ -160,7 +160,7 @@ async def policy_version(replica: Gateway) -> str:
 
 
 async def counted(replica: Gateway, name: str, **labels: str) -> float:
-    """The sum of a counter's samples on one replica whose labels include ``labels``."""
+    """The sum of a metric's samples on one replica whose labels include ``labels``."""
     _, text = await admin(replica, "/metrics")
     return sum(
         sample.value
