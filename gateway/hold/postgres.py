@@ -590,11 +590,12 @@ class PostgresHoldStore:
     def claimed(self) -> int:
         return int(self._read("SELECT count(*) AS n FROM held WHERE claim_id IS NOT NULL")[0]["n"])
 
-    def settle(self, settlement: Settlement) -> None:
+    def settle(self, settlement: Settlement) -> bool:
         """One transaction: the row locked first, so that of two gateways settling the same
-        message (an expiry on each) only the first writes, and its bounce once."""
+        message (an expiry on each) only the first writes, and its bounce once; the others
+        get False (so that they count and log no expiry of their own)."""
 
-        def work(cur: Cursor) -> None:
+        def work(cur: Cursor) -> bool:
             hold_id = settlement.hold_id
             cur.execute(
                 'SELECT sender, "user", device_id, claims, policy_ids, policy_version '
@@ -603,7 +604,7 @@ class PostgresHoldStore:
             )
             row = cur.fetchone()
             if row is None:
-                return  # settled elsewhere, or dropped by an admin: no bounce then
+                return False  # settled elsewhere, or dropped by an admin: no bounce then
             if settlement.bounce is not None:
                 cur.execute(
                     _INSERT.encode(),
@@ -633,8 +634,9 @@ class PostgresHoldStore:
                 )
             else:
                 cur.execute("DELETE FROM held WHERE hold_id = %s", (hold_id,))
+            return True
 
-        self._transaction("write", work)
+        return self._transaction("write", work)
 
     def probe_write(self, at: float) -> None:
         self._write(

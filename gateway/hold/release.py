@@ -519,8 +519,8 @@ class Releaser:
                         now - self.expire_after, EXPIRY_PAGE_SIZE, after
                     )
                     for held in page:
-                        await self._expire_one(held, now)
-                        report.expired.append(held.hold_id)
+                        if await self._expire_one(held, now):
+                            report.expired.append(held.hold_id)
                     if len(page) < EXPIRY_PAGE_SIZE:
                         break
                     after = page[-1].seq
@@ -528,11 +528,15 @@ class Releaser:
                 self._store_fault(exc)
         return report
 
-    async def _expire_one(self, held: HeldMessage, now: datetime) -> None:
+    async def _expire_one(self, held: HeldMessage, now: datetime) -> bool:
+        """False if another gateway on a shared store expired it first (its bounce, and
+        its count and log line, are that gateway's)."""
         bounce = None
         if held.sender and not held.is_bounce:
             headers = await self.store.headers(held.hold_id)
             bounce = expiry_report(held, headers, self.hostname, now, self.expire_after)
-        await self.store.settle(Settlement(held.hold_id, now, bounce=bounce))
+        if not await self.store.settle(Settlement(held.hold_id, now, bounce=bounce)):
+            return False
         self._event("expired")
         log.info("expired", hold_id=held.hold_id, sender=held.sender, bounced=bounce is not None)
+        return True

@@ -685,14 +685,17 @@ class HoldStore:
         these may have reached the upstream and are sent again (a duplicate at most)."""
         return int(self._read("SELECT COUNT(*) FROM held WHERE claim_id IS NOT NULL")[0][0])
 
-    def settle(self, settlement: Settlement) -> None:
+    def settle(self, settlement: Settlement) -> bool:
         """Record a release attempt's outcome in one transaction: the bounce (if any) is
         stored as a new held message addressed to the sender, and the original is deleted
-        or keeps only the recipients to retry."""
-        self._transaction(lambda: self._settle(settlement))
+        or keeps only the recipients to retry. False if the message was gone already
+        (settled by another pass, or dropped by an admin): nothing was written."""
+        return self._transaction(lambda: self._settle(settlement))
 
-    def _settle(self, settlement: Settlement) -> None:
+    def _settle(self, settlement: Settlement) -> bool:
         hold_id = settlement.hold_id
+        if not self._db.execute("SELECT 1 FROM held WHERE hold_id = ?", (hold_id,)).fetchone():
+            return False
         if settlement.bounce is not None:
             rows = self._db.execute(
                 "SELECT sender, user, device_id, claims, policy_ids, policy_version FROM held "
@@ -729,6 +732,7 @@ class HoldStore:
             )
         else:
             self._db.execute("DELETE FROM held WHERE hold_id = ?", (hold_id,))
+        return True
 
     def probe_write(self, at: float) -> None:
         """A small write that fails when the store cannot be written (full disk, lock,
@@ -1099,7 +1103,7 @@ class HoldBackend(Protocol):
     ) -> int: ...
     def unclaim(self, hold_ids: Sequence[str]) -> int: ...
     def claimed(self) -> int: ...
-    def settle(self, settlement: Settlement) -> None: ...
+    def settle(self, settlement: Settlement) -> bool: ...
     def probe_write(self, at: float) -> None: ...
     def device_ids(self) -> set[str]: ...
     def count(self) -> int: ...
@@ -1186,8 +1190,8 @@ class AsyncStore:
     async def claimed(self) -> int:
         return await self._run(lambda store: store.claimed())
 
-    async def settle(self, settlement: Settlement) -> None:
-        await self._run(lambda store: store.settle(settlement))
+    async def settle(self, settlement: Settlement) -> bool:
+        return await self._run(lambda store: store.settle(settlement))
 
     async def probe_write(self, at: float) -> None:
         await self._run(lambda store: store.probe_write(at))

@@ -138,9 +138,10 @@ def free_port() -> int:
 class Gateway:
     """`gateway serve` as a process that can be killed and started again on the same port."""
 
-    def __init__(self, config: Path, port: int) -> None:
+    def __init__(self, config: Path, port: int, admin_port: int | None = None) -> None:
         self.config = config
         self.port = port
+        self.admin_port = admin_port  # /readyz and /metrics, on a port kept across restarts
         self.process: asyncio.subprocess.Process | None = None
         self.on_start: Callable[[int], None] | None = None  # called with each new pid
         self.log = config.parent / "gateway.log"  # every run's warnings, appended
@@ -157,28 +158,42 @@ class Gateway:
         upstream_timeout: int = 10,
         hold: dict[str, object] | None = None,
         store_url: str | None = None,
+        *,
+        smtp: dict[str, object] | None = None,
+        limits: dict[str, object] | None = None,
+        store: dict[str, object] | None = None,
+        admin: bool = False,
     ) -> Gateway:
         """Write a config for a fixed free port (kept across restarts); with ``store_url``
-        the held mail lives in that PostgreSQL database."""
+        the held mail lives in that PostgreSQL database. ``smtp``, ``limits`` and
+        ``store`` set keys of those sections (a fleet's replica: PROXY headers from its
+        balancer, a per-address limit, a shorter lease); with ``admin`` the admin
+        listener (/readyz, /metrics) gets a fixed free port too, ``admin_port``."""
         port = free_port()
+        admin_port = free_port() if admin else None
+        sections: dict[str, dict[str, object]] = {}
+        if store_url is not None:
+            # A short lease: a lane claimed when the database went away (or by a killed
+            # gateway) is free again within seconds rather than the default 5 minutes.
+            sections["store"] = {
+                "url": store_url,
+                "connect_timeout_seconds": 1,
+                "claim_lease_seconds": 3,
+                **(store or {}),
+            }
         config = write_config(
             workdir,
             issuer=issuer,
             upstream_port=upstream_port,
             policies=policies,
-            smtp={"listen": f"127.0.0.1:{port}", "idle_timeout": 30},
+            smtp={"listen": f"127.0.0.1:{port}", "idle_timeout": 30, **(smtp or {})},
+            limits=limits,
             upstream={"timeout": upstream_timeout},
             hold=hold,
+            admin={"listen": f"127.0.0.1:{admin_port or 0}"},
+            sections=sections,
         )
-        if store_url is not None:
-            with config.open("a") as out:
-                # A short lease: a lane claimed when the database went away (or by a killed
-                # gateway) is free again within seconds rather than the default 5 minutes.
-                out.write(
-                    f'\n[store]\nurl = "{store_url}"\nconnect_timeout_seconds = 1\n'
-                    "claim_lease_seconds = 3\n"
-                )
-        return cls(config, port)
+        return cls(config, port, admin_port)
 
     @property
     def died(self) -> bool:
@@ -230,11 +245,15 @@ class Gateway:
             self.process.send_signal(signal.SIGKILL)
             await self.process.wait()
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 15.0) -> None:  # noqa: ASYNC109
+        """SIGTERM (the gateway drains), and SIGKILL if it has not exited within ``timeout``."""
         self.peak_seen = max(self.peak_seen, self.peak_rss_mib())
         if self.process and self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
-            await self.process.wait()
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except TimeoutError:
+                await self.kill()
 
 
 async def send_until_final(message: Message, port: int, rng: random.Random) -> None:

@@ -77,10 +77,12 @@ def test_hold_due_content_headers_and_settle(store: HoldBackend) -> None:
     assert stats.oldest is not None
     assert abs(stats.oldest - NOW) < timedelta(seconds=1)
     # A retry keeps the message with the recipients left and a later attempt.
-    store.settle(Settlement(ids[0], NOW, retry=("bob@example.test",), retry_at=9e12, error="451"))
+    assert store.settle(
+        Settlement(ids[0], NOW, retry=("bob@example.test",), retry_at=9e12, error="451")
+    )
     assert ids[0] not in [h.hold_id for h in store.due(NOW + timedelta(seconds=1))]
     # A refusal's bounce is stored as a new held message to the sender, released at once.
-    store.settle(Settlement(ids[1], NOW, bounce=b"Subject: bounce\r\n\r\nx\r\n"))
+    assert store.settle(Settlement(ids[1], NOW, bounce=b"Subject: bounce\r\n\r\nx\r\n"))
     bounces = [h for h in store.select() if h.is_bounce]
     assert [(b.bounce_of, b.recipients, b.release_requested) for b in bounces] == [
         (ids[1], ("user1@example.test",), True)
@@ -89,8 +91,9 @@ def test_hold_due_content_headers_and_settle(store: HoldBackend) -> None:
     assert store.remove([ids[2], bounces[0].hold_id]) == 2
     assert store.count() == 1
     assert store.device_ids() == {"phone-0"}
-    # Settling what is gone (dropped meanwhile) writes nothing, not even a bounce.
-    store.settle(Settlement(ids[2], NOW, bounce=b"Subject: b\r\n\r\n"))
+    # Settling what is gone (dropped meanwhile) writes nothing, not even a bounce, and
+    # says so (an expiry another gateway did first is not counted again).
+    assert not store.settle(Settlement(ids[2], NOW, bounce=b"Subject: b\r\n\r\n"))
     assert store.count() == 1
 
 
@@ -264,10 +267,11 @@ def test_two_gateways_expiring_the_same_message_write_one_bounce(pg_url: str) ->
         hold_id = one.hold(held(1))
         bounce = b"Subject: expired\r\n\r\n"
         barrier = threading.Barrier(2)
+        settled: list[bool] = []
 
         def expire(store: PostgresHoldStore) -> None:
             barrier.wait(10)
-            store.settle(Settlement(hold_id, NOW, bounce=bounce))
+            settled.append(store.settle(Settlement(hold_id, NOW, bounce=bounce)))
 
         threads = [threading.Thread(target=expire, args=(s,)) for s in (one, two)]
         for t in threads:
@@ -275,6 +279,7 @@ def test_two_gateways_expiring_the_same_message_write_one_bounce(pg_url: str) ->
         for t in threads:
             t.join(30)
         assert [h.bounce_of for h in one.select()] == [hold_id]
+        assert sorted(settled) == [False, True]  # the second learns it settled nothing
     finally:
         one.close()
         two.close()
