@@ -379,9 +379,9 @@ class Handlers:
                 continue
             headers = await store.headers(held.hold_id)
             report = admin_drop_report(held, headers, self.api.hostname, now)
-            await store.settle(Settlement(held.hold_id, now, bounce=report))
-            count += 1
-            bounces += 1
+            if await store.settle(Settlement(held.hold_id, now, bounce=report)):
+                count += 1  # not when another gateway settled it first: nothing was written
+                bounces += 1
         return count, bounces
 
     async def bulk(self, request: web.Request) -> web.Response:

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.admin.api import IMPACT_NICENESS, impact_pool
+from gateway.admin.api import IMPACT_NICENESS, Handlers, impact_pool
 from gateway.cli import main
+from gateway.domain import utc_now
+from gateway.hold.store import HoldFilter, Settlement
 from gateway.testing.device import FakeDevice
 from gateway.testing.issuer import TestIssuer
 from tests.admin.kit import CSRF, carol, console, hold
@@ -367,3 +369,20 @@ def test_token_add_prints_the_token_once_and_stores_its_hash(
     assert found.name == "ann"
     assert main(["admin", "token", "add", "ann", "--role", "operator", "--file", str(path)]) == 2
     assert "already has a token named 'ann'" in capsys.readouterr().err
+
+
+async def test_a_drop_with_dsn_of_mail_another_gateway_settled_counts_and_bounces_nothing(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    """On a fleet another gateway may release a message between the admin's selection and
+    the drop: the drop then writes no DSN, and counts (and audits) nothing for it."""
+    async with console(tmp_path, issuer) as c:
+        await hold(carol(issuer), c.gateway.port, "settled elsewhere")
+        store = c.gateway.server.services.hold_store
+        selected = await store.select(HoldFilter(), 10)
+        assert len(selected) == 1
+        now = datetime.now(UTC)
+        assert await store.settle(Settlement(selected[0].hold_id, now))  # the other gateway
+        handlers = Handlers(c.gateway.server._admin_api(utc_now))
+        assert await handlers._drop(selected, dsn=True) == (0, 0)
+        assert await store.select(HoldFilter(), 10) == []  # no DSN row was written
