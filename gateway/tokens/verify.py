@@ -379,7 +379,10 @@ class TokenVerifier:
         raw = token.encode("ascii", "replace") if isinstance(token, str) else token
         if len(raw) > self.settings.max_token_bytes:
             return None
-        parts = raw.strip().split(b".")
+        raw = raw.strip()
+        if self._generation == self.keyring.generation and raw in self._verified:
+            return None  # verified with a key we hold: the usual case, two JSON parses saved
+        parts = raw.split(b".")
         if len(parts) != 3:
             return None
         try:
