@@ -12,6 +12,8 @@ started through the ``spawn`` the server passes in, so every task is named and o
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 
 import structlog
@@ -30,6 +32,7 @@ from gateway.logins import Logins, SessionEnder, SyncChange, sync_changes
 from gateway.ops.metrics import Metrics
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet
+from gateway.policy.history import KEEP_VERSIONS, read_contents, snapshot
 from gateway.policy.impact import assess, blast_radius_refusal
 from gateway.policy.reload import Reloader
 from gateway.policy.store import PolicyStore, ReloadResult
@@ -46,6 +49,8 @@ log = structlog.get_logger("gateway.server")
 # Seconds between reads of the operator overrides (gateway policy suspend / exempt): another
 # process (the CLI, another replica) may change them, and the change must act within seconds.
 OVERRIDES_POLL = 1.0
+# Who loaded a policy version, in the policy history: this host and process.
+LOADED_BY = f"{socket.gethostname()[:200]} pid {os.getpid()}"
 
 
 def build_relay(settings: Settings, observer: RelayObserver | None = None) -> Relay:
@@ -176,6 +181,7 @@ class Services:
             policies=len(self.policies.current.source.policies),
         )
         self._in_force = self.policies.current
+        await self.record_policy_version("startup")
         await self.releaser.start()
         if self.settings.store.postgres:  # other gateways' holds and admin releases
             self.spawn(self.hold_store.listen(self._store_notice), "store-notifications")
@@ -311,6 +317,26 @@ class Services:
 
     # --- reload ---------------------------------------------------------------------------
 
+    async def record_policy_version(self, trigger: str) -> None:
+        """Keep the set now in force in the policy history (docs/admin.md, "Policy
+        history"): once per version, however often and by however many gateways it is
+        loaded. Its files are read again and kept only if they are still what was loaded.
+        A store that cannot be written loses this entry, never the reload."""
+        policy_set = self.policies.current.source
+        directory = self.policies.directory
+        try:
+            snap = await asyncio.to_thread(
+                lambda: snapshot(policy_set, read_contents(policy_set, directory))
+            )
+            new = await self.hold_store.record_policy_version(
+                snap, time.time(), trigger, LOADED_BY, KEEP_VERSIONS
+            )
+        except HoldStoreError as exc:
+            log.warning("policy_history_not_recorded", version=policy_set.version, error=str(exc))
+            return
+        if new:
+            log.info("policy_history_recorded", version=policy_set.version, trigger=trigger)
+
     async def _after_reload(self, result: ReloadResult) -> None:
         self.last_good_reload = time.time()
         before, self._in_force = self._in_force, self.policies.current
@@ -333,6 +359,7 @@ class Services:
             )
             if changes:
                 self._sync_changed(changes)
+        await self.record_policy_version(result.trigger)
 
     def _sync_changed(self, changes: list[SyncChange]) -> None:
         """Devices whose login would now open another mailbox (or none): their users'
