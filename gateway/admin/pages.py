@@ -352,16 +352,20 @@ class Pages:
                 _e(v["policy_count"]), _e(v["file_count"]) + (" (truncated)" if v["truncated"] else ""),
                 link,
             ])  # fmt: skip
-        options = "".join(
-            f'<option value="{_e(v["version"])}">{_e(v["version"])} ({_e(v["loaded_at"])})</option>'
-            for v in versions
-        )
         pick = ""
-        if len(versions) > 1:
+        if len(versions) > 1:  # by default the newest and the one before it
+
+            def options(chosen: int) -> str:
+                return "".join(
+                    f'<option value="{_e(v["version"])}"{" selected" if n == chosen else ""}>'
+                    f"{_e(v['version'])} ({_e(v['loaded_at'])})</option>"
+                    for n, v in enumerate(versions)
+                )
+
             pick = (
                 '<form method="get" action="/admin/history/diff">'
-                f'<label>from <select name="from">{options}</select></label> '
-                f'<label>to <select name="to">{options}</select></label> '
+                f'<label>from <select name="from">{options(1)}</select></label> '
+                f'<label>to <select name="to">{options(0)}</select></label> '
                 "<button>Compare</button></form>"
             )
         more = ""
