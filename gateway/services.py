@@ -339,6 +339,8 @@ class Services:
 
     async def _after_reload(self, result: ReloadResult) -> None:
         self.last_good_reload = time.time()
+        # Recorded before the work below is spawned, which then starts once this returns.
+        await self.record_policy_version(result.trigger)
         before, self._in_force = self._in_force, self.policies.current
         if self.announcer is not None and before is not None:
             active = {p.id for p in before.source.policies if p.is_active}
@@ -359,7 +361,6 @@ class Services:
             )
             if changes:
                 self._sync_changed(changes)
-        await self.record_policy_version(result.trigger)
 
     def _sync_changed(self, changes: list[SyncChange]) -> None:
         """Devices whose login would now open another mailbox (or none): their users'
