@@ -32,7 +32,7 @@ from gateway.logins import Logins, SessionEnder, SyncChange, sync_changes
 from gateway.ops.metrics import Metrics
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet
-from gateway.policy.history import KEEP_VERSIONS, read_contents, snapshot
+from gateway.policy.history import KEEP_VERSIONS, Fingerprints, read_contents, snapshot
 from gateway.policy.impact import assess, blast_radius_refusal
 from gateway.policy.reload import Reloader
 from gateway.policy.store import PolicyStore, ReloadResult
@@ -153,6 +153,7 @@ class Services:
         # the server when [sync] doveadm_url is (the doveadm HTTP API is an adapter).
         self.session_ender: SessionEnder | None = None
         self._in_force: CompiledPolicySet | None = None  # the set before the next reload
+        self._fingerprints = Fingerprints()  # the policy history's, kept between reloads
         self.override_rows: list[PolicyOverride] = []  # the overrides in force, as stored
         self.logins = Logins(
             settings.sync,
@@ -326,7 +327,9 @@ class Services:
         directory = self.policies.directory
         try:
             snap = await asyncio.to_thread(
-                lambda: snapshot(policy_set, read_contents(policy_set, directory))
+                lambda: snapshot(
+                    policy_set, read_contents(policy_set, directory), self._fingerprints
+                )
             )
             new = await self.hold_store.record_policy_version(
                 snap, time.time(), trigger, LOADED_BY, KEEP_VERSIONS

@@ -622,7 +622,7 @@ class Handlers:
     async def history_show(self, request: web.Request) -> web.Response:
         _params(request, set())
         version = request.match_info["version"]
-        if not _VERSION.match(version):
+        if not _VERSION.fullmatch(version):
             raise ApiError(404, "no such policy version (versions are 12 hex digits)")
         found = await self._stored(version)
         snap = found.snapshot
@@ -653,7 +653,7 @@ def _version_param(values: Mapping[str, str], key: str) -> str:
     value = values.get(key)
     if value is None:
         raise ApiError(400, f"bad parameter: {key} is required (GET /api/v1/policies/history lists the versions)")  # fmt: skip
-    if not _VERSION.match(value):
+    if not _VERSION.fullmatch(value):
         raise ApiError(400, f"bad parameter: {key} must be a policy version (12 hex digits)")
     return value
 

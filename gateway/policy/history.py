@@ -124,9 +124,35 @@ def read_contents(policy_set: PolicySet, directory: Path) -> list[tuple[str, byt
     return contents
 
 
-def snapshot(policy_set: PolicySet, contents: Sequence[tuple[str, bytes]] | None) -> Snapshot:
+class Fingerprints:
+    """The fingerprints of the last snapshot's policies, by object: a reload keeps the
+    Policy objects of the files it did not parse again (the store's ParseCache), so after
+    a one-file edit only that file's policies are hashed again. Holds one set's worth."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[Policy, str]] = {}
+
+    def of(self, policies: Sequence[Policy]) -> dict[str, tuple[str, str]]:
+        """Each policy's (fingerprint, state) by id."""
+        known, kept = self._known, {}
+        found: dict[str, tuple[str, str]] = {}
+        for policy in policies:
+            entry = known.get(id(policy))
+            value = entry[1] if entry is not None and entry[0] is policy else fingerprint(policy)
+            kept[id(policy)] = (policy, value)
+            found[policy.id] = (value, policy.state.value)
+        self._known = kept
+        return found
+
+
+def snapshot(
+    policy_set: PolicySet,
+    contents: Sequence[tuple[str, bytes]] | None,
+    fingerprints: Fingerprints | None = None,
+) -> Snapshot:
     """What to store of ``policy_set`` (CPU: run it in a worker thread). Without
-    ``contents`` (the files changed before they were read again) no file is recorded."""
+    ``contents`` (the files changed before they were read again) no file is recorded;
+    ``fingerprints`` remembers the policies of the previous call's set."""
     files: list[FileText] = []
     budget = MAX_TEXT_BYTES
     ordered = sorted(contents or ())
@@ -147,7 +173,7 @@ def snapshot(policy_set: PolicySet, contents: Sequence[tuple[str, bytes]] | None
         )
     policies = None
     if len(policy_set.policies) <= MAX_POLICIES:
-        policies = {p.id: (fingerprint(p), p.state.value) for p in policy_set.policies}
+        policies = (fingerprints or Fingerprints()).of(policy_set.policies)
     return Snapshot(
         policy_set.version,
         tuple(files),
@@ -164,17 +190,29 @@ def fingerprint(policy: Policy) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_SCALARS = (str, int, float, bool)
+_FIELDS: dict[type, tuple[str, ...]] = {}  # the compared fields of each dataclass met
+
+
 def _canonical(value: object) -> object:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    """JSON-able and independent of hash order; fields that are None are left out, so a
+    field added to the model later does not change the fingerprints of stored versions."""
+    if value is None or (isinstance(value, _SCALARS) and not isinstance(value, Enum)):
+        return value
+    kind = type(value)
+    names = _FIELDS.get(kind)
+    if names is None and dataclasses.is_dataclass(value):
+        names = _FIELDS[kind] = tuple(f.name for f in dataclasses.fields(value) if f.compare)
+    if names is not None:
         return {
-            f.name: _canonical(getattr(value, f.name))
-            for f in dataclasses.fields(value)
-            if f.compare
+            name: _canonical(field) for name in names if (field := getattr(value, name)) is not None
         }
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, frozenset | set):
         items = [_canonical(v) for v in value]
+        if all(isinstance(item, str) for item in items):
+            return sorted(items)  # type: ignore[type-var]
         return sorted(items, key=lambda v: json.dumps(v, sort_keys=True, default=str))
     if isinstance(value, tuple | list):
         return [_canonical(v) for v in value]
@@ -184,7 +222,7 @@ def _canonical(value: object) -> object:
         return value.total_seconds()
     if isinstance(value, Mapping):
         return {str(k): _canonical(v) for k, v in value.items()}
-    return value
+    return repr(value)
 
 
 @dataclass(frozen=True)

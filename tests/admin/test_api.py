@@ -379,6 +379,7 @@ async def test_policy_history_on_start_and_reload_with_diffs(
         for params, says in (
             ({"from": v1}, "to is required"),
             ({"from": "v1", "to": v1}, "from must be a policy version"),
+            ({"from": v1, "to": v1 + "\n"}, "to must be a policy version"),
             ({"from": v1, "to": v1, "colour": "red"}, "unknown parameter 'colour'"),
         ):
             status, body = await c.viewer.get("/policies/history/diff", **params)

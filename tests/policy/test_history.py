@@ -15,7 +15,8 @@ import pytest
 from gateway.policy import history
 from gateway.policy.history import MAX_TEXT_BYTES, compare, fingerprint, read_contents, snapshot
 from gateway.policy.loader import load_policy_dir
-from gateway.policy.model import PolicySet
+from gateway.policy.model import Policy, PolicySet
+from gateway.policy.store import PolicyStore
 from tests.stories import tiktok_ban
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,3 +130,35 @@ def test_compare_names_policy_changes_and_bounds_the_diff(
     assert (len(cut.diff.splitlines()), cut.truncated) == (3, True)
     monkeypatch.setattr(history, "MAX_POLICIES", 1)  # the old set has two: not fingerprinted
     assert compare(stored({"ban.toml": tiktok_ban(), "other.toml": other}), new).policies is None
+
+
+def test_after_a_one_file_reload_only_that_files_policies_are_hashed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's parse cache keeps the Policy objects of unchanged files; the history's
+    Fingerprints reuses their fingerprints, so recording a reload costs the edit's size."""
+    directory = tmp_path / "p"
+    other = tiktok_ban("warn").replace("remove-tiktok", "other")
+    _load(directory, {"ban.toml": tiktok_ban("hold"), "other.toml": other})
+    store = PolicyStore(directory, {})
+    store.reload("startup")
+    hashed: list[str] = []
+
+    def counted(policy: Policy) -> str:
+        hashed.append(policy.id)
+        return fingerprint(policy)
+
+    monkeypatch.setattr(history, "fingerprint", counted)
+    fingerprints = history.Fingerprints()
+    first = snapshot(store.current.source, None, fingerprints)
+    assert sorted(hashed) == ["other", "remove-tiktok"]
+    (directory / "ban.toml").write_text(tiktok_ban("reject"))
+    store.reload("sighup")
+    hashed.clear()
+    second = snapshot(store.current.source, None, fingerprints)
+    assert hashed == ["remove-tiktok"]
+    assert second.policies == snapshot(store.current.source, None).policies  # as if fresh
+    assert first.policies is not None
+    assert second.policies is not None
+    assert first.policies["other"] == second.policies["other"]
+    assert first.policies["remove-tiktok"] != second.policies["remove-tiktok"]
