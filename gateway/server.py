@@ -132,6 +132,7 @@ class GatewayServer:
             spawn=self.spawn,
             blast_radius_limit=self.settings.max_newly_blocked_devices,
             overrides_changed=services.refresh_overrides,
+            timeline=services.metrics.timeline,
         )
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:

@@ -12,6 +12,8 @@ started through the ``spawn`` the server passes in, so every task is named and o
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 
 import structlog
@@ -30,6 +32,7 @@ from gateway.logins import Logins, SessionEnder, SyncChange, sync_changes
 from gateway.ops.metrics import Metrics
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet
+from gateway.policy.history import KEEP_VERSIONS, Fingerprints, read_contents, snapshot
 from gateway.policy.impact import assess, blast_radius_refusal
 from gateway.policy.reload import Reloader
 from gateway.policy.store import PolicyStore, ReloadResult
@@ -42,6 +45,9 @@ from gateway.upstream.mx import MxRouter, configured_resolver
 from gateway.upstream.relay import Relay, RelayObserver
 
 log = structlog.get_logger("gateway.server")
+
+# Who loaded a policy version, in the policy history: this host and process.
+LOADED_BY = f"{socket.gethostname()[:200]} pid {os.getpid()}"
 
 
 def build_relay(settings: Settings, observer: RelayObserver | None = None) -> Relay:
@@ -145,6 +151,7 @@ class Services:
         # the server when [sync] doveadm_url is (the doveadm HTTP API is an adapter).
         self.session_ender: SessionEnder | None = None
         self._in_force: CompiledPolicySet | None = None  # the set before the next reload
+        self._fingerprints = Fingerprints()  # the policy history's, kept between reloads
         self.override_rows: list[PolicyOverride] = []  # the overrides in force, as stored
         self.logins = Logins(
             settings.sync,
@@ -173,6 +180,7 @@ class Services:
             policies=len(self.policies.current.source.policies),
         )
         self._in_force = self.policies.current
+        await self.record_policy_version("startup")
         await self.releaser.start()
         if self.settings.store.postgres:  # other gateways' holds and admin releases
             self.spawn(self.hold_store.listen(self._store_notice), "store-notifications")
@@ -311,8 +319,32 @@ class Services:
 
     # --- reload ---------------------------------------------------------------------------
 
+    async def record_policy_version(self, trigger: str) -> None:
+        """Keep the set now in force in the policy history (docs/admin.md, "Policy
+        history"): once per version, however often and by however many gateways it is
+        loaded. Its files are read again and kept only if they are still what was loaded.
+        A store that cannot be written loses this entry, never the reload."""
+        policy_set = self.policies.current.source
+        directory = self.policies.directory
+        try:
+            snap = await asyncio.to_thread(
+                lambda: snapshot(
+                    policy_set, read_contents(policy_set, directory), self._fingerprints
+                )
+            )
+            new = await self.hold_store.record_policy_version(
+                snap, time.time(), trigger, LOADED_BY, KEEP_VERSIONS
+            )
+        except HoldStoreError as exc:
+            log.warning("policy_history_not_recorded", version=policy_set.version, error=str(exc))
+            return
+        if new:
+            log.info("policy_history_recorded", version=policy_set.version, trigger=trigger)
+
     async def _after_reload(self, result: ReloadResult) -> None:
         self.last_good_reload = time.time()
+        # Recorded before the work below is spawned, which then starts once this returns.
+        await self.record_policy_version(result.trigger)
         before, self._in_force = self._in_force, self.policies.current
         if self.announcer is not None and before is not None:
             active = {p.id for p in before.source.policies if p.is_active}

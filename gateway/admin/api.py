@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -54,8 +54,10 @@ from gateway.hold.dsn import admin_drop_report
 from gateway.hold.release import Releaser, Spawn
 from gateway.hold.store import AsyncStore, HeldMessage, HoldFilter, Settlement, overrides_of
 from gateway.ops.logs import printable
+from gateway.ops.timeline import DecisionTimeline
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet, compile_policy_set, decide
+from gateway.policy.history import KEEP_VERSIONS, VERSION_PATTERN, PolicyVersion, compare
 from gateway.policy.impact import WhoIsTold, assess, blast_radius_refusal, who_is_told
 from gateway.policy.loader import load_policy_dir
 from gateway.policy.model import PolicySet
@@ -72,6 +74,7 @@ MAX_BULK = 10_000  # messages one bulk drop with DSN settles
 MAX_IMPACT_ROWS = 1000  # devices listed per category of an impact preview (counts are whole)
 MAX_FILTER = 320  # characters of a filter value (an address's longest)
 _HOLD_ID = re.compile(r"^[0-9a-f]{32}$")
+_VERSION = re.compile(VERSION_PATTERN)
 ADMIN_KEY = web.RequestKey("admin", Admin)
 
 
@@ -103,6 +106,8 @@ class AdminApi:
     # Called after an override changed: the services read the overrides again and act
     # on them at once (release pass, sync kicks), as after a reload.
     overrides_changed: Callable[[], Awaitable[object]] | None = None
+    # This process's decisions per ten minutes (the overview's chart): Metrics.timeline.
+    timeline: DecisionTimeline = field(default_factory=DecisionTimeline)
 
     def csrf_for(self, admin: Admin) -> str:
         return hmac.new(self.csrf_key, admin.token_hash.encode(), hashlib.sha256).hexdigest()[:32]
@@ -580,6 +585,74 @@ class Handlers:
             }
         )
 
+    async def decisions(self, request: web.Request) -> web.Response:
+        _params(request, set())
+        return _json(self.api.timeline.series().as_dict())
+
+    # --- policy history (gateway/policy/history.py) ----------------------------------------
+
+    async def history(self, request: web.Request) -> web.Response:
+        values = _params(request, {"limit", "before"})
+        limit = _integer(values, "limit", 50, 1, MAX_PAGE)
+        before = _integer(values, "before", 2**62, 1, 2**62)
+        rows = await self.api.hold_store.policy_versions(limit, before)
+        live = self.api.policies.current.version
+        return _json(
+            {
+                "in_force": live,
+                "keep": KEEP_VERSIONS,
+                "versions": [{**v.summary(), "in_force": v.version == live} for v in rows],
+                "next": rows[-1].seq if len(rows) == limit else None,
+            }
+        )
+
+    async def _stored(self, version: str) -> PolicyVersion:
+        found = await self.api.hold_store.policy_version(version)
+        if found is None or found.snapshot is None:
+            raise ApiError(
+                404,
+                "no such policy version in the history (GET /api/v1/policies/history lists them)",
+            )
+        return found
+
+    async def history_show(self, request: web.Request) -> web.Response:
+        _params(request, set())
+        version = request.match_info["version"]
+        if not _VERSION.fullmatch(version):
+            raise ApiError(404, "no such policy version (versions are 12 hex digits)")
+        found = await self._stored(version)
+        snap = found.snapshot
+        assert snap is not None  # _stored checked it
+        policies = None
+        if snap.policies is not None:
+            policies = [{"id": pid, "state": state} for pid, (_, state) in sorted(snap.policies.items())]  # fmt: skip
+        return _json(
+            {
+                **found.summary(),
+                "in_force": version == self.api.policies.current.version,
+                "files": [f.as_dict() for f in snap.files],
+                "policies": policies,
+            }
+        )
+
+    async def history_diff(self, request: web.Request) -> web.Response:
+        values = _params(request, {"from", "to"})
+        old, new = _version_param(values, "from"), _version_param(values, "to")
+        before, after = await self._stored(old), await self._stored(new)
+        assert before.snapshot is not None
+        assert after.snapshot is not None
+        diff = await asyncio.to_thread(compare, before.snapshot, after.snapshot)
+        return _json({"from": before.summary(), "to": after.summary(), **diff.as_dict()})
+
+
+def _version_param(values: Mapping[str, str], key: str) -> str:
+    value = values.get(key)
+    if value is None:
+        raise ApiError(400, f"bad parameter: {key} is required (GET /api/v1/policies/history lists the versions)")  # fmt: skip
+    if not _VERSION.fullmatch(value):
+        raise ApiError(400, f"bad parameter: {key} must be a policy version (12 hex digits)")
+    return value
+
 
 def _headers(block: bytes) -> tuple[list[list[str]], bool]:
     """A held message's header fields as [name, value] pairs, bounded; values unfolded."""
@@ -853,6 +926,10 @@ def admin_api(api: AdminApi, handlers: Handlers) -> web.Application:
     app.router.add_post("/held/{hold_id}/drop", handlers.held_drop)
     app.router.add_get("/devices", handlers.devices)
     app.router.add_get("/policies", handlers.policies)
+    app.router.add_get("/policies/history", handlers.history)
+    app.router.add_get("/policies/history/diff", handlers.history_diff)  # before {version}
+    app.router.add_get("/policies/history/{version}", handlers.history_show)
+    app.router.add_get("/decisions", handlers.decisions)
     app.router.add_post("/impact", handlers.impact)
     app.router.add_get("/audit", handlers.audit_list)
     app.router.add_get("/overrides", handlers.overrides)

@@ -135,6 +135,37 @@ _OVERRIDES = {
     },
 }  # fmt: skip
 
+_VERSION_SCHEMA = {"type": "string", "pattern": "^[0-9a-f]{12}$"}
+_VERSION_SUMMARY = {
+    "type": "object",
+    "required": [
+        "seq",
+        "version",
+        "loaded_at",
+        "trigger",
+        "loaded_by",
+        "last_loaded_at",
+        "policy_count",
+        "file_count",
+        "text_bytes",
+        "truncated",
+    ],
+    "properties": {
+        "seq": {"type": "integer"},
+        "version": {"type": "string"},
+        "loaded_at": {"type": "string", "format": "date-time"},
+        "trigger": {"type": "string"},
+        "loaded_by": {"type": "string"},
+        "last_loaded_at": {"type": "string", "format": "date-time"},
+        "policy_count": {"type": "integer"},
+        "file_count": {"type": "integer"},
+        "text_bytes": {"type": "integer"},
+        "truncated": {"type": "boolean"},
+        "in_force": {"type": "boolean"},
+    },
+}
+_IDS = {"type": "array", "items": {"type": "string"}}
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
@@ -234,6 +265,76 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "summary": "the policy set in force, each policy's state and dates; last reload",
                 "responses": {"200": _ok("policies"), **_REFUSALS},
+            }
+        },
+        "/policies/history": {
+            "get": {
+                "summary": "the policy versions put in force, newest first (paged back by seq)",
+                "parameters": [
+                    _query("limit", "versions per page", {"type": "integer", "minimum": 1, "maximum": 500}),
+                    _query("before", "the seq to page back from", {"type": "integer", "minimum": 1}),
+                ],
+                "responses": {
+                    "200": _ok("a page", {
+                        "type": "object", "required": ["in_force", "versions", "next"],
+                        "properties": {"in_force": {"type": "string"}, "keep": {"type": "integer"},
+                                       "versions": {"type": "array", "items": _VERSION_SUMMARY},
+                                       "next": {"type": ["integer", "null"]}},
+                    }),
+                    **_REFUSALS,
+                },
+            }
+        },
+        "/policies/history/diff": {
+            "get": {
+                "summary": "what changed between two stored versions: a unified diff per file, "
+                "and the policies added, changed, retracted and removed",
+                "parameters": [
+                    {"name": "from", "in": "query", "required": True, "schema": _VERSION_SCHEMA,
+                     "description": "the older version"},
+                    {"name": "to", "in": "query", "required": True, "schema": _VERSION_SCHEMA,
+                     "description": "the newer version"},
+                ],
+                "responses": {
+                    "200": _ok("the diff", {
+                        "type": "object", "required": ["from", "to", "files", "unchanged_files", "policies"],
+                        "properties": {
+                            "from": _VERSION_SUMMARY, "to": _VERSION_SUMMARY,
+                            "files": {"type": "array", "items": {
+                                "type": "object", "required": ["name", "status", "diff", "truncated"],
+                                "properties": {"name": {"type": "string"},
+                                               "status": {"type": "string", "enum": ["added", "removed", "changed"]},
+                                               "diff": {"type": "string"}, "truncated": {"type": "boolean"}}}},
+                            "unchanged_files": {"type": "integer"},
+                            "policies": {"type": ["object", "null"], "properties": {
+                                "added": _IDS, "changed": _IDS, "retracted": _IDS, "removed": _IDS}},
+                        },
+                    }),
+                    **_REFUSALS,
+                    "404": _ERROR,
+                },
+            }
+        },
+        "/policies/history/{version}": {
+            "get": {
+                "summary": "one stored version: when and by what it came into force, its files' "
+                "text (bounded) and its policies",
+                "parameters": [{"name": "version", "in": "path", "required": True,
+                                "description": "a policy version (12 hex digits)", "schema": _VERSION_SCHEMA}],
+                "responses": {"200": _ok("the version", _VERSION_SUMMARY), **_REFUSALS, "404": _ERROR},
+            }
+        },
+        "/decisions": {
+            "get": {
+                "summary": "this gateway's submission decisions per action in ten-minute buckets "
+                "over the last six hours (since it started)",
+                "responses": {"200": _ok("the buckets", {
+                    "type": "object", "required": ["bucket_seconds", "buckets"],
+                    "properties": {"bucket_seconds": {"type": "integer"}, "buckets": {"type": "array", "items": {
+                        "type": "object", "required": ["start", "counts"],
+                        "properties": {"start": {"type": "string", "format": "date-time"},
+                                       "counts": {"type": "object", "additionalProperties": {"type": "integer"}}}}}},
+                }), **_REFUSALS},
             }
         },
         "/impact": {

@@ -75,6 +75,8 @@ main{padding:1em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padd
 text-align:left;vertical-align:top}th{background:#eee}.error{color:#a00}.ok{color:#070}
 form.inline{display:inline}textarea{width:100%;height:16em;font-family:monospace}
 .bar{display:inline-block;background:#47a;height:.8em}
+pre.diff{background:#f6f6f6;padding:.5em;overflow-x:auto}pre.diff span{display:block}
+.add{background:#dfd;color:#050}.del{background:#fdd;color:#800}.hunk{color:#06a}
 """
 
 
@@ -86,7 +88,8 @@ def _page(title: str, body: str, session: Session | None, status: int = 200) -> 
     nav = ""
     if session is not None:
         links = [("Overview", "/admin/"), ("Held mail", "/admin/held"), ("Devices", "/admin/devices"),
-                 ("Policies", "/admin/policies"), ("Impact preview", "/admin/impact"),
+                 ("Policies", "/admin/policies"), ("Policy history", "/admin/history"),
+                 ("Impact preview", "/admin/impact"),
                  ("Audit", "/admin/audit")]  # fmt: skip
         nav = "<nav>" + "".join(f'<a href="{href}">{_e(text)}</a>' for text, href in links)
         nav += (
@@ -203,6 +206,8 @@ class Pages:
             f"oldest {_e(held['oldest'] or '-')}</p>"
             f"<h2>Upstream</h2><ul>{upstreams or '<li>no figures yet</li>'}</ul>"
         )
+        series = await self.call(self.handlers.decisions, _without_query(request))
+        body += "<h2>Decisions, last six hours</h2>" + decisions_chart(series)
         return _page("Overview", body, session)
 
     async def held(self, request: web.Request) -> web.Response:
@@ -329,6 +334,113 @@ class Pages:
         )
         return _page("Policies", body, session)
 
+    async def history(self, request: web.Request) -> web.Response:
+        session = request[_SESSION_KEY]
+        answer = await self.call(self.handlers.history, _filled(request))
+        versions = answer["versions"]
+        rows = []
+        for n, v in enumerate(versions):
+            older = versions[n + 1]["version"] if n + 1 < len(versions) else None
+            link = ""
+            if older is not None:
+                query = urlencode({"from": older, "to": v["version"]})
+                link = f'<a href="/admin/history/diff?{_e(query)}">diff with previous</a>'
+            rows.append([
+                f'<a href="/admin/history/{_e(v["version"])}"><code>{_e(v["version"])}</code></a>'
+                + (" <b>in force</b>" if v["in_force"] else ""),
+                _e(v["loaded_at"]), _e(v["trigger"]), _e(v["loaded_by"]), _e(v["last_loaded_at"]),
+                _e(v["policy_count"]), _e(v["file_count"]) + (" (truncated)" if v["truncated"] else ""),
+                link,
+            ])  # fmt: skip
+        pick = ""
+        if len(versions) > 1:  # by default the newest and the one before it
+
+            def options(chosen: int) -> str:
+                return "".join(
+                    f'<option value="{_e(v["version"])}"{" selected" if n == chosen else ""}>'
+                    f"{_e(v['version'])} ({_e(v['loaded_at'])})</option>"
+                    for n, v in enumerate(versions)
+                )
+
+            pick = (
+                '<form method="get" action="/admin/history/diff">'
+                f'<label>from <select name="from">{options(1)}</select></label> '
+                f'<label>to <select name="to">{options(0)}</select></label> '
+                "<button>Compare</button></form>"
+            )
+        more = ""
+        if answer["next"] is not None:
+            more = f'<p><a href="/admin/history?{_e(urlencode({"before": answer["next"]}))}">Older versions</a></p>'
+        body = (
+            f"<p>Every policy set put in force, newest first (at most {_e(answer['keep'])} kept). "
+            "A set loaded again (a restart, a revert, another gateway) is not stored twice: "
+            "its last load moves.</p>"
+            + pick
+            + _table(
+                [
+                    "version",
+                    "first in force",
+                    "trigger",
+                    "loaded by",
+                    "last loaded",
+                    "policies",
+                    "files",
+                    "",
+                ],
+                rows,
+            )
+            + more
+        )
+        return _page("Policy history", body, session)
+
+    async def history_version(self, request: web.Request) -> web.Response:
+        session = request[_SESSION_KEY]
+        v = await self.call(self.handlers.history_show, request)
+        facts = [[_e(k), _e(v[k])] for k in ("version", "loaded_at", "trigger", "loaded_by",
+                                             "last_loaded_at", "in_force", "truncated")]  # fmt: skip
+        policies = "<p>Not recorded (more policies than the history fingerprints).</p>"
+        if v["policies"] is not None:
+            policies = _table(
+                ["id", "state"], [[_e(p["id"]), _e(p["state"])] for p in v["policies"]]
+            )
+        files = "".join(
+            f"<h3>{_e(f['name'])} ({_e(f['size'])} bytes"
+            + (", only its beginning is kept" if f["truncated"] else "")
+            + f')</h3><pre class="diff">{_e(f["text"])}</pre>'
+            for f in v["files"]
+        )
+        body = (
+            _table(["", ""], facts)
+            + "<h2>Policies</h2>" + policies
+            + "<h2>Files</h2>" + (files or "<p>No file text recorded.</p>")
+        )  # fmt: skip
+        return _page(f"Policy version {v['version']}", body, session)
+
+    async def history_diff(self, request: web.Request) -> web.Response:
+        session = request[_SESSION_KEY]
+        d = await self.call(self.handlers.history_diff, request)
+        changes = "<p>Policies not compared (a version has more policies than the history fingerprints).</p>"
+        if d["policies"] is not None:
+            changes = "<ul>" + "".join(
+                f"<li>{_e(kind)}: {_e(', '.join(d['policies'][kind]) or '-')}</li>"
+                for kind in ("added", "changed", "retracted", "removed")
+            ) + "</ul>"  # fmt: skip
+        files = "".join(
+            f"<h3>{_e(f['name'])} ({_e(f['status'])}"
+            + (", partial: the stored text or the diff was cut" if f["truncated"] else "")
+            + f')</h3><pre class="diff">{_diff_lines(f["diff"])}</pre>'
+            for f in d["files"]
+        )
+        body = (
+            f"<p>From <a href=\"/admin/history/{_e(d['from']['version'])}\"><code>{_e(d['from']['version'])}</code></a> "
+            f"({_e(d['from']['loaded_at'])}) to <a href=\"/admin/history/{_e(d['to']['version'])}\">"
+            f"<code>{_e(d['to']['version'])}</code></a> ({_e(d['to']['loaded_at'])}).</p>"
+            f"<h2>Policies</h2>{changes}<h2>Files</h2>"
+            + (files or "<p>No file differs.</p>")
+            + f"<p>{_e(d['unchanged_files'])} file(s) unchanged.</p>"
+        )  # fmt: skip
+        return _page("Policy diff", body, session)
+
     async def impact_form(self, request: web.Request) -> web.Response:
         return _page(
             "Impact preview", _impact_form(request[_SESSION_KEY], ""), request[_SESSION_KEY]
@@ -404,6 +516,76 @@ def _told_tables(answer: Any) -> str:
 
 
 _LOGIN_ERRORS = ("That token is not valid.",)
+
+
+def _diff_lines(diff: str) -> str:
+    """A unified diff, escaped, one span per line: added, removed and hunk lines styled."""
+    out = []
+    for line in diff.splitlines():
+        kind = ""
+        if line.startswith("@@"):
+            kind = "hunk"
+        elif line.startswith("+") and not line.startswith("+++"):
+            kind = "add"
+        elif line.startswith("-") and not line.startswith("---"):
+            kind = "del"
+        out.append(
+            f'<span class="{kind}">{_e(line)}</span>' if kind else f"<span>{_e(line)}</span>"
+        )
+    return "".join(out)
+
+
+# Stacked from the bottom, least severe first; colours readable on white.
+_CHART_ACTIONS = (("allow", "#6a6"), ("warn", "#d4a017"), ("defer", "#69c"), ("hold", "#d2691e"),
+                  ("reject", "#c33"))  # fmt: skip
+
+
+def decisions_chart(series: Mapping[str, Any]) -> str:
+    """GET /api/v1/decisions as an inline SVG bar chart (no script): one stacked bar per
+    bucket, a title on each part (a browser shows it on hover), a legend with totals."""
+    buckets = series["buckets"]
+    width, height, left, bottom = 720, 180, 40, 20
+    plot_w, plot_h = width - left - 10, height - bottom - 10
+    totals = [sum(b["counts"].values()) for b in buckets]
+    top = max([*totals, 1])
+    step = plot_w / max(len(buckets), 1)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20}" '
+        f'role="img" aria-label="decisions per {series["bucket_seconds"] // 60} minutes" '
+        'class="chart" font-size="11" font-family="sans-serif">',
+        f'<line x1="{left}" y1="{10 + plot_h}" x2="{width - 10}" y2="{10 + plot_h}" stroke="#999"/>',
+        f'<text x="{left - 4}" y="14" text-anchor="end">{top}</text>',
+        f'<text x="{left - 4}" y="{10 + plot_h}" text-anchor="end">0</text>',
+    ]
+    for n, bucket in enumerate(buckets):
+        x = left + n * step
+        y = 10 + plot_h
+        start = _e(bucket["start"][11:16])
+        for action, colour in _CHART_ACTIONS:
+            count = bucket["counts"].get(action, 0)
+            if not count:
+                continue
+            h = plot_h * count / top
+            y -= h
+            parts.append(
+                f'<rect x="{x + 1:.1f}" y="{y:.1f}" width="{max(step - 2, 1):.1f}" height="{h:.1f}" '
+                f'fill="{colour}" class="bar-{action}"><title>{start} UTC: {count} {action}</title></rect>'
+            )
+        if n % 6 == 0:
+            parts.append(f'<text x="{x:.1f}" y="{height - 4}">{start}</text>')
+    sums = {a: sum(b["counts"].get(a, 0) for b in buckets) for a, _ in _CHART_ACTIONS}
+    legend_x = left
+    for action, colour in _CHART_ACTIONS:
+        parts.append(
+            f'<rect x="{legend_x}" y="{height + 6}" width="10" height="10" fill="{colour}"/>'
+            f'<text x="{legend_x + 14}" y="{height + 15}">{action} {sums[action]}</text>'
+        )
+        legend_x += 110
+    parts.append("</svg>")
+    return (
+        "".join(parts)
+        + "<p>This gateway's submission decisions per ten minutes (UTC), since it started.</p>"
+    )
 
 
 def _impact_form(session: Session, text: str) -> str:
@@ -485,6 +667,9 @@ def admin_pages(api: AdminApi, handlers: Handlers) -> web.Application:
     app.router.add_post("/held/{hold_id}/{action:release|drop}", pages.act)
     app.router.add_get("/devices", pages.devices)
     app.router.add_get("/policies", pages.policies)
+    app.router.add_get("/history", pages.history)
+    app.router.add_get("/history/diff", pages.history_diff)  # before {version}
+    app.router.add_get("/history/{version}", pages.history_version)
     app.router.add_get("/impact", pages.impact_form)
     app.router.add_post("/impact", pages.impact)
     app.router.add_get("/audit", pages.audit)

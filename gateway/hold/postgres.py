@@ -45,6 +45,8 @@ from gateway.domain import Access, DeviceClaims, HeldSubmission
 from gateway.errors import HoldStoreError, HoldStoreLowOnSpace
 from gateway.hold.store import (
     HEADER_LIMIT,
+    PRUNE_VERSIONS,
+    VERSION_SUMMARY,
     AdminAction,
     AsyncStore,
     HeldMessage,
@@ -56,7 +58,10 @@ from gateway.hold.store import (
     accesses_used,
     header_block,
     override_of_row,
+    policy_version_of_row,
+    version_values,
 )
+from gateway.policy.history import PolicyVersion, Snapshot
 
 T = TypeVar("T")
 log = structlog.get_logger("gateway.hold")
@@ -167,6 +172,28 @@ CREATE TABLE policy_exemptions (
     actor          text NOT NULL,
     created_at     double precision NOT NULL,
     PRIMARY KEY (policy_id, user_or_device)
+);
+""",
+    ),
+    (
+        5,
+        """
+-- Every policy set a gateway put in force, once per version however many gateways load it
+-- (gateway/policy/history.py): first in force when and by what, last loaded when, the
+-- files' text (bounded) and the policies' fingerprints. At most KEEP_VERSIONS rows.
+CREATE TABLE policy_versions (
+    seq            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    version        text NOT NULL UNIQUE,
+    loaded_at      double precision NOT NULL,
+    trigger        text NOT NULL,
+    loaded_by      text NOT NULL,
+    last_loaded_at double precision NOT NULL,
+    policy_count   integer NOT NULL,
+    file_count     integer NOT NULL,
+    text_bytes     integer NOT NULL,
+    truncated      boolean NOT NULL,
+    files          jsonb NOT NULL,
+    policies       jsonb
 );
 """,
     ),
@@ -817,6 +844,51 @@ class PostgresHoldStore:
             )
             for r in rows
         ]
+
+    def record_policy_version(
+        self, snap: Snapshot, at: float, trigger: str, loaded_by: str, keep: int
+    ) -> bool:
+        """Store a version put in force once, whichever gateway loads it first (the unique
+        version and ON CONFLICT: replicas loading one set at once write one row); later
+        loads move its ``last_loaded_at``. Then prune beyond ``keep``. True if it was new."""
+        values = version_values(snap, at, trigger, loaded_by)
+
+        def work(cur: Cursor) -> bool:
+            cur.execute(
+                b"INSERT INTO policy_versions (version, loaded_at, trigger, loaded_by, "
+                b"last_loaded_at, policy_count, file_count, text_bytes, truncated, files, "
+                b"policies) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb) "
+                b"ON CONFLICT (version) DO NOTHING",
+                values,
+            )
+            inserted = cur.rowcount == 1
+            if not inserted:
+                cur.execute(
+                    b"UPDATE policy_versions SET last_loaded_at = greatest(last_loaded_at, %s) "
+                    b"WHERE version = %s",
+                    (at, snap.version),
+                )
+            cur.execute(PRUNE_VERSIONS.encode(), (keep,))
+            return inserted
+
+        return self._transaction("write", work)
+
+    def policy_versions(self, limit: int = 100, before: int | None = None) -> list[PolicyVersion]:
+        """The stored versions without their text, newest first; ``before`` pages by seq."""
+        rows = self._read(
+            f"SELECT {VERSION_SUMMARY} FROM policy_versions WHERE seq < %s "
+            "ORDER BY seq DESC LIMIT %s",
+            (before if before is not None else 2**62, limit),
+        )
+        return [policy_version_of_row(r) for r in rows]
+
+    def policy_version(self, version: str) -> PolicyVersion | None:
+        """One stored version with its files' text and policies, or None."""
+        rows = self._read(
+            f"SELECT {VERSION_SUMMARY}, files, policies FROM policy_versions WHERE version = %s",
+            (version,),
+        )
+        return policy_version_of_row(rows[0]) if rows else None
 
     def _override_write(self, sql: str, params: Sequence[object]) -> int:
         """One change of the overrides, waking every gateway on the store (NOTIFY at

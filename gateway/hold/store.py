@@ -43,6 +43,7 @@ from typing import Any, Protocol, TypeVar
 
 from gateway.domain import Access, DeviceClaims, HeldSubmission, Overrides
 from gateway.errors import HoldStoreDamaged, HoldStoreError, HoldStoreInUse, HoldStoreLowOnSpace
+from gateway.policy.history import FileText, PolicyVersion, Snapshot
 
 T = TypeVar("T")
 
@@ -131,6 +132,23 @@ CREATE TABLE IF NOT EXISTS policy_exemptions (policy_id TEXT NOT NULL,
     user_or_device TEXT NOT NULL, until REAL NOT NULL, reason TEXT NOT NULL,
     actor TEXT NOT NULL, created_at REAL NOT NULL,
     PRIMARY KEY (policy_id, user_or_device)) WITHOUT ROWID;
+-- Every policy set a gateway put in force, once per version (gateway/policy/history.py):
+-- when it first came into force and by what, when a gateway last loaded it, its files'
+-- text (bounded) and its policies' fingerprints. At most KEEP_VERSIONS rows.
+CREATE TABLE IF NOT EXISTS policy_versions (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    version        TEXT NOT NULL UNIQUE,
+    loaded_at      REAL NOT NULL,                      -- unix time
+    trigger        TEXT NOT NULL,                      -- startup, sighup, watch, periodic
+    loaded_by      TEXT NOT NULL,                      -- host name and process id
+    last_loaded_at REAL NOT NULL,
+    policy_count   INTEGER NOT NULL,
+    file_count     INTEGER NOT NULL,
+    text_bytes     INTEGER NOT NULL,
+    truncated      INTEGER NOT NULL,
+    files          TEXT NOT NULL,                      -- JSON: [FileText]
+    policies       TEXT                                -- JSON: {id: [fingerprint, state]}
+);
 """
 
 # Columns added after the first release of the store: (table, name, declaration). A store
@@ -976,6 +994,49 @@ class HoldStore:
             for r in rows
         ]
 
+    def record_policy_version(
+        self, snap: Snapshot, at: float, trigger: str, loaded_by: str, keep: int
+    ) -> bool:
+        """Store a version put in force, once: a version already stored (a restart, a
+        revert, another replica) only has its ``last_loaded_at`` moved. Then the least
+        recently loaded beyond ``keep`` are pruned. True if it was new."""
+
+        def work() -> bool:
+            inserted = self._db.execute(
+                "INSERT INTO policy_versions (version, loaded_at, trigger, loaded_by, "
+                "last_loaded_at, policy_count, file_count, text_bytes, truncated, files, "
+                "policies) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (version) DO NOTHING",
+                version_values(snap, at, trigger, loaded_by),
+            ).rowcount
+            if not inserted:
+                self._db.execute(
+                    "UPDATE policy_versions SET last_loaded_at = max(last_loaded_at, ?) "
+                    "WHERE version = ?",
+                    (at, snap.version),
+                )
+            self._db.execute(PRUNE_VERSIONS.replace("%s", "?"), (keep,))
+            return inserted == 1
+
+        return self._transaction(work)
+
+    def policy_versions(self, limit: int = 100, before: int | None = None) -> list[PolicyVersion]:
+        """The stored versions without their text, newest first; ``before`` pages by seq."""
+        rows = self._read(
+            f"SELECT {VERSION_SUMMARY} FROM policy_versions WHERE seq < ? "
+            "ORDER BY seq DESC LIMIT ?",
+            (before if before is not None else 2**62, limit),
+        )
+        return [policy_version_of_row(dict(r)) for r in rows]
+
+    def policy_version(self, version: str) -> PolicyVersion | None:
+        """One stored version with its files' text and policies, or None."""
+        rows = self._read(
+            f"SELECT {VERSION_SUMMARY}, files, policies FROM policy_versions WHERE version = ?",
+            (version,),
+        )
+        return policy_version_of_row(dict(rows[0])) if rows else None
+
     def expired(self, before: datetime, limit: int = 100, after: int = 0) -> list[HeldMessage]:
         """Held longer than allowed, oldest first, without their bytes; paged by seq."""
         rows = self._read(
@@ -1011,6 +1072,57 @@ def accesses_used(last_send: float | None, last_sync: float | None) -> frozenset
         if at is not None
     )
     return used or frozenset(Access)
+
+
+VERSION_SUMMARY = (
+    "seq, version, loaded_at, trigger, loaded_by, last_loaded_at, policy_count, file_count, "
+    "text_bytes, truncated"
+)
+# Keep the ``keep`` most recently loaded versions (one parameter, written %s: each backend
+# puts its own mark in).
+PRUNE_VERSIONS = (
+    "DELETE FROM policy_versions WHERE seq NOT IN (SELECT seq FROM policy_versions "
+    "ORDER BY last_loaded_at DESC, seq DESC LIMIT %s)"
+)
+
+
+def version_values(snap: Snapshot, at: float, trigger: str, loaded_by: str) -> tuple[object, ...]:
+    """The values of a policy_versions row, in the INSERT's column order; JSON as text."""
+    policies = None if snap.policies is None else json.dumps(snap.policies, sort_keys=True)
+    files = json.dumps([f.as_dict() for f in snap.files])
+    return (snap.version, at, trigger, loaded_by, at, snap.policy_count, len(snap.files),
+            snap.text_bytes, snap.truncated, files, policies)  # fmt: skip
+
+
+def policy_version_of_row(row: dict[str, Any]) -> PolicyVersion:
+    """A policy_versions row of either backend (its JSON columns as text or decoded)."""
+    snap = None
+    if "files" in row:
+
+        def decoded(value: Any) -> Any:
+            return json.loads(value) if isinstance(value, str) else value
+
+        policies = decoded(row["policies"])
+        snap = Snapshot(
+            row["version"],
+            tuple(FileText.from_dict(f) for f in decoded(row["files"])),
+            None if policies is None else {k: (v[0], v[1]) for k, v in policies.items()},
+            row["policy_count"],
+            files_complete=not row["truncated"],
+        )
+    return PolicyVersion(
+        seq=row["seq"],
+        version=row["version"],
+        loaded_at=datetime.fromtimestamp(row["loaded_at"], UTC),
+        trigger=row["trigger"],
+        loaded_by=row["loaded_by"],
+        last_loaded_at=datetime.fromtimestamp(row["last_loaded_at"], UTC),
+        policy_count=row["policy_count"],
+        file_count=row["file_count"],
+        text_bytes=row["text_bytes"],
+        truncated=bool(row["truncated"]),
+        snapshot=snap,
+    )
 
 
 @dataclass(frozen=True)
@@ -1137,6 +1249,13 @@ class HoldBackend(Protocol):
     def device_accesses(self, seen_since: datetime) -> dict[str, frozenset[Access]]: ...
     def prune_devices(self, seen_before: datetime) -> int: ...
     def expired(self, before: datetime, limit: int = 100, after: int = 0) -> list[HeldMessage]: ...
+    def record_policy_version(
+        self, snap: Snapshot, at: float, trigger: str, loaded_by: str, keep: int
+    ) -> bool: ...
+    def policy_versions(
+        self, limit: int = 100, before: int | None = None
+    ) -> list[PolicyVersion]: ...
+    def policy_version(self, version: str) -> PolicyVersion | None: ...
 
 
 class AsyncStore:
@@ -1285,6 +1404,23 @@ class AsyncStore:
 
     async def prune_overrides(self, now: datetime) -> int:
         return await self._run(lambda s: s.prune_overrides(now))
+
+    # Policy history (gateway/policy/history.py).
+
+    async def record_policy_version(
+        self, snap: Snapshot, at: float, trigger: str, loaded_by: str, keep: int
+    ) -> bool:
+        return await self._run(
+            lambda s: s.record_policy_version(snap, at, trigger, loaded_by, keep)
+        )
+
+    async def policy_versions(
+        self, limit: int = 100, before: int | None = None
+    ) -> list[PolicyVersion]:
+        return await self._run(lambda s: s.policy_versions(limit, before))
+
+    async def policy_version(self, version: str) -> PolicyVersion | None:
+        return await self._run(lambda s: s.policy_version(version))
 
 
 class AsyncHoldStore(AsyncStore):

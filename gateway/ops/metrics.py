@@ -8,11 +8,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from gateway import __version__
 from gateway.domain import Decision
+from gateway.ops.timeline import DecisionTimeline
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.timeline = DecisionTimeline()  # the admin overview's chart of decisions
         r = self.registry
         self.sessions = Counter("gateway_sessions", "SMTP sessions accepted", registry=r)
         self.sessions_active = Gauge(
@@ -158,6 +160,7 @@ class Metrics:
         action = decision.action.label
         for policy in dict.fromkeys(decision.policy_ids) or ("none",):
             self.decisions.labels(action, policy).inc()
+        self.timeline.count(action)
 
     def held_now(self, messages: int, size: int, oldest: datetime | None, now: datetime) -> None:
         """The hold store's contents, measured once per release tick."""

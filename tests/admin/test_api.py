@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -386,3 +387,118 @@ async def test_a_drop_with_dsn_of_mail_another_gateway_settled_counts_and_bounce
         handlers = Handlers(c.gateway.server._admin_api(utc_now))
         assert await handlers._drop(selected, dsn=True) == (0, 0)
         assert await store.select(HoldFilter(), 10) == []  # no DSN row was written
+
+
+async def test_policy_history_on_start_and_reload_with_diffs(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    """Every set put in force is in the history, once: at start, after a reload that
+    changed something (not after one that did not), and a revert moves the old version's
+    last load instead of storing it again. A viewer reads the list (newest first, paged),
+    one version with its files' text, and the diff between any two: a unified diff per
+    file and the policies added, changed and removed. Unknown versions 404, bad
+    parameters 400 with a message (docs/admin.md, "Policy history")."""
+    async with console(tmp_path, issuer) as c:
+        policies = c.gateway.policy_dir
+        status, body = await c.viewer.get("/policies/history")
+        assert status == 200
+        (first,) = body["versions"]
+        v1 = first["version"]
+        assert v1 == body["in_force"] == c.gateway.server.services.policies.current.version
+        assert (first["trigger"], first["in_force"], first["policy_count"]) == ("startup", True, 1)
+        assert first["loaded_by"].endswith(f"pid {os.getpid()}")  # the gateway runs in-process
+
+        assert (await c.gateway.server.reload("test")).version == v1  # nothing changed
+        assert len((await c.viewer.get("/policies/history"))[1]["versions"]) == 1
+
+        (policies / "ban.toml").write_text(tiktok_ban("reject"))
+        (policies / "extra.toml").write_text(
+            tiktok_ban("warn").replace("remove-tiktok", "warn-tiktok")
+        )
+        v2 = (await c.gateway.server.reload("sighup")).version
+        status, body = await c.viewer.get("/policies/history")
+        assert [(v["version"], v["trigger"], v["in_force"]) for v in body["versions"]] == [
+            (v2, "sighup", True),
+            (v1, "startup", False),
+        ]
+
+        status, shown = await c.viewer.get(f"/policies/history/{v2}")
+        assert status == 200
+        files = {f["name"]: f for f in shown["files"]}
+        assert files["ban.toml"]["text"] == tiktok_ban("reject")
+        assert files["ban.toml"]["truncated"] is False
+        assert [p["id"] for p in shown["policies"]] == ["remove-tiktok", "warn-tiktok"]
+
+        status, diff = await c.viewer.get("/policies/history/diff", **{"from": v1, "to": v2})
+        assert status == 200
+        assert (diff["from"]["version"], diff["to"]["version"]) == (v1, v2)
+        changed = {f["name"]: f for f in diff["files"]}
+        assert (changed["ban.toml"]["status"], changed["extra.toml"]["status"]) == (
+            "changed",
+            "added",
+        )
+        lines = changed["ban.toml"]["diff"].splitlines()
+        assert lines[:2] == [f"--- {v1}/ban.toml", f"+++ {v2}/ban.toml"]
+        assert '-action = "hold"' in lines
+        assert '+action = "reject"' in lines
+        assert diff["policies"] == {
+            "added": ["warn-tiktok"],
+            "changed": ["remove-tiktok"],
+            "retracted": [],
+            "removed": [],
+        }
+
+        # A revert to the first set: not stored again, its last load moves, it is in force.
+        (policies / "ban.toml").write_text(tiktok_ban("hold"))
+        (policies / "extra.toml").unlink()
+        assert (await c.gateway.server.reload("watch")).version == v1
+        status, body = await c.viewer.get("/policies/history", limit=1)
+        (newest,) = body["versions"]
+        assert (newest["version"], body["next"]) == (v2, newest["seq"])
+        (older,) = (await c.viewer.get("/policies/history", before=body["next"]))[1]["versions"]
+        assert (older["version"], older["in_force"], older["trigger"]) == (v1, True, "startup")
+        assert datetime.fromisoformat(older["last_loaded_at"]) > datetime.fromisoformat(
+            older["loaded_at"]
+        )
+        status, back = await c.viewer.get("/policies/history/diff", **{"from": v2, "to": v1})
+        assert back["policies"]["removed"] == ["warn-tiktok"]
+        assert [f["status"] for f in back["files"]] == ["changed", "removed"]
+
+        for path in ("/policies/history/0123456789ab", "/policies/history/not-a-version"):
+            status, body = await c.viewer.get(path)
+            assert status == 404, path
+            assert "no such policy version" in body["error"]
+        status, body = await c.viewer.get(
+            "/policies/history/diff", **{"from": "0123456789ab", "to": v1}
+        )
+        assert (status, "no such policy version" in body["error"]) == (404, True)
+        for params, says in (
+            ({"from": v1}, "to is required"),
+            ({"from": "v1", "to": v1}, "from must be a policy version"),
+            ({"from": v1, "to": v1 + "\n"}, "to must be a policy version"),
+            ({"from": v1, "to": v1, "colour": "red"}, "unknown parameter 'colour'"),
+        ):
+            status, body = await c.viewer.get("/policies/history/diff", **params)
+            assert status == 400, params
+            assert says in body["error"]
+        status, body = await c.viewer.get("/policies/history", limit="0")
+        assert (status, "limit must be an integer" in body["error"]) == (400, True)
+
+
+async def test_decisions_per_ten_minutes(tmp_path: Path, issuer: TestIssuer) -> None:
+    """GET /decisions: this gateway's submission decisions per action in the current
+    ten-minute bucket, six hours of buckets (the overview's chart)."""
+    async with console(tmp_path, issuer) as c:
+        await hold(carol(c.issuer), c.gateway.port, "carol #0")
+        laptop = FakeDevice(c.issuer, user="erin@example.test", device_id="erin-laptop")
+        assert (await laptop.send(c.gateway.port)).accepted
+        assert (await laptop.send(c.gateway.port)).accepted
+        status, body = await c.viewer.get("/decisions")
+        assert status == 200
+        assert (body["bucket_seconds"], len(body["buckets"])) == (600, 36)
+        totals = Counter[str]()
+        for bucket in body["buckets"]:
+            totals.update(bucket["counts"])
+        assert totals == {"allow": 2, "hold": 1}
+        # in the current bucket (or, across a boundary, the one before)
+        assert all(b["counts"] == {} for b in body["buckets"][:-2])

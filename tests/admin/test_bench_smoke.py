@@ -16,3 +16,11 @@ def test_admin_impact_bench_smoke_run_completes() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| SMTP + impact previews |" in done.stdout
     assert "1000 devices released per preview" in done.stdout
+
+
+@pytest.mark.slow
+def test_policy_history_bench_smoke_run_completes() -> None:
+    done = run_bench("policy_history", "--smoke")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 1000 |")]
+    assert len(rows) == 1, done.stdout

@@ -100,9 +100,29 @@ async def test_admin_pages_in_chromium(tmp_path: Path, shots: Path) -> None:
             await page.wait_for_selector("td:text-is('hold.release')")
             assert await page.locator("td:text-is('hold.drop')").count() == 1
             await page.screenshot(path=shots / "audit.png")
+
+            # The policy history after a reload that changed the ban: the list, then the
+            # diff with the previous version through its link.
+            (c.gateway.policy_dir / "ban.toml").write_text(tiktok_ban("reject"))
+            await c.gateway.server.reload("sighup")
+            await page.goto(root + "/admin/")
+            assert await page.locator("svg.chart rect.bar-hold").count() in (1, 2)  # a boundary
+            await page.click("nav a:has-text('Policy history')")
+            await page.wait_for_selector("h1:has-text('Policy history')")
+            assert await page.locator("table tr").count() == 3  # a header and two versions
+            await page.screenshot(path=shots / "history.png")
+            await page.click("a:has-text('diff with previous')")
+            await page.wait_for_selector("h1:has-text('Policy diff')")
+            removed = page.locator("pre.diff span.del")
+            assert await removed.all_inner_texts() == ['-action = "hold"']
+            added = page.locator("pre.diff span.add")
+            assert await added.all_inner_texts() == ['+action = "reject"']
+            colour = await added.evaluate("e => getComputedStyle(e).backgroundColor")
+            assert colour == "rgb(221, 255, 221)"  # styled as an addition
+            await page.screenshot(path=shots / "history-diff.png", full_page=True)
         finally:
             await browser.close()
     assert _saved(shots) == [
-        "audit.png", "devices.png", "held.png", "impact.png", "login.png", "overview.png",
-        "policies.png",
+        "audit.png", "devices.png", "held.png", "history-diff.png", "history.png", "impact.png",
+        "login.png", "overview.png", "policies.png",
     ]  # fmt: skip

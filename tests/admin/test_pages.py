@@ -185,3 +185,64 @@ async def test_impact_page_shows_who_would_be_told(tmp_path: Path, issuer: TestI
     ) in page
     assert "Operator overrides in force (counted): remove-tiktok suspended." in page
     assert "Released (0)" in page  # suspended: the retraction releases nobody
+
+
+async def test_policy_history_diff_and_decisions_chart_for_a_viewer(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    """A viewer's overview charts the decisions (inline SVG, no script); the history page
+    lists both versions after a reload, linked from the nav; its diff link shows the
+    change line by line, escaped, removed and added lines styled; a version's page shows
+    its files; an unknown version is a 404 page."""
+    async with console(tmp_path, issuer) as c:
+        await hold(carol(c.issuer), c.gateway.port, "carol #0")
+        v1 = c.gateway.server.services.policies.current.version
+        (c.gateway.policy_dir / "ban.toml").write_text(
+            tiktok_ban("reject").replace("Remove TikTok.", "Remove <b>TikTok</b> now.")
+        )
+        v2 = (await c.gateway.server.reload("sighup")).version
+        browser, root = await _login(c, c.viewer.token)
+        async with browser:
+            async with browser.get(root + "/admin/") as r:
+                page = await r.text()
+            svg = page[page.index("<svg") : page.index("</svg>")]
+            assert svg.count('class="bar-hold"') == 1
+            assert "<title>" in svg
+            assert " UTC: 1 hold</title>" in svg
+            assert "hold 1</text>" in svg
+            assert "<script" not in page
+            assert '<a href="/admin/history">Policy history</a>' in page
+
+            async with browser.get(root + "/admin/history") as r:
+                page = await r.text()
+            assert page.index(v2) < page.index(v1)  # newest first
+            assert "<b>in force</b>" in page
+            (link,) = re.findall(r'href="(/admin/history/diff\?[^"]+)"', page)
+            assert link == f"/admin/history/diff?from={v1}&amp;to={v2}"
+
+            async with browser.get(root + link.replace("&amp;", "&")) as r:
+                assert r.status == 200
+                page = await r.text()
+            assert '<span class="del">-action = &quot;hold&quot;</span>' in page
+            assert '<span class="add">+action = &quot;reject&quot;</span>' in page
+            assert (
+                '<span class="add">+message = &quot;Remove &lt;b&gt;TikTok&lt;/b&gt; now.&quot;'
+                in page
+            )
+            assert "<b>TikTok</b>" not in page
+            assert '<span class="hunk">@@' in page
+            assert "<li>changed: remove-tiktok</li>" in page
+
+            async with browser.get(root + f"/admin/history/{v1}") as r:
+                page = await r.text()
+            assert "<h3>ban.toml (" in page
+            assert "action = &quot;hold&quot;" in page
+
+            async with browser.get(
+                root + "/admin/history/diff", params={"from": "0123456789ab", "to": v2}
+            ) as r:
+                assert r.status == 404
+                assert "no such policy version" in await r.text()
+            async with browser.get(root + "/admin/history/diff", params={"from": v1}) as r:
+                assert r.status == 400
+                assert "to is required" in await r.text()

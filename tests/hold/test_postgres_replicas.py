@@ -475,3 +475,25 @@ async def test_a_rollout_holds_the_same_devices_on_every_replica_and_after_a_res
                         if result.data == HELD:
                             held.add(device.device_id)
                     assert held == expected, start
+
+
+async def test_replicas_loading_the_same_policy_set_store_it_once(
+    tmp_path: Path, issuer: TestIssuer, postgres: PostgresServer
+) -> None:
+    """Policy history on a fleet (docs/admin.md): two gateways starting with the same set
+    store one version; both reloading to the next set at the same moment store that once
+    (the version is unique, the insert is ON CONFLICT DO NOTHING)."""
+    url = postgres.database()
+    async with (
+        FakeUpstream.running() as upstream,
+        replicas(tmp_path, issuer, upstream, url, 2) as gateways,
+    ):
+        (started,) = await gateways[0].server.services.hold_store.policy_versions()
+        assert started.version == gateways[1].server.services.policies.current.version
+        await retract(gateways)
+        versions = await gateways[1].server.services.hold_store.policy_versions()
+        now_in_force = gateways[0].server.services.policies.current.version
+        assert [(v.version, v.trigger) for v in versions] == [
+            (now_in_force, "test"),
+            (started.version, "startup"),
+        ]

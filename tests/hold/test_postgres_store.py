@@ -28,10 +28,13 @@ from gateway.errors import HoldStoreError, HoldStoreLowOnSpace, SettingsError
 from gateway.hold.backend import open_store
 from gateway.hold.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresHoldStore, _failure
 from gateway.hold.store import HoldBackend, HoldFilter, HoldStore, Settlement, overrides_of
+from gateway.policy.history import Snapshot, read_contents, snapshot
+from gateway.policy.loader import load_policy_dir
 from gateway.testing.harness import write_config
 from gateway.testing.issuer import TestIssuer
 from tests.hold.conftest import PostgresServer, have_postgres
 from tests.hold.test_store_boundary import NOW, claims, held
+from tests.stories import tiktok_ban
 from tests.test_cli_impact import NOW as IMPACT_AT
 from tests.test_cli_impact import REPO, phone
 
@@ -192,6 +195,49 @@ def test_policy_overrides_end_by_themselves_and_are_pruned(store: HoldBackend) -
     assert store.policy_overrides(NOW) == []
 
 
+def _snapshot(tmp_path: Path, files: dict[str, str]) -> Snapshot:
+    directory = tmp_path / f"policies-{len(list(tmp_path.glob('policies-*')))}"
+    directory.mkdir()
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    policy_set = load_policy_dir(directory)
+    return snapshot(policy_set, read_contents(policy_set, directory))
+
+
+def test_policy_versions_are_stored_once_paged_and_pruned(
+    store: HoldBackend, tmp_path: Path
+) -> None:
+    """Policy history, alike on both stores (docs/admin.md): a version is stored once
+    (a second load, a restart or another replica only moves last_loaded_at), listed newest
+    first and paged by seq, read back with its files' text and policies, and the least
+    recently loaded beyond ``keep`` are pruned."""
+    first = _snapshot(tmp_path, {"ban.toml": tiktok_ban("hold")})
+    other = tiktok_ban("warn").replace("remove-tiktok", "warn-tiktok")
+    second = _snapshot(tmp_path, {"ban.toml": tiktok_ban("reject"), "b.toml": other})
+    third = _snapshot(tmp_path, {"ban.toml": tiktok_ban("warn")})
+    assert store.record_policy_version(first, 100.0, "startup", "gw1 pid 1", keep=10)
+    assert not store.record_policy_version(first, 150.0, "startup", "gw2 pid 2", keep=10)
+    assert store.record_policy_version(second, 200.0, "sighup", "gw1 pid 1", keep=10)
+    newest, oldest = store.policy_versions()
+    assert (newest.version, newest.trigger, newest.file_count) == (second.version, "sighup", 2)
+    assert (oldest.version, oldest.loaded_by) == (first.version, "gw1 pid 1")
+    assert (oldest.policy_count, newest.policy_count) == (1, 2)
+    assert (oldest.loaded_at.timestamp(), oldest.last_loaded_at.timestamp()) == (100.0, 150.0)
+    assert oldest.snapshot is None  # the list carries no text
+    assert [v.version for v in store.policy_versions(limit=1, before=newest.seq)] == [first.version]
+
+    read = store.policy_version(second.version)
+    assert read is not None
+    assert read.snapshot == second
+    assert read.snapshot.files[1].text == tiktok_ban("reject")
+    assert store.policy_version("0123456789ab") is None
+
+    # A revert to the first set moves it, so the second is the least recently loaded.
+    assert not store.record_policy_version(first, 300.0, "watch", "gw1 pid 1", keep=2)
+    assert store.record_policy_version(third, 400.0, "watch", "gw1 pid 1", keep=2)
+    assert [v.version for v in store.policy_versions()] == [third.version, first.version]
+
+
 # --- several gateways on one PostgreSQL store --------------------------------------------
 
 
@@ -307,7 +353,7 @@ def test_gateway_store_migrate_creates_the_schema_and_reports_nothing_to_do_afte
         out.write(f'\n[store]\nurl = "{pg_url}"\n')
     assert main(["store", "migrate", "--config", str(config)]) == 0
     assert (
-        f"applied migration(s) 1, 2, 3, 4; schema version {SCHEMA_VERSION}"
+        f"applied migration(s) 1, 2, 3, 4, 5; schema version {SCHEMA_VERSION}"
         in capsys.readouterr().out
     )
     assert main(["store", "migrate", "--config", str(config)]) == 0

@@ -94,6 +94,7 @@ def test_a_store_from_the_first_release_gains_the_new_columns_and_keeps_its_rows
             None,
         )
         assert store.content("old-1") == MESSAGE
+        assert store.policy_versions() == []  # the policy history's table is added too
     finally:
         store.close()
     db = sqlite3.connect(str(database))
