@@ -17,7 +17,7 @@ a memory cgroup of ``--memory-limit`` MiB where the machine allows it (else its 
 is measured): it must never be killed for memory.
 
 Clients behave like real ones: a 4xx reply or a broken connection means "try again
-later" (here: soon, up to 10 attempts); 250 or 5xx is final. Afterwards:
+later" (up to 10 attempts, backing off from 0.05 s to 2 s); 250 or 5xx is final. Afterwards:
   * every message that got 250 is at the upstream or in the hold store, byte-identical
     after the gateway's Received header;
   * no message that got a 5xx was delivered;
@@ -270,7 +270,11 @@ async def send_until_final(message: Message, port: int, rng: random.Random) -> N
                 step = next(iter(result.rcpt.values()))
             message.attempts.append(step)
         if message.final is None:
-            await asyncio.sleep(0.05 + rng.random() * 0.2)
+            # Back off as a phone's outbox does (0.05 s doubling to 2 s, with jitter): ten
+            # attempts then span about 10 s, longer than a killed gateway takes to start
+            # again on a loaded machine, so retries, not the attempt count, decide.
+            backoff = min(2.0, 0.05 * 2 ** (len(message.attempts) - 1))
+            await asyncio.sleep(backoff * (0.5 + rng.random()))
 
 
 async def chaos(
