@@ -343,9 +343,14 @@ class Services:
 
     async def _after_reload(self, result: ReloadResult) -> None:
         self.last_good_reload = time.time()
+        # The sets on either side of this reload, taken before the first await: another
+        # reload may apply while this one is recorded, and its own follow-up must then
+        # compare against this one's set, not the one before it (a policy it deletes
+        # would otherwise never be withdrawn).
+        before = self._in_force
+        after = self._in_force = self.policies.current
         # Recorded before the work below is spawned, which then starts once this returns.
         await self.record_policy_version(result.trigger)
-        before, self._in_force = self._in_force, self.policies.current
         if self.announcer is not None and before is not None:
             active = {p.id for p in before.source.policies if p.is_active}
             self.announcer.deleted(p for p in result.diff.removed if p in active)
@@ -356,7 +361,7 @@ class Services:
             overrides = self.policies.overrides
             changes = sync_changes(
                 before,
-                self.policies.current,
+                after,
                 self.inventory.devices(),
                 self.clock(),
                 self.inventory.accesses_of,

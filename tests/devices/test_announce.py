@@ -4,11 +4,14 @@ filled by real SMTP sessions, notices relayed to a fake upstream, restarts in be
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gateway import services as services_module
 from gateway.testing.device import FakeDevice
 from gateway.testing.harness import running_gateway, write_config
 from gateway.testing.issuer import TestIssuer
@@ -131,3 +134,53 @@ async def test_a_suspended_policy_announces_to_nobody_and_an_exempted_user_is_no
             assert await services.refresh_overrides()
             await settle(upstream, 1)
     assert notices(upstream) == {"alice": [WARN.format("alice-phone")]}
+
+
+@pytest.mark.slow
+async def test_a_policy_deleted_while_the_previous_reload_is_recorded_is_still_withdrawn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two reloads overlap (SIGHUP during a watch reload, say): the second deletes the ban
+    while the first's policy-history record is still being written. Each reload's
+    follow-up must compare the sets on either side of it, so the deletion is seen and
+    the phone told about the ban is asked to disregard it."""
+    issuer = TestIssuer.generate("k1")
+    wall = [ANNOUNCE + timedelta(minutes=1)]
+    alice = FakeDevice(issuer, user="alice@example.test", device_id="alice-phone", apps={TIKTOK})
+    other = BAN.replace('"remove-tiktok"', '"remove-other"').replace(TIKTOK, "com.example.other")
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            tmp_path, issuer=issuer, upstream_port=upstream.port,
+            policies={"ban.toml": BAN, "other.toml": other}, notices=True,
+        )  # fmt: skip
+        async with running_gateway(config, clock=lambda: wall[0]) as gateway:
+            assert (await alice.send(gateway.port, at=wall[0])).accepted
+            await settle(upstream, 1)
+            # The history's snapshot of each reload waits for its turn (a large set takes
+            # that long): the first is still being recorded when the second reload applies,
+            # and the first's record ends while the second's is still going.
+            real, entered = services_module.snapshot, [threading.Event(), threading.Event()]
+            go = [threading.Event(), threading.Event()]
+
+            def slow_snapshot(*args: Any) -> Any:
+                turn = sum(e.is_set() for e in entered)
+                entered[turn].set()
+                assert go[turn].wait(10)
+                return real(*args)
+
+            monkeypatch.setattr(services_module, "snapshot", slow_snapshot)
+            policy_dir = gateway.policy_dir
+            (policy_dir / "other.toml").write_text(other.replace("Remove TikTok.", "Remove it."))
+            first = asyncio.create_task(gateway.server.reload("first"))
+            assert await asyncio.to_thread(entered[0].wait, 10)
+            (policy_dir / "ban.toml").unlink()
+            second = asyncio.create_task(gateway.server.reload("second"))
+            assert await asyncio.to_thread(entered[1].wait, 10)
+            go[0].set()
+            assert (await asyncio.wait_for(first, 10)).ok
+            go[1].set()
+            assert (await asyncio.wait_for(second, 10)).ok
+            await settle(upstream, 2)
+    assert notices(upstream) == {
+        "alice": [WARN.format("alice-phone"), DISREGARD.format("alice-phone")]
+    }
