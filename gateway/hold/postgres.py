@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -620,18 +621,26 @@ class PostgresHoldStore:
     def settle(self, settlement: Settlement) -> bool:
         """One transaction: the row locked first, so that of two gateways settling the same
         message (an expiry on each) only the first writes, and its bounce once; the others
-        get False (so that they count and log no expiry of their own)."""
+        get False (so that they count and log no expiry of their own). An expiry also gets
+        False while a release attempt's claim on the message is live: the expiring gateway
+        read it unclaimed, but another has claimed it since and may be relaying it."""
 
         def work(cur: Cursor) -> bool:
             hold_id = settlement.hold_id
             cur.execute(
-                'SELECT sender, "user", device_id, claims, policy_ids, policy_version '
-                "FROM held WHERE hold_id = %s FOR UPDATE",
+                'SELECT sender, "user", device_id, claims, policy_ids, policy_version, '
+                "claim_id, claimed_at FROM held WHERE hold_id = %s FOR UPDATE",
                 (hold_id,),
             )
             row = cur.fetchone()
             if row is None:
                 return False  # settled elsewhere, or dropped by an admin: no bounce then
+            if (
+                settlement.expiry
+                and row["claim_id"] is not None
+                and row["claimed_at"] >= time.time() - self.lease
+            ):
+                return False  # being relayed: the next expiry pass looks again
             if settlement.bounce is not None:
                 cur.execute(
                     _INSERT.encode(),

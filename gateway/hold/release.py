@@ -530,12 +530,13 @@ class Releaser:
 
     async def _expire_one(self, held: HeldMessage, now: datetime) -> bool:
         """False if another gateway on a shared store expired it first (its bounce, and
-        its count and log line, are that gateway's)."""
+        its count and log line, are that gateway's), or claimed it since it was read to
+        relay it (the next pass looks again)."""
         bounce = None
         if held.sender and not held.is_bounce:
             headers = await self.store.headers(held.hold_id)
             bounce = expiry_report(held, headers, self.hostname, now, self.expire_after)
-        if not await self.store.settle(Settlement(held.hold_id, now, bounce=bounce)):
+        if not await self.store.settle(Settlement(held.hold_id, now, bounce=bounce, expiry=True)):
             return False
         self._event("expired")
         log.info("expired", hold_id=held.hold_id, sender=held.sender, bounced=bounce is not None)

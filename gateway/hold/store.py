@@ -1061,6 +1061,11 @@ class Settlement:
     retry_at: float = 0.0
     error: str | None = None
     bounce: bytes | None = None
+    # An expiry, decided from a read made before this settlement: on a store shared by
+    # several gateways it settles nothing while another release attempt's claim is live
+    # (that gateway may be relaying the message now; its own outcome settles it). One
+    # gateway on SQLite runs expiry and release under one lock, so nothing is checked there.
+    expiry: bool = False
 
 
 def accesses_used(last_send: float | None, last_sync: float | None) -> frozenset[Access]:
