@@ -27,6 +27,7 @@ from gateway.errors import (
     WrongTokenType,
 )
 from gateway.testing.issuer import TestIssuer
+from gateway.tokens.keyring import KeyRing
 from gateway.tokens.verify import TokenVerifier
 
 NOW = datetime(2020, 7, 11, 10, 0, tzinfo=UTC)
@@ -312,3 +313,32 @@ def test_the_cache_is_sized_by_configuration() -> None:
     verifier.verify(token, now)
     verifier.verify(token, now)
     assert len(verifier._verified) == 0
+
+
+def test_a_cached_tokens_kid_is_looked_up_again_once_the_keys_change(issuer: TestIssuer) -> None:
+    """unknown_key skips parsing a token verified with the keys in force (the usual
+    reconnect). That shortcut ends at a rotation: a token whose key was withdrawn asks
+    for a JWKS fetch again and no longer verifies, and a cached token's time claims are
+    checked on every use."""
+    published = issuer.verifier_settings()
+    config = published.issuers[issuer.issuer]
+    key = config.keys["k1"]
+    settings = dataclasses.replace(
+        published,
+        issuers={issuer.issuer: dataclasses.replace(config, keys={}, jwks_url="https://idp.test/")},
+    )
+    keyring = KeyRing(settings.issuers)
+    keyring.set_fetched(issuer.issuer, {"k1": key})
+    verifier = TokenVerifier(settings, keyring=keyring)
+    token = issuer.token(issued_at=NOW)
+    verifier.verify(token, NOW)  # cached from now on
+    assert verifier.unknown_key(token) is None
+    keyring.set_fetched(issuer.issuer, {})  # the issuer withdrew k1
+    assert verifier.unknown_key(token) == (issuer.issuer, "k1")
+    with pytest.raises(UnknownKey):
+        verifier.verify(token, NOW)
+    keyring.set_fetched(issuer.issuer, {"k1": key})  # and published it again
+    verifier.verify(token, NOW)
+    assert verifier.unknown_key(token) is None
+    with pytest.raises(TokenExpired):
+        verifier.verify(token, NOW + timedelta(hours=1))
