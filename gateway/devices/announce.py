@@ -136,6 +136,8 @@ class Announcer:
         for row in rows:
             if (row.device_id, row.policy_id, "warn") in self._told:
                 continue
+            if _overridden_since(row, self.overrides()):
+                continue  # suspended or exempted while the paced sends went out
             await self._send(row.user, row.device_id, row.policy_id, "warn", row.message, now)
 
     async def _withdraw(self, policy_id: str, reason: str | None, now: datetime) -> None:
@@ -165,3 +167,13 @@ class Announcer:
             return
         if sent:
             await asyncio.sleep(self.pause)
+
+
+def _overridden_since(row: Announcement, overrides: Overrides) -> bool:
+    """An operator override now in force covers this announcement, decided before it: the
+    sends are paced (minutes for a large inventory), and a suspension must stop them at
+    once. When it is lifted, the next sweep announces to whoever is left."""
+    if row.policy_id in overrides.suspended:
+        return True
+    subjects = (f"user:{row.user.casefold()}", f"device:{row.device_id}")
+    return any((row.policy_id, subject) in overrides.exempt for subject in subjects)

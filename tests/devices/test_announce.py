@@ -184,3 +184,36 @@ async def test_a_policy_deleted_while_the_previous_reload_is_recorded_is_still_w
     assert notices(upstream) == {
         "alice": [WARN.format("alice-phone"), DISREGARD.format("alice-phone")]
     }
+
+
+@pytest.mark.slow
+async def test_a_suspension_stops_an_announcement_already_being_sent(tmp_path: Path) -> None:
+    """The announcement is paced: to a large inventory it is minutes of mail. A suspension
+    made while it goes out stops it at the next notice, not once every device was told."""
+    issuer = TestIssuer.generate("k1")
+    wall = [ANNOUNCE - timedelta(hours=2)]
+    phones = [
+        FakeDevice(issuer, user=f"{name}@example.test", device_id=f"{name}-phone", apps={TIKTOK})
+        for name in ("alice", "bob", "carol", "dave")
+    ]
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            tmp_path, issuer=issuer, upstream_port=upstream.port, policies={"ban.toml": BAN},
+            notices=True, sections={"gateway": {"announce_notices_per_second": 1}},
+        )  # fmt: skip
+        async with running_gateway(config, clock=lambda: wall[0]) as gateway:
+            for phone in phones:  # before the announcement: allowed, and in the inventory
+                assert (await phone.send(gateway.port, at=wall[0])).accepted
+            wall[0] = ANNOUNCE + timedelta(minutes=1)  # the announce phase begins
+            async with asyncio.timeout(10):
+                while not notices(upstream):  # noqa: ASYNC110  # the first notice
+                    await asyncio.sleep(0.05)
+            services = gateway.server.services
+            until = ENFORCE + timedelta(days=1)
+            await services.hold_store.suspend_policy(
+                "remove-tiktok", until, "INC-2", "test", wall[0]
+            )
+            assert await services.refresh_overrides()
+            await asyncio.sleep(4)  # at one a second, the other three would be out by now
+            told = sum(map(len, notices(upstream).values()))
+    assert 1 <= told <= 2  # the one sent, and at most the one on its way
