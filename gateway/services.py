@@ -28,6 +28,7 @@ from gateway.hold.release import Releaser, Spawn
 from gateway.hold.store import HeldMessage, PolicyOverride, overrides_of
 from gateway.logins import Logins, SessionEnder, SyncChange, sync_changes
 from gateway.ops.metrics import Metrics
+from gateway.ops.workers import WorkerRole
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet
 from gateway.policy.impact import assess, blast_radius_refusal
@@ -62,8 +63,16 @@ def build_relay(settings: Settings, observer: RelayObserver | None = None) -> Re
 
 
 class Services:
-    def __init__(self, settings: Settings, *, clock: Clock, spawn: Spawn) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock,
+        spawn: Spawn,
+        worker: WorkerRole | None = None,  # one of `gateway serve --workers N`
+    ) -> None:
         self.settings = settings
+        self.worker = worker
         self.clock = clock
         self.spawn = spawn
         self.metrics = Metrics()
@@ -71,7 +80,8 @@ class Services:
         self.reloader = Reloader(self.policies, self._after_reload, guard=self._blast_radius)
         self.last_good_reload = time.time()
         self.relay = build_relay(settings, self.metrics)
-        self.hold_store = async_store(settings)  # SQLite, or PostgreSQL by [store] url
+        # SQLite, or PostgreSQL by [store] url; shared by the workers of one supervisor.
+        self.hold_store = async_store(settings, worker)
         # grace_hours: when each device was first seen matching, shared by every decision.
         self.first_seen = FirstSeenTimes(self.hold_store)
         self.inventory = Inventory(self.hold_store, settings.inventory_retention, clock)
@@ -119,10 +129,12 @@ class Services:
             on_released=self._released,
             parallel=settings.hold.release_concurrency,
             backoff=(settings.hold.retry_min, settings.hold.retry_max),
-            claim_renewal=settings.store.claim_lease / 3 if settings.store.postgres else None,
+            claim_renewal=settings.store.claim_lease / 3,
             on_event=lambda event: self.metrics.release_events.labels(event).inc(),
             first_seen=self.first_seen,
         )
+        if worker is not None:  # a restarted worker takes back its predecessor's claims
+            self.releaser.instance = worker.releaser
         self.store_problem: str | None = None  # why the hold store cannot be written now
         self.keyring = KeyRing(settings.tokens.issuers)
         self.jwks = JwksRefresher(
@@ -177,7 +189,8 @@ class Services:
         )
         self._in_force = self.policies.current
         await self.releaser.start()
-        if self.settings.store.postgres:  # other gateways' holds and admin releases
+        if self.settings.store.postgres or self.worker is not None:
+            # Other gateways' (or workers') holds, admin releases and override changes.
             self.spawn(self.hold_store.listen(self._store_notice), "store-notifications")
         await self.inventory.load()
         await self.refresh_overrides()

@@ -1114,6 +1114,16 @@ class Settings:
         default=Path("policies"),
         metadata=setting(PathKind(), "Directory of the policy files; watched for changes."),
     )
+    workers: int = field(
+        default=1,
+        metadata=setting(
+            Integer(minimum=1),
+            """Processes serving SMTP: more than 1 starts a supervisor and that many workers
+            sharing the SMTP ports (SO_REUSEPORT) and the hold store; per-process limits
+            then apply per worker (docs/operations.md#workers). `gateway serve
+            --workers N` overrides it.""",
+        ),
+    )
     reload_interval: float = field(
         default=30.0,
         metadata=setting(

@@ -70,6 +70,7 @@ NOT_KEYS = {
 # the value the settings must then hold ("base" is the directory of gateway.toml).
 NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("gateway", "policy_dir"): ('"rules"', Path("base/rules")),
+    ("gateway", "workers"): ("2", 2),
     ("gateway", "reload_interval"): ("5", 5.0),
     ("gateway", "max_newly_blocked_devices"): ("0", 0),
     ("gateway", "inventory_retention_days"): ("7", timedelta(days=7)),
