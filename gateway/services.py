@@ -77,7 +77,16 @@ class Services:
         self.spawn = spawn
         self.metrics = Metrics()
         self.policies = PolicyStore(settings.policy_dir, settings.groups)
-        self.reloader = Reloader(self.policies, self._after_reload, guard=self._blast_radius)
+        self.reloader = Reloader(
+            self.policies,
+            self._after_reload,
+            guard=self._blast_radius,
+            before_guard=(
+                self._share_inventory
+                if worker is not None and settings.max_newly_blocked_devices is not None
+                else None
+            ),
+        )
         self.last_good_reload = time.time()
         self.relay = build_relay(settings, self.metrics)
         # SQLite, or PostgreSQL by [store] url; shared by the workers of one supervisor.
@@ -272,6 +281,16 @@ class Services:
         while True:
             await asyncio.sleep(OVERRIDES_POLL)
             await self.refresh_overrides()
+
+    async def _share_inventory(self) -> None:
+        """Before the reload guard counts devices, a worker writes the devices it saw and
+        reads those every worker wrote (each flushes at its ticks), so that every worker
+        judges a policy change by the same inventory."""
+        try:
+            await self.inventory.flush()
+            await self.inventory.load()
+        except HoldStoreError as exc:
+            log.warning("inventory_refresh_failed", error=str(exc))
 
     async def measure_held(self) -> None:
         """The held-mail gauges, from one aggregate query."""

@@ -240,3 +240,28 @@ async def test_a_port_in_use_is_one_line_and_exit_2_before_any_worker_starts(
     assert err.decode().strip() == (
         f"gateway: error: cannot listen on 127.0.0.1:{port} ([smtp] listen): address already in use"
     )
+
+
+async def test_every_worker_judges_a_policy_change_by_the_devices_all_workers_saw(
+    tmp_path: Path,
+) -> None:
+    """The reload guard (max_newly_blocked_devices) counts the device inventory: one
+    phone seen by one worker only must count in both, or one worker would refuse a ban
+    that the other puts in force."""
+    issuer = TestIssuer.generate("k1")
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            tmp_path,
+            issuer=issuer,
+            upstream_port=upstream.port,
+            hold={"release_interval_seconds": 0.2},
+            sections={"gateway": {"max_newly_blocked_devices": 0}},
+        )
+        async with supervised(config) as run:
+            phone = FakeDevice(issuer, apps={TIKTOK})
+            assert (await phone.send(run.port)).accepted  # no policy yet: through one worker
+            await asyncio.sleep(1.0)  # a few ticks: each worker writes what it saw
+            (tmp_path / "policies" / "ban.toml").write_text(BAN)
+            await run.wait_for("policy_reload_refused", count=2)
+            assert [e["worker"] for e in run.named("policy_reload_refused")] in ([0, 1], [1, 0])
+            assert [e for e in run.named("policy_reload") if e["trigger"] != "startup"] == []
