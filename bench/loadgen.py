@@ -1,7 +1,7 @@
 """A fast asyncio SMTP load generator: pipelining, optional AUTH PLAIN, per-message latency.
 
     python -m bench.loadgen --port 2525 --messages 2000 --concurrency 20 --per-connection 100
-        [--size 1024] [--auth TOKENS.json] [--json]
+        [--size 1024] [--auth TOKENS.json] [--starttls] [--json]
 
 Each of ``concurrency`` workers opens a connection, says EHLO, authenticates when
 given tokens (AUTH PLAIN with a pre-minted token: one user and device per worker), then
@@ -18,6 +18,7 @@ import asyncio
 import base64
 import json
 import resource
+import ssl
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -98,6 +99,7 @@ async def worker(
     body: bytes,
     credentials: tuple[str, str] | None,
     result: LoadResult,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     sender = credentials[0] if credentials else "load@example.test"
     envelope = f"MAIL FROM:<{sender}>\r\nRCPT TO:<sink@example.test>\r\nDATA\r\n".encode()
@@ -107,6 +109,12 @@ async def worker(
             await _expect(reader, 220)
             writer.write(b"EHLO load.test\r\n")
             await _expect(reader, 250)
+            if tls is not None:  # as a phone does: STARTTLS, a full handshake, EHLO again
+                writer.write(b"STARTTLS\r\n")
+                await _expect(reader, 220)
+                await writer.start_tls(tls)
+                writer.write(b"EHLO load.test\r\n")
+                await _expect(reader, 250)
             if credentials:
                 user, token = credentials
                 blob = base64.b64encode(f"\0{user}\0{token}".encode())
@@ -149,10 +157,16 @@ async def run_load(
     per_connection: int,
     size: int,
     tokens: list[tuple[str, str]] | None = None,
+    starttls: bool = False,
 ) -> LoadResult:
     result = LoadResult()
     budget = [messages]
     body = make_body(size, 0)
+    tls = None
+    if starttls:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE  # a bench's certificate; the handshake is the cost
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     await asyncio.gather(
@@ -165,6 +179,7 @@ async def run_load(
                 body,
                 tokens[i % len(tokens)] if tokens else None,
                 result,
+                tls,
             )
             for i in range(concurrency)
         )
@@ -186,6 +201,7 @@ def main() -> None:
     parser.add_argument("--per-connection", type=int, default=100)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--auth", type=Path, help="JSON list of [user, token] pairs")
+    parser.add_argument("--starttls", action="store_true", help="STARTTLS before AUTH")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     tokens = (
@@ -198,6 +214,7 @@ def main() -> None:
         concurrency=args.concurrency,
         per_connection=args.per_connection,
         size=args.size,
+        starttls=args.starttls,
         tokens=tokens,
     )
     try:

@@ -204,7 +204,8 @@ class Supervisor:
         started: asyncio.Event,
     ) -> None:
         """Start one worker and keep it running until the supervisor stops."""
-        failures = 0  # consecutive starts that never listened, or quick crashes
+        failed_starts = 0  # restarts in a row that never listened
+        crashes = 0  # exits in a row, each within STEADY of its start: sets the backoff
         ever_listened = False
         while not self.stopping:
             began = time.monotonic()
@@ -218,13 +219,17 @@ class Supervisor:
                 log.error("worker_failed_at_start", worker=worker.index, exit_code=code)
                 self._fail(code if code > 0 else 1)
                 return
-            ever_listened = ever_listened or listened
-            failures = 0 if listened and time.monotonic() - began > STEADY else failures + 1
-            if not listened and failures >= MAX_START_FAILURES:
-                log.error("worker_keeps_failing", worker=worker.index, restarts=failures)
-                self._fail(1)
-                return
-            delay = min(BACKOFF_LONGEST, BACKOFF_FIRST * 2 ** max(0, failures - 1))
+            ever_listened = True
+            if listened:
+                failed_starts = 0
+                crashes = 0 if time.monotonic() - began > STEADY else crashes + 1
+            else:
+                failed_starts, crashes = failed_starts + 1, crashes + 1
+                if failed_starts >= MAX_START_FAILURES:
+                    log.error("worker_keeps_failing", worker=worker.index, restarts=failed_starts)
+                    self._fail(1)
+                    return
+            delay = min(BACKOFF_LONGEST, BACKOFF_FIRST * 2 ** max(0, crashes - 1))
             log.warning("worker_exited", worker=worker.index, exit_code=code, restart_in=delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=delay)

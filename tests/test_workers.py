@@ -265,3 +265,37 @@ async def test_every_worker_judges_a_policy_change_by_the_devices_all_workers_sa
             await run.wait_for("policy_reload_refused", count=2)
             assert [e["worker"] for e in run.named("policy_reload_refused")] in ([0, 1], [1, 0])
             assert [e for e in run.named("policy_reload") if e["trigger"] != "startup"] == []
+
+
+async def test_sighup_reloads_every_worker_and_a_killed_supervisor_takes_its_workers_along(
+    tmp_path: Path,
+) -> None:
+    issuer = TestIssuer.generate("k1")
+    config = write_config(tmp_path, issuer=issuer, upstream_port=1)
+    async with supervised(config) as run:
+        workers = run.pids()
+        run.process.send_signal(signal.SIGHUP)
+        await run.wait_for("key_files_reloaded", count=2)
+        assert sorted(e["worker"] for e in run.named("key_files_reloaded")) == [0, 1]
+        run.process.kill()  # no chance to forward anything
+        await run.process.wait()
+        # Each sees its end of the socketpair close, drains and stops (their log still
+        # reaches the pipe the supervisor gave them).
+        await run.wait_for("stopped", count=2, timeout=20)
+        assert sorted(e["worker"] for e in run.named("stopped")) == [0, 1]
+        assert {e["pid"] for e in run.named("listening")} == set(workers.values())
+
+
+async def test_the_supervisor_gives_up_when_a_restarted_worker_never_comes_up(
+    tmp_path: Path,
+) -> None:
+    issuer = TestIssuer.generate("k1")
+    config = write_config(tmp_path, issuer=issuer, upstream_port=1)
+    async with supervised(config) as run:
+        config.write_text("this is [not TOML")  # every restart now fails at start (exit 2)
+        os.kill(run.pids()[1], signal.SIGKILL)
+        # Restarts after 0.5, 1, 2, 4 and 8 s, each failing; the fifth failure ends it.
+        assert await asyncio.wait_for(run.process.wait(), timeout=60) == 1
+        assert [e["worker"] for e in run.named("worker_keeps_failing")] == [1]
+        assert [e["restart_in"] for e in run.named("worker_exited")] == [0.5, 1, 2, 4, 8]
+        assert len(run.named("stopped")) == 1  # worker 0 drained and stopped

@@ -72,3 +72,17 @@ def test_sync_bench_smoke_run_reports_both_passdbs_and_the_endpoint() -> None:
     assert figures["endpoint"]["requests"] > 0
     assert figures["endpoint"]["errors"] == 0
     assert figures["endpoint"]["p99_ms"] >= figures["endpoint"]["p50_ms"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("smtp-sink") is None, reason="needs Debian's postfix tools")
+def test_workers_bench_smoke_run_compares_one_worker_with_two() -> None:
+    """`bench.workers --smoke`: both gateways (1 and 2 workers) take the phones' workload
+    (STARTTLS, AUTH, one message per connection) without a failed message, and the ratio
+    is printed."""
+    done = run_bench("workers", "--smoke", timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = re.findall(r"^\| ([12]) \| (\d+) \|.*\| (\d+) \|$", done.stdout, re.MULTILINE)
+    assert [(workers, failed) for workers, _, failed in rows] == [("1", "0"), ("2", "0")]
+    assert all(int(rate) > 0 for _, rate, _ in rows)
+    assert re.search(r"Ratio, 2 workers / 1: [\d.]+x", done.stdout)
