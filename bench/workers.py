@@ -144,6 +144,12 @@ def report(sides: list[Side], args: argparse.Namespace) -> str:
     ratio = statistics.median(two.rate) / max(statistics.median(one.rate), 1e-9)
     lines += [
         "",
+        "Rounds, msg/s in order: "
+        + "; ".join(
+            f"{side.workers} worker(s): " + ", ".join(f"{rate:.0f}" for rate in side.rate)
+            for side in sides
+        )
+        + f". Load average at the end: {', '.join(f'{v:.1f}' for v in os.getloadavg())}.",
         f"Ratio, 2 workers / 1: {ratio:.2f}x messages per second "
         f"(p50 {statistics.median(two.p50) / max(statistics.median(one.p50), 1e-9):.2f}x).",
     ]
