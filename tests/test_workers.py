@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 import urllib.request
 from collections import Counter
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import write_config
@@ -299,3 +301,39 @@ async def test_the_supervisor_gives_up_when_a_restarted_worker_never_comes_up(
         assert [e["worker"] for e in run.named("worker_keeps_failing")] == [1]
         assert [e["restart_in"] for e in run.named("worker_exited")] == [0.5, 1, 2, 4, 8]
         assert len(run.named("stopped")) == 1  # worker 0 drained and stopped
+
+
+async def test_both_workers_serve_implicit_tls_on_one_port(tmp_path: Path) -> None:
+    issuer = TestIssuer.generate("k1")
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem")
+    )
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    async with FakeUpstream.running() as upstream:
+        config = write_config(
+            tmp_path,
+            issuer=issuer,
+            upstream_port=upstream.port,
+            smtp={
+                "allow_plaintext_auth": False,
+                "tls_cert": "server.pem",
+                "tls_key": "server.pem",
+                "implicit_tls_listen": "127.0.0.1:0",
+            },
+        )
+        async with supervised(config) as run:
+            ports = {e["implicit_tls"] for e in run.named("listening")}
+            assert len(ports) == 1  # one port, both workers
+            (port,) = ports
+            for _ in range(20):
+                result = await FakeDevice(issuer).send(
+                    int(port.rsplit(":", 1)[1]), implicit_tls=True, tls_context=client
+                )
+                assert result.data is not None
+                assert result.data[0] == 250
+            metrics = await asyncio.to_thread(run.metrics)
+            per_worker = [sample(metrics, "gateway_sessions_total", worker=str(k)) for k in (0, 1)]
+            assert all(count > 0 for count in per_worker), per_worker
+        assert len(upstream.messages) == 20
