@@ -1203,7 +1203,7 @@ class AsyncStore:
 
     async def listen(self, on_notice: Callable[[str], None]) -> None:
         """Hear other gateways sharing the store until cancelled (PostgreSQL's LISTEN);
-        a SQLite store has one gateway, so there is nothing to hear."""
+        a SQLite store has one gateway; its workers hear each other in AsyncHoldStore."""
         return
 
     async def hold(self, message: HeldSubmission) -> str:
