@@ -1,6 +1,6 @@
 """What workers share besides the store: notices over unix datagrams (a hold, a release
 request, an override change reach every other worker, and a worker that is down is
-skipped) and the merged /metrics page (end to end: tests/test_workers.py)."""
+skipped) and the merged /metrics page (end to end: tests/hold/test_workers.py)."""
 
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import write_config
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
+from tests.hold.conftest import have_postgres
 from tests.stories import TIKTOK, tiktok_ban
 
 pytestmark = pytest.mark.slow
@@ -144,10 +145,18 @@ async def hold_through_both(
     return names
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_two_workers_release_200_held_messages_exactly_once_in_order(
-    tmp_path: Path,
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
+    """On the SQLite file the supervisor locks, or on PostgreSQL (workers then claim as
+    gateways sharing it do)."""
     issuer = TestIssuer.generate("k1")
+    store: dict[str, dict[str, object]] = {}
+    if backend == "postgres":
+        if not have_postgres():
+            pytest.skip("PostgreSQL not installed")
+        store = {"store": {"url": request.getfixturevalue("pg_url")}}
     async with FakeUpstream.running() as upstream:
         config = write_config(
             tmp_path,
@@ -155,6 +164,7 @@ async def test_two_workers_release_200_held_messages_exactly_once_in_order(
             upstream_port=upstream.port,
             policies={"ban.toml": BAN},
             hold={"release_interval_seconds": 0.2},
+            sections=store,
         )
         async with supervised(config) as run:
             names = await hold_through_both(run, issuer, devices=10, per_device=20)
