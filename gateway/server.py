@@ -226,7 +226,9 @@ class GatewayServer:
             implicit = _bound(server)
         self.addresses = BoundAddresses(_bound(submission), implicit)
         if worker is not None and not self.first:
-            await self.worker_metrics.start_unix(str(worker.role.metrics_path(worker.role.index)))
+            path = worker.role.metrics_path(worker.role.index)
+            path.unlink(missing_ok=True)  # left by this worker's crashed predecessor
+            await self.worker_metrics.start_unix(str(path))
         if not self.first:
             log.debug("admin_on_worker_0")  # worker 0 serves the admin port for all
         elif self.settings.admin_listen is not None:

@@ -19,12 +19,14 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
+from gateway.hold.store import HoldStore
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import write_config
 from gateway.testing.issuer import TestIssuer
@@ -43,13 +45,18 @@ SUBJECT = re.compile(rb"Subject: (\S+) #(\d+)")
 class Supervised:
     process: asyncio.subprocess.Process
     port: int = 0
-    admin_port: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def pids(self) -> dict[int, int]:
         """The newest pid of each worker (from its "listening" event)."""
         return {e["worker"]: e["pid"] for e in self.events if e.get("event") == "listening"}
+
+    @property
+    def admin_port(self) -> int:
+        """Worker 0's admin port (a restarted worker 0 binds `127.0.0.1:0` anew)."""
+        latest = [e for e in self.named("listening") if e["worker"] == 0][-1]
+        return int(latest["admin"].rsplit(":", 1)[1])
 
     def named(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("event") == event]
@@ -97,8 +104,6 @@ async def supervised(config: Path, workers: int = 2) -> AsyncIterator[Supervised
                 run.changed.clear()
                 await run.changed.wait()
         run.port = int(run.named("workers_listening")[0]["submission"].rsplit(":", 1)[1])
-        (first,) = (e for e in run.named("listening") if e["worker"] == 0)
-        run.admin_port = int(first["admin"].rsplit(":", 1)[1])
         yield run
     finally:
         if process.returncode is None:
@@ -114,6 +119,12 @@ def received(upstream: FakeUpstream) -> list[tuple[str, int]]:
         assert match is not None
         found.append((match.group(1).decode(), int(match.group(2))))
     return found
+
+
+def stored_devices(path: Path) -> list[str]:
+    """The device ids in the store's inventory (read by another connection)."""
+    with HoldStore(path) as store:
+        return [c.device.id for c in store.devices(datetime.fromtimestamp(0, UTC))]
 
 
 def sample(metrics: str, name: str, **labels: str) -> float:
@@ -227,6 +238,8 @@ async def test_a_worker_killed_while_releasing_is_restarted_and_nothing_is_lost(
             # At least once: only what was in flight when the worker died may come twice.
             duplicates = sum(count - 1 for count in Counter(got).values())
             assert duplicates <= 4 + 1, Counter(got).most_common(5)
+            metrics = await asyncio.to_thread(run.metrics)  # the restarted worker counts too
+            assert [sample(metrics, "gateway_worker_up", worker=str(k)) for k in (0, 1)] == [1, 1]
             assert run.process.returncode is None
             run.process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(run.process.wait(), timeout=20) == 0
@@ -272,7 +285,12 @@ async def test_every_worker_judges_a_policy_change_by_the_devices_all_workers_sa
         async with supervised(config) as run:
             phone = FakeDevice(issuer, apps={TIKTOK})
             assert (await phone.send(run.port)).accepted  # no policy yet: through one worker
-            await asyncio.sleep(1.0)  # a few ticks: each worker writes what it saw
+            for _ in range(100):  # its worker writes what it saw at its next tick
+                if await asyncio.to_thread(stored_devices, tmp_path / "hold.db"):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the device seen never reached the store's inventory")
             (tmp_path / "policies" / "ban.toml").write_text(BAN)
             await run.wait_for("policy_reload_refused", count=2)
             assert [e["worker"] for e in run.named("policy_reload_refused")] in ([0, 1], [1, 0])
