@@ -80,8 +80,7 @@ def bind_reuseport(endpoint: Endpoint, count: int, setting: str) -> list[socket.
 @dataclass
 class _Worker:
     index: int
-    process: asyncio.subprocess.Process | None = None
-    channel: socket.socket | None = None  # the supervisor's end of the socketpair
+    process: asyncio.subprocess.Process | None = None  # the newest, for forwarding signals
 
 
 class Supervisor:
@@ -261,7 +260,7 @@ class Supervisor:
             process = await asyncio.create_subprocess_exec(*argv, pass_fds=fds)
         finally:
             theirs.close()
-        worker.process, worker.channel = process, ours
+        worker.process = process
         if self.stopping:  # a stop came while it started
             process.send_signal(signal.SIGTERM)
         listened = False

@@ -919,10 +919,11 @@ class StoreSettings:
         default=300.0,
         metadata=setting(
             Number(minimum=1.0, unit="seconds"),
-            """A gateway's claim on a device's held mail while it relays it: another
-            gateway leaves that device alone until the claim is settled or this time has
-            passed since it was last renewed (every third of it), so a crashed gateway's
-            claims expire. Keep it well above the upstream timeout.""",
+            """A gateway's (or worker's, with `[gateway] workers`) claim on a device's
+            held mail while it relays it: another gateway or worker leaves that device
+            alone until the claim is settled or this time has passed since it was last
+            renewed (every third of it), so a crashed gateway's claims expire. Keep it
+            well above the upstream timeout.""",
             key="claim_lease_seconds",
         ),
     )

@@ -235,9 +235,11 @@ async def test_a_worker_killed_while_releasing_is_restarted_and_nothing_is_lost(
                     await upstream.received.wait()
             await asyncio.sleep(1.0)
             got = received(upstream)
-            # At least once: only what was in flight when the worker died may come twice.
+            # At least once: only what the killed worker had in flight (one message in each
+            # of its 4 lanes) or delivered without its deletion written yet (a batch is
+            # written every quarter second: about 3 per lane at 0.1 s a message) comes twice.
             duplicates = sum(count - 1 for count in Counter(got).values())
-            assert duplicates <= 4 + 1, Counter(got).most_common(5)
+            assert duplicates <= 4 * (1 + 3), Counter(got).most_common(5)
             metrics = await asyncio.to_thread(run.metrics)  # the restarted worker counts too
             assert [sample(metrics, "gateway_worker_up", worker=str(k)) for k in (0, 1)] == [1, 1]
             assert run.process.returncode is None
