@@ -1369,11 +1369,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import GatewayServer
 
     settings = _settings(args)
-    logs.configure(args.log_level)
-    logs.route_uncaught()
     workers = settings.workers if args.workers is None else args.workers
     if workers < 1:
         raise CliError(f"--workers must be 1 or more, not {workers}")
+    logs.configure(args.log_level)
+    logs.route_uncaught()
     if args.worker is None and workers > 1:
         from gateway.supervisor import Supervisor
 

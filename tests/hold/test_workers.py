@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import trustme
 
+from gateway.cli import main
 from gateway.hold.store import HoldStore
 from gateway.testing.device import FakeDevice, make_message
 from gateway.testing.harness import write_config
@@ -367,3 +368,9 @@ async def test_both_workers_serve_implicit_tls_on_one_port(tmp_path: Path) -> No
             per_worker = [sample(metrics, "gateway_sessions_total", worker=str(k)) for k in (0, 1)]
             assert all(count > 0 for count in per_worker), per_worker
         assert len(upstream.messages) == 20
+
+
+def test_workers_must_be_one_or_more(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, issuer=TestIssuer.generate("k1"), upstream_port=1)
+    assert main(["serve", "--config", str(config), "--workers", "0"]) == 2
+    assert capsys.readouterr().err == "gateway: error: --workers must be 1 or more, not 0\n"
