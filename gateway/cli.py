@@ -32,6 +32,7 @@ from gateway.policy.loader import ignored_files, load_policy_dir, policy_files
 if TYPE_CHECKING:
     from gateway.hold.store import HeldMessage, HoldBackend, HoldFilter
     from gateway.policy.model import Policy, PolicySet
+    from gateway.server import Worker
     from gateway.tokens.keyring import KeyRing
 
 EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
@@ -642,6 +643,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=30.0, help="seconds to let sessions finish on SIGTERM"
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the SMTP ports (SO_REUSEPORT; default: "
+        "[gateway] workers, 1); docs/operations.md#workers",
+    )
+    # Set by the supervisor for each worker it starts (gateway/supervisor.py).
+    serve.add_argument("--worker", help=argparse.SUPPRESS)
+    serve.add_argument("--worker-run", help=argparse.SUPPRESS)
+    serve.add_argument("--worker-fds", help=argparse.SUPPRESS)
     _add_config(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -1400,17 +1412,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import GatewayServer
 
     settings = _settings(args)
+    workers = settings.workers if args.workers is None else args.workers
+    if workers < 1:
+        raise CliError(f"--workers must be 1 or more, not {workers}")
     logs.configure(args.log_level)
     logs.route_uncaught()
+    if args.worker is None and workers > 1:
+        from gateway.supervisor import Supervisor
+
+        return Supervisor(settings, workers, args.grace, args.log_level).run()
+    worker = _worker(args) if args.worker is not None else None
 
     async def serve() -> None:
-        server = GatewayServer(settings)
+        server = GatewayServer(settings, worker=worker)
         try:
             await server.start()
         except ListenError:
             await server.stop(grace=0)  # what did open (the hold store) is closed again
             raise
         server.install_signal_handlers()
+        if worker is not None:
+            from gateway.supervisor import supervisor_gone, worker_ready
+
+            worker_ready(worker.channel)
+            gone = server.spawn(supervisor_gone(worker.channel), "supervisor-watch")
+            gone.add_done_callback(lambda _: server.request_stop())
         await server.wait_stopped()
         await server.stop(grace=args.grace)
 
@@ -1421,6 +1447,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         asyncio.run(serve())
     return EXIT_OK
+
+
+def _worker(args: argparse.Namespace) -> Worker:
+    """The hidden options a supervisor gives each worker: ``--worker K/N``,
+    ``--worker-run RUN_ID:RUN_DIR``, ``--worker-fds CHANNEL,SUBMISSION[,IMPLICIT_TLS]``."""
+    import socket
+
+    import structlog
+
+    from gateway.ops.workers import WorkerRole
+    from gateway.server import Worker
+
+    index, count = (int(part) for part in args.worker.split("/"))
+    run_id, run_dir = args.worker_run.split(":", 1)
+    fds = [int(fd) for fd in args.worker_fds.split(",")]
+    structlog.contextvars.bind_contextvars(worker=index)
+    return Worker(
+        WorkerRole(index, count, Path(run_dir), run_id),
+        channel=socket.socket(fileno=fds[0]),
+        submission=socket.socket(fileno=fds[1]),
+        implicit_tls=socket.socket(fileno=fds[2]) if len(fds) > 2 else None,
+    )
 
 
 def _run_demo(*, dovecot: bool = False) -> int:

@@ -19,9 +19,10 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +37,7 @@ from gateway.domain import Clock, utc_now
 from gateway.errors import HoldStoreError, ListenError
 from gateway.limits import ConnectionLimits
 from gateway.ops.admin_http import AdminServer
+from gateway.ops.workers import WorkerRole, merge_metrics, scrape_workers
 from gateway.policy.store import ReloadResult
 from gateway.replies import Reply
 from gateway.services import Services
@@ -64,6 +66,21 @@ def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class Worker:
+    """What a worker process of ``gateway serve --workers N`` gets from its supervisor:
+    its role, and its own listening sockets (bound with SO_REUSEPORT, so the kernel
+    spreads connections over the workers)."""
+
+    role: WorkerRole
+    channel: socket.socket  # to the supervisor: "listening", and its end when it exits
+    submission: socket.socket
+    implicit_tls: socket.socket | None
+
+
 @dataclass(frozen=True)
 class BoundAddresses:
     submission: Endpoint
@@ -79,11 +96,18 @@ class GatewayServer:
         *,
         clock: Clock = utc_now,
         release_tick: float | None = None,  # tests: instead of [hold] release_interval
+        worker: Worker | None = None,  # one of `gateway serve --workers N`
     ) -> None:
         self.settings = settings
         self.release_tick = settings.hold.release_interval if release_tick is None else release_tick
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.services = Services(settings, clock=clock, spawn=self.spawn)
+        self.worker = worker
+        role = worker.role if worker is not None else None
+        # Worker 0 (or the only process) serves the admin and sync ports and kicks IMAP
+        # sessions; the others serve SMTP only, and their /metrics to worker 0.
+        self.first = role is None or role.index == 0
+        self.services = Services(settings, clock=clock, spawn=self.spawn, worker=role)
+        self.worker_metrics = AdminServer({"/metrics": self._own_metrics})
         self.admin = AdminServer(
             {
                 "/livez": self._livez,
@@ -98,7 +122,7 @@ class GatewayServer:
         self.admin_port: int | None = None
         self.sync = SyncServer(self.services.logins, settings.sync)
         self.doveadm: DoveadmSessions | None = None
-        if settings.sync.enabled and settings.sync.doveadm_url is not None:
+        if self.first and settings.sync.enabled and settings.sync.doveadm_url is not None:
             kicks = self.services.metrics.sync_kicks
             self.doveadm = DoveadmSessions(settings.sync, lambda r: kicks.labels(r).inc())
             self.services.session_ender = self.doveadm
@@ -173,33 +197,42 @@ class GatewayServer:
 
     async def start(self) -> BoundAddresses:
         await self.services.open()
-        loop = asyncio.get_running_loop()
         tls_context = server_tls_context(self.settings)
         smtp = self.settings.smtp
         if smtp.allow_plaintext_auth:
             log.warning("plaintext_auth_enabled", note="AUTH without TLS is for local testing only")
+        worker = self.worker
         async with _binding(smtp.listen, "[smtp] listen"):
-            submission = await loop.create_server(
+            # A worker's socket was bound by its supervisor (SO_REUSEPORT, one per worker).
+            submission = await _listen(
                 lambda: self._factory(tls_context, implicit_tls=False),
-                smtp.listen.host,
-                smtp.listen.port,
+                smtp.listen,
+                worker.submission if worker else None,
+                None,
             )
         self._servers.append(submission)
         implicit: Endpoint | None = None
         if smtp.implicit_tls_listen is not None and tls_context is not None:
             # Behind a balancer the PROXY header precedes the TLS handshake: then the
             # sessions run the handshake themselves, after reading it.
-            async with _binding(smtp.implicit_tls_listen, "[smtp] implicit_tls_listen"):
-                server = await loop.create_server(
+            endpoint = smtp.implicit_tls_listen
+            async with _binding(endpoint, "[smtp] implicit_tls_listen"):
+                server = await _listen(
                     lambda: self._factory(tls_context, implicit_tls=True),
-                    smtp.implicit_tls_listen.host,
-                    smtp.implicit_tls_listen.port,
-                    ssl=None if smtp.proxy_protocol_from else tls_context,
+                    endpoint,
+                    worker.implicit_tls if worker else None,
+                    None if smtp.proxy_protocol_from else tls_context,
                 )
             self._servers.append(server)
             implicit = _bound(server)
         self.addresses = BoundAddresses(_bound(submission), implicit)
-        if self.settings.admin_listen is not None:
+        if worker is not None and not self.first:
+            path = worker.role.metrics_path(worker.role.index)
+            path.unlink(missing_ok=True)  # left by this worker's crashed predecessor
+            await self.worker_metrics.start_unix(str(path))
+        if not self.first:
+            log.debug("admin_on_worker_0")  # worker 0 serves the admin port for all
+        elif self.settings.admin_listen is not None:
             async with _binding(self.settings.admin_listen, "[admin] listen"):
                 self.admin_port = await self.admin.start(
                     self.settings.admin_listen.host, self.settings.admin_listen.port
@@ -216,7 +249,7 @@ class GatewayServer:
                 'gateway status; add [admin] listen = "127.0.0.1:9587"',
             )
         sync = self.settings.sync
-        if sync.enabled:
+        if sync.enabled and self.first:
             async with _binding(sync.listen, "[sync] listen"):
                 self.sync_port = await self.sync.start(sync.listen.host, sync.listen.port)
             log.info("sync_listening", sync=str(Endpoint(sync.listen.host, self.sync_port)))
@@ -230,11 +263,12 @@ class GatewayServer:
         log.info(  # the start-up event: what runs, from where, on which addresses
             "listening",
             version=__version__,
+            pid=os.getpid(),
             config=str(self.settings.path),
             submission=str(self.addresses.submission),
             implicit_tls=str(implicit) if implicit else None,
             admin=f"{self.settings.admin_listen.host}:{self.admin_port}"
-            if self.settings.admin_listen is not None
+            if self.settings.admin_listen is not None and self.admin_port is not None
             else None,
             sync=str(Endpoint(sync.listen.host, self.sync_port)) if self.sync_port else None,
             policy_version=self.services.policies.current.version,
@@ -350,8 +384,18 @@ class GatewayServer:
         }
         return 200, "application/json", json.dumps(body).encode()
 
-    def _metrics(self) -> tuple[int, str, bytes]:
-        return 200, "text/plain; version=0.0.4; charset=utf-8", self.services.render_metrics()
+    def _own_metrics(self) -> tuple[int, str, bytes]:
+        return 200, METRICS_TYPE, self.services.render_metrics()
+
+    async def _metrics(self) -> tuple[int, str, bytes]:
+        """This process's metrics; with several workers, all of theirs, each sample
+        labelled with its worker (gateway/ops/workers.py)."""
+        if self.worker is None or self.worker.role.count == 1:
+            return self._own_metrics()
+        role = self.worker.role
+        others = await scrape_workers(role)
+        pages = [(role.index, self.services.render_metrics()), *others]
+        return 200, METRICS_TYPE, merge_metrics(sorted(pages, key=lambda page: page[0]))
 
     def _busy(self) -> bool:
         return any(session.in_transaction for session in self.sessions)
@@ -382,11 +426,25 @@ class GatewayServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.sync.stop()
+        await self.worker_metrics.stop()
         if self.doveadm is not None:
             await self.doveadm.close()
         await self.admin.stop()
         await self.services.close()
         log.info("stopped")
+
+
+async def _listen(
+    factory: Callable[[], SubmissionSMTP],
+    endpoint: Endpoint,
+    sock: socket.socket | None,
+    tls: ssl.SSLContext | None,
+) -> asyncio.base_events.Server:
+    """A listener on ``endpoint``, or on the socket a worker's supervisor bound for it."""
+    loop = asyncio.get_running_loop()
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock, ssl=tls)
+    return await loop.create_server(factory, endpoint.host, endpoint.port, ssl=tls)
 
 
 def _bound(server: asyncio.base_events.Server) -> Endpoint:

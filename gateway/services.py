@@ -30,6 +30,7 @@ from gateway.hold.release import Releaser, Spawn
 from gateway.hold.store import HeldMessage, PolicyOverride, overrides_of
 from gateway.logins import Logins, SessionEnder, SyncChange, sync_changes
 from gateway.ops.metrics import Metrics
+from gateway.ops.workers import WorkerRole
 from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet
 from gateway.policy.history import KEEP_VERSIONS, Fingerprints, read_contents, snapshot
@@ -64,16 +65,34 @@ def build_relay(settings: Settings, observer: RelayObserver | None = None) -> Re
 
 
 class Services:
-    def __init__(self, settings: Settings, *, clock: Clock, spawn: Spawn) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock,
+        spawn: Spawn,
+        worker: WorkerRole | None = None,  # one of `gateway serve --workers N`
+    ) -> None:
         self.settings = settings
+        self.worker = worker
         self.clock = clock
         self.spawn = spawn
         self.metrics = Metrics()
         self.policies = PolicyStore(settings.policy_dir, settings.groups)
-        self.reloader = Reloader(self.policies, self._after_reload, guard=self._blast_radius)
+        self.reloader = Reloader(
+            self.policies,
+            self._after_reload,
+            guard=self._blast_radius,
+            before_guard=(
+                self._share_inventory
+                if worker is not None and settings.max_newly_blocked_devices is not None
+                else None
+            ),
+        )
         self.last_good_reload = time.time()
         self.relay = build_relay(settings, self.metrics)
-        self.hold_store = async_store(settings)  # SQLite, or PostgreSQL by [store] url
+        # SQLite, or PostgreSQL by [store] url; shared by the workers of one supervisor.
+        self.hold_store = async_store(settings, worker)
         # grace_hours: when each device was first seen matching, shared by every decision.
         self.first_seen = FirstSeenTimes(self.hold_store)
         self.inventory = Inventory(self.hold_store, settings.inventory_retention, clock)
@@ -122,10 +141,12 @@ class Services:
             on_released=self._released,
             parallel=settings.hold.release_concurrency,
             backoff=(settings.hold.retry_min, settings.hold.retry_max),
-            claim_renewal=settings.store.claim_lease / 3 if settings.store.postgres else None,
+            claim_renewal=settings.store.claim_lease / 3,
             on_event=lambda event: self.metrics.release_events.labels(event).inc(),
             first_seen=self.first_seen,
         )
+        if worker is not None:  # a restarted worker takes back its predecessor's claims
+            self.releaser.instance = worker.releaser
         self.store_problem: str | None = None  # why the hold store cannot be written now
         self.keyring = KeyRing(settings.tokens.issuers)
         self.jwks = JwksRefresher(
@@ -182,7 +203,8 @@ class Services:
         self._in_force = self.policies.current
         await self.record_policy_version("startup")
         await self.releaser.start()
-        if self.settings.store.postgres:  # other gateways' holds and admin releases
+        if self.settings.store.postgres or self.worker is not None:
+            # Other gateways' (or workers') holds, admin releases and override changes.
             self.spawn(self.hold_store.listen(self._store_notice), "store-notifications")
         await self.inventory.load()
         await self.refresh_overrides()
@@ -267,6 +289,16 @@ class Services:
         while True:
             await asyncio.sleep(self.settings.overrides_poll)
             await self.refresh_overrides()
+
+    async def _share_inventory(self) -> None:
+        """Before the reload guard counts devices, a worker writes the devices it saw and
+        reads those every worker wrote (each flushes at its ticks), so that every worker
+        judges a policy change by the same inventory."""
+        try:
+            await self.inventory.flush()
+            await self.inventory.load()
+        except HoldStoreError as exc:
+            log.warning("inventory_refresh_failed", error=str(exc))
 
     async def measure_held(self) -> None:
         """The held-mail gauges, from one aggregate query."""

@@ -919,10 +919,11 @@ class StoreSettings:
         default=300.0,
         metadata=setting(
             Number(minimum=1.0, unit="seconds"),
-            """A gateway's claim on a device's held mail while it relays it: another
-            gateway leaves that device alone until the claim is settled or this time has
-            passed since it was last renewed (every third of it), so a crashed gateway's
-            claims expire. Keep it well above the upstream timeout.""",
+            """A gateway's (or worker's, with `[gateway] workers`) claim on a device's
+            held mail while it relays it: another gateway or worker leaves that device
+            alone until the claim is settled or this time has passed since it was last
+            renewed (every third of it), so a crashed gateway's claims expire. Keep it
+            well above the upstream timeout.""",
             key="claim_lease_seconds",
         ),
     )
@@ -1113,6 +1114,16 @@ class Settings:
     policy_dir: Path = field(
         default=Path("policies"),
         metadata=setting(PathKind(), "Directory of the policy files; watched for changes."),
+    )
+    workers: int = field(
+        default=1,
+        metadata=setting(
+            Integer(minimum=1),
+            """Processes serving SMTP: more than 1 starts a supervisor and that many workers
+            sharing the SMTP ports (SO_REUSEPORT) and the hold store; per-process limits
+            then apply per worker (docs/operations.md#workers). `gateway serve
+            --workers N` overrides it.""",
+        ),
     )
     reload_interval: float = field(
         default=30.0,

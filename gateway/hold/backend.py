@@ -14,6 +14,7 @@ from gateway.hold.store import (
     HoldBackend,
     HoldStore,
 )
+from gateway.ops.workers import Peers, WorkerRole
 
 
 def describe_store(settings: Settings) -> str:
@@ -41,8 +42,9 @@ def open_store_at(
     return HoldStore(database, busy_timeout=busy_timeout)
 
 
-def async_store(settings: Settings) -> AsyncStore:
-    """The store ``gateway serve`` uses (opened by ``open()``)."""
+def async_store(settings: Settings, worker: WorkerRole | None = None) -> AsyncStore:
+    """The store ``gateway serve`` uses (opened by ``open()``); a worker of several
+    shares its supervisor's SQLite store and tells the other workers of changes."""
     if settings.store.url is not None:
         from gateway.hold.postgres import AsyncPostgresHoldStore
 
@@ -51,4 +53,6 @@ def async_store(settings: Settings) -> AsyncStore:
         settings.hold.database,
         busy_timeout=settings.hold.busy_timeout,
         min_free_bytes=settings.hold.min_free_bytes,
+        lease=settings.store.claim_lease,
+        peers=Peers(worker) if worker is not None else None,
     )

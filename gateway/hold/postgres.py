@@ -50,6 +50,7 @@ from gateway.hold.store import (
     VERSION_SUMMARY,
     AdminAction,
     AsyncStore,
+    ClaimRefused,
     HeldMessage,
     HeldStats,
     HoldBackend,
@@ -599,12 +600,12 @@ class PostgresHoldStore:
                 params,
             )
             if cur.rowcount != len(ids):
-                raise _NotAll
+                raise ClaimRefused
             return cur.rowcount
 
         try:
             return self._transaction("write", work)
-        except _NotAll:
+        except ClaimRefused:
             return 0  # rolled back: the lane is tried again on a later pass
 
     def unclaim(self, hold_ids: Sequence[str]) -> int:
@@ -987,10 +988,6 @@ class PostgresHoldStore:
 
     def prune_devices(self, seen_before: datetime) -> int:
         return self._write("DELETE FROM devices WHERE last_seen < %s", (seen_before.timestamp(),))
-
-
-class _NotAll(Exception):
-    """A claim found fewer claimable messages than asked for: roll it back."""
 
 
 class AsyncPostgresHoldStore(AsyncStore):

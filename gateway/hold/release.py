@@ -10,9 +10,10 @@ actually sends; expiry pages too and reads only a message's headers for its boun
 memory does not grow with the number or size of held messages (bench/held_rss.py).
 
 Guarantee: at least once, never lost. Before a device's messages go upstream they are
-claimed in the store (one write); if that write fails nothing is sent. On a store shared
-by several gateways (PostgreSQL) the claim is exclusive per device: a lane another gateway
-has claimed is skipped, so no two gateways relay the same message. After the
+claimed in the store (one write); if that write fails nothing is sent. The claim is
+exclusive per device (on PostgreSQL shared by several gateways, and on SQLite shared by
+the workers of one ``gateway serve --workers N``): a lane another gateway or worker has
+claimed is skipped, so no two of them relay the same message. After the
 upstream answered, the outcome is recorded per recipient (RFC 5321 s 6.1: the client
 heard 250 at hold time, so each recipient is delivered, retried or bounced):
 

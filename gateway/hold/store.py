@@ -20,7 +20,10 @@ files        held mail is private: the database, its -wal and -shm and the lock 
 serving      :class:`AsyncHoldStore` (``gateway serve``) runs ``PRAGMA quick_check`` at
              open, so a damaged file stops start-up with one line, and holds
              :class:`StoreLock`, so a second gateway on the same store is refused; the
-             synchronous :class:`HoldStore` (the CLI) takes no lock and skips the check
+             synchronous :class:`HoldStore` (the CLI) takes no lock and skips the check.
+             The workers of ``gateway serve --workers N`` share the file: their
+             supervisor holds the lock, and release claims are exclusive per device
+             (``claim``), so no two workers relay the same message
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Any, Protocol, TypeVar
 
 from gateway.domain import Access, DeviceClaims, HeldSubmission, Overrides
 from gateway.errors import HoldStoreDamaged, HoldStoreError, HoldStoreInUse, HoldStoreLowOnSpace
+from gateway.ops.workers import Peers
 from gateway.policy.history import FileText, PolicyVersion, Snapshot
 
 T = TypeVar("T")
@@ -284,6 +288,19 @@ class HoldFilter:
 
 
 DEFAULT_BUSY_TIMEOUT = 5.0  # seconds a statement waits for another connection's lock
+DEFAULT_CLAIM_LEASE = 300.0  # seconds: [store] claim_lease_seconds' default
+
+# The releaser a claim id names: "<releaser>.<attempt>" (or the whole id without a dot).
+_HOLDER = (
+    "(CASE WHEN instr(claim_id, '.') > 0 THEN substr(claim_id, 1, instr(claim_id, '.') - 1) "
+    "ELSE claim_id END)"
+)
+
+
+class ClaimRefused(Exception):
+    """A claim that could not take every message asked for: its transaction is rolled
+    back (both backends)."""
+
 
 _DAMAGED = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 _BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
@@ -467,10 +484,12 @@ class HoldStore:
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         check: bool = False,
         min_free_bytes: int = 0,
+        lease: float = DEFAULT_CLAIM_LEASE,
     ) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
         self.min_free_bytes = min_free_bytes
+        self.lease = lease  # seconds another process's claim is respected (see claim)
         with self._errors("open"):
             _private_directory(path.parent)
             _private_file(path)  # SQLite gives -wal and -shm this file's mode
@@ -677,16 +696,63 @@ class HoldStore:
         attempts: Sequence[int] | None = None,
     ) -> int:
         """Mark messages as being relayed by one release attempt, before they go upstream:
-        if this write fails, nothing is sent that could not be recorded afterwards. One
-        gateway serves a SQLite store, so the claim is unconditional (``attempts``, which
-        the shared PostgreSQL store checks, is not needed here)."""
+        if this write fails, nothing is sent that could not be recorded afterwards.
+
+        All of ``hold_ids`` or none (0), as on the shared PostgreSQL store, since the
+        worker processes of one ``gateway serve --workers N`` share this file: none when
+        another process's live claim (younger than the lease) holds mail of the same device,
+        or when a message was settled, dropped or retried meanwhile (``attempts`` changed).
+        Claim ids are "<releaser>.<attempt>": a releaser's own earlier claims are its to
+        take back. ``BEGIN IMMEDIATE`` serialises the check and the write across processes."""
         if not hold_ids:
             return 0
-        marks = ",".join("?" * len(hold_ids))
-        return self._write(
-            f"UPDATE held SET claim_id = ?, claimed_at = ? WHERE hold_id IN ({marks})",
-            [claim_id, at, *hold_ids],
-        )
+        ids = list(hold_ids)
+        marks = ",".join("?" * len(ids))
+        holder = claim_id.split(".", 1)[0]
+        stale = at - self.lease
+        expected = list(attempts) if attempts is not None else [None] * len(ids)
+
+        def work() -> int:
+            devices = [
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT DISTINCT device_id FROM held WHERE hold_id IN ({marks}) "
+                    "AND bounce_of IS NULL",
+                    ids,
+                )
+            ]
+            if devices:
+                device_marks = ",".join("?" * len(devices))
+                busy = self._db.execute(
+                    f"SELECT 1 FROM held WHERE device_id IN ({device_marks}) "
+                    f"AND bounce_of IS NULL AND claim_id IS NOT NULL AND {_HOLDER} <> ? "
+                    "AND claimed_at >= ? LIMIT 1",
+                    [*devices, holder, stale],
+                ).fetchone()
+                if busy is not None:
+                    raise ClaimRefused  # another process relays this device's mail now
+            changed = 0
+            for hold_id, tries in zip(ids, expected, strict=True):
+                changed += self._db.execute(
+                    "UPDATE held SET claim_id = ?, claimed_at = ? WHERE hold_id = ? "
+                    f"AND (claim_id IS NULL OR {_HOLDER} = ? OR claimed_at < ?) "
+                    "AND (? IS NULL OR attempts = ?)",
+                    (claim_id, at, hold_id, holder, stale, tries, tries),
+                ).rowcount
+            if changed != len(ids):
+                raise ClaimRefused
+            return changed
+
+        try:
+            return self._transaction(work)
+        except ClaimRefused:
+            return 0  # rolled back: the lane is tried again on a later pass
+
+    def expire_claims(self) -> int:
+        """Make every claim stale (kept, so ``claimed`` still counts them): called by the
+        one process holding the store's lock before any releaser runs, when no claim can
+        belong to a live process, so the mail of a crashed run is not held back a lease."""
+        return self._write("UPDATE held SET claimed_at = 0 WHERE claim_id IS NOT NULL")
 
     def unclaim(self, hold_ids: Sequence[str]) -> int:
         """Claimed messages that were not sent after all (their device's run stopped)."""
@@ -1038,10 +1104,12 @@ class HoldStore:
         return policy_version_of_row(dict(rows[0])) if rows else None
 
     def expired(self, before: datetime, limit: int = 100, after: int = 0) -> list[HeldMessage]:
-        """Held longer than allowed, oldest first, without their bytes; paged by seq."""
+        """Held longer than allowed, oldest first, without their bytes; paged by seq;
+        leaving out mail another worker's live claim is relaying."""
         rows = self._read(
-            f"SELECT {_COLUMNS} FROM held WHERE received_at < ? AND seq > ? ORDER BY seq LIMIT ?",
-            (before.astimezone(UTC).isoformat(), after, limit),
+            f"SELECT {_COLUMNS} FROM held WHERE received_at < ? AND seq > ? "
+            "AND (claim_id IS NULL OR claimed_at < ?) ORDER BY seq LIMIT ?",
+            (before.astimezone(UTC).isoformat(), after, time.time() - self.lease, limit),
         )
         return [_row(r) for r in rows]
 
@@ -1279,7 +1347,7 @@ class AsyncStore:
 
     async def listen(self, on_notice: Callable[[str], None]) -> None:
         """Hear other gateways sharing the store until cancelled (PostgreSQL's LISTEN);
-        a SQLite store has one gateway, so there is nothing to hear."""
+        a SQLite store has one gateway; its workers hear each other in AsyncHoldStore."""
         return
 
     async def hold(self, message: HeldSubmission) -> str:
@@ -1430,11 +1498,21 @@ class AsyncStore:
 
 class AsyncHoldStore(AsyncStore):
     """The hold store for the event loop (``gateway serve``): every call runs on one
-    dedicated thread. Opening takes the store's :class:`StoreLock` and checks the file;
-    closing releases the lock."""
+    dedicated thread. Opening takes the store's :class:`StoreLock`, checks the file and
+    makes the claims of an earlier run stale; closing releases the lock.
+
+    A worker of ``gateway serve --workers N`` (``peers`` given) does none of that: its
+    supervisor holds the lock and did the check; the workers tell each other of holds,
+    release requests and override changes (``listen`` hears them)."""
 
     def __init__(
-        self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, min_free_bytes: int = 0
+        self,
+        path: Path,
+        *,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        min_free_bytes: int = 0,
+        lease: float = DEFAULT_CLAIM_LEASE,
+        peers: Peers | None = None,
     ) -> None:
         self.min_free_bytes = min_free_bytes
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hold-store")
@@ -1442,19 +1520,24 @@ class AsyncHoldStore(AsyncStore):
         self._lock = StoreLock(path)
         self.path = path
         self.busy_timeout = busy_timeout
+        self.lease = lease
+        self.peers = peers
 
     def _open(self) -> HoldStore:
-        self._lock.acquire()
-        try:
+        if self.peers is not None:
             return HoldStore(
                 self.path,
                 busy_timeout=self.busy_timeout,
-                check=True,
                 min_free_bytes=self.min_free_bytes,
+                lease=self.lease,
             )
+        self._lock.acquire()
+        try:
+            store = open_checked(self.path, self.busy_timeout, self.min_free_bytes, self.lease)
         except BaseException:
             self._lock.release()
             raise
+        return store
 
     async def _run(self, call: Callable[[HoldBackend], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -1465,6 +1548,47 @@ class AsyncHoldStore(AsyncStore):
             return call(self._store)
 
         return await loop.run_in_executor(self._executor, in_thread)
+
+    async def listen(self, on_notice: Callable[[str], None]) -> None:
+        if self.peers is not None:
+            await self.peers.listen(on_notice)
+
+    def _tell(self, notice: str) -> None:
+        if self.peers is not None:
+            self.peers.tell(notice)
+
+    async def hold(self, message: HeldSubmission) -> str:
+        hold_id = await super().hold(message)
+        self._tell(f"held {message.claims.device.id}")
+        return hold_id
+
+    async def request_release(self, where: HoldFilter, hold_ids: Sequence[str] = ()) -> int:
+        marked = await super().request_release(where, hold_ids)
+        if marked:
+            self._tell("release")
+        return marked
+
+    async def suspend_policy(
+        self, policy_id: str, until: datetime, reason: str, actor: str, now: datetime
+    ) -> None:
+        await super().suspend_policy(policy_id, until, reason, actor, now)
+        self._tell("overrides")
+
+    async def resume_policy(self, policy_id: str) -> int:
+        resumed = await super().resume_policy(policy_id)
+        self._tell("overrides")
+        return resumed
+
+    async def exempt_from_policy(
+        self, policy_id: str, subject: str, until: datetime, reason: str, actor: str, now: datetime
+    ) -> None:
+        await super().exempt_from_policy(policy_id, subject, until, reason, actor, now)
+        self._tell("overrides")
+
+    async def remove_exemption(self, policy_id: str, subject: str) -> int:
+        removed = await super().remove_exemption(policy_id, subject)
+        self._tell("overrides")
+        return removed
 
     async def close(self) -> None:
         def close(store: HoldBackend) -> None:
@@ -1479,6 +1603,28 @@ class AsyncHoldStore(AsyncStore):
                 self._lock.release()  # after the connection closed (or failed to)
             finally:
                 self._executor.shutdown(wait=True)
+                if self.peers is not None:
+                    self.peers.close()
+
+
+def open_checked(
+    path: Path,
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    min_free_bytes: int = 0,
+    lease: float = DEFAULT_CLAIM_LEASE,
+) -> HoldStore:
+    """The store as the one process holding its :class:`StoreLock` opens it: checked
+    (``PRAGMA quick_check``), migrated, and with every claim made stale, since none can
+    belong to a live process (a single gateway, or a supervisor before its workers)."""
+    store = HoldStore(
+        path, busy_timeout=busy_timeout, check=True, min_free_bytes=min_free_bytes, lease=lease
+    )
+    try:
+        store.expire_claims()
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def held_rows(path: Path) -> list[HeldMessage]:

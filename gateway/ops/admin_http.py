@@ -7,18 +7,25 @@ returns (status, content type, body): probes and scrapes need nothing more.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from gateway.ops.http import HttpListener, contain_errors
 
-Route = Callable[[], tuple[int, str, bytes]]  # -> (status, content type, body)
+Answer = tuple[int, str, bytes]  # (status, content type, body)
+# A plain function, or a coroutine function for a route that waits (the merged /metrics
+# of several workers asks each of them).
+Route = Callable[[], Answer | Awaitable[Answer]]
 
 
 def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handle(request: web.Request) -> web.Response:
-        status, content_type, body = route()
+        answer = route()
+        if inspect.isawaitable(answer):
+            answer = await answer
+        status, content_type, body = answer
         return web.Response(status=status, body=body, headers={"Content-Type": content_type})
 
     return handle
@@ -44,6 +51,11 @@ class AdminServer:
 
     async def start(self, host: str, port: int) -> int:
         return await self._listener.start(host, port)
+
+    async def start_unix(self, path: str) -> None:
+        """Listen on a unix socket instead (a worker's /metrics, for its supervisor's
+        worker 0 to merge)."""
+        await self._listener.start_unix(path)
 
     async def stop(self) -> None:
         await self._listener.stop()

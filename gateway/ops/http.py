@@ -97,6 +97,11 @@ class HttpListener:
         bound: int = self._runner.addresses[0][1]
         return bound
 
+    async def start_unix(self, path: str) -> None:
+        await self._runner.setup()
+        self._started = True
+        await web.UnixSite(self._runner, path).start()
+
     async def stop(self) -> None:
         """Close the listener and every connection; never longer than ``stop_timeout``."""
         if not self._started:

@@ -80,10 +80,14 @@ class Reloader:
         on_reloaded: Callable[[ReloadResult], Awaitable[None]],
         guard: Guard | None = None,
         settle: float = DEFAULT_SETTLE_SECONDS,
+        before_guard: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.on_reloaded = on_reloaded
         self.guard = guard
+        # Brings what the guard counts up to date first (a worker reads the devices the
+        # other workers have seen).
+        self.before_guard = before_guard
         self.settle = settle
         self._lock = asyncio.Lock()
 
@@ -109,6 +113,8 @@ class Reloader:
             if settled is not None and not isinstance(built, tuple) and built.version != settled:
                 log.info("policy_change_still_being_written", trigger=trigger)
                 return None
+            if self.guard is not None and self.before_guard is not None:
+                await self.before_guard()
             result = self.store.apply(built, trigger, started, self.guard)
         if result.ok and result.version != before:  # a new set is in force
             await self.on_reloaded(result)

@@ -100,3 +100,17 @@ def test_log_cost_bench_captures_a_sessions_lines_and_prints_each_chain() -> Non
     chains = re.findall(r"^\| (full|no-guards|filtered) \| ([\d.]+) \|", report, re.MULTILINE)
     assert [name for name, _ in chains] == ["full", "no-guards", "filtered"]
     assert all(float(value) > 0 for _, value in chains)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("smtp-sink") is None, reason="needs Debian's postfix tools")
+def test_workers_bench_smoke_run_compares_one_worker_with_two() -> None:
+    """`bench.workers --smoke`: both gateways (1 and 2 workers) take the phones' workload
+    (STARTTLS, AUTH, one message per connection) without a failed message, and the ratio
+    is printed."""
+    done = run_bench("workers", "--smoke", timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = re.findall(r"^\| ([12]) \| (\d+) \|.*\| (\d+) \|$", done.stdout, re.MULTILINE)
+    assert [(workers, failed) for workers, _, failed in rows] == [("1", "0"), ("2", "0")]
+    assert all(int(rate) > 0 for _, rate, _ in rows)
+    assert re.search(r"Ratio, 2 workers / 1: [\d.]+x", done.stdout)

@@ -70,6 +70,7 @@ NOT_KEYS = {
 # the value the settings must then hold ("base" is the directory of gateway.toml).
 NON_DEFAULT: dict[tuple[str, str], tuple[str, Any]] = {
     ("gateway", "policy_dir"): ('"rules"', Path("base/rules")),
+    ("gateway", "workers"): ("2", 2),
     ("gateway", "reload_interval"): ("5", 5.0),
     ("gateway", "overrides_poll_seconds"): ("2.5", 2.5),
     ("gateway", "max_newly_blocked_devices"): ("0", 0),

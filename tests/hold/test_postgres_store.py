@@ -238,48 +238,62 @@ def test_policy_versions_are_stored_once_paged_and_pruned(
     assert [v.version for v in store.policy_versions()] == [third.version, first.version]
 
 
-# --- several gateways on one PostgreSQL store --------------------------------------------
+# --- several gateways (or the workers of one) on one store ------------------------------
 
 
-def test_a_gateway_takes_back_its_own_earlier_claims_at_once(pg_url: str) -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+def pair(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[HoldBackend, HoldBackend]]:
+    """Two connections to one store with a 60-second claim lease: two gateways on
+    PostgreSQL, or two workers of `gateway serve --workers N` on SQLite."""
+    stores: tuple[HoldBackend, HoldBackend]
+    if request.param == "sqlite":
+        path = tmp_path / "hold.db"
+        stores = (HoldStore(path, lease=60), HoldStore(path, lease=60))
+    else:
+        url = request.getfixturevalue("pg_url")
+        stores = (pg(url, claim_lease=60), pg(url, claim_lease=60))
+    try:
+        yield stores
+    finally:
+        for opened in stores:
+            opened.close()
+
+
+def test_a_gateway_takes_back_its_own_earlier_claims_at_once(
+    pair: tuple[HoldBackend, HoldBackend],
+) -> None:
     """Claim ids are "<gateway>.<attempt>": after an outage cut a release short, the same
     gateway claims the lane again without waiting out its lease; another gateway waits."""
-    one, two = pg(pg_url, claim_lease=60), pg(pg_url, claim_lease=60)
-    try:
-        ids = [one.hold(held(1)) for _ in range(2)]
-        now = time.time()
-        assert one.claim(ids, "gwA.attempt1", now) == 2
-        assert two.claim(ids, "gwB.attempt1", now) == 0  # another gateway's live claim
-        assert one.claim(ids, "gwA.attempt2", now + 1) == 2  # its own: taken back
-        assert two.claim(ids, "gwB.attempt2", now + 2) == 0
-    finally:
-        one.close()
-        two.close()
+    one, two = pair
+    ids = [one.hold(held(1)) for _ in range(2)]
+    now = time.time()
+    assert one.claim(ids, "gwA.attempt1", now) == 2
+    assert two.claim(ids, "gwB.attempt1", now) == 0  # another gateway's live claim
+    assert one.claim(ids, "gwA.attempt2", now + 1) == 2  # its own: taken back
+    assert two.claim(ids, "gwB.attempt2", now + 2) == 0
 
 
 def test_a_device_lane_is_claimed_by_one_gateway_at_a_time_until_its_lease_ends(
-    pg_url: str,
+    pair: tuple[HoldBackend, HoldBackend],
 ) -> None:
-    one, two = pg(pg_url, claim_lease=60), pg(pg_url, claim_lease=60)
-    try:
-        first = [one.hold(held(1)) for _ in range(2)]
-        now = time.time()
-        assert one.claim(first, "gw1", now) == 2
-        assert two.claim(first, "gw2", now) == 0  # the same messages
-        later = two.hold(held(1))  # newer mail of the same device must not overtake
-        assert two.claim([later], "gw2", now) == 0
-        other = two.hold(held(2))  # another device is free
-        assert two.claim([other], "gw2", now) == 1
-        # A crashed gateway's claim expires with its lease.
-        assert two.claim([*first, later], "gw2", now + 61) == 3
-        # A message retried meanwhile (attempts changed) is not claimed from a stale read.
-        two.unclaim([*first, later])
-        one.postpone(first[0], 0, "451 later")
-        assert two.claim([first[0]], "gw2", now, attempts=[0]) == 0
-        assert two.claim([first[0]], "gw2", now, attempts=[1]) == 1
-    finally:
-        one.close()
-        two.close()
+    one, two = pair
+    first = [one.hold(held(1)) for _ in range(2)]
+    now = time.time()
+    assert one.claim(first, "gw1", now) == 2
+    assert two.claim(first, "gw2", now) == 0  # the same messages
+    later = two.hold(held(1))  # newer mail of the same device must not overtake
+    assert two.claim([later], "gw2", now) == 0
+    other = two.hold(held(2))  # another device is free
+    assert two.claim([other], "gw2", now) == 1
+    # A crashed gateway's claim expires with its lease.
+    assert two.claim([*first, later], "gw2", now + 61) == 3
+    # A message retried meanwhile (attempts changed) is not claimed from a stale read.
+    two.unclaim([*first, later])
+    one.postpone(first[0], 0, "451 later")
+    assert two.claim([first[0]], "gw2", now, attempts=[0]) == 0
+    assert two.claim([first[0]], "gw2", now, attempts=[1]) == 1
 
 
 def test_concurrent_claims_from_many_threads_have_exactly_one_winner(pg_url: str) -> None:

@@ -13,6 +13,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -479,3 +480,24 @@ async def test_a_second_gateway_serve_exits_with_one_line_naming_the_first(
         assert {record["level"] for record in records} <= {"info"}
         assert default.stderr.splitlines()[-1] == refusal
         assert listed.returncode == 0, listed.stderr
+
+
+async def test_a_serving_gateway_takes_over_the_claims_a_crashed_run_left_at_once(
+    tmp_path: Path,
+) -> None:
+    """Claims are exclusive per device for a lease (the workers of one supervisor share
+    the file); the one process holding the store's lock at start (a gateway, or the
+    supervisor) makes the claims of the run before stale, so their mail is not held back
+    for a lease. The claims are kept, so the restart still says they may be sent again."""
+    path = tmp_path / "hold.db"
+    with HoldStore(path, lease=300) as crashed:
+        ids = [crashed.hold(held(1)) for _ in range(2)]
+        assert crashed.claim(ids, "crashed.1", time.time()) == 2
+    with HoldStore(path, lease=300) as other:
+        assert other.claim(ids, "other.1", time.time()) == 0  # a live claim, as far as it knows
+    store = AsyncHoldStore(path, lease=300)
+    try:
+        assert await store.claimed() == 2
+        assert await store.claim(ids, "restarted.1", time.time()) == 2
+    finally:
+        await store.close()
