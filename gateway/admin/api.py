@@ -384,7 +384,9 @@ class Handlers:
                 continue
             headers = await store.headers(held.hold_id)
             report = admin_drop_report(held, headers, self.api.hostname, now)
-            if await store.settle(Settlement(held.hold_id, now, bounce=report)):
+            if await store.settle(
+                Settlement(held.hold_id, now, bounce=report, unless_claimed=True)
+            ):
                 count += 1  # not when another gateway settled it first: nothing was written
                 bounces += 1
         return count, bounces

@@ -637,7 +637,7 @@ class PostgresHoldStore:
             if row is None:
                 return False  # settled elsewhere, or dropped by an admin: no bounce then
             if (
-                settlement.expiry
+                settlement.unless_claimed
                 and row["claim_id"] is not None
                 and row["claimed_at"] >= time.time() - self.lease
             ):

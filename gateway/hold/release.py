@@ -537,7 +537,9 @@ class Releaser:
         if held.sender and not held.is_bounce:
             headers = await self.store.headers(held.hold_id)
             bounce = expiry_report(held, headers, self.hostname, now, self.expire_after)
-        if not await self.store.settle(Settlement(held.hold_id, now, bounce=bounce, expiry=True)):
+        if not await self.store.settle(
+            Settlement(held.hold_id, now, bounce=bounce, unless_claimed=True)
+        ):
             return False
         self._event("expired")
         log.info("expired", hold_id=held.hold_id, sender=held.sender, bounced=bounce is not None)

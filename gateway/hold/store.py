@@ -778,8 +778,18 @@ class HoldStore:
 
     def _settle(self, settlement: Settlement) -> bool:
         hold_id = settlement.hold_id
-        if not self._db.execute("SELECT 1 FROM held WHERE hold_id = ?", (hold_id,)).fetchone():
+        row = self._db.execute(
+            "SELECT claim_id, claimed_at FROM held WHERE hold_id = ?", (hold_id,)
+        ).fetchone()
+        if row is None:
             return False
+        if (
+            settlement.unless_claimed
+            and row["claim_id"] is not None
+            and row["claimed_at"] is not None
+            and row["claimed_at"] >= time.time() - self.lease
+        ):
+            return False  # another worker is relaying it: the next pass looks again
         if settlement.bounce is not None:
             rows = self._db.execute(
                 "SELECT sender, user, device_id, claims, policy_ids, policy_version FROM held "
@@ -1129,11 +1139,11 @@ class Settlement:
     retry_at: float = 0.0
     error: str | None = None
     bounce: bytes | None = None
-    # An expiry, decided from a read made before this settlement: on a store shared by
-    # several gateways it settles nothing while another release attempt's claim is live
-    # (that gateway may be relaying the message now; its own outcome settles it). One
-    # gateway on SQLite runs expiry and release under one lock, so nothing is checked there.
-    expiry: bool = False
+    # An expiry or an admin's drop, decided from a read made before this settlement: on a
+    # store shared by several gateways or workers it settles nothing while a release
+    # attempt's claim is live (that process may be relaying the message now; its own
+    # outcome settles it), so a sender is never told that mail was not delivered when it was.
+    unless_claimed: bool = False
 
 
 def accesses_used(last_send: float | None, last_sync: float | None) -> frozenset[Access]:

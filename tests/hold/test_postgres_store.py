@@ -346,26 +346,24 @@ def test_two_gateways_expiring_the_same_message_write_one_bounce(pg_url: str) ->
 
 
 def test_an_expiry_leaves_alone_mail_another_gateway_has_claimed_since_it_looked(
-    pg_url: str,
+    pair: tuple[HoldBackend, HoldBackend],
 ) -> None:
-    """Gateway two lists a message as expired; before it settles it, gateway one claims
+    """Gateway (or worker) two lists a message as expired; before it settles it, one claims
     it to relay it (its device came back compliant). The expiry must not delete it and
     bounce it: the mail may be at the upstream already, and the sender would be told it
     was not delivered. Once the claim is let go (or its lease ends), it expires."""
-    one, two = pg(pg_url), pg(pg_url)
-    try:
-        hold_id = one.hold(held(1))
-        (listed,) = two.expired(NOW + timedelta(days=1))  # not claimed when read
-        assert one.claim([hold_id], "gwA.1", time.time()) == 1
-        expiry = Settlement(listed.hold_id, NOW, bounce=b"Subject: expired\r\n\r\n", expiry=True)
-        assert not two.settle(expiry)
-        assert [(h.hold_id, h.is_bounce) for h in one.select()] == [(hold_id, False)]
-        assert one.unclaim([hold_id]) == 1  # the relay failed: the next expiry pass settles it
-        assert two.settle(expiry)
-        assert [h.bounce_of for h in one.select()] == [hold_id]
-    finally:
-        one.close()
-        two.close()
+    one, two = pair
+    hold_id = one.hold(held(1))
+    (listed,) = two.expired(NOW + timedelta(days=1))  # not claimed when read
+    assert one.claim([hold_id], "gwA.1", time.time()) == 1
+    expiry = Settlement(
+        listed.hold_id, NOW, bounce=b"Subject: expired\r\n\r\n", unless_claimed=True
+    )
+    assert not two.settle(expiry)
+    assert [(h.hold_id, h.is_bounce) for h in one.select()] == [(hold_id, False)]
+    assert one.unclaim([hold_id]) == 1  # the relay failed: the next expiry pass settles it
+    assert two.settle(expiry)
+    assert [h.bounce_of for h in one.select()] == [hold_id]
 
 
 # --- schema and migrations ---------------------------------------------------------------
