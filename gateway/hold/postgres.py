@@ -8,7 +8,8 @@ WAL fsynced, with ``synchronous_commit`` on, its default) before the client hear
 What differs from SQLite, because several gateways write at once:
 
 claims    a release attempt claims a device's due messages (``claim``) before relaying
-          them. The claim is taken under a per-device transaction-level advisory lock, the
+          them (committed without waiting for the WAL's fsync: a claim lost in a crash
+          leaves the message held and relayed again, as with its claim). The claim is taken under a per-device transaction-level advisory lock, the
           rows with ``FOR UPDATE SKIP LOCKED``, and only if no other live claim holds any
           of that device's mail: so two gateways never relay the same message, and a
           device's mail goes out in order from one gateway at a time. A claim is a lease
@@ -189,6 +190,30 @@ CHANNEL = "gateway_hold"
 _INSERT_AND_NOTIFY = (
     _INSERT.replace("INSERT INTO held_bodies", ", b AS (INSERT INTO held_bodies")
     + f") SELECT pg_notify('{CHANNEL}', 'held ' || device_id) FROM h"
+)
+
+
+# A claim (PostgresHoldStore.claim): the per-device advisory locks, taken in device order
+# (ORDER BY comes before volatile functions in the select list), then all or nothing of
+# the messages: none when another gateway's live claim holds mail of one of the devices,
+# or when one of the messages is not claimable (settled, dropped, retried, or being
+# written by another transaction: SKIP LOCKED).
+_CLAIM_LOCKS = (
+    b"SELECT pg_advisory_xact_lock(%(lock)s, hashtext(device_id)) FROM (SELECT DISTINCT "
+    b"device_id FROM held WHERE hold_id = ANY(%(ids)s) AND bounce_of IS NULL) AS d "
+    b"ORDER BY device_id"
+)
+_CLAIM = (
+    "WITH target AS (SELECT seq FROM held WHERE hold_id = ANY(%(ids)s) "
+    "AND (claim_id IS NULL OR split_part(claim_id, '.', 1) = %(holder)s "
+    "OR claimed_at < %(stale)s){expected} FOR UPDATE SKIP LOCKED), "
+    "busy AS (SELECT 1 FROM held WHERE device_id IN (SELECT device_id FROM held "
+    "WHERE hold_id = ANY(%(ids)s) AND bounce_of IS NULL) AND bounce_of IS NULL "
+    "AND claim_id IS NOT NULL AND split_part(claim_id, '.', 1) <> %(holder)s "
+    "AND claimed_at >= %(stale)s LIMIT 1) "
+    "UPDATE held SET claim_id = %(claim)s, claimed_at = %(at)s "
+    "WHERE seq IN (SELECT seq FROM target) AND NOT EXISTS (SELECT 1 FROM busy) "
+    "AND (SELECT count(*) FROM target) = %(count)s"
 )
 
 
@@ -535,49 +560,37 @@ class PostgresHoldStore:
         # after a database outage the gateway does not wait out its own leases.
         holder = claim_id.split(".", 1)[0]
 
-        def work(cur: Cursor) -> int:
-            cur.execute(
-                "SELECT DISTINCT device_id FROM held WHERE hold_id = ANY(%s) "
-                "AND bounce_of IS NULL ORDER BY device_id",
-                (ids,),
+        expected = ""
+        if attempts is not None:
+            expected = (
+                " AND (hold_id, attempts) IN "
+                "(SELECT * FROM unnest(%(ids)s::text[], %(attempts)s::int[]))"
             )
-            devices = [r["device_id"] for r in cur.fetchall()]
-            for device in devices:  # sorted: two claims never wait on each other in a cycle
-                cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCKS + 1, device))
-            if devices:
-                cur.execute(
-                    "SELECT 1 FROM held WHERE device_id = ANY(%s) AND bounce_of IS NULL "
-                    "AND claim_id IS NOT NULL AND split_part(claim_id, '.', 1) <> %s "
-                    "AND claimed_at >= %s LIMIT 1",
-                    (devices, holder, stale),
-                )
-                if cur.fetchone() is not None:
-                    return 0  # another gateway relays this device's mail now
-            expected = ""
-            params: list[object] = [claim_id, at, ids, holder, stale]
-            if attempts is not None:
-                expected = (
-                    " AND (hold_id, attempts) IN (SELECT * FROM unnest(%s::text[], %s::int[]))"
-                )
-                params += [ids, list(attempts)]
-            cur.execute(
-                (
-                    "UPDATE held SET claim_id = %s, claimed_at = %s WHERE seq IN ("
-                    "SELECT seq FROM held WHERE hold_id = ANY(%s) "
-                    "AND (claim_id IS NULL OR split_part(claim_id, '.', 1) = %s "
-                    "OR claimed_at < %s)"
-                    f"{expected} FOR UPDATE SKIP LOCKED)"
-                ).encode(),
-                params,
-            )
-            if cur.rowcount != len(ids):
-                raise _NotAll
-            return cur.rowcount
-
-        try:
-            return self._transaction("write", work)
-        except _NotAll:
-            return 0  # rolled back: the lane is tried again on a later pass
+        params = {
+            "lock": _LOCKS + 1,
+            "ids": ids,
+            "holder": holder,
+            "stale": stale,
+            "claim": claim_id,
+            "at": at,
+            "count": len(ids),
+            "attempts": list(attempts) if attempts is not None else None,
+        }
+        with (
+            self._errors("write"),
+            self._pool.connection() as conn,
+            conn.pipeline(),  # one round trip for the whole transaction
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            # The commit need not wait for the WAL's fsync: a claim lost in a crash of the
+            # server leaves the message held, to be relayed again (as with its claim).
+            cur.execute(b"SET LOCAL synchronous_commit = off")
+            cur.execute(_CLAIM_LOCKS, params)  # sorted: no two claims wait in a cycle
+            # A statement of its own, after the locks: its snapshot sees the claims of
+            # whoever held a lock before us.
+            cur.execute(_CLAIM.replace("{expected}", expected).encode(), params)
+        return cur.rowcount  # all of them, or 0 (nothing written)
 
     def unclaim(self, hold_ids: Sequence[str]) -> int:
         if not hold_ids:
@@ -895,10 +908,6 @@ class PostgresHoldStore:
 
     def prune_devices(self, seen_before: datetime) -> int:
         return self._write("DELETE FROM devices WHERE last_seen < %s", (seen_before.timestamp(),))
-
-
-class _NotAll(Exception):
-    """A claim found fewer claimable messages than asked for: roll it back."""
 
 
 class AsyncPostgresHoldStore(AsyncStore):

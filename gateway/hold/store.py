@@ -4,6 +4,13 @@ A message is held by one INSERT in one transaction; the client hears ``250 2.6.0
 after the COMMIT returned, which with synchronous=FULL means the WAL was fsynced. A
 failure rolls back, so no partial row is left; the client gets ``451 4.3.0``.
 
+Claims (a release attempt marking the messages it is about to relay) commit without
+waiting for the fsync (``synchronous=NORMAL`` for that transaction): durable across a
+crash of the process, and on disk once a later FULL commit or a checkpoint syncs the
+WAL. A claim lost to a power failure changes nothing that matters: the message is still
+held and is relayed again, as it would be with its claim. Waiting for the disk once per
+lane was most of a release pass (docs/performance.md).
+
 The store also answers the admin CLI (list, show, release, drop), which may run in
 another process at the same time: SQLite's locking makes that safe, and a busy timeout
 turns short lock waits into waits rather than errors.
@@ -531,6 +538,7 @@ class HoldStore:
         params: Sequence[object] = (),
         *,
         many: Sequence[Sequence[object]] | None = None,
+        synced: bool = True,
     ) -> int:
         """One statement (or one statement over ``many`` rows) in one transaction; rolled
         back on any failure. Returns the number of rows changed."""
@@ -540,22 +548,29 @@ class HoldStore:
                 return self._db.execute(sql, params).rowcount
             return self._db.executemany(sql, many).rowcount
 
-        return self._transaction(statement)
+        return self._transaction(statement, synced=synced)
 
-    def _transaction(self, work: Callable[[], T]) -> T:
-        """``work`` in one write transaction, committed, or rolled back on any failure."""
+    def _transaction(self, work: Callable[[], T], *, synced: bool = True) -> T:
+        """``work`` in one write transaction, committed, or rolled back on any failure.
+        ``synced=False``: the COMMIT does not wait for the fsync (claims only)."""
         with self._errors("write"):
-            self._db.execute("BEGIN IMMEDIATE")
+            if not synced:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                result = work()
-                self._db.execute("COMMIT")
-            except BaseException:
-                # Some failures (a full disk, an I/O error) end the transaction already;
-                # a failing ROLLBACK must not hide the error that caused it.
-                if self._db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work()
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    # Some failures (a full disk, an I/O error) end the transaction already;
+                    # a failing ROLLBACK must not hide the error that caused it.
+                    if self._db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                if not synced:
+                    self._db.execute("PRAGMA synchronous=FULL")
             return result
 
     def _insert_held(self, values: Sequence[object], message: bytes) -> None:
@@ -668,6 +683,7 @@ class HoldStore:
         return self._write(
             f"UPDATE held SET claim_id = ?, claimed_at = ? WHERE hold_id IN ({marks})",
             [claim_id, at, *hold_ids],
+            synced=False,  # a lost claim changes nothing (the module's docstring)
         )
 
     def unclaim(self, hold_ids: Sequence[str]) -> int:
@@ -678,6 +694,7 @@ class HoldStore:
         return self._write(
             f"UPDATE held SET claim_id = NULL, claimed_at = NULL WHERE hold_id IN ({marks})",
             list(hold_ids),
+            synced=False,
         )
 
     def claimed(self) -> int:
