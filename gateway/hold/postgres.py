@@ -52,6 +52,7 @@ from gateway.hold.store import (
     HeldStats,
     HoldBackend,
     HoldFilter,
+    LaneClaim,
     PolicyOverride,
     Settlement,
     accesses_used,
@@ -553,44 +554,61 @@ class PostgresHoldStore:
         skipped (``SKIP LOCKED``), which makes the claim fail rather than wait."""
         if not hold_ids:
             return 0
+        attempted = None if attempts is None else tuple(attempts)
+        return self.claim_lanes([LaneClaim(tuple(hold_ids), claim_id, attempted)], at)[0]
+
+    def claim_lanes(self, lanes: Sequence[LaneClaim], at: float) -> list[int]:
+        """:meth:`claim` for several lanes in one transaction, sent as one pipeline: the
+        locks of all their devices (sorted), then each lane all or nothing."""
+        counts = [0] * len(lanes)
+        todo = [(index, lane) for index, lane in enumerate(lanes) if lane.hold_ids]
+        if not todo:
+            return counts
         stale = at - self.lease
-        ids = list(hold_ids)
         # "<gateway>.<attempt>": claims of this gateway's earlier attempts are its own to
         # take back (its passes run one at a time, so none of them is still relaying):
         # after a database outage the gateway does not wait out its own leases.
-        holder = claim_id.split(".", 1)[0]
-
-        expected = ""
-        if attempts is not None:
-            expected = (
-                " AND (hold_id, attempts) IN "
-                "(SELECT * FROM unnest(%(ids)s::text[], %(attempts)s::int[]))"
-            )
-        params = {
-            "lock": _LOCKS + 1,
-            "ids": ids,
-            "holder": holder,
-            "stale": stale,
-            "claim": claim_id,
-            "at": at,
-            "count": len(ids),
-            "attempts": list(attempts) if attempts is not None else None,
-        }
+        every_id = [hold_id for _, lane in todo for hold_id in lane.hold_ids]
         with (
             self._errors("write"),
             self._pool.connection() as conn,
             conn.pipeline(),  # one round trip for the whole transaction
             conn.transaction(),
-            conn.cursor() as cur,
         ):
-            # The commit need not wait for the WAL's fsync: a claim lost in a crash of the
-            # server leaves the message held, to be relayed again (as with its claim).
-            cur.execute(b"SET LOCAL synchronous_commit = off")
-            cur.execute(_CLAIM_LOCKS, params)  # sorted: no two claims wait in a cycle
-            # A statement of its own, after the locks: its snapshot sees the claims of
-            # whoever held a lock before us.
-            cur.execute(_CLAIM.replace("{expected}", expected).encode(), params)
-        return cur.rowcount  # all of them, or 0 (nothing written)
+            cursors = []
+            with conn.cursor() as cur:
+                # The commit need not wait for the WAL's fsync: a claim lost in a crash of
+                # the server leaves the message held, to be relayed again (as with its claim).
+                cur.execute(b"SET LOCAL synchronous_commit = off")
+                # Sorted: no two claims wait on each other in a cycle.
+                cur.execute(_CLAIM_LOCKS, {"lock": _LOCKS + 1, "ids": every_id})
+            for _, lane in todo:
+                expected = ""
+                if lane.attempts is not None:
+                    expected = (
+                        " AND (hold_id, attempts) IN "
+                        "(SELECT * FROM unnest(%(ids)s::text[], %(attempts)s::int[]))"
+                    )
+                # A statement of its own, after the locks: its snapshot sees the claims of
+                # whoever held a lock before us.
+                cur = conn.cursor()
+                cursors.append(cur)
+                cur.execute(
+                    _CLAIM.replace("{expected}", expected).encode(),
+                    {
+                        "ids": list(lane.hold_ids),
+                        "holder": lane.claim_id.split(".", 1)[0],
+                        "stale": stale,
+                        "claim": lane.claim_id,
+                        "at": at,
+                        "count": len(lane.hold_ids),
+                        "attempts": list(lane.attempts or ()),
+                    },
+                )
+        for (index, _), cur in zip(todo, cursors, strict=True):
+            counts[index] = cur.rowcount  # the lane's messages all, or 0 (nothing written)
+            cur.close()
+        return counts
 
     def unclaim(self, hold_ids: Sequence[str]) -> int:
         if not hold_ids:

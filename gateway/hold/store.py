@@ -686,6 +686,28 @@ class HoldStore:
             synced=False,  # a lost claim changes nothing (the module's docstring)
         )
 
+    def claim_lanes(self, lanes: Sequence[LaneClaim], at: float) -> list[int]:
+        """:meth:`claim` for several lanes in one transaction (one commit for a page of
+        a release pass); how many messages of each lane were claimed."""
+
+        def work() -> list[int]:
+            counts = []
+            for lane in lanes:
+                marks = ",".join("?" * len(lane.hold_ids))
+                counts.append(
+                    self._db.execute(
+                        f"UPDATE held SET claim_id = ?, claimed_at = ? WHERE hold_id IN ({marks})",
+                        [lane.claim_id, at, *lane.hold_ids],
+                    ).rowcount
+                    if lane.hold_ids
+                    else 0
+                )
+            return counts
+
+        if not lanes:
+            return []
+        return self._transaction(work, synced=False)  # a lost claim changes nothing
+
     def unclaim(self, hold_ids: Sequence[str]) -> int:
         """Claimed messages that were not sent after all (their device's run stopped)."""
         if not hold_ids:
@@ -984,6 +1006,16 @@ class HoldStore:
 
 
 @dataclass(frozen=True)
+class LaneClaim:
+    """One lane's claim in a batch (``claim_lanes``): its messages, in order, the attempt's
+    id, and each message's attempts as read (a shared store checks them)."""
+
+    hold_ids: tuple[str, ...]
+    claim_id: str
+    attempts: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Settlement:
     """The outcome of one release attempt for one held message, recorded at once.
 
@@ -1099,6 +1131,7 @@ class HoldBackend(Protocol):
         at: float,
         attempts: Sequence[int] | None = None,
     ) -> int: ...
+    def claim_lanes(self, lanes: Sequence[LaneClaim], at: float) -> list[int]: ...
     def unclaim(self, hold_ids: Sequence[str]) -> int: ...
     def claimed(self) -> int: ...
     def settle(self, settlement: Settlement) -> None: ...
@@ -1180,6 +1213,9 @@ class AsyncStore:
         attempts: Sequence[int] | None = None,
     ) -> int:
         return await self._run(lambda store: store.claim(hold_ids, claim_id, at, attempts))
+
+    async def claim_lanes(self, lanes: Sequence[LaneClaim], at: float) -> list[int]:
+        return await self._run(lambda store: store.claim_lanes(lanes, at))
 
     async def unclaim(self, hold_ids: Sequence[str]) -> int:
         return await self._run(lambda store: store.unclaim(hold_ids))
