@@ -275,6 +275,30 @@ def test_lanes_claimed_together_are_each_all_or_nothing(pg_url: str) -> None:
         two.close()
 
 
+def test_after_a_server_restart_one_call_fails_and_the_pool_replaces_the_rest(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    """Pooled connections are not checked at each checkout (a round trip per call): the
+    first call on a connection the restart broke fails (a hold gets 451), and that
+    failure has the idle ones checked and replaced, so the calls after it succeed."""
+    store = pg(pg_url, pool_size=4)
+    try:
+        store._pool.resize(4, 4)  # four idle connections, all broken by the restart
+        store._pool.wait(10)
+        store.hold(held(1))
+        postgres.call(postgres.server.restart())
+        outcomes = []
+        for _ in range(8):
+            try:
+                outcomes.append(store.count())
+            except HoldStoreError:
+                outcomes.append(-1)
+        assert outcomes.count(-1) <= 1
+        assert outcomes[1:] == [1] * 7
+    finally:
+        store.close()
+
+
 def test_concurrent_claims_from_many_threads_have_exactly_one_winner(pg_url: str) -> None:
     stores = [pg(pg_url, pool_size=4) for _ in range(3)]
     try:
