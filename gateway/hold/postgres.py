@@ -8,7 +8,8 @@ WAL fsynced, with ``synchronous_commit`` on, its default) before the client hear
 What differs from SQLite, because several gateways write at once:
 
 claims    a release attempt claims a device's due messages (``claim``) before relaying
-          them. The claim is taken under a per-device transaction-level advisory lock, the
+          them (committed without waiting for the WAL's fsync: a claim lost in a crash
+          leaves the message held and relayed again, as with its claim). The claim is taken under a per-device transaction-level advisory lock, the
           rows with ``FOR UPDATE SKIP LOCKED``, and only if no other live claim holds any
           of that device's mail: so two gateways never relay the same message, and a
           device's mail goes out in order from one gateway at a time. A claim is a lease
@@ -50,11 +51,11 @@ from gateway.hold.store import (
     VERSION_SUMMARY,
     AdminAction,
     AsyncStore,
-    ClaimRefused,
     HeldMessage,
     HeldStats,
     HoldBackend,
     HoldFilter,
+    LaneClaim,
     PolicyOverride,
     Settlement,
     accesses_used,
@@ -218,6 +219,30 @@ CHANNEL = "gateway_hold"
 _INSERT_AND_NOTIFY = (
     _INSERT.replace("INSERT INTO held_bodies", ", b AS (INSERT INTO held_bodies")
     + f") SELECT pg_notify('{CHANNEL}', 'held ' || device_id) FROM h"
+)
+
+
+# A claim (PostgresHoldStore.claim): the per-device advisory locks, taken in device order
+# (ORDER BY comes before volatile functions in the select list), then all or nothing of
+# the messages: none when another gateway's live claim holds mail of one of the devices,
+# or when one of the messages is not claimable (settled, dropped, retried, or being
+# written by another transaction: SKIP LOCKED).
+_CLAIM_LOCKS = (
+    b"SELECT pg_advisory_xact_lock(%(lock)s, hashtext(device_id)) FROM (SELECT DISTINCT "
+    b"device_id FROM held WHERE hold_id = ANY(%(ids)s) AND bounce_of IS NULL) AS d "
+    b"ORDER BY device_id"
+)
+_CLAIM = (
+    "WITH target AS (SELECT seq FROM held WHERE hold_id = ANY(%(ids)s) "
+    "AND (claim_id IS NULL OR split_part(claim_id, '.', 1) = %(holder)s "
+    "OR claimed_at < %(stale)s){expected} FOR UPDATE SKIP LOCKED), "
+    "busy AS (SELECT 1 FROM held WHERE device_id IN (SELECT device_id FROM held "
+    "WHERE hold_id = ANY(%(ids)s) AND bounce_of IS NULL) AND bounce_of IS NULL "
+    "AND claim_id IS NOT NULL AND split_part(claim_id, '.', 1) <> %(holder)s "
+    "AND claimed_at >= %(stale)s LIMIT 1) "
+    "UPDATE held SET claim_id = %(claim)s, claimed_at = %(at)s "
+    "WHERE seq IN (SELECT seq FROM target) AND NOT EXISTS (SELECT 1 FROM busy) "
+    "AND (SELECT count(*) FROM target) = %(count)s"
 )
 
 
@@ -413,7 +438,8 @@ class PostgresHoldStore:
                     min_size=1,
                     max_size=pool_size or settings.pool_size,
                     open=False,
-                    check=psycopg_pool.ConnectionPool.check_connection,
+                    # No check at each checkout (a round trip per call, a quarter of a
+                    # hold's time): a connection found broken checks the idle ones instead.
                     timeout=settings.connect_timeout,
                     name="hold-store",
                 )
@@ -431,7 +457,21 @@ class PostgresHoldStore:
         except HoldStoreError:
             raise
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                self._drop_broken()
             raise _failure(self.server, doing, exc, self.timeout) from exc
+
+    def _drop_broken(self) -> None:
+        """After a connection failed (the server restarted, the network dropped it), test
+        the pool's idle connections and replace the broken ones, so that this failure is
+        the only one they cause: the next call gets a live connection or a new one."""
+        pool = getattr(self, "_pool", None)  # None while the first connection is made
+        if pool is None or pool.closed:
+            return
+        try:
+            pool.check()
+        except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+            log.warning("store_pool_check_failed", error=_one_line(str(exc)))
 
     def _transaction(self, doing: str, work: Callable[[Cursor], T]) -> T:
         """``work`` in one transaction on one pooled connection: committed, or rolled back
@@ -557,56 +597,61 @@ class PostgresHoldStore:
         skipped (``SKIP LOCKED``), which makes the claim fail rather than wait."""
         if not hold_ids:
             return 0
+        attempted = None if attempts is None else tuple(attempts)
+        return self.claim_lanes([LaneClaim(tuple(hold_ids), claim_id, attempted)], at)[0]
+
+    def claim_lanes(self, lanes: Sequence[LaneClaim], at: float) -> list[int]:
+        """:meth:`claim` for several lanes in one transaction, sent as one pipeline: the
+        locks of all their devices (sorted), then each lane all or nothing."""
+        counts = [0] * len(lanes)
+        todo = [(index, lane) for index, lane in enumerate(lanes) if lane.hold_ids]
+        if not todo:
+            return counts
         stale = at - self.lease
-        ids = list(hold_ids)
         # "<gateway>.<attempt>": claims of this gateway's earlier attempts are its own to
         # take back (its passes run one at a time, so none of them is still relaying):
         # after a database outage the gateway does not wait out its own leases.
-        holder = claim_id.split(".", 1)[0]
-
-        def work(cur: Cursor) -> int:
-            cur.execute(
-                "SELECT DISTINCT device_id FROM held WHERE hold_id = ANY(%s) "
-                "AND bounce_of IS NULL ORDER BY device_id",
-                (ids,),
-            )
-            devices = [r["device_id"] for r in cur.fetchall()]
-            for device in devices:  # sorted: two claims never wait on each other in a cycle
-                cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCKS + 1, device))
-            if devices:
+        every_id = [hold_id for _, lane in todo for hold_id in lane.hold_ids]
+        with (
+            self._errors("write"),
+            self._pool.connection() as conn,
+            conn.pipeline(),  # one round trip for the whole transaction
+            conn.transaction(),
+        ):
+            cursors = []
+            with conn.cursor() as cur:
+                # The commit need not wait for the WAL's fsync: a claim lost in a crash of
+                # the server leaves the message held, to be relayed again (as with its claim).
+                cur.execute(b"SET LOCAL synchronous_commit = off")
+                # Sorted: no two claims wait on each other in a cycle.
+                cur.execute(_CLAIM_LOCKS, {"lock": _LOCKS + 1, "ids": every_id})
+            for _, lane in todo:
+                expected = ""
+                if lane.attempts is not None:
+                    expected = (
+                        " AND (hold_id, attempts) IN "
+                        "(SELECT * FROM unnest(%(ids)s::text[], %(attempts)s::int[]))"
+                    )
+                # A statement of its own, after the locks: its snapshot sees the claims of
+                # whoever held a lock before us.
+                cur = conn.cursor()
+                cursors.append(cur)
                 cur.execute(
-                    "SELECT 1 FROM held WHERE device_id = ANY(%s) AND bounce_of IS NULL "
-                    "AND claim_id IS NOT NULL AND split_part(claim_id, '.', 1) <> %s "
-                    "AND claimed_at >= %s LIMIT 1",
-                    (devices, holder, stale),
+                    _CLAIM.replace("{expected}", expected).encode(),
+                    {
+                        "ids": list(lane.hold_ids),
+                        "holder": lane.claim_id.split(".", 1)[0],
+                        "stale": stale,
+                        "claim": lane.claim_id,
+                        "at": at,
+                        "count": len(lane.hold_ids),
+                        "attempts": list(lane.attempts or ()),
+                    },
                 )
-                if cur.fetchone() is not None:
-                    return 0  # another gateway relays this device's mail now
-            expected = ""
-            params: list[object] = [claim_id, at, ids, holder, stale]
-            if attempts is not None:
-                expected = (
-                    " AND (hold_id, attempts) IN (SELECT * FROM unnest(%s::text[], %s::int[]))"
-                )
-                params += [ids, list(attempts)]
-            cur.execute(
-                (
-                    "UPDATE held SET claim_id = %s, claimed_at = %s WHERE seq IN ("
-                    "SELECT seq FROM held WHERE hold_id = ANY(%s) "
-                    "AND (claim_id IS NULL OR split_part(claim_id, '.', 1) = %s "
-                    "OR claimed_at < %s)"
-                    f"{expected} FOR UPDATE SKIP LOCKED)"
-                ).encode(),
-                params,
-            )
-            if cur.rowcount != len(ids):
-                raise ClaimRefused
-            return cur.rowcount
-
-        try:
-            return self._transaction("write", work)
-        except ClaimRefused:
-            return 0  # rolled back: the lane is tried again on a later pass
+        for (index, _), cur in zip(todo, cursors, strict=True):
+            counts[index] = cur.rowcount  # the lane's messages all, or 0 (nothing written)
+            cur.close()
+        return counts
 
     def unclaim(self, hold_ids: Sequence[str]) -> int:
         if not hold_ids:

@@ -10,12 +10,13 @@ actually sends; expiry pages too and reads only a message's headers for its boun
 memory does not grow with the number or size of held messages (bench/held_rss.py).
 
 Guarantee: at least once, never lost. Before a device's messages go upstream they are
-claimed in the store (one write); if that write fails nothing is sent. The claim is
-exclusive per device (on PostgreSQL shared by several gateways, and on SQLite shared by
-the workers of one ``gateway serve --workers N``): a lane another gateway or worker has
-claimed is skipped, so no two of them relay the same message. After the
-upstream answered, the outcome is recorded per recipient (RFC 5321 s 6.1: the client
-heard 250 at hold time, so each recipient is delivered, retried or bounced):
+claimed in the store (one write for all the lanes of a page, not one per device); if
+that write fails nothing is sent. The claim is exclusive per device (on PostgreSQL shared
+by several gateways, and on SQLite shared by the workers of one ``gateway serve --workers
+N``): a lane another gateway or worker has claimed is skipped, so no two of them relay the
+same message. After the upstream answered, the outcome is recorded per recipient (RFC 5321
+s 6.1: the client heard 250 at hold time, so each recipient is delivered, retried or
+bounced):
 
 2xx    done: the row is deleted (batched: one commit per DELETE_BATCH or quarter second)
 4xx    kept for those recipients, retried with exponential backoff
@@ -48,7 +49,7 @@ from gateway.domain import Action, Clock, Decision, DeviceClaims
 from gateway.errors import HoldStoreError
 from gateway.hold.dsn import FailedRecipient, expiry_report, refusal_report
 from gateway.hold.first_seen import FirstSeenTimes
-from gateway.hold.store import AsyncStore, HeldMessage, Settlement
+from gateway.hold.store import AsyncStore, HeldMessage, LaneClaim, Settlement
 from gateway.policy.engine import CompiledPolicySet, decide
 from gateway.policy.store import PolicyStore
 from gateway.replies import Reply
@@ -262,10 +263,16 @@ class Releaser:
                         # Bounces are sent whatever the device's state, each on its own.
                         lane = f"bounce:{held.hold_id}" if held.is_bounce else held.device_id
                         lanes.setdefault(lane, []).append(held)
+                releasable = [
+                    chosen
+                    for lane in lanes.values()
+                    if (chosen := await self._releasable(lane, compiled, newer_claims, now, report))
+                ]
+                claims = await self._claim(releasable, report)
                 async with asyncio.TaskGroup() as lanes_running:
-                    for lane in lanes.values():
+                    for lane, claim_id in claims:
                         lanes_running.create_task(
-                            self._release_lane(lane, compiled, newer_claims, now, legs, report)
+                            self._release_lane(lane, claim_id, now, legs, report)
                         )
                 if len(page) < PAGE_SIZE:
                     break
@@ -298,17 +305,16 @@ class Releaser:
             )
         return decide(compiled, claims, now, overrides=self.policies.overrides)
 
-    async def _release_lane(
+    async def _releasable(
         self,
         lane: list[HeldMessage],
         compiled: CompiledPolicySet,
         newer_claims: DeviceClaims | None,
         now: datetime,
-        legs: asyncio.Semaphore,
         report: ReleaseReport,
-    ) -> None:
-        """One device's due messages, in order; the first that stays held or is retried
-        stops the lane, so that later mail never overtakes it."""
+    ) -> list[HeldMessage]:
+        """The start of one device's due messages that may go now: the first that stays
+        held stops the lane, so that later mail never overtakes it."""
         releasable: list[HeldMessage] = []
         for index, held in enumerate(lane):
             claims = (
@@ -324,30 +330,54 @@ class Releaser:
                 report.blocked.append((held.device_id, held.hold_id))
                 break
             releasable.append(held)
-        if not releasable:
-            return
-        async with legs:
-            if self.fault is not None:
-                raise StoreFault(self.fault)  # another lane found the store failing
-            claim_id = f"{self.instance}.{uuid.uuid4().hex}"
-            try:
-                claimed = await self.store.claim(
-                    [h.hold_id for h in releasable],
-                    claim_id,
-                    time.time(),
-                    [h.attempts for h in releasable],
-                )
-            except HoldStoreError as exc:
-                raise self._store_fault(exc) from exc
-            if not claimed:
-                # A shared store refuses the claim while another gateway relays this
-                # device's mail (or when it changed since it was read): a later pass retries.
-                report.claimed_elsewhere += len(releasable)
-                return
-            attempted = 0
-            renewed = time.monotonic()
-            lost = False
-            try:
+        return releasable
+
+    async def _claim(
+        self, lanes: list[list[HeldMessage]], report: ReleaseReport
+    ) -> list[tuple[list[HeldMessage], str]]:
+        """Claim a page's lanes in one store write (one commit, not one per lane); the
+        lanes claimed, each with its claim id. A shared store refuses a lane while another
+        gateway relays that device's mail (or when it changed since it was read): a later
+        pass retries it."""
+        if not lanes:
+            return []
+        if self.fault is not None:
+            raise StoreFault(self.fault)
+        wanted = [
+            LaneClaim(
+                tuple(h.hold_id for h in lane),
+                f"{self.instance}.{uuid.uuid4().hex}",
+                tuple(h.attempts for h in lane),
+            )
+            for lane in lanes
+        ]
+        try:
+            counts = await self.store.claim_lanes(wanted, time.time())
+        except HoldStoreError as exc:
+            raise self._store_fault(exc) from exc
+        claimed = []
+        for lane, claim, count in zip(lanes, wanted, counts, strict=True):
+            if count:
+                claimed.append((lane, claim.claim_id))
+            else:
+                report.claimed_elsewhere += len(lane)
+        return claimed
+
+    async def _release_lane(
+        self,
+        releasable: list[HeldMessage],
+        claim_id: str,
+        now: datetime,
+        legs: asyncio.Semaphore,
+        report: ReleaseReport,
+    ) -> None:
+        """One device's claimed messages, in order; the first that is retried stops the
+        lane. What it did not send is unclaimed."""
+        renewed = time.monotonic()  # the lane's claim was written just before it started
+        attempted = 0
+        lost = False
+        try:
+            async with legs:
                 for held in releasable:
                     if self.fault is not None:
                         break
@@ -365,9 +395,11 @@ class Releaser:
                         report.still_held += len(releasable) - attempted
                         report.blocked.append((held.device_id, held.hold_id))
                         break
-            finally:
-                if not lost:  # a lost claim is another gateway's now: leave it alone
-                    await asyncio.shield(self._unclaim([h.hold_id for h in releasable[attempted:]]))
+        finally:
+            if not lost:  # a lost claim is another gateway's now: leave it alone
+                await asyncio.shield(self._unclaim([h.hold_id for h in releasable[attempted:]]))
+        if self.fault is not None and attempted == 0:
+            raise StoreFault(self.fault)  # another lane found the store failing
 
     async def _renew(self, rest: list[HeldMessage], claim_id: str) -> bool:
         """Extend this lane's lease on the messages it has yet to send; False if the lease

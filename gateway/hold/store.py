@@ -4,6 +4,13 @@ A message is held by one INSERT in one transaction; the client hears ``250 2.6.0
 after the COMMIT returned, which with synchronous=FULL means the WAL was fsynced. A
 failure rolls back, so no partial row is left; the client gets ``451 4.3.0``.
 
+Claims (a release attempt marking the messages it is about to relay) commit without
+waiting for the fsync (``synchronous=NORMAL`` for that transaction): durable across a
+crash of the process, and on disk once a later FULL commit or a checkpoint syncs the
+WAL. A claim lost to a power failure changes nothing that matters: the message is still
+held and is relayed again, as it would be with its claim. Waiting for the disk once per
+lane was most of a release pass (docs/performance.md).
+
 The store also answers the admin CLI (list, show, release, drop), which may run in
 another process at the same time: SQLite's locking makes that safe, and a busy timeout
 turns short lock waits into waits rather than errors.
@@ -568,6 +575,7 @@ class HoldStore:
         params: Sequence[object] = (),
         *,
         many: Sequence[Sequence[object]] | None = None,
+        synced: bool = True,
     ) -> int:
         """One statement (or one statement over ``many`` rows) in one transaction; rolled
         back on any failure. Returns the number of rows changed."""
@@ -577,22 +585,29 @@ class HoldStore:
                 return self._db.execute(sql, params).rowcount
             return self._db.executemany(sql, many).rowcount
 
-        return self._transaction(statement)
+        return self._transaction(statement, synced=synced)
 
-    def _transaction(self, work: Callable[[], T]) -> T:
-        """``work`` in one write transaction, committed, or rolled back on any failure."""
+    def _transaction(self, work: Callable[[], T], *, synced: bool = True) -> T:
+        """``work`` in one write transaction, committed, or rolled back on any failure.
+        ``synced=False``: the COMMIT does not wait for the fsync (claims only)."""
         with self._errors("write"):
-            self._db.execute("BEGIN IMMEDIATE")
+            if not synced:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                result = work()
-                self._db.execute("COMMIT")
-            except BaseException:
-                # Some failures (a full disk, an I/O error) end the transaction already;
-                # a failing ROLLBACK must not hide the error that caused it.
-                if self._db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work()
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    # Some failures (a full disk, an I/O error) end the transaction already;
+                    # a failing ROLLBACK must not hide the error that caused it.
+                    if self._db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                if not synced:
+                    self._db.execute("PRAGMA synchronous=FULL")
             return result
 
     def _insert_held(self, values: Sequence[object], message: bytes) -> None:
@@ -706,13 +721,20 @@ class HoldStore:
         take back. ``BEGIN IMMEDIATE`` serialises the check and the write across processes."""
         if not hold_ids:
             return 0
-        ids = list(hold_ids)
-        marks = ",".join("?" * len(ids))
-        holder = claim_id.split(".", 1)[0]
-        stale = at - self.lease
-        expected = list(attempts) if attempts is not None else [None] * len(ids)
+        lane = LaneClaim(tuple(hold_ids), claim_id, None if attempts is None else tuple(attempts))
+        return self.claim_lanes([lane], at)[0]
 
-        def work() -> int:
+    def claim_lanes(self, lanes: Sequence[LaneClaim], at: float) -> list[int]:
+        """:meth:`claim` for several lanes in one transaction (one commit for a page of a
+        release pass, not one per device), each lane all or nothing (a savepoint each);
+        how many messages of each lane were claimed. The commit need not wait for the
+        fsync: a claim lost in a crash leaves the message held, to be relayed again."""
+        stale = at - self.lease
+
+        def one_lane(lane: LaneClaim) -> int:
+            ids = list(lane.hold_ids)
+            marks = ",".join("?" * len(ids))
+            holder = lane.claim_id.split(".", 1)[0]
             devices = [
                 r[0]
                 for r in self._db.execute(
@@ -730,23 +752,38 @@ class HoldStore:
                     [*devices, holder, stale],
                 ).fetchone()
                 if busy is not None:
-                    raise ClaimRefused  # another process relays this device's mail now
+                    return 0  # another process relays this device's mail now
+            expected = list(lane.attempts) if lane.attempts is not None else [None] * len(ids)
             changed = 0
             for hold_id, tries in zip(ids, expected, strict=True):
                 changed += self._db.execute(
                     "UPDATE held SET claim_id = ?, claimed_at = ? WHERE hold_id = ? "
                     f"AND (claim_id IS NULL OR {_HOLDER} = ? OR claimed_at < ?) "
                     "AND (? IS NULL OR attempts = ?)",
-                    (claim_id, at, hold_id, holder, stale, tries, tries),
+                    (lane.claim_id, at, hold_id, holder, stale, tries, tries),
                 ).rowcount
             if changed != len(ids):
                 raise ClaimRefused
             return changed
 
-        try:
-            return self._transaction(work)
-        except ClaimRefused:
-            return 0  # rolled back: the lane is tried again on a later pass
+        def work() -> list[int]:
+            counts = []
+            for lane in lanes:
+                if not lane.hold_ids:
+                    counts.append(0)
+                    continue
+                self._db.execute("SAVEPOINT lane")
+                try:
+                    counts.append(one_lane(lane))
+                except ClaimRefused:
+                    self._db.execute("ROLLBACK TO lane")  # this lane only: tried again later
+                    counts.append(0)
+                self._db.execute("RELEASE lane")
+            return counts
+
+        if not lanes:
+            return []
+        return self._transaction(work, synced=False)
 
     def expire_claims(self) -> int:
         """Make every claim stale (kept, so ``claimed`` still counts them): called by the
@@ -762,6 +799,7 @@ class HoldStore:
         return self._write(
             f"UPDATE held SET claim_id = NULL, claimed_at = NULL WHERE hold_id IN ({marks})",
             list(hold_ids),
+            synced=False,
         )
 
     def claimed(self) -> int:
@@ -1125,6 +1163,16 @@ class HoldStore:
 
 
 @dataclass(frozen=True)
+class LaneClaim:
+    """One lane's claim in a batch (``claim_lanes``): its messages, in order, the attempt's
+    id, and each message's attempts as read (a shared store checks them)."""
+
+    hold_ids: tuple[str, ...]
+    claim_id: str
+    attempts: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Settlement:
     """The outcome of one release attempt for one held message, recorded at once.
 
@@ -1296,6 +1344,7 @@ class HoldBackend(Protocol):
         at: float,
         attempts: Sequence[int] | None = None,
     ) -> int: ...
+    def claim_lanes(self, lanes: Sequence[LaneClaim], at: float) -> list[int]: ...
     def unclaim(self, hold_ids: Sequence[str]) -> int: ...
     def claimed(self) -> int: ...
     def settle(self, settlement: Settlement) -> bool: ...
@@ -1385,6 +1434,9 @@ class AsyncStore:
         attempts: Sequence[int] | None = None,
     ) -> int:
         return await self._run(lambda store: store.claim(hold_ids, claim_id, at, attempts))
+
+    async def claim_lanes(self, lanes: Sequence[LaneClaim], at: float) -> list[int]:
+        return await self._run(lambda store: store.claim_lanes(lanes, at))
 
     async def unclaim(self, hold_ids: Sequence[str]) -> int:
         return await self._run(lambda store: store.unclaim(hold_ids))

@@ -114,3 +114,88 @@ def test_workers_bench_smoke_run_compares_one_worker_with_two() -> None:
     assert [(workers, failed) for workers, _, failed in rows] == [("1", "0"), ("2", "0")]
     assert all(int(rate) > 0 for _, rate, _ in rows)
     assert re.search(r"Ratio, 2 workers / 1: [\d.]+x", done.stdout)
+
+
+def _needs(*tools: str) -> None:
+    """Skip unless the servers a bench starts are installed (PostgreSQL is found the way the
+    test kit finds it, outside PATH on Debian)."""
+    from gateway.testing.postgres import PostgresUnavailable, server_binaries
+
+    try:
+        server_binaries()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    for tool in tools:
+        if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin") is None:
+            pytest.skip(f"needs {tool}")
+
+
+@pytest.mark.slow
+def test_stores_bench_smoke_run_compares_both_backends_side_by_side() -> None:
+    """`bench.stores --smoke`: holds and a release on SQLite and on a throwaway PostgreSQL,
+    every figure a positive rate, the ratio printed (the targets are judged by full runs)."""
+    _needs("smtp-sink")
+    done = run_bench("stores", "--smoke", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = done.stdout
+    assert "## Holds: messages/s" in report
+    holds = re.findall(
+        r"^\| (4|64) KiB, (1|16) sessions? \| ([\d,]+) \| ([\d,]+) \| ([\d.]+) \|",
+        report,
+        re.MULTILINE,
+    )
+    assert [(size, sessions) for size, sessions, *_ in holds] == [
+        ("4", "1"), ("4", "16"), ("64", "1"), ("64", "16"),
+    ]  # fmt: skip
+    for _, _, sqlite, postgres, ratio in holds:
+        sqlite_rate, postgres_rate = (float(v.replace(",", "")) for v in (sqlite, postgres))
+        assert sqlite_rate > 0
+        assert postgres_rate > 0
+        assert float(ratio) == pytest.approx(postgres_rate / sqlite_rate, abs=0.02, rel=0.02)
+    assert re.search(r"in every cell: lowest ratio [\d.]+: not judged", report)
+    release = {
+        backend: (rate, cpu)
+        for backend, rate, cpu in re.findall(
+            r"^\| (SQLite|PostgreSQL) \| ([\d,]+) \| ([\d.]+) \|", report, re.MULTILINE
+        )
+    }
+    assert set(release) == {"SQLite", "PostgreSQL"}
+    for rate, cpu in release.values():
+        assert float(rate.replace(",", "")) > 0
+        assert float(cpu) > 0  # the gateway's CPU per released message
+    assert re.search(r"^PostgreSQL / SQLite: [\d.]+$", report, re.MULTILINE)
+    assert report.count("release >= 1,000 messages/s") == 2
+    assert "smtp-sink left running: no" in report
+
+
+@pytest.mark.slow
+def test_fleet_bench_smoke_run_reports_every_replica_count_and_the_rate_cost() -> None:
+    """`bench.fleet --smoke`: 1, 2 and 3 gateways on one PostgreSQL behind HAProxy, both
+    workloads, no failed message, every replica given sessions, the per-user rate's cost."""
+    _needs("smtp-sink", "haproxy")
+    done = run_bench("fleet", "--smoke", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = done.stdout
+    assert "CPU cores are shared by the generator, HAProxy, PostgreSQL" in report
+    rows = re.findall(
+        r"^\| (relay|hold) \| (\d) \| ([\d,]+) \| [\d.]+ \| ([\d.]+) \| ([\d.]+) \| (\d+) \|",
+        report,
+        re.MULTILINE,
+    )
+    assert [(w, r) for w, r, *_ in rows] == [
+        (w, r) for w in ("relay", "hold") for r in ("1", "2", "3")
+    ]
+    for _, _, rate, p50, p99, failed in rows:
+        assert float(rate.replace(",", "")) > 0
+        assert float(p99) >= float(p50) > 0
+        assert failed == "0"
+    spread = re.search(r"1 replica\(s\): (\d+); 2 replica\(s\): (\d+), (\d+); "
+                       r"3 replica\(s\): (\d+), (\d+), (\d+)", report)  # fmt: skip
+    assert spread is not None
+    assert all(int(sessions) > 0 for sessions in spread.groups())  # round robin reached all
+    durable = re.search(r"durable \(synchronous_commit on\): ([\d,]+) µs per message", report)
+    assert durable is not None
+    assert int(durable.group(1).replace(",", "")) > 0
+    assert "a limit of L per replica lets a user send up to N x L" in report
+    assert "failed messages: 0" in report
+    assert "smtp-sink left running: no" in report

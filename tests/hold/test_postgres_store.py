@@ -27,7 +27,14 @@ from gateway.domain import Access
 from gateway.errors import HoldStoreError, HoldStoreLowOnSpace, SettingsError
 from gateway.hold.backend import open_store
 from gateway.hold.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresHoldStore, _failure
-from gateway.hold.store import HoldBackend, HoldFilter, HoldStore, Settlement, overrides_of
+from gateway.hold.store import (
+    HoldBackend,
+    HoldFilter,
+    HoldStore,
+    LaneClaim,
+    Settlement,
+    overrides_of,
+)
 from gateway.policy.history import Snapshot, read_contents, snapshot
 from gateway.policy.loader import load_policy_dir
 from gateway.testing.harness import write_config
@@ -294,6 +301,76 @@ def test_a_device_lane_is_claimed_by_one_gateway_at_a_time_until_its_lease_ends(
     one.postpone(first[0], 0, "451 later")
     assert two.claim([first[0]], "gw2", now, attempts=[0]) == 0
     assert two.claim([first[0]], "gw2", now, attempts=[1]) == 1
+
+
+def test_a_page_of_lanes_is_claimed_in_one_call_with_a_count_per_lane(
+    store: HoldBackend,
+) -> None:
+    """Release claims a page's lanes together (one commit); each lane's count comes back
+    in order, an empty lane claims nothing."""
+    first = [store.hold(held(1)) for _ in range(2)]
+    second = [store.hold(held(2))]
+    lanes = [
+        LaneClaim(tuple(first), "gw.1"),
+        LaneClaim((), "gw.2"),
+        LaneClaim(tuple(second), "gw.3"),
+    ]
+    assert store.claim_lanes(lanes, time.time()) == [2, 0, 1]
+    assert {m.hold_id: m.claim_id for m in store.select()} == {
+        first[0]: "gw.1",
+        first[1]: "gw.1",
+        second[0]: "gw.3",
+    }
+
+
+def test_lanes_claimed_together_are_each_all_or_nothing(pg_url: str) -> None:
+    """In one batch, a lane whose device another gateway is relaying, or with a message
+    retried since it was read, is left alone; the other lanes are claimed."""
+    one, two = pg(pg_url, claim_lease=60), pg(pg_url, claim_lease=60)
+    try:
+        free = [one.hold(held(1)) for _ in range(2)]
+        busy = [one.hold(held(2)) for _ in range(2)]
+        retried = one.hold(held(3))
+        now = time.time()
+        assert one.claim(busy[:1], "gwA.x", now) == 1  # gateway A relays device 2's mail
+        one.postpone(retried, 0, "451 later")  # attempts 0 -> 1 after gateway B read it
+        lanes = [
+            LaneClaim(tuple(free), "gwB.1", (0, 0)),
+            LaneClaim(tuple(busy), "gwB.2", (0, 0)),
+            LaneClaim((retried,), "gwB.3", (0,)),
+        ]
+        assert two.claim_lanes(lanes, now) == [2, 0, 0]
+        claimed = {m.hold_id: m.claim_id for m in two.select()}
+        assert [claimed[h] for h in free] == ["gwB.1", "gwB.1"]
+        assert [claimed[h] for h in busy] == ["gwA.x", None]  # nothing of the lane written
+        assert claimed[retried] is None
+    finally:
+        one.close()
+        two.close()
+
+
+def test_after_a_server_restart_one_call_fails_and_the_pool_replaces_the_rest(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    """Pooled connections are not checked at each checkout (a round trip per call): the
+    first call on a connection the restart broke fails (a hold gets 451), and that
+    failure has the idle ones checked and replaced, so the calls after it succeed."""
+    store = pg(pg_url, pool_size=4)
+    try:
+        store._pool.resize(4, 4)  # four idle connections, all broken by the restart
+        store._pool.wait(10)
+        store.hold(held(1))
+        postgres.call(postgres.server.restart())
+        outcomes = []
+        for _ in range(8):
+            try:
+                outcomes.append(store.count())
+            except HoldStoreError:
+                outcomes.append(-1)
+        assert outcomes.count(-1) <= 1
+        assert outcomes[1:] == [1] * 7
+    finally:
+        store.close()
 
 
 def test_concurrent_claims_from_many_threads_have_exactly_one_winner(pg_url: str) -> None:

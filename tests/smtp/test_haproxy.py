@@ -185,6 +185,33 @@ async def test_per_address_limits_see_the_phones_not_haproxy(
             )
 
 
+async def test_the_per_user_message_rate_is_per_replica_so_n_replicas_admit_n_times_it(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    """`messages_per_user_per_minute` is counted in each gateway's memory: with a limit of
+    one and two replicas taking turns, one user gets two messages a minute through, one on
+    each replica, and the third is refused (docs/operations.md, "Limits are per gateway")."""
+    async with fleet(tmp_path, issuer, limits={"messages_per_user_per_minute": 1}) as (
+        haproxy,
+        gateways,
+        upstream,
+        _,
+    ):
+        alice = FakeDevice(issuer, user="alice@example.test")
+        first = await alice.send(haproxy.port, source_address=PHONE_A)
+        second = await alice.send(haproxy.port, source_address=PHONE_A)
+        third = await alice.send(haproxy.port, source_address=PHONE_A)
+    assert first.accepted
+    assert second.accepted
+    assert third.mail == (450, "4.7.1 Too many messages; please try again in a minute")
+    assert len(upstream.messages) == 2
+    for gw in gateways:  # one message on each replica; the third hit the first one's bucket
+        refusals = gw.server.services.metrics.render().decode()
+        assert ('gateway_limit_refusals_total{limit="messages_per_user"} 1.0' in refusals) == (
+            gw is gateways[0]
+        )
+
+
 @pytest.mark.parametrize("proxy", ["send-proxy-v2", "send-proxy"])
 async def test_received_header_and_decision_event_carry_the_phones_address(
     tmp_path: Path, issuer: TestIssuer, proxy: str
