@@ -323,30 +323,33 @@ def test_a_page_of_lanes_is_claimed_in_one_call_with_a_count_per_lane(
     }
 
 
-def test_lanes_claimed_together_are_each_all_or_nothing(pg_url: str) -> None:
-    """In one batch, a lane whose device another gateway is relaying, or with a message
-    retried since it was read, is left alone; the other lanes are claimed."""
-    one, two = pg(pg_url, claim_lease=60), pg(pg_url, claim_lease=60)
-    try:
-        free = [one.hold(held(1)) for _ in range(2)]
-        busy = [one.hold(held(2)) for _ in range(2)]
-        retried = one.hold(held(3))
-        now = time.time()
-        assert one.claim(busy[:1], "gwA.x", now) == 1  # gateway A relays device 2's mail
-        one.postpone(retried, 0, "451 later")  # attempts 0 -> 1 after gateway B read it
-        lanes = [
-            LaneClaim(tuple(free), "gwB.1", (0, 0)),
-            LaneClaim(tuple(busy), "gwB.2", (0, 0)),
-            LaneClaim((retried,), "gwB.3", (0,)),
-        ]
-        assert two.claim_lanes(lanes, now) == [2, 0, 0]
-        claimed = {m.hold_id: m.claim_id for m in two.select()}
-        assert [claimed[h] for h in free] == ["gwB.1", "gwB.1"]
-        assert [claimed[h] for h in busy] == ["gwA.x", None]  # nothing of the lane written
-        assert claimed[retried] is None
-    finally:
-        one.close()
-        two.close()
+def test_lanes_claimed_together_are_each_all_or_nothing(
+    pair: tuple[HoldBackend, HoldBackend],
+) -> None:
+    """In one batch, a lane whose device another gateway (or worker) is relaying, or with a
+    message retried since it was read, is left alone, including the messages of it that
+    could have been claimed; the other lanes are claimed."""
+    one, two = pair
+    free = [one.hold(held(1)) for _ in range(2)]
+    busy = [one.hold(held(2)) for _ in range(2)]
+    retried = one.hold(held(3))
+    half = [one.hold(held(4)) for _ in range(2)]
+    now = time.time()
+    assert one.claim(busy[:1], "gwA.x", now) == 1  # gateway A relays device 2's mail
+    one.postpone(retried, 0, "451 later")  # attempts 0 -> 1 after gateway B read it
+    one.postpone(half[1], 0, "451 later")  # the lane's second message only
+    lanes = [
+        LaneClaim(tuple(free), "gwB.1", (0, 0)),
+        LaneClaim(tuple(busy), "gwB.2", (0, 0)),
+        LaneClaim((retried,), "gwB.3", (0,)),
+        LaneClaim(tuple(half), "gwB.4", (0, 0)),
+    ]
+    assert two.claim_lanes(lanes, now) == [2, 0, 0, 0]
+    claimed = {m.hold_id: m.claim_id for m in two.select()}
+    assert [claimed[h] for h in free] == ["gwB.1", "gwB.1"]
+    assert [claimed[h] for h in busy] == ["gwA.x", None]  # nothing of the lane written
+    assert claimed[retried] is None
+    assert [claimed[h] for h in half] == [None, None]  # its first message rolled back too
 
 
 def test_after_a_server_restart_one_call_fails_and_the_pool_replaces_the_rest(
