@@ -90,7 +90,9 @@ def guard_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
     for key, value in event.items():
         if key.lower() in _SECRET_KEYS:
             event[key] = "<redacted>"
-        elif key not in ("exception", "exc_info"):
+        elif key == "exception" and isinstance(value, str):
+            event[key] = _JWS_RE.sub("<redacted-token>", value)  # newlines kept: JSON escapes
+        elif key != "exc_info":
             event[key] = _guard(value)
     return event
 
@@ -117,8 +119,8 @@ def _processors(json: bool) -> Iterable[Any]:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        *exceptions,  # rendered first, so that the guard masks tokens in the traceback too
         guard_fields,
-        *exceptions,
         renderer,
     ]
 

@@ -145,3 +145,20 @@ async def test_hold_release_and_drop_are_audited_and_the_server_logs_the_release
         e for e in map(json.loads, stream.getvalue().splitlines()) if e["event"] == "released"
     ]
     assert [(e["hold_id"], e["requested"]) for e in released] == [(first, True)]
+
+
+def test_a_token_in_an_exceptions_text_is_masked_in_the_rendered_traceback() -> None:
+    """A library may put what it was given into its exception's message: the traceback
+    in the log line must not carry a device token either (its newlines stay JSON-escaped)."""
+    token = FakeDevice(TestIssuer.generate("k1")).token()
+    stream = io.StringIO()
+    logs.configure("info", stream=stream)
+    try:
+        raise ValueError(f"cannot parse {token}")
+    except ValueError:
+        structlog.get_logger("gateway").error("parse_failed", exc_info=True)
+    (line,) = stream.getvalue().splitlines()
+    event = json.loads(line)
+    assert token not in line
+    assert "ValueError: cannot parse <redacted-token>" in event["exception"]
+    assert "Traceback (most recent call last):\n" in event["exception"]
