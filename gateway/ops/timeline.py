@@ -1,8 +1,8 @@
 """Decisions over the last hours, in memory: counts per action per time bucket, for the
 admin overview's chart (GET /api/v1/decisions).
 
-Fed where submission decisions are counted (:meth:`Metrics.decided`), so it counts what
-``gateway_decisions`` counts, but per bucket. Bounded: at most ``buckets`` buckets of at
+Fed where submission decisions are counted (:meth:`Metrics.decided`): the decisions
+``gateway_decisions`` counts, each once (the metric counts one per policy), per bucket. Bounded: at most ``buckets`` buckets of at
 most one count per action (five), whatever the traffic. Per process and since its start:
 a restart begins an empty chart, and on a fleet each replica charts its own decisions
 (the fleet's sum is Prometheus's job).
