@@ -755,6 +755,8 @@ def impact_pool() -> ProcessPoolExecutor:
 
 def _lowest_priority() -> None:
     os.setpriority(os.PRIO_PROCESS, 0, IMPACT_NICENESS)
+    if hasattr(os, "SCHED_IDLE"):  # Linux: run only on a core nothing else wants
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def preview_from_store(

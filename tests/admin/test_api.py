@@ -282,7 +282,9 @@ def test_the_impact_preview_worker_runs_at_the_lowest_cpu_priority() -> None:
     the one that waits, not SMTP (docs/admin.md)."""
     with impact_pool() as pool:
         niceness = pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(timeout=60)
+        policy = pool.submit(os.sched_getscheduler, 0).result(timeout=60)
     assert niceness == IMPACT_NICENESS == 19
+    assert policy == os.SCHED_IDLE  # Linux: only cores nothing else wants
 
 
 def desktop_ban_announced_now() -> str:
