@@ -490,19 +490,28 @@ class Handlers:
         if self._pool is None:
             self._pool = impact_pool()
         try:
-            return await loop.run_in_executor(
-                self._pool,
-                preview_from_store,
-                _picklable(self.api.policies.current.source),
-                text,
-                mode,
-                self.api.settings.hold.database,
-                self.api.settings.store,
-                since,
-                now,
-                self.api.blast_radius_limit,
-                self.api.settings.notices,
-            )
+            async with asyncio.timeout(IMPACT_TIMEOUT):
+                return await loop.run_in_executor(
+                    self._pool,
+                    preview_from_store,
+                    _picklable(self.api.policies.current.source),
+                    text,
+                    mode,
+                    self.api.settings.hold.database,
+                    self.api.settings.store,
+                    since,
+                    now,
+                    self.api.blast_radius_limit,
+                    self.api.settings.notices,
+                )
+        except TimeoutError as exc:
+            # The worker runs only on CPU nothing else wants: on a machine SMTP keeps busy
+            # it may not finish. Its work is bounded; the admin is told, not kept waiting.
+            raise ApiError(
+                503,
+                f"the impact preview did not finish within {IMPACT_TIMEOUT:.0f} s: the "
+                "gateway's CPU is busy serving mail; try again later",
+            ) from exc
         except BrokenProcessPool as exc:
             self._pool = None
             log.error("impact_preview_worker_failed", error=type(exc).__name__)
@@ -739,6 +748,7 @@ def _picklable(policy_set: PolicySet) -> PolicySet:
 
 
 IMPACT_NICENESS = 19  # the lowest CPU priority: a preview waits while SMTP has work
+IMPACT_TIMEOUT = 300.0  # seconds an admin's preview request waits for the worker
 
 
 def impact_pool() -> ProcessPoolExecutor:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.admin import api as api_module
 from gateway.admin.api import IMPACT_NICENESS, Handlers, impact_pool
 from gateway.cli import main
 from gateway.domain import utc_now
@@ -372,6 +373,19 @@ def test_token_add_prints_the_token_once_and_stores_its_hash(
     assert found.name == "ann"
     assert main(["admin", "token", "add", "ann", "--role", "operator", "--file", str(path)]) == 2
     assert "already has a token named 'ann'" in capsys.readouterr().err
+
+
+async def test_an_impact_preview_that_does_not_finish_in_time_is_a_503_with_a_reason(
+    tmp_path: Path, issuer: TestIssuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker runs only on CPU nothing else wants: when it cannot finish in time, the
+    admin gets a 503 saying why instead of a request that never ends."""
+    monkeypatch.setattr(api_module, "IMPACT_TIMEOUT", 0.01)  # a spawned worker takes longer
+    async with console(tmp_path, issuer) as c:
+        status, body = await c.viewer.post("/impact", data=tiktok_ban("warn"))
+    assert status == 503
+    assert "did not finish within 0 s" in body["error"]
+    assert "try again later" in body["error"]
 
 
 async def test_a_drop_with_dsn_of_mail_another_gateway_settled_counts_and_bounces_nothing(
