@@ -843,20 +843,11 @@ def cmd_admin_token_add(args: argparse.Namespace) -> int:
 
 # --- impact ------------------------------------------------------------------------------
 
-IMPACT_ROWS = 1000  # notices listed per kind by `gateway impact` (the counts are whole)
-
 
 def cmd_impact(args: argparse.Namespace) -> int:
-    from gateway.hold.backend import describe_store, open_store
-    from gateway.hold.store import HoldStore, overrides_of
-    from gateway.policy.diff import PolicyDiff
-    from gateway.policy.impact import (
-        WhoIsTold,
-        assess,
-        blast_radius_refusal,
-        rollout_stages,
-        who_is_told,
-    )
+    from gateway.hold.backend import describe_store, open_store, read_preview_inputs
+    from gateway.hold.store import HoldStore
+    from gateway.policy.impact import LISTED_ROWS, preview_change, rollout_stages
     from gateway.policy.model import PolicySet
 
     settings = _settings(args)
@@ -883,15 +874,11 @@ def cmd_impact(args: argparse.Namespace) -> int:
         )
     store: HoldBackend = open_store(settings) if shared else HoldStore(inventory)
     try:
-        devices = store.devices(since)
-        accesses = store.device_accesses(since)
-        known = 0 if devices else len(store.devices(datetime.fromtimestamp(0, UTC)))
-        both = live.source.policies + candidate.source.policies
-        graced = any(p.grace for p in both)
-        first_seen = {d.device.id: store.first_seen_times(d.device.id) for d in devices if graced}
         # As the gateway decides at --at: with the operator overrides then in force.
-        overrides = overrides_of(store.policy_overrides(now))
-        sent = store.notices_sent([p.id for p in both]) if settings.notices else set()
+        both = live.source.policies + candidate.source.policies
+        inputs = read_preview_inputs(store, since, now, both, settings.notices)
+        devices = inputs.devices
+        known = 0 if devices else len(store.devices(datetime.fromtimestamp(0, UTC)))
     finally:
         store.close()
     if not devices:
@@ -903,32 +890,9 @@ def cmd_impact(args: argparse.Namespace) -> int:
             "impact cannot say whom a change affects (the gateway records each device as it "
             "authenticates)",
         )
-    every = frozenset(Access)
-    report = assess(
-        live,
-        candidate,
-        devices,
-        now,
-        accesses_of=lambda c: accesses.get(c.device.id, every),
-        overrides=(overrides, overrides),
-    )
+    change = preview_change(live, candidate, inputs, now, settings.max_newly_blocked_devices)
+    report, told, refusal, overrides = change.report, change.told, change.refusal, inputs.overrides
     stages = rollout_stages(candidate, devices, now, overrides)
-    told = (
-        who_is_told(
-            live,
-            candidate,
-            devices,
-            now,
-            lambda c: accesses.get(c.device.id, every),
-            lambda device_id: first_seen.get(device_id, {}),
-            sent,
-            overrides,
-        )
-        if settings.notices
-        else WhoIsTold()
-    )
-    diff = PolicyDiff.between(live.source, candidate.source)
-    refusal = blast_radius_refusal(report, candidate, diff, settings.max_newly_blocked_devices)
     code = EXIT_BAD if refusal is not None else EXIT_OK
     if args.json:
         _print_json(
@@ -943,7 +907,7 @@ def cmd_impact(args: argparse.Namespace) -> int:
                 "rollout_stages": [s.as_dict() for s in stages],
                 # Who would be told: the announcement (each device once per policy: those
                 # told before are not again) and the "disregard" notice of a withdrawal.
-                "notices": {"enabled": settings.notices, **told.as_dict(IMPACT_ROWS)},
+                "notices": {"enabled": settings.notices, **told.as_dict(LISTED_ROWS)},
                 "overrides": {
                     "suspended": sorted(overrides.suspended),
                     "exempt": [{"policy_id": p, "subject": s} for p, s in sorted(overrides.exempt)],
@@ -995,10 +959,10 @@ def cmd_impact(args: argparse.Namespace) -> int:
             f"{title:<16} {len({r.device_id for r in rows_told})} device(s), "
             f"{len({r.user for r in rows_told})} user(s) ({what}; each device once per policy)"
         )
-        for row in rows_told[:IMPACT_ROWS]:
+        for row in rows_told[:LISTED_ROWS]:
             print(_terminal_safe(f"    {row.device_id:<24} {row.user:<30} {row.policy_id}"))
-        if len(rows_told) > IMPACT_ROWS:
-            print(f"    ... and {len(rows_told) - IMPACT_ROWS} more (--json lists {IMPACT_ROWS})")
+        if len(rows_told) > LISTED_ROWS:
+            print(f"    ... and {len(rows_told) - LISTED_ROWS} more (--json lists {LISTED_ROWS})")
     if overrides:
         print(
             _terminal_safe(

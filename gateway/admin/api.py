@@ -47,18 +47,17 @@ from gateway.admin.openapi import OPENAPI
 from gateway.admin.tokens import Admin, Role, TokensFile, TokensFileError
 from gateway.config.settings import Settings, StoreSettings
 from gateway.devices.inventory import Inventory
-from gateway.domain import NO_OVERRIDES, Access, Clock, DeviceClaims, Overrides
+from gateway.domain import Access, Clock, DeviceClaims, Overrides
 from gateway.errors import HoldStoreError, PolicyLoadError, Problem
-from gateway.hold.backend import open_store_at
+from gateway.hold.backend import open_store_at, read_preview_inputs
 from gateway.hold.dsn import admin_drop_report
 from gateway.hold.release import Releaser, Spawn
-from gateway.hold.store import AsyncStore, HeldMessage, HoldFilter, Settlement, overrides_of
+from gateway.hold.store import AsyncStore, HeldMessage, HoldFilter, Settlement
 from gateway.ops.logs import printable
 from gateway.ops.timeline import DecisionTimeline
-from gateway.policy.diff import PolicyDiff
 from gateway.policy.engine import CompiledPolicySet, compile_policy_set, decide
 from gateway.policy.history import KEEP_VERSIONS, VERSION_PATTERN, PolicyVersion, compare
-from gateway.policy.impact import WhoIsTold, assess, blast_radius_refusal, who_is_told
+from gateway.policy.impact import LISTED_ROWS, PreviewInputs, preview_change
 from gateway.policy.loader import load_policy_dir
 from gateway.policy.model import PolicySet
 from gateway.policy.store import PolicyStore, ReloadResult
@@ -71,7 +70,6 @@ MAX_POLICY_BYTES = 1024 * 1024  # an uploaded candidate policy file
 MAX_HEADERS = 200  # header fields shown for one held message
 MAX_HEADER_VALUE = 2000  # characters of one header value shown
 MAX_BULK = 10_000  # messages one bulk drop with DSN settles
-MAX_IMPACT_ROWS = 1000  # devices listed per category of an impact preview (counts are whole)
 MAX_FILTER = 320  # characters of a filter value (an address's longest)
 _HOLD_ID = re.compile(r"^[0-9a-f]{32}$")
 _VERSION = re.compile(VERSION_PATTERN)
@@ -790,37 +788,11 @@ def preview_from_store(
         return candidate
     store = open_store_at(database, store_settings)
     try:
-        devices = store.devices(since)
-        accesses = store.device_accesses(since)
-        state = PreviewState(overrides_of(store.policy_overrides(now)), notices=notices)
-        if notices:
-            both = live.policies + candidate.source.policies
-            graced = any(p.grace for p in both)
-            state = dataclasses.replace(
-                state,
-                sent=frozenset(store.notices_sent([p.id for p in both])),
-                first_seen={
-                    d.device.id: store.first_seen_times(d.device.id) for d in devices if graced
-                },
-            )
+        both = live.policies + candidate.source.policies
+        inputs = read_preview_inputs(store, since, now, both, notices)
     finally:
         store.close()
-    return preview(compiled, candidate, mode, devices, accesses, now, limit, state)
-
-
-@dataclass(frozen=True)
-class PreviewState:
-    """What the preview reads besides the inventory: the operator overrides in force,
-    the notices sent so far (device, policy, phase), per device the first-seen times
-    (grace policies), and whether notices are sent at all ([gateway] notices)."""
-
-    overrides: Overrides = NO_OVERRIDES
-    sent: frozenset[tuple[str, str, str]] = frozenset()
-    first_seen: Mapping[str, Mapping[str, datetime]] = dataclasses.field(default_factory=dict)
-    notices: bool = True
-
-
-PREVIEW_STATE = PreviewState()
+    return preview(compiled, candidate, mode, inputs, now, limit)
 
 
 def candidate_of(
@@ -852,45 +824,20 @@ def preview(
     live: CompiledPolicySet,
     candidate: CompiledPolicySet,
     mode: str,
-    devices: list[DeviceClaims],
-    accesses: Mapping[str, frozenset[Access]],
+    inputs: PreviewInputs,
     now: datetime,
     limit: int | None,
-    state: PreviewState = PREVIEW_STATE,
 ) -> dict[str, object]:
-    """The impact of a candidate set over the inventory (CPU: run in a worker process):
-    whom it newly warns, holds or rejects, whom it releases, and whom it would tell."""
-    every = frozenset(Access)
-    overrides = state.overrides
-    report = assess(
-        live,
-        candidate,
-        devices,
-        now,
-        lambda c: accesses.get(c.device.id, every),
-        overrides=(overrides, overrides),
-    )
-    diff = PolicyDiff.between(live.source, candidate.source)
-    refusal = blast_radius_refusal(report, candidate, diff, limit)
-    told = (
-        who_is_told(
-            live,
-            candidate,
-            devices,
-            now,
-            lambda c: accesses.get(c.device.id, every),
-            lambda device_id: state.first_seen.get(device_id, {}),
-            state.sent,
-            overrides,
-        )
-        if state.notices
-        else WhoIsTold()
-    )
-    rows = report.as_dict()
+    """The impact of a candidate set over the inventory (CPU: run in a worker process),
+    as the API's answer: whom it newly warns, holds or rejects, whom it releases, and
+    whom it would tell, each list bounded."""
+    change = preview_change(live, candidate, inputs, now, limit)
+    diff, overrides, refusal = change.diff, inputs.overrides, change.refusal
+    rows = change.report.as_dict()
     lists = ("newly_warned", "newly_deferred", "newly_held", "newly_rejected", "released")
     counts = {key: len(rows[key]) for key in lists}  # type: ignore[arg-type]
     for key in lists:  # the first rows only: a page or a client needs no 25,000-row answer
-        rows[key] = rows[key][:MAX_IMPACT_ROWS]  # type: ignore[index]
+        rows[key] = rows[key][:LISTED_ROWS]  # type: ignore[index]
     return {
         "at": now.isoformat(),
         "mode": mode,
@@ -904,8 +851,8 @@ def preview(
         },
         **rows,
         "counts": counts,
-        "rows_limit": MAX_IMPACT_ROWS,
-        "notices": {"enabled": state.notices, **told.as_dict(MAX_IMPACT_ROWS)},
+        "rows_limit": LISTED_ROWS,
+        "notices": {"enabled": inputs.notices, **change.told.as_dict(LISTED_ROWS)},
         "overrides": {
             "suspended": sorted(overrides.suspended),
             "exempt": [{"policy_id": p, "subject": s} for p, s in sorted(overrides.exempt)],

@@ -4,6 +4,8 @@ gateway), or PostgreSQL at ``[store] url`` (shared by several). Both satisfy
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 
 from gateway.config.settings import Settings, StoreSettings
@@ -13,8 +15,11 @@ from gateway.hold.store import (
     AsyncStore,
     HoldBackend,
     HoldStore,
+    overrides_of,
 )
 from gateway.ops.workers import Peers, WorkerRole
+from gateway.policy.impact import PreviewInputs
+from gateway.policy.model import Policy
 
 
 def describe_store(settings: Settings) -> str:
@@ -55,4 +60,34 @@ def async_store(settings: Settings, worker: WorkerRole | None = None) -> AsyncSt
         min_free_bytes=settings.hold.min_free_bytes,
         lease=settings.store.claim_lease,
         peers=Peers(worker) if worker is not None else None,
+    )
+
+
+def read_preview_inputs(
+    store: HoldBackend,
+    since: datetime,
+    now: datetime,
+    policies: Iterable[Policy],
+    notices: bool,
+) -> PreviewInputs:
+    """What an impact preview of a change to ``policies`` (both sets' policies) reads
+    from the store: the devices seen since ``since``, what each was seen doing, the
+    operator overrides in force at ``now``, and, when notices are sent, the notices sent
+    for those policies and (only if one has a grace period) each device's first-seen
+    times. `gateway impact` and the admin API's preview read it alike."""
+    policies = list(policies)
+    devices = tuple(store.devices(since))
+    sent: frozenset[tuple[str, str, str]] = frozenset()
+    first_seen: dict[str, dict[str, datetime]] = {}
+    if notices:
+        sent = frozenset(store.notices_sent([p.id for p in policies]))
+        if any(p.grace for p in policies):
+            first_seen = {d.device.id: store.first_seen_times(d.device.id) for d in devices}
+    return PreviewInputs(
+        devices,
+        store.device_accesses(since),
+        overrides_of(store.policy_overrides(now)),
+        sent,
+        first_seen,
+        notices,
     )

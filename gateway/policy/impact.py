@@ -411,3 +411,70 @@ def who_is_told(
     )
     withdrawn = tuple(dict.fromkeys(Told(u, d, p) for p, u, d in noticed))
     return WhoIsTold(announced, withdrawn)
+
+
+LISTED_ROWS = 1000  # rows a preview lists per category or notice kind (counts are whole)
+
+
+@dataclass(frozen=True)
+class PreviewInputs:
+    """What a preview reads besides the two policy sets: the inventory, what each device
+    was seen doing, the operator overrides in force, the notices sent so far (device,
+    policy, phase), per device its first-seen times (grace policies), and whether notices
+    are sent at all (``[gateway] notices``)."""
+
+    devices: tuple[DeviceClaims, ...]
+    accesses: Mapping[str, frozenset[Access]]
+    overrides: Overrides = NO_OVERRIDES
+    sent: frozenset[tuple[str, str, str]] = frozenset()
+    first_seen: Mapping[str, Mapping[str, datetime]] = field(default_factory=dict)
+    notices: bool = True
+
+    def accesses_of(self, claims: DeviceClaims) -> frozenset[Access]:
+        """What the device was seen doing (every access when the inventory does not say)."""
+        return self.accesses.get(claims.device.id, _EVERY_ACCESS)
+
+
+_EVERY_ACCESS = frozenset(Access)
+
+
+@dataclass(frozen=True)
+class ChangePreview:
+    """One change's impact: whom it newly blocks or releases, whom it would tell, what it
+    changes, and the blast-radius guard's refusal (None: it would load)."""
+
+    report: ImpactReport
+    told: WhoIsTold
+    diff: PolicyDiff
+    refusal: str | None
+
+
+def preview_change(
+    live: CompiledPolicySet,
+    candidate: CompiledPolicySet,
+    inputs: PreviewInputs,
+    now: datetime,
+    limit: int | None,
+) -> ChangePreview:
+    """The impact of going from ``live`` to ``candidate`` at ``now``, as the gateway would
+    decide then (with the overrides in force): for `gateway impact` and the admin API."""
+    overrides = inputs.overrides
+    report = assess(
+        live, candidate, inputs.devices, now, inputs.accesses_of, overrides=(overrides, overrides)
+    )
+    diff = PolicyDiff.between(live.source, candidate.source)
+    told = (
+        who_is_told(
+            live,
+            candidate,
+            inputs.devices,
+            now,
+            inputs.accesses_of,
+            lambda device_id: inputs.first_seen.get(device_id, {}),
+            inputs.sent,
+            overrides,
+        )
+        if inputs.notices
+        else WhoIsTold()
+    )
+    return ChangePreview(report, told, diff, blast_radius_refusal(report, candidate, diff, limit))
