@@ -81,8 +81,8 @@ def read_preview_inputs(
     first_seen: dict[str, dict[str, datetime]] = {}
     if notices:
         sent = frozenset(store.notices_sent([p.id for p in policies]))
-        if any(p.grace for p in policies):
-            first_seen = {d.device.id: store.first_seen_times(d.device.id) for d in devices}
+        graced = sorted({p.id for p in policies if p.grace})
+        first_seen = store.first_seen_of_policies(graced) if graced else {}
     return PreviewInputs(
         devices,
         store.device_accesses(since),

@@ -1017,6 +1017,20 @@ class PostgresHoldStore:
         )
         return {row["policy_id"]: datetime.fromtimestamp(row["first_seen"], UTC) for row in rows}
 
+    def first_seen_of_policies(self, policy_ids: Sequence[str]) -> dict[str, dict[str, datetime]]:
+        if not policy_ids:
+            return {}
+        rows = self._read(
+            "SELECT device_id, policy_id, first_seen FROM policy_first_seen "
+            "WHERE policy_id = ANY(%s)",
+            (list(policy_ids),),
+        )
+        found: dict[str, dict[str, datetime]] = {}
+        for row in rows:
+            at = datetime.fromtimestamp(row["first_seen"], UTC)
+            found.setdefault(row["device_id"], {})[row["policy_id"]] = at
+        return found
+
     def devices(self, seen_since: datetime) -> list[DeviceClaims]:
         rows = self._read(
             "SELECT claims FROM devices WHERE last_seen >= %s ORDER BY device_id",

@@ -1003,6 +1003,22 @@ class HoldStore:
         )
         return {row[0]: datetime.fromtimestamp(row[1], UTC) for row in rows}
 
+    def first_seen_of_policies(self, policy_ids: Sequence[str]) -> dict[str, dict[str, datetime]]:
+        """Per device, per policy of ``policy_ids``, when it was first seen matching it: one
+        query for an impact preview (as many rows as devices matched those policies)."""
+        if not policy_ids:
+            return {}
+        marks = ",".join("?" * len(policy_ids))
+        rows = self._read(
+            "SELECT device_id, policy_id, first_seen FROM policy_first_seen "
+            f"WHERE policy_id IN ({marks})",
+            list(policy_ids),
+        )
+        found: dict[str, dict[str, datetime]] = {}
+        for device_id, policy_id, first_seen in rows:
+            found.setdefault(device_id, {})[policy_id] = datetime.fromtimestamp(first_seen, UTC)
+        return found
+
     def unclaim_notice(self, device_id: str, policy_id: str, phase: str) -> None:
         self._write(
             "DELETE FROM notices WHERE device_id = ? AND policy_id = ? AND phase = ?",
@@ -1363,6 +1379,9 @@ class HoldBackend(Protocol):
     def notices_sent(self, policy_ids: Sequence[str]) -> set[tuple[str, str, str]]: ...
     def first_seen(self, device_id: str, policy_id: str, now: datetime) -> datetime: ...
     def first_seen_times(self, device_id: str) -> dict[str, datetime]: ...
+    def first_seen_of_policies(
+        self, policy_ids: Sequence[str]
+    ) -> dict[str, dict[str, datetime]]: ...
     def record_admin_action(
         self, at: float, actor: str, role: str, action: str, target: dict[str, object], count: int
     ) -> None: ...

@@ -161,6 +161,17 @@ def test_first_seen_is_recorded_once_and_the_first_writer_wins(store: HoldBacken
     assert store.first_seen("phone-1", "ban", NOW + timedelta(hours=5)) == NOW
     assert store.first_seen_times("phone-1") == {"ban": NOW}
     assert store.first_seen_times("phone-9") == {}
+    store.first_seen("phone-2", "ban", NOW + timedelta(hours=1))
+    store.first_seen("phone-2", "other", NOW + timedelta(hours=2))
+    # One query for a preview: per device, only the policies asked for.
+    assert store.first_seen_of_policies(["ban"]) == {
+        "phone-1": {"ban": NOW},
+        "phone-2": {"ban": NOW + timedelta(hours=1)},
+    }
+    assert store.first_seen_of_policies(["other", "none"]) == {
+        "phone-2": {"other": NOW + timedelta(hours=2)}
+    }
+    assert store.first_seen_of_policies([]) == {}
 
 
 def test_admin_audit_and_paging_by_seq(store: HoldBackend) -> None:
