@@ -52,6 +52,7 @@ from bench.run import (
     APPS,
     REPO,
     TIKTOK,
+    child_pids,
     cpu_seconds,
     free_port,
     process_running,
@@ -104,24 +105,11 @@ class Cell:
 # --- CPU of the parts ---------------------------------------------------------------------
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (PostgreSQL's backends are the postmaster's)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def tree_cpu(pid: int) -> float:
     """CPU seconds of a process and its living children (ended children are not counted:
     the pools keep their connections, so PostgreSQL's backends live through a run)."""
     total = 0.0
-    for each in (pid, *children(pid)):
+    for each in (pid, *child_pids(pid)):
         try:
             total += cpu_seconds(each)
         except (OSError, ValueError, IndexError):

@@ -64,6 +64,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid``, from /proc (a supervisor's workers, a postmaster's
+    backends)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def memory_mb(pid: int, key: str) -> float:
     """VmRSS (now) or VmHWM (peak) in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

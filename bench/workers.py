@@ -31,6 +31,7 @@ import trustme
 
 from bench.run import (
     REPO,
+    child_pids,
     cpu_seconds,
     free_port,
     gateway_env,
@@ -57,20 +58,7 @@ class Side:
 
     def cpu(self) -> float:
         """CPU seconds of the gateway: its process and its workers (their children)."""
-        return sum(cpu_seconds(pid) for pid in _family(self.process.pid))
-
-
-def _family(pid: int) -> list[int]:
-    """``pid`` and its children (a supervisor's workers), from /proc."""
-    pids = [pid]
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
-            pids.append(int(stat.parent.name))
-    return pids
+        return sum(cpu_seconds(pid) for pid in (self.process.pid, *child_pids(self.process.pid)))
 
 
 def start(
