@@ -53,6 +53,7 @@ from bench.run import (
     start_sink,
     wait_for_port,
 )
+from gateway.domain import DeviceClaims
 from gateway.testing.harness import write_config
 from gateway.testing.issuer import TestIssuer
 
@@ -165,18 +166,13 @@ def make_body(size: int) -> bytes:
     return header + line * lines + b"x" * max(0, rest - 2) + b"\r\n"
 
 
-def fill_store(database: Path, policy_dir: Path, issuer: TestIssuer, case: Case) -> None:
-    """Hold ``case.held`` messages as the gateway does: the device's verified claims, the
-    engine's decision under the same policies, one HeldSubmission per message."""
-    from gateway.domain import Action, HeldSubmission
-    from gateway.hold.store import HoldStore
-    from gateway.policy.engine import decide
-    from gateway.policy.store import PolicyStore
+def held_devices(issuer: TestIssuer, count: int) -> list[DeviceClaims]:
+    """Devices with the banned app, their claims verified as the gateway verifies them."""
     from gateway.tokens.verify import TokenVerifier
 
     verifier = TokenVerifier(issuer.verifier_settings())
     now = datetime.now(UTC)
-    devices = [
+    return [
         verifier.verify(
             issuer.token(
                 subject=f"user{i}@example.test",
@@ -186,8 +182,20 @@ def fill_store(database: Path, policy_dir: Path, issuer: TestIssuer, case: Case)
             ),
             now,
         )
-        for i in range(min(case.held, DEVICES))
+        for i in range(count)
     ]
+
+
+def fill_store(database: Path, policy_dir: Path, issuer: TestIssuer, case: Case) -> None:
+    """Hold ``case.held`` messages as the gateway does: the device's verified claims, the
+    engine's decision under the same policies, one HeldSubmission per message."""
+    from gateway.domain import Action, HeldSubmission
+    from gateway.hold.store import HoldStore
+    from gateway.policy.engine import decide
+    from gateway.policy.store import PolicyStore
+
+    now = datetime.now(UTC)
+    devices = held_devices(issuer, min(case.held, DEVICES))
     policies = PolicyStore(policy_dir, {})
     policies.reload(trigger="bench")
     body = make_body(case.size)

@@ -35,14 +35,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
 import structlog
 
-from bench.held_rss import BAN, HARMLESS, gateway_config, make_body, spawn_gateway
-from bench.run import TIKTOK, Target, cpu_seconds, process_running, processes, start_sink
+from bench.held_rss import BAN, gateway_config, held_devices, make_body, spawn_gateway
+from bench.run import Target, cpu_seconds, process_running, processes, start_sink
 from gateway.config.settings import StoreSettings
 from gateway.domain import Action, DeviceClaims, HeldSubmission
 from gateway.hold.postgres import AsyncPostgresHoldStore, PostgresHoldStore
@@ -51,7 +51,6 @@ from gateway.policy.engine import decide
 from gateway.policy.store import PolicyStore
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.postgres import TemporaryPostgres, temporary_postgres
-from gateway.tokens.verify import TokenVerifier
 
 KB = 1024
 BACKENDS = ("SQLite", "PostgreSQL")
@@ -107,24 +106,6 @@ class Runs:
 
 
 # --- what is held ---------------------------------------------------------------------------
-
-
-def held_devices(issuer: TestIssuer, count: int) -> list[DeviceClaims]:
-    """Devices with the banned app, their claims verified as the gateway verifies them."""
-    verifier = TokenVerifier(issuer.verifier_settings())
-    now = datetime.now(UTC)
-    return [
-        verifier.verify(
-            issuer.token(
-                subject=f"user{i}@example.test",
-                device_id=f"held-{i}",
-                apps=[TIKTOK, *HARMLESS],
-                lifetime=timedelta(hours=2),
-            ),
-            now,
-        )
-        for i in range(count)
-    ]
 
 
 def submissions(
