@@ -33,13 +33,13 @@ from gateway.testing.harness import write_config
 from gateway.testing.issuer import TestIssuer
 from gateway.testing.upstream import FakeUpstream
 from tests.hold.conftest import have_postgres
+from tests.hold.test_postgres_replicas import received
 from tests.stories import TIKTOK, tiktok_ban
 
 pytestmark = pytest.mark.slow
 
 BAN = tiktok_ban("hold", phones_only=False)
 HELD = (250, "2.6.0 held: Remove TikTok.")
-SUBJECT = re.compile(rb"Subject: (\S+) #(\d+)")
 
 
 @dataclass
@@ -111,15 +111,6 @@ async def supervised(config: Path, workers: int = 2) -> AsyncIterator[Supervised
             process.kill()
         await process.wait()
         await asyncio.wait_for(reader, timeout=10)
-
-
-def received(upstream: FakeUpstream) -> list[tuple[str, int]]:
-    found = []
-    for message in upstream.messages:
-        match = SUBJECT.search(message.content)
-        assert match is not None
-        found.append((match.group(1).decode(), int(match.group(2))))
-    return found
 
 
 def stored_devices(path: Path) -> list[str]:
