@@ -232,18 +232,37 @@ _CLAIM_LOCKS = (
     b"device_id FROM held WHERE hold_id = ANY(%(ids)s) AND bounce_of IS NULL) AS d "
     b"ORDER BY device_id"
 )
-_CLAIM = (
-    "WITH target AS (SELECT seq FROM held WHERE hold_id = ANY(%(ids)s) "
-    "AND (claim_id IS NULL OR split_part(claim_id, '.', 1) = %(holder)s "
-    "OR claimed_at < %(stale)s){expected} FOR UPDATE SKIP LOCKED), "
-    "busy AS (SELECT 1 FROM held WHERE device_id IN (SELECT device_id FROM held "
-    "WHERE hold_id = ANY(%(ids)s) AND bounce_of IS NULL) AND bounce_of IS NULL "
-    "AND claim_id IS NOT NULL AND split_part(claim_id, '.', 1) <> %(holder)s "
-    "AND claimed_at >= %(stale)s LIMIT 1) "
-    "UPDATE held SET claim_id = %(claim)s, claimed_at = %(at)s "
-    "WHERE seq IN (SELECT seq FROM target) AND NOT EXISTS (SELECT 1 FROM busy) "
-    "AND (SELECT count(*) FROM target) = %(count)s"
-)
+# Every lane of a batch in one statement: each lane (``lane``: its index) is claimed whole
+# or not at all. A row is claimable when unclaimed, claimed by this gateway's own earlier
+# attempt, or its claim is stale, and (when the lane says) its attempts are as read; rows
+# another transaction is writing are skipped, which fails their lane rather than waiting.
+# A lane also fails while another gateway's live claim holds mail of its device.
+_CLAIM = b"""WITH wanted AS (
+  SELECT * FROM unnest(%(ids)s::text[], %(lanes)s::int[], %(attempts)s::int[])
+    AS w(hold_id, lane, attempts)),
+lanes AS (
+  SELECT * FROM unnest(%(lane_ids)s::int[], %(claims)s::text[], %(counts)s::int[])
+    AS l(lane, claim, count)),
+target AS (
+  SELECT h.seq, w.lane FROM held h JOIN wanted w ON w.hold_id = h.hold_id
+  WHERE (h.claim_id IS NULL OR split_part(h.claim_id, '.', 1) = %(holder)s
+         OR h.claimed_at < %(stale)s)
+    AND (w.attempts IS NULL OR h.attempts = w.attempts)
+  FOR UPDATE OF h SKIP LOCKED),
+busy AS (
+  SELECT DISTINCT w.lane FROM wanted w
+  JOIN held mine ON mine.hold_id = w.hold_id AND mine.bounce_of IS NULL
+  JOIN held other ON other.device_id = mine.device_id AND other.bounce_of IS NULL
+   AND other.claim_id IS NOT NULL AND split_part(other.claim_id, '.', 1) <> %(holder)s
+   AND other.claimed_at >= %(stale)s),
+whole AS (
+  SELECT t.lane FROM target t JOIN lanes l ON l.lane = t.lane
+  GROUP BY t.lane, l.count HAVING count(*) = l.count
+  EXCEPT SELECT lane FROM busy)
+UPDATE held SET claim_id = l.claim, claimed_at = %(at)s
+FROM target t JOIN whole USING (lane) JOIN lanes l USING (lane)
+WHERE held.seq = t.seq
+RETURNING t.lane"""
 
 
 def _row(row: dict[str, Any], content: bytes | None = None) -> HeldMessage:
@@ -571,6 +590,16 @@ class PostgresHoldStore:
         )
         return bytes(rows[0]["message"]) if rows else None
 
+    def contents(self, hold_ids: Sequence[str]) -> dict[str, bytes]:
+        if not hold_ids:
+            return {}
+        rows = self._read(
+            "SELECT h.hold_id, b.message FROM held h JOIN held_bodies b ON b.seq = h.seq "
+            "WHERE h.hold_id = ANY(%s)",
+            (list(hold_ids),),
+        )
+        return {row["hold_id"]: bytes(row["message"]) for row in rows}
+
     def headers(self, hold_id: str) -> bytes:
         rows = self._read(
             "SELECT substring(b.message FROM 1 FOR %s) AS start FROM held h "
@@ -602,7 +631,8 @@ class PostgresHoldStore:
 
     def claim_lanes(self, lanes: Sequence[LaneClaim], at: float) -> list[int]:
         """:meth:`claim` for several lanes in one transaction, sent as one pipeline: the
-        locks of all their devices (sorted), then each lane all or nothing."""
+        locks of all their devices (sorted), then one statement that claims each lane
+        all or nothing (one statement a page, not one a lane: bench/stores.py)."""
         counts = [0] * len(lanes)
         todo = [(index, lane) for index, lane in enumerate(lanes) if lane.hold_ids]
         if not todo:
@@ -612,45 +642,39 @@ class PostgresHoldStore:
         # take back (its passes run one at a time, so none of them is still relaying):
         # after a database outage the gateway does not wait out its own leases.
         every_id = [hold_id for _, lane in todo for hold_id in lane.hold_ids]
+        params = {
+            "ids": every_id,
+            "lanes": [index for index, lane in todo for _ in lane.hold_ids],
+            "attempts": [
+                None if lane.attempts is None else lane.attempts[position]
+                for _, lane in todo
+                for position in range(len(lane.hold_ids))
+            ],
+            "lane_ids": [index for index, _ in todo],
+            "claims": [lane.claim_id for _, lane in todo],
+            "counts": [len(lane.hold_ids) for _, lane in todo],
+            "holder": todo[0][1].claim_id.split(".", 1)[0],
+            "stale": stale,
+            "at": at,
+        }
         with (
             self._errors("write"),
             self._pool.connection() as conn,
             conn.pipeline(),  # one round trip for the whole transaction
             conn.transaction(),
+            conn.cursor() as cur,
         ):
-            cursors = []
-            with conn.cursor() as cur:
-                # The commit need not wait for the WAL's fsync: a claim lost in a crash of
-                # the server leaves the message held, to be relayed again (as with its claim).
-                cur.execute(b"SET LOCAL synchronous_commit = off")
-                # Sorted: no two claims wait on each other in a cycle.
-                cur.execute(_CLAIM_LOCKS, {"lock": _LOCKS + 1, "ids": every_id})
-            for _, lane in todo:
-                expected = ""
-                if lane.attempts is not None:
-                    expected = (
-                        " AND (hold_id, attempts) IN "
-                        "(SELECT * FROM unnest(%(ids)s::text[], %(attempts)s::int[]))"
-                    )
-                # A statement of its own, after the locks: its snapshot sees the claims of
-                # whoever held a lock before us.
-                cur = conn.cursor()
-                cursors.append(cur)
-                cur.execute(
-                    _CLAIM.replace("{expected}", expected).encode(),
-                    {
-                        "ids": list(lane.hold_ids),
-                        "holder": lane.claim_id.split(".", 1)[0],
-                        "stale": stale,
-                        "claim": lane.claim_id,
-                        "at": at,
-                        "count": len(lane.hold_ids),
-                        "attempts": list(lane.attempts or ()),
-                    },
-                )
-        for (index, _), cur in zip(todo, cursors, strict=True):
-            counts[index] = cur.rowcount  # the lane's messages all, or 0 (nothing written)
-            cur.close()
+            # The commit need not wait for the WAL's fsync: a claim lost in a crash of
+            # the server leaves the message held, to be relayed again (as with its claim).
+            cur.execute(b"SET LOCAL synchronous_commit = off")
+            # Sorted: no two claims wait on each other in a cycle.
+            cur.execute(_CLAIM_LOCKS, {"lock": _LOCKS + 1, "ids": every_id})
+            # A statement of its own, after the locks: its snapshot sees the claims of
+            # whoever held a lock before us.
+            cur.execute(_CLAIM, params)
+            claimed = cur.fetchall()
+        for row in claimed:
+            counts[row[0]] += 1  # the lane's messages all, or 0 (nothing written)
         return counts
 
     def unclaim(self, hold_ids: Sequence[str]) -> int:

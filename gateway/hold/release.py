@@ -5,9 +5,12 @@ with a newer token, when an admin requested it (``gateway hold release``), and o
 periodic tick (retries with backoff, expiry).
 
 Memory: a pass decides from metadata (ids, devices, claims, sizes: ``HoldStore.due``,
-paged) and loads one body at a time per upstream connection, only for a message it
-actually sends; expiry pages too and reads only a message's headers for its bounce. So
-memory does not grow with the number or size of held messages (bench/held_rss.py).
+paged) and loads bodies only for messages it actually sends: per upstream connection, the
+next few of one device's messages in one query, at most READ_BATCH_BYTES of them (or one
+larger message) at a time; expiry pages too and reads only a message's headers for its
+bounce. So memory does not grow with the number or size of held messages
+(bench/held_rss.py), and a release pays one store round trip per batch rather than per
+message (bench/stores.py).
 
 Guarantee: at least once, never lost. Before a device's messages go upstream they are
 claimed in the store (one write for all the lanes of a page, not one per device); if
@@ -38,7 +41,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -62,6 +65,8 @@ RELEASABLE = (Action.ALLOW, Action.WARN)
 PAGE_SIZE = 500  # held messages (metadata only) read per query
 EXPIRY_PAGE_SIZE = 100
 DELETE_BATCH = 64  # released rows deleted per transaction (one fsync)
+READ_BATCH_BYTES = 1 << 20  # a lane's bodies read per query, at most (or one larger body)
+READ_BATCH_MESSAGES = 256  # ... and at most this many of them
 
 
 @dataclass
@@ -95,6 +100,82 @@ class Outcome:
             else:  # 4xx, and anything unexpected: keep it and try again
                 retry.append((recipient, reply))
         return cls(tuple(delivered), tuple(retry), tuple(failed))
+
+
+def _read_batches(lane: list[HeldMessage]) -> Iterator[list[HeldMessage]]:
+    """A lane cut into runs whose bodies are read together: at most READ_BATCH_BYTES and
+    READ_BATCH_MESSAGES each, and at least one message."""
+    batch: list[HeldMessage] = []
+    size = 0
+    for held in lane:
+        if batch and (size + held.size > READ_BATCH_BYTES or len(batch) >= READ_BATCH_MESSAGES):
+            yield batch
+            batch, size = [], 0
+        batch.append(held)
+        size += held.size
+    if batch:
+        yield batch
+
+
+class _PageBodies:
+    """The bodies of a page's claimed lanes, read for the lanes as they run.
+
+    A lane's messages are read a batch at a time (``_read_batches``), each batch only when
+    the lane gets to it. Most lanes are one device's one or two messages, so a query per
+    lane would be a round trip per message: the first batches of consecutive lanes are
+    read together instead, up to READ_BATCH_BYTES, when the first lane of such a group
+    starts (lanes start in the order they were claimed). Memory: a group not yet handed
+    out, plus each running lane's batch."""
+
+    def __init__(
+        self,
+        read: Callable[[list[str]], Coroutine[Any, Any, dict[str, bytes]]],
+        lanes: list[list[HeldMessage]],
+    ) -> None:
+        self._read = read
+        self._lanes = lanes
+        self._first = [next(_read_batches(lane)) for lane in lanes]
+        self._groups: list[list[int]] = []  # lane indexes whose first batches are read at once
+        self._group_of: list[int] = []
+        size = count = 0
+        for index, batch in enumerate(self._first):
+            batch_size = sum(held.size for held in batch)
+            if not self._groups or (
+                size + batch_size > READ_BATCH_BYTES or count + len(batch) > READ_BATCH_MESSAGES
+            ):
+                self._groups.append([])
+                size = count = 0
+            self._groups[-1].append(index)
+            self._group_of.append(len(self._groups) - 1)
+            size += batch_size
+            count += len(batch)
+        self._bodies: dict[str, bytes] = {}
+        self._groups_read: set[int] = set()
+        self._reading = asyncio.Lock()
+
+    async def _first_batch(self, index: int) -> dict[str, bytes]:
+        group = self._group_of[index]
+        async with self._reading:
+            if group not in self._groups_read:
+                self._groups_read.add(group)
+                ids = [held.hold_id for lane in self._groups[group] for held in self._first[lane]]
+                self._bodies.update(await self._read(ids))
+        return {
+            held.hold_id: body
+            for held in self._first[index]
+            if (body := self._bodies.pop(held.hold_id, None)) is not None
+        }
+
+    async def of_lane(self, index: int) -> AsyncGenerator[tuple[HeldMessage, bytes | None], None]:
+        """A lane's messages with their bodies (None: dropped by an admin meanwhile)."""
+        first = self._first[index]
+        bodies = await self._first_batch(index)
+        for held in first:
+            yield held, bodies.pop(held.hold_id, None)
+        for batch in _read_batches(self._lanes[index][len(first) :]):
+            bodies = await self._read([held.hold_id for held in batch])
+            for held in batch:
+                yield held, bodies.pop(held.hold_id, None)
 
 
 class StoreFault(Exception):
@@ -269,10 +350,13 @@ class Releaser:
                     if (chosen := await self._releasable(lane, compiled, newer_claims, now, report))
                 ]
                 claims = await self._claim(releasable, report)
+                bodies = _PageBodies(self._contents, [lane for lane, _ in claims])
                 async with asyncio.TaskGroup() as lanes_running:
-                    for lane, claim_id in claims:
+                    for index, (lane, claim_id) in enumerate(claims):
                         lanes_running.create_task(
-                            self._release_lane(lane, claim_id, now, legs, report)
+                            self._release_lane(
+                                lane, bodies.of_lane(index), claim_id, now, legs, report
+                            )
                         )
                 if len(page) < PAGE_SIZE:
                     break
@@ -366,6 +450,7 @@ class Releaser:
     async def _release_lane(
         self,
         releasable: list[HeldMessage],
+        with_bodies: AsyncGenerator[tuple[HeldMessage, bytes | None], None],
         claim_id: str,
         now: datetime,
         legs: asyncio.Semaphore,
@@ -377,8 +462,8 @@ class Releaser:
         attempted = 0
         lost = False
         try:
-            async with legs:
-                for held in releasable:
+            async with legs, contextlib.aclosing(with_bodies) as messages:
+                async for held, content in messages:
                     if self.fault is not None:
                         break
                     if (
@@ -391,7 +476,7 @@ class Releaser:
                             break
                         renewed = time.monotonic()
                     attempted += 1
-                    if not await self._release_one(held, now, report):
+                    if not await self._release_one(held, content, now, report):
                         report.still_held += len(releasable) - attempted
                         report.blocked.append((held.device_id, held.hold_id))
                         break
@@ -400,6 +485,12 @@ class Releaser:
                 await asyncio.shield(self._unclaim([h.hold_id for h in releasable[attempted:]]))
         if self.fault is not None and attempted == 0:
             raise StoreFault(self.fault)  # another lane found the store failing
+
+    async def _contents(self, hold_ids: list[str]) -> dict[str, bytes]:
+        try:
+            return await self.store.contents(hold_ids)
+        except HoldStoreError as exc:
+            raise self._store_fault(exc) from exc
 
     async def _renew(self, rest: list[HeldMessage], claim_id: str) -> bool:
         """Extend this lane's lease on the messages it has yet to send; False if the lease
@@ -429,12 +520,10 @@ class Releaser:
             except HoldStoreError as exc:
                 log.warning("release_unclaim_failed", error=str(exc))
 
-    async def _release_one(self, held: HeldMessage, now: datetime, report: ReleaseReport) -> bool:
+    async def _release_one(
+        self, held: HeldMessage, content: bytes | None, now: datetime, report: ReleaseReport
+    ) -> bool:
         """Relay one message and record what happened; False if it waits for a retry."""
-        try:
-            content = await self.store.content(held.hold_id)
-        except HoldStoreError as exc:
-            raise self._store_fault(exc) from exc
         if content is None:
             return True  # dropped by an admin meanwhile
         delivery = await self.relay.deliver(held.sender, held.recipients, content, held.options)

@@ -692,6 +692,19 @@ class HoldStore:
         rows = self._read(_BODY.format("b.message", "h.message"), (hold_id,))
         return bytes(rows[0][0]) if rows else None
 
+    def contents(self, hold_ids: Sequence[str]) -> dict[str, bytes]:
+        """Several held messages' bytes in one query, by hold id (those gone are absent):
+        release reads a lane's next messages together. The caller bounds the total."""
+        if not hold_ids:
+            return {}
+        marks = ",".join("?" * len(hold_ids))
+        rows = self._read(
+            "SELECT h.hold_id, coalesce(b.message, h.message) FROM held h "
+            f"LEFT JOIN held_bodies b ON b.seq = h.seq WHERE h.hold_id IN ({marks})",
+            tuple(hold_ids),
+        )
+        return {row[0]: bytes(row[1]) for row in rows}
+
     def headers(self, hold_id: str) -> bytes:
         """The header block of a held message (for a bounce), at most HEADER_LIMIT bytes
         read, whatever the message's size."""
@@ -1352,6 +1365,7 @@ class HoldBackend(Protocol):
         self, now: datetime, device_id: str | None = None, limit: int = 500, after: int = 0
     ) -> list[HeldMessage]: ...
     def content(self, hold_id: str) -> bytes | None: ...
+    def contents(self, hold_ids: Sequence[str]) -> dict[str, bytes]: ...
     def headers(self, hold_id: str) -> bytes: ...
     def claim(
         self,
@@ -1441,6 +1455,9 @@ class AsyncStore:
 
     async def content(self, hold_id: str) -> bytes | None:
         return await self._run(lambda store: store.content(hold_id))
+
+    async def contents(self, hold_ids: Sequence[str]) -> dict[str, bytes]:
+        return await self._run(lambda store: store.contents(hold_ids))
 
     async def headers(self, hold_id: str) -> bytes:
         return await self._run(lambda store: store.headers(hold_id))

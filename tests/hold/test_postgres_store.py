@@ -79,6 +79,13 @@ def test_hold_due_content_headers_and_settle(store: HoldBackend) -> None:
     assert first.policy_ids == ("remove-tiktok",)
     assert first.content is None
     assert store.content(ids[0]) == b"Subject: held\r\n\r\nbody\r\n"
+    # Several bodies in one query (release reads a lane's next messages so); unknown ids
+    # are absent, not errors.
+    assert store.contents([ids[2], "no-such-id", ids[0]]) == {
+        ids[0]: b"Subject: held\r\n\r\nbody\r\n",
+        ids[2]: b"Subject: held\r\n\r\nbody\r\n",
+    }
+    assert store.contents([]) == {}
     assert store.headers(ids[0]) == b"Subject: held\r\n"
     assert store.get(ids[1]) is not None
     assert store.get(ids[1]).content

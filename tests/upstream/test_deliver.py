@@ -6,6 +6,8 @@ import re
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.config.settings import Smarthost, UpstreamSettings
 from gateway.replies import Reply
@@ -149,3 +151,14 @@ def test_bare_line_endings_are_made_crlf_before_streaming() -> None:
     crlf = b"a\r\nb\r\n"
     assert crlf_only(crlf) is crlf  # no copy when there is nothing to change
     assert crlf_only(b"a\nb\rc\r\n") == b"a\r\nb\r\nc\r\n"
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"\n\r", b"x", b"."]), max_size=40))
+def test_crlf_only_makes_every_line_ending_crlf_and_copies_only_when_needed(
+    pieces: list[bytes],
+) -> None:
+    content = b"".join(pieces)
+    result = crlf_only(content)
+    assert result == re.sub(rb"\r\n|\r|\n", b"\r\n", content)
+    if re.search(rb"\r(?!\n)|(?<!\r)\n", content) is None:
+        assert result is content
