@@ -238,7 +238,7 @@ _CLAIM_LOCKS = (
 # another transaction is writing are skipped, which fails their lane rather than waiting.
 # A lane also fails while another gateway's live claim holds mail of its device.
 _CLAIM = b"""WITH wanted AS (
-  SELECT * FROM unnest(%(ids)s::text[], %(lanes)s::int[], %(attempts)s::int[])
+  SELECT DISTINCT * FROM unnest(%(ids)s::text[], %(lanes)s::int[], %(attempts)s::int[])
     AS w(hold_id, lane, attempts)),
 lanes AS (
   SELECT * FROM unnest(%(lane_ids)s::int[], %(claims)s::text[], %(counts)s::int[])
@@ -657,24 +657,26 @@ class PostgresHoldStore:
             "stale": stale,
             "at": at,
         }
-        with (
-            self._errors("write"),
-            self._pool.connection() as conn,
-            conn.pipeline(),  # one round trip for the whole transaction
-            conn.transaction(),
-            conn.cursor() as cur,
-        ):
-            # The commit need not wait for the WAL's fsync: a claim lost in a crash of
-            # the server leaves the message held, to be relayed again (as with its claim).
-            cur.execute(b"SET LOCAL synchronous_commit = off")
-            # Sorted: no two claims wait on each other in a cycle.
-            cur.execute(_CLAIM_LOCKS, {"lock": _LOCKS + 1, "ids": every_id})
-            # A statement of its own, after the locks: its snapshot sees the claims of
-            # whoever held a lock before us.
-            cur.execute(_CLAIM, params)
-            claimed = cur.fetchall()
-        for row in claimed:
-            counts[row[0]] += 1  # the lane's messages all, or 0 (nothing written)
+        with self._errors("write"), self._pool.connection() as conn:
+            with (
+                conn.pipeline(),  # one round trip for the whole transaction
+                conn.transaction(),
+            ):
+                with conn.cursor() as cur:
+                    # The commit need not wait for the WAL's fsync: a claim lost in a crash
+                    # of the server leaves the message held, to be relayed again (as with
+                    # its claim).
+                    cur.execute(b"SET LOCAL synchronous_commit = off")
+                    # Sorted: no two claims wait on each other in a cycle.
+                    cur.execute(_CLAIM_LOCKS, {"lock": _LOCKS + 1, "ids": every_id})
+                # A statement of its own, after the locks: its snapshot sees the claims of
+                # whoever held a lock before us. Its rows are read after the commit, so
+                # that reading them does not cost a round trip of its own.
+                claim = conn.cursor()
+                claim.execute(_CLAIM, params)
+            with claim:
+                for row in claim.fetchall():
+                    counts[row[0]] += 1  # the lane's messages all, or 0 (nothing written)
         return counts
 
     def unclaim(self, hold_ids: Sequence[str]) -> int:

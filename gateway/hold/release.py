@@ -66,7 +66,7 @@ PAGE_SIZE = 500  # held messages (metadata only) read per query
 EXPIRY_PAGE_SIZE = 100
 DELETE_BATCH = 64  # released rows deleted per transaction (one fsync)
 READ_BATCH_BYTES = 1 << 20  # a lane's bodies read per query, at most (or one larger body)
-READ_BATCH_MESSAGES = 256  # ... and at most this many of them
+READ_BATCH_MESSAGES = 64  # ... and at most this many of them
 
 
 @dataclass
@@ -117,6 +117,15 @@ def _read_batches(lane: list[HeldMessage]) -> Iterator[list[HeldMessage]]:
         yield batch
 
 
+@dataclass
+class _Body:
+    """A held message's bytes on their way upstream (None: dropped by an admin meanwhile).
+    The relay takes them out, so that a lane holds no body it has sent while it reads
+    its next batch."""
+
+    data: bytes | None
+
+
 class _PageBodies:
     """The bodies of a page's claimed lanes, read for the lanes as they run.
 
@@ -125,7 +134,8 @@ class _PageBodies:
     lane would be a round trip per message: the first batches of consecutive lanes are
     read together instead, up to READ_BATCH_BYTES, when the first lane of such a group
     starts (lanes start in the order they were claimed). Memory: a group not yet handed
-    out, plus each running lane's batch."""
+    out, plus each running lane's batch. A body read ahead is sent even if another process
+    drops its message meanwhile (docs/admin.md: the window is one batch)."""
 
     def __init__(
         self,
@@ -166,16 +176,16 @@ class _PageBodies:
             if (body := self._bodies.pop(held.hold_id, None)) is not None
         }
 
-    async def of_lane(self, index: int) -> AsyncGenerator[tuple[HeldMessage, bytes | None], None]:
-        """A lane's messages with their bodies (None: dropped by an admin meanwhile)."""
+    async def of_lane(self, index: int) -> AsyncGenerator[tuple[HeldMessage, _Body], None]:
+        """A lane's messages with their bodies."""
         first = self._first[index]
         bodies = await self._first_batch(index)
         for held in first:
-            yield held, bodies.pop(held.hold_id, None)
+            yield held, _Body(bodies.pop(held.hold_id, None))
         for batch in _read_batches(self._lanes[index][len(first) :]):
             bodies = await self._read([held.hold_id for held in batch])
             for held in batch:
-                yield held, bodies.pop(held.hold_id, None)
+                yield held, _Body(bodies.pop(held.hold_id, None))
 
 
 class StoreFault(Exception):
@@ -450,7 +460,7 @@ class Releaser:
     async def _release_lane(
         self,
         releasable: list[HeldMessage],
-        with_bodies: AsyncGenerator[tuple[HeldMessage, bytes | None], None],
+        with_bodies: AsyncGenerator[tuple[HeldMessage, _Body], None],
         claim_id: str,
         now: datetime,
         legs: asyncio.Semaphore,
@@ -463,7 +473,7 @@ class Releaser:
         lost = False
         try:
             async with legs, contextlib.aclosing(with_bodies) as messages:
-                async for held, content in messages:
+                async for held, body in messages:
                     if self.fault is not None:
                         break
                     if (
@@ -476,7 +486,7 @@ class Releaser:
                             break
                         renewed = time.monotonic()
                     attempted += 1
-                    if not await self._release_one(held, content, now, report):
+                    if not await self._release_one(held, body, now, report):
                         report.still_held += len(releasable) - attempted
                         report.blocked.append((held.device_id, held.hold_id))
                         break
@@ -521,9 +531,10 @@ class Releaser:
                 log.warning("release_unclaim_failed", error=str(exc))
 
     async def _release_one(
-        self, held: HeldMessage, content: bytes | None, now: datetime, report: ReleaseReport
+        self, held: HeldMessage, body: _Body, now: datetime, report: ReleaseReport
     ) -> bool:
         """Relay one message and record what happened; False if it waits for a retry."""
+        content, body.data = body.data, None  # the lane no longer holds it (memory)
         if content is None:
             return True  # dropped by an admin meanwhile
         delivery = await self.relay.deliver(held.sender, held.recipients, content, held.options)

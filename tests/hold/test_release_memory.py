@@ -141,3 +141,39 @@ async def test_a_pass_reads_metadata_from_disk_not_the_bodies(
         assert store.content(due[0].hold_id) is not None
     finally:
         store.close()
+
+
+async def test_a_lane_frees_the_body_it_sent_before_it_reads_the_next(
+    tmp_path: Path, issuer: TestIssuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four 600 KiB messages of one device: one body per read batch. When the lane reads
+    its next batch, no body it has sent is still referenced (counted with a bytes
+    subclass that knows how many of it are alive)."""
+    alive = [0]
+
+    class Body(bytes):
+        def __init__(self, *_: object) -> None:
+            alive[0] += 1
+
+        def __del__(self) -> None:
+            alive[0] -= 1
+
+    message = make_message(body=("x" * 510 + "\r\n") * 1200)
+    async with held_mail_gateway(tmp_path, issuer) as (gateway, upstream):
+        await _hold_big_messages(gateway, issuer, message, 4)
+        releaser = gateway.server.services.releaser
+        await releaser.idle()
+        alive_at_each_read: list[int] = []
+        contents = releaser.store.contents
+
+        async def counted(hold_ids: list[str]) -> dict[str, bytes]:
+            alive_at_each_read.append(alive[0])
+            return {k: Body(v) for k, v in (await contents(hold_ids)).items()}
+
+        monkeypatch.setattr(releaser.store, "contents", counted)
+        (gateway.policy_dir / "ban.toml").write_text(tiktok_ban("hold", state="retracted"))
+        await gateway.server.reload("test")
+        await releaser.idle()
+        await releaser.run()
+        await upstream.wait_for(4)
+    assert alive_at_each_read == [0, 0, 0, 0]
