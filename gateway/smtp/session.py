@@ -32,10 +32,19 @@ import time
 from asyncio import sslproto
 from base64 import b64decode, b64encode
 from collections.abc import Callable
-from typing import Any, AnyStr, cast
+from typing import Any, AnyStr, NamedTuple, cast
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
+from aiosmtpd.smtp import (
+    CALL_LIMIT_DEFAULT,
+    SMTP,
+    Envelope,
+    Session,
+    TLSSetupException,
+    _AuthMechAttr,
+    login_always_fail,
+    syntax,
+)
 
 from gateway import replies
 from gateway.config.settings import LimitSettings, SmtpSettings
@@ -77,11 +86,8 @@ class GatewaySession(Session):
 
 
 class _Hooks:
-    """aiosmtpd calls handler hooks; these hand the event to the session that owns it."""
-
-    def __dir__(self) -> list[str]:
-        # aiosmtpd introspects the handler on every connection too (see SubmissionSMTP).
-        return [name for name in vars(_Hooks) if name.startswith("handle_")]
+    """aiosmtpd calls handler hooks; these hand the event to the session that owns it.
+    Stateless: one instance (``_HOOKS``) serves every session."""
 
     async def handle_MAIL(
         self,
@@ -115,6 +121,9 @@ class _Hooks:
         return replies.INTERNAL_ERROR.line()
 
 
+_HOOKS = _Hooks()
+
+
 class SubmissionSMTP(SMTP):
     """One client connection."""
 
@@ -139,17 +148,8 @@ class SubmissionSMTP(SMTP):
         self.proxy: ProxyHeader | None = None  # is_tls reads it
         self._on_activity = on_activity  # used by _reset_timeout, which connection_made calls
         limits = limits or LimitSettings()
-        super().__init__(
-            _Hooks(),
-            data_size_limit=settings.max_message_size,
-            hostname=settings.hostname,
-            ident="Compliance Gateway ESMTP",
-            tls_context=None if implicit_tls else tls_context,
-            timeout=settings.idle_timeout,
-            auth_required=True,
-            auth_require_tls=True,  # unused: smtp_AUTH and smtp_EHLO below decide
-            command_call_limit=limits.command_call_limit,  # 421 4.7.0 and close
-            loop=asyncio.get_running_loop(),
+        self._init_protocol(
+            settings, None if implicit_tls else tls_context, limits.command_call_limit
         )
         # aiosmtpd keeps these limits in a class-level dict that every instance mutates.
         self.command_size_limits = collections.defaultdict(
@@ -171,12 +171,67 @@ class SubmissionSMTP(SMTP):
         self._awaiting_proxy = False  # from a balancer: admitted once its PROXY header is read
         self._lost = False
 
-    def __dir__(self) -> list[str]:
-        """aiosmtpd's __init__ runs inspect.getmembers(self) and dir(self) on every
-        connection to find its smtp_* and auth_* methods, evaluating every attribute on the
-        way: a quarter of the CPU of a one-message connection. It only looks for those
-        names, and they are the same for every instance of the class."""
-        return _protocol_method_names(type(self))
+    def _init_protocol(
+        self,
+        settings: SmtpSettings,
+        tls_context: ssl.SSLContext | None,
+        command_call_limit: int | dict[str, int],
+    ) -> None:
+        """What aiosmtpd's ``SMTP.__init__`` (1.4) sets up, for the one configuration used
+        here, without its per-connection introspection: it runs ``inspect.getmembers`` and
+        ``dir()`` over the session and its handler on every connection to find its
+        ``smtp_*``, ``auth_*`` and ``handle_*`` methods, which are the same for every
+        instance of the class (4 % of a phone's one-message connection). The names are
+        found once per class and bound here. ``tests/smtp/test_session_init.py`` checks
+        that the result is what aiosmtpd's own ``__init__`` makes of the same arguments."""
+        loop = asyncio.get_running_loop()
+        self.__ident__ = "Compliance Gateway ESMTP"
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self.event_handler = _HOOKS
+        self.data_size_limit = settings.max_message_size
+        self.enable_SMTPUTF8 = False
+        self._decode_data = False
+        self.hostname = settings.hostname
+        self.tls_context = tls_context
+        self.require_starttls = None if tls_context is None else False
+        self._timeout_duration = settings.idle_timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True  # unused: smtp_AUTH and smtp_EHLO below decide
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = True
+        names = _method_names(type(self))
+        self._auth_methods = {
+            mechanism: _AuthMechAttr(getattr(self, attribute), True)
+            for mechanism, attribute in names.auth
+        }
+        self._handle_hooks = {hook: getattr(_HOOKS, attribute) for hook, attribute in names.hooks}
+        self._ehlo_hook_ver = None
+        self._smtp_methods = {
+            command: getattr(self, attribute) for command, attribute in names.smtp
+        }
+        # 421 4.7.0 and close past the limit: one for every command, or a table.
+        self._enforce_call_limit = True
+        if isinstance(command_call_limit, int):
+            self._call_limit_base = {}
+            self._call_limit_default = command_call_limit
+        else:
+            self._call_limit_base = command_call_limit
+            self._call_limit_default = command_call_limit.get("*", CALL_LIMIT_DEFAULT)
 
     # --- connection lifecycle -----------------------------------------------------------
 
@@ -847,7 +902,7 @@ class SubmissionSMTP(SMTP):
         return data, None
 
 
-_METHOD_NAMES: dict[type, list[str]] = {}
+_METHOD_NAMES: dict[type, _MethodNames] = {}
 
 
 def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
@@ -878,10 +933,36 @@ def _from_balancer(ip: str, settings: SmtpSettings) -> bool:
     return any(address in network for network in settings.proxy_protocol_from)
 
 
-def _protocol_method_names(cls: type) -> list[str]:
+class _MethodNames(NamedTuple):
+    """A session class's protocol methods as aiosmtpd names them: (name, attribute)."""
+
+    smtp: tuple[tuple[str, str], ...]  # "EHLO" -> "smtp_EHLO"
+    auth: tuple[tuple[str, str], ...]  # "PLAIN" -> "auth_PLAIN" (or __auth_mechanism_name__)
+    hooks: tuple[tuple[str, str], ...]  # "MAIL" -> "handle_MAIL", on the handler
+
+
+def _method_names(cls: type) -> _MethodNames:
     names = _METHOD_NAMES.get(cls)
     if names is None:
-        names = _METHOD_NAMES[cls] = [n for n in dir(cls) if n.startswith(("smtp_", "auth_"))]
+        attributes = dir(cls)
+        names = _METHOD_NAMES[cls] = _MethodNames(
+            smtp=tuple((a.replace("smtp_", ""), a) for a in attributes if a.startswith("smtp_")),
+            auth=tuple(
+                (
+                    getattr(
+                        getattr(cls, a),
+                        "__auth_mechanism_name__",
+                        a.replace("auth_", "").replace("__", "-"),
+                    ),
+                    a,
+                )
+                for a in attributes
+                if a.startswith("auth_")
+            ),
+            hooks=tuple(
+                (a.replace("handle_", ""), a) for a in dir(_Hooks) if a.startswith("handle_")
+            ),
+        )
     return names
 
 
