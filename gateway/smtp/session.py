@@ -31,7 +31,7 @@ import ssl
 import time
 from asyncio import sslproto
 from base64 import b64decode, b64encode
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, AnyStr, NamedTuple, cast
 
 import structlog
@@ -165,6 +165,7 @@ class SubmissionSMTP(SMTP):
         self._on_close = on_close
         self._on_authenticated = on_authenticated
         self._last_timer_reset = 0.0
+        self._idle_deadline = 0.0  # loop time: when the session times out (_reset_timeout)
         self._max_errors = limits.max_errors
         self._errors = 0
         self._refusal: Reply | None = None  # set by on_open: a limit refuses the connection
@@ -215,15 +216,13 @@ class SubmissionSMTP(SMTP):
         self._auth_callback = login_always_fail
         self._auth_required = True
         names = _method_names(type(self))
-        self._auth_methods = {
-            mechanism: _AuthMechAttr(getattr(self, attribute), True)
-            for mechanism, attribute in names.auth
-        }
-        self._handle_hooks = {hook: getattr(_HOOKS, attribute) for hook, attribute in names.hooks}
+        # aiosmtpd declares dicts; it only reads them (get, in, [], keys, items).
+        self._auth_methods = _BoundOnLookup(  # type: ignore[assignment]
+            self, names.auth, lambda method: _AuthMechAttr(method, True)
+        )
+        self._handle_hooks = names.hooks  # bound to the one shared handler already
         self._ehlo_hook_ver = None
-        self._smtp_methods = {
-            command: getattr(self, attribute) for command, attribute in names.smtp
-        }
+        self._smtp_methods = _BoundOnLookup(self, names.smtp)  # type: ignore[assignment]
         # 421 4.7.0 and close past the limit: one for every command, or a table.
         self._enforce_call_limit = True
         if isinstance(command_call_limit, int):
@@ -450,7 +449,11 @@ class SubmissionSMTP(SMTP):
     def _reset_timeout(self, duration: float | None = None) -> None:
         """aiosmtpd calls this after every command line. Before AUTH it also tells the
         connection limits the session is active, and uses the idle timeout they give
-        (shorter under load); DATA's and the relay's own timeouts pass a duration."""
+        (shorter under load); DATA's and the relay's own timeouts pass a duration.
+
+        aiosmtpd cancels its timer and starts a new one each time. Here the timer stays
+        when it would fire no later than the new deadline: it then finds the deadline
+        moved and waits on (``_idle_timer``), so a command costs no timer handle."""
         session = self.session
         if (
             duration is None
@@ -459,7 +462,20 @@ class SubmissionSMTP(SMTP):
             and not session.authenticated
         ):
             duration = self._on_activity(self)
-        super()._reset_timeout(duration)
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._idle_deadline = deadline
+        timer = self._timeout_handle
+        if timer is not None:
+            if not timer.cancelled() and timer.when() <= deadline:
+                return
+            timer.cancel()
+        self._timeout_handle = self.loop.call_at(deadline, self._idle_timer)
+
+    def _idle_timer(self) -> None:
+        if self.loop.time() < self._idle_deadline:  # moved since the timer was set
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_timer)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         log.info("idle_timeout", session=self.gsession().facts.session_id)
@@ -934,11 +950,38 @@ def _from_balancer(ip: str, settings: SmtpSettings) -> bool:
 
 
 class _MethodNames(NamedTuple):
-    """A session class's protocol methods as aiosmtpd names them: (name, attribute)."""
+    """A session class's protocol methods as aiosmtpd names them."""
 
-    smtp: tuple[tuple[str, str], ...]  # "EHLO" -> "smtp_EHLO"
-    auth: tuple[tuple[str, str], ...]  # "PLAIN" -> "auth_PLAIN" (or __auth_mechanism_name__)
-    hooks: tuple[tuple[str, str], ...]  # "MAIL" -> "handle_MAIL", on the handler
+    smtp: dict[str, str]  # "EHLO" -> "smtp_EHLO"
+    auth: dict[str, str]  # "PLAIN" -> "auth_PLAIN" (or its __auth_mechanism_name__)
+    hooks: dict[str, Callable[..., Any]]  # "MAIL" -> _HOOKS.handle_MAIL
+
+
+class _BoundOnLookup(Mapping[str, Any]):
+    """aiosmtpd's table of a session's methods, by protocol name, binding a method only
+    when aiosmtpd looks it up (once or twice a command), not all of them per connection."""
+
+    __slots__ = ("_attributes", "_owner", "_wrap")
+
+    def __init__(
+        self,
+        owner: object,
+        attributes: dict[str, str],
+        wrap: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self._owner = owner
+        self._attributes = attributes
+        self._wrap = wrap
+
+    def __getitem__(self, name: str) -> Any:
+        method = getattr(self._owner, self._attributes[name])
+        return method if self._wrap is None else self._wrap(method)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._attributes)
+
+    def __len__(self) -> int:
+        return len(self._attributes)
 
 
 def _method_names(cls: type) -> _MethodNames:
@@ -946,22 +989,21 @@ def _method_names(cls: type) -> _MethodNames:
     if names is None:
         attributes = dir(cls)
         names = _METHOD_NAMES[cls] = _MethodNames(
-            smtp=tuple((a.replace("smtp_", ""), a) for a in attributes if a.startswith("smtp_")),
-            auth=tuple(
-                (
-                    getattr(
-                        getattr(cls, a),
-                        "__auth_mechanism_name__",
-                        a.replace("auth_", "").replace("__", "-"),
-                    ),
-                    a,
-                )
+            smtp={a.replace("smtp_", ""): a for a in attributes if a.startswith("smtp_")},
+            auth={
+                getattr(
+                    getattr(cls, a),
+                    "__auth_mechanism_name__",
+                    a.replace("auth_", "").replace("__", "-"),
+                ): a
                 for a in attributes
                 if a.startswith("auth_")
-            ),
-            hooks=tuple(
-                (a.replace("handle_", ""), a) for a in dir(_Hooks) if a.startswith("handle_")
-            ),
+            },
+            hooks={
+                a.replace("handle_", ""): getattr(_HOOKS, a)
+                for a in dir(_HOOKS)
+                if a.startswith("handle_")
+            },
         )
     return names
 

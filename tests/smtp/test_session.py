@@ -372,6 +372,28 @@ async def test_idle_client_gets_421_4_4_2(tmp_path: Path, issuer: TestIssuer) ->
         writer.close()
 
 
+async def test_each_command_moves_the_idle_deadline_and_the_timeout_follows_the_last(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    """The idle timer is kept while commands arrive (it looks again when it fires): a
+    client that talks every 0.4 s outlives the 1 s timeout, and is closed about 1 s after
+    its last command, not 1 s after the timer was first set."""
+    async with gateway_with_upstream(tmp_path, issuer, smtp={"idle_timeout": 1}) as (gw, _):
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        assert (await reader.readline()).startswith(b"220 ")
+        loop = asyncio.get_running_loop()
+        for _ in range(6):  # 2.4 s of commands
+            await asyncio.sleep(0.4)
+            writer.write(b"NOOP\r\n")
+            assert (await reader.readline()).startswith(b"250")
+        last = loop.time()
+        line = await asyncio.wait_for(reader.readline(), timeout=5)
+        idle = loop.time() - last
+        assert line == b"421 4.4.2 Timeout exceeded, closing connection\r\n"
+        assert 0.9 <= idle < 1.9, idle
+        writer.close()
+
+
 async def test_no_tls_session_tickets_are_issued(
     tmp_path: Path, issuer: TestIssuer, ca: trustme.CA
 ) -> None:

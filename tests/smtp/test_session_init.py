@@ -8,6 +8,7 @@ import asyncio
 import ssl
 import types
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -50,7 +51,7 @@ def _comparable(value: Any, owner: object) -> Any:
         return ("method", value.__func__, value.__self__ is owner or value.__self__)
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # aiosmtpd's NamedTuples
         return (type(value), tuple(_comparable(v, owner) for v in value))
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # aiosmtpd's dicts; the session binds on lookup
         return {key: _comparable(v, owner) for key, v in value.items()}
     if isinstance(value, asyncio.StreamReader):
         return ("reader", value._limit)  # type: ignore[attr-defined]
