@@ -41,10 +41,10 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -67,6 +67,8 @@ EXPIRY_PAGE_SIZE = 100
 DELETE_BATCH = 64  # released rows deleted per transaction (one fsync)
 READ_BATCH_BYTES = 1 << 20  # a lane's bodies read per query, at most (or one larger body)
 READ_BATCH_MESSAGES = 64  # ... and at most this many of them
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -102,19 +104,28 @@ class Outcome:
         return cls(tuple(delivered), tuple(retry), tuple(failed))
 
 
-def _read_batches(lane: list[HeldMessage]) -> Iterator[list[HeldMessage]]:
-    """A lane cut into runs whose bodies are read together: at most READ_BATCH_BYTES and
-    READ_BATCH_MESSAGES each, and at least one message."""
-    batch: list[HeldMessage] = []
-    size = 0
-    for held in lane:
-        if batch and (size + held.size > READ_BATCH_BYTES or len(batch) >= READ_BATCH_MESSAGES):
-            yield batch
-            batch, size = [], 0
-        batch.append(held)
-        size += held.size
-    if batch:
-        yield batch
+def _bounded_runs(items: Sequence[T], weight: Callable[[T], tuple[int, int]]) -> Iterator[list[T]]:
+    """``items`` cut into consecutive runs read in one query: at most READ_BATCH_BYTES and
+    READ_BATCH_MESSAGES each (``weight``: an item's bytes and messages), at least one item."""
+    run: list[T] = []
+    size = count = 0
+    for item in items:
+        item_size, item_count = weight(item)
+        if run and (
+            size + item_size > READ_BATCH_BYTES or count + item_count > READ_BATCH_MESSAGES
+        ):
+            yield run
+            run, size, count = [], 0, 0
+        run.append(item)
+        size += item_size
+        count += item_count
+    if run:
+        yield run
+
+
+def _read_batches(lane: Sequence[HeldMessage]) -> Iterator[list[HeldMessage]]:
+    """A lane cut into runs whose bodies are read together."""
+    return _bounded_runs(lane, lambda held: (held.size, 1))
 
 
 @dataclass
@@ -145,20 +156,14 @@ class _PageBodies:
         self._read = read
         self._lanes = lanes
         self._first = [next(_read_batches(lane)) for lane in lanes]
-        self._groups: list[list[int]] = []  # lane indexes whose first batches are read at once
-        self._group_of: list[int] = []
-        size = count = 0
-        for index, batch in enumerate(self._first):
-            batch_size = sum(held.size for held in batch)
-            if not self._groups or (
-                size + batch_size > READ_BATCH_BYTES or count + len(batch) > READ_BATCH_MESSAGES
-            ):
-                self._groups.append([])
-                size = count = 0
-            self._groups[-1].append(index)
-            self._group_of.append(len(self._groups) - 1)
-            size += batch_size
-            count += len(batch)
+        # Lane indexes whose first batches are read at once, and each lane's group.
+        self._groups = list(
+            _bounded_runs(
+                range(len(lanes)),
+                lambda lane: (sum(held.size for held in self._first[lane]), len(self._first[lane])),
+            )
+        )
+        self._group_of = [group for group, lanes_in in enumerate(self._groups) for _ in lanes_in]
         self._bodies: dict[str, bytes] = {}
         self._groups_read: set[int] = set()
         self._reading = asyncio.Lock()
